@@ -1,0 +1,64 @@
+"""The ``esbridge`` command.
+
+Each subcommand lives in its own module of this package and exposes
+``register(subparsers)``; the module list below is the whole CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from esbridge.errors import EsbridgeError
+
+SUBCOMMAND_MODULES = (
+    "esbridge.cli.relay",
+    "esbridge.cli.consume",
+    "esbridge.cli.dlq",
+    "esbridge.cli.run",
+    "esbridge.cli.status",
+    "esbridge.cli.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every available subcommand registered."""
+    parser = argparse.ArgumentParser(prog="esbridge", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="log line format"
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue  # subcommand not shipped in this build
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``esbridge`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from esbridge.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
+    try:
+        return int(args.func(args) or 0)
+    except EsbridgeError as e:
+        logging.getLogger("esbridge").error("%s: %s", type(e).__name__, e)
+        print(f"esbridge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

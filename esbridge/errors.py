@@ -1,0 +1,32 @@
+"""Exception classes.
+
+Every error esbridge raises on purpose is an :class:`EsbridgeError`, and each
+says in its message what the user can do about it. Catch the specific class
+where you can recover; catch :class:`EsbridgeError` to log and stop.
+"""
+
+from __future__ import annotations
+
+
+class EsbridgeError(Exception):
+    """Base class of every error that esbridge raises on purpose."""
+
+
+class ConfigurationError(EsbridgeError):
+    """The configuration is wrong: nothing was published or consumed.
+
+    Raised before any work starts (unknown application, missing table,
+    topic with another partition count, unsupported setting).
+    """
+
+
+class MessageFormatError(EsbridgeError):
+    """A Kafka message is not in esbridge's message format (or another version).
+
+    The message is never dropped silently: a consumer parks it in the
+    dead-letter store with this error as the reason.
+    """
+
+
+class HarnessError(EsbridgeError):
+    """The test harness could not provide a server (missing tool or server failed to start)."""

@@ -1,0 +1,89 @@
+"""Reading an application's notification log straight from its recorder.
+
+The library's ``LocalNotificationLog`` serves sections of at most
+``section_size`` (10) notifications, which costs a round trip per ten events.
+Relays and consumers read through the recorder instead, in large pages, and
+open the upstream application's recorder *for reading only*: no tables are
+created and nothing is written, so a relay or a gap-reconciling consumer needs
+only read access to the upstream database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+from eventsourcing.persistence import (
+    ApplicationRecorder,
+    InfrastructureFactory,
+    Notification,
+)
+from eventsourcing.utils import Environment
+
+from esbridge.errors import ConfigurationError
+
+DEFAULT_PAGE_SIZE = 1000
+
+
+def upstream_environment(name: str, env: Mapping[str, str]) -> Environment:
+    """The environment of application ``name`` as the library resolves it.
+
+    Settings prefixed with the upstream name (``DOGSCHOOL_POSTGRES_DBNAME``)
+    win over plain ones (``POSTGRES_DBNAME``), as in ``Follower.follow()``.
+    Table creation is switched off: a reader never creates tables.
+    """
+    values = dict(env)
+    values["CREATE_TABLE"] = "n"
+    values[f"{name.upper()}_CREATE_TABLE"] = "n"
+    return Environment(name, values)
+
+
+def open_recorder(name: str, env: Mapping[str, str]) -> ApplicationRecorder:
+    """The application recorder of application ``name`` (read-only use).
+
+    Raises :class:`ConfigurationError` when the application's events table is
+    missing, naming the table and the settings used.
+    """
+    environment = upstream_environment(name, env)
+    factory = InfrastructureFactory.construct(environment)
+    recorder = factory.application_recorder()
+    check_readable(name, recorder)
+    return recorder
+
+
+def check_readable(name: str, recorder: ApplicationRecorder) -> None:
+    """Raise :class:`ConfigurationError` unless the notification log can be read."""
+    try:
+        recorder.max_notification_id()
+    except Exception as e:  # the driver's UndefinedTable, OperationalError, ...
+        table = getattr(recorder, "events_table_name", f"{name.lower()}_events")
+        raise ConfigurationError(
+            f"cannot read the notification log of application {name!r} (table {table!r}): "
+            f"{type(e).__name__}: {e}. Check the application name and its POSTGRES_* "
+            "settings, and that the application has created its tables."
+        ) from e
+
+
+def read_pages(
+    recorder: ApplicationRecorder,
+    after: int,
+    *,
+    stop: int | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    topics: Sequence[str] = (),
+) -> Iterator[Sequence[Notification]]:
+    """Pages of notifications with ids greater than ``after`` (and at most ``stop``).
+
+    Ends at the end of the log (or at ``stop``). Gaps left by rolled-back
+    inserts are simply absent: ids are increasing, not contiguous.
+    """
+    position = after
+    while stop is None or position < stop:
+        page = recorder.select_notifications(
+            start=position, limit=page_size, stop=stop, topics=topics, inclusive_of_start=False
+        )
+        if not page:
+            return
+        yield page
+        position = page[-1].id
+        if len(page) < page_size:
+            return

@@ -1,0 +1,180 @@
+"""A real Apache Kafka broker (KRaft, single node) run from its jars with the machine's Java."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from esbridge.errors import HarnessError
+from esbridge.testing.kafka_dist import java_executable, kafka_libs
+from esbridge.testing.processes import die_with_parent, tail, wait_pid_gone
+from esbridge.testing.servers import KafkaBroker, free_port, wait_for_port
+
+SERVER_PROPERTIES = """\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs={log_dir}
+num.partitions=1
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions={internal_partitions}
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions={internal_partitions}
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+group.consumer.min.session.timeout.ms=1000
+group.min.session.timeout.ms=1000
+log.retention.hours=-1
+log.segment.bytes=67108864
+"""
+
+
+def random_cluster_id() -> str:
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+class LocalKafkaBroker(KafkaBroker):
+    """A single-node KRaft broker and controller listening on 127.0.0.1 only.
+
+    Ports are chosen once, so a restart keeps the address and the data
+    (``log.dirs`` lives in a temporary directory removed by :meth:`close`).
+    """
+
+    backend = "local"
+
+    def __init__(self, heap: str = "768m", internal_partitions: int = 4) -> None:
+        self.java = java_executable()
+        self.libs, self.version = kafka_libs()
+        self.port = free_port()
+        self.controller_port = free_port()
+        self.bootstrap_servers = f"127.0.0.1:{self.port}"
+        self.base = Path(tempfile.mkdtemp(prefix="esbridge-kafka-"))
+        self.config_file = self.base / "server.properties"
+        self.logfile = self.base / "kafka.log"
+        self.heap = heap
+        self.process: subprocess.Popen[bytes] | None = None
+        self.startup_seconds = 0.0
+        self.config_file.write_text(
+            SERVER_PROPERTIES.format(
+                port=self.port,
+                controller_port=self.controller_port,
+                log_dir=self.base / "data",
+                internal_partitions=internal_partitions,
+            )
+        )
+        shutil.copy(Path(__file__).with_name("log4j2.xml"), self.base / "log4j2.xml")
+        self._format_storage()
+
+    def _java(self, *args: str) -> list[str]:
+        return [
+            self.java,
+            f"-Xms{self.heap}",
+            f"-Xmx{self.heap}",
+            "-XX:+UseG1GC",
+            "-XX:TieredStopAtLevel=1",
+            "-Xshare:auto",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.base / 'log4j2.xml'}",
+            "-Dkafka.logs.dir=" + str(self.base),
+            "-cp",
+            f"{self.libs}/*",
+            *args,
+        ]
+
+    def _format_storage(self) -> None:
+        result = subprocess.run(
+            self._java(
+                "kafka.tools.StorageTool", "format",
+                "-t", random_cluster_id(),
+                "-c", str(self.config_file),
+                "--standalone",
+            ),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if result.returncode != 0 and "--standalone" in result.stderr:
+            result = subprocess.run(
+                self._java(
+                    "kafka.tools.StorageTool", "format",
+                    "-t", random_cluster_id(), "-c", str(self.config_file),
+                ),
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+        if result.returncode != 0:
+            raise HarnessError(
+                f"formatting Kafka storage failed:\n{result.stdout}\n{result.stderr[-3000:]}"
+            )
+
+    def start(self, timeout: float = 60.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return
+        t0 = time.monotonic()
+        log = self.logfile.open("ab")
+        self.process = subprocess.Popen(
+            self._java("kafka.Kafka", str(self.config_file)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+            cwd=self.base,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        if not wait_for_port("127.0.0.1", self.port, timeout):
+            self._fail(f"did not listen on 127.0.0.1:{self.port} within {timeout:.0f} s")
+        try:
+            self.wait_ready(max(1.0, deadline - time.monotonic()))
+        except HarnessError as e:
+            self._fail(str(e))
+        self.startup_seconds = time.monotonic() - t0
+
+    def _fail(self, why: str) -> None:
+        exited = self.process.poll() if self.process else None
+        self.stop(kill=True)
+        state = f" (the JVM exited with code {exited})" if exited is not None else ""
+        raise HarnessError(
+            f"Apache Kafka {self.version} (local) {why}{state}\n"
+            f"--- tail of {self.logfile} ---\n{tail(self.logfile)}"
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def stop(self, kill: bool = False) -> None:
+        proc = self.process
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                proc.wait(timeout=10 if kill else 60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        wait_pid_gone(proc.pid, 5)
+        self.process = None
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+

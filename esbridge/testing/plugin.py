@@ -1,0 +1,126 @@
+"""The esbridge pytest plugin: a real PostgreSQL and a real Kafka broker for tests.
+
+Registered through the ``pytest11`` entry point, so any project that installs
+esbridge gets these fixtures::
+
+    def test_round_trip(postgres_db, kafka_broker, create_topic):
+        topic = create_topic(partitions=3)
+        app = MyApp(env=postgres_db.env)
+        ...
+
+Session fixtures start the servers once (see :mod:`esbridge.testing.backends`
+for where they come from); function fixtures give each test a fresh database
+and fresh topics. Fault tests call ``kafka_broker.restart()`` or
+``postgres_server.stop(kill=True)``; data is kept across restarts.
+"""
+
+from __future__ import annotations
+
+import atexit
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from esbridge.errors import HarnessError
+from esbridge.testing.backends import chosen_backend, make_kafka, make_postgres
+from esbridge.testing.servers import KafkaBroker, PostgresDatabase, PostgresServer, unique_name
+
+_started: dict[str, Any] = {}
+
+
+def _close_all() -> None:
+    for key in list(_started):
+        server = _started.pop(key)
+        try:
+            server.close()
+        except Exception:  # pragma: no cover - best effort at interpreter exit
+            pass
+
+
+atexit.register(_close_all)
+
+
+def _start(key: str, factory: Callable[[], Any]) -> Any:
+    if key not in _started:
+        try:
+            _started[key] = factory()
+        except HarnessError as e:
+            pytest.fail(str(e), pytrace=False)
+    return _started[key]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    try:
+        return (
+            f"esbridge harness: postgres={chosen_backend('postgres')} "
+            f"kafka={chosen_backend('kafka')}"
+        )
+    except HarnessError as e:
+        return f"esbridge harness: {e}"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for key, server in _started.items():
+        seconds = getattr(server, "startup_seconds", None)
+        extra = f", started in {seconds:.1f} s" if seconds else ""
+        terminalreporter.write_line(f"esbridge harness: {key}: {server.describe()}{extra}")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the whole session (stopped at the end, also on failure)."""
+    server = _start("postgres", make_postgres)
+    yield server
+    _started.pop("postgres", None)
+    server.close()
+
+
+@pytest.fixture
+def postgres_db(postgres_server: PostgresServer) -> Iterator[PostgresDatabase]:
+    """A fresh, empty database for one test; ``.env`` configures ``eventsourcing.postgres``."""
+    if postgres_server.can_control:
+        postgres_server.start()  # a previous fault test may have left it stopped
+    db = postgres_server.create_database()
+    yield db
+    try:
+        if postgres_server.can_control:
+            postgres_server.start()
+        postgres_server.drop_database(db.dbname)
+    except Exception:
+        pass
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[KafkaBroker]:
+    """An Apache Kafka broker (KRaft, transactions enabled) for the whole session."""
+    broker = _start("kafka", make_kafka)
+    yield broker
+    _started.pop("kafka", None)
+    broker.close()
+
+
+@pytest.fixture
+def create_topic(kafka_broker: KafkaBroker) -> Callable[..., str]:
+    """Factory: ``create_topic(partitions=1, name=None, config=None)`` -> a new topic's name."""
+    if kafka_broker.can_control:
+        kafka_broker.start()  # a previous fault test may have left it stopped
+
+    def factory(
+        partitions: int = 1, name: str | None = None, config: dict[str, str] | None = None
+    ) -> str:
+        return kafka_broker.create_topic(name=name, partitions=partitions, config=config)
+
+    return factory
+
+
+@pytest.fixture
+def topic_name() -> str:
+    """A topic name unique to this test (not created)."""
+    return unique_name("t")
+
+
+@pytest.fixture
+def kafka_config(kafka_broker: KafkaBroker) -> dict[str, Any]:
+    """librdkafka settings that reach the session's broker."""
+    return kafka_broker.config()

@@ -1,0 +1,81 @@
+"""Provision what the test harness and the demo need: ``python -m esbridge.testing.provision``.
+
+Installs missing system packages when it may (running as root with apt-get:
+Java 17, Maven, the PostgreSQL server), then fetches the Apache Kafka jars into
+the cache. Prints what it found; exits non-zero with one clear message when
+something cannot be provided.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+from esbridge.errors import HarnessError
+from esbridge.testing.kafka_dist import cache_dir, java_executable, kafka_libs
+from esbridge.testing.local_postgres import find_pg_bin
+
+_apt_updated = False
+
+
+def may_install() -> bool:
+    return (
+        os.geteuid() == 0
+        and shutil.which("apt-get") is not None
+        and os.environ.get("ESBRIDGE_NO_APT", "") != "1"
+    )
+
+
+def apt_install(*packages: str) -> None:
+    global _apt_updated
+    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    if not _apt_updated:
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
+        _apt_updated = True
+    print(f"provision: apt-get install {' '.join(packages)}", flush=True)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def ensure_postgres() -> None:
+    if find_pg_bin() is None and may_install():
+        apt_install("postgresql")
+    pg_bin = find_pg_bin()
+    print(f"provision: PostgreSQL server binaries: {pg_bin or 'MISSING'}", flush=True)
+
+
+def ensure_kafka() -> None:
+    if not os.environ.get("KAFKA_HOME"):
+        if shutil.which("java") is None and may_install():
+            apt_install("openjdk-17-jre-headless")
+        if shutil.which("mvn") is None and may_install():
+            apt_install("maven")
+    java_executable()
+    libs, version = kafka_libs()
+    print(f"provision: Apache Kafka {version} jars: {libs}", flush=True)
+
+
+def main() -> int:
+    try:
+        if not os.environ.get("ESBRIDGE_POSTGRES_DSN"):
+            ensure_postgres()
+        if not os.environ.get("ESBRIDGE_KAFKA_BOOTSTRAP"):
+            ensure_kafka()
+    except HarnessError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as e:
+        print(f"provision: {e}", file=sys.stderr)
+        return 2
+    print(f"provision: cache directory {cache_dir()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

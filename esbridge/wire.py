@@ -1,0 +1,183 @@
+"""The Kafka message format, version 1: a public contract.
+
+Analytics pipelines and consumers that know nothing of esbridge read these
+messages, so everything here is documented in ``docs/message-format.md`` and
+tested from the outside with a plain Kafka consumer. Change it only by adding
+a new version.
+
+Payload messages (one per notification of an application's notification log):
+
+* key: the aggregate (originator) id as its canonical UUID string, UTF-8.
+* value: the stored event's ``state`` bytes exactly as the application stored
+  them (its transcoder, compressor and cipher applied), so a consumer decodes
+  them with the upstream application's own mapper.
+* headers (all values UTF-8 strings):
+
+  ============================  ===============================================
+  ``esb_format``                ``"1"``, this format's version
+  ``esb_kind``                  ``"payload"``
+  ``esb_app``                   upstream application name
+  ``esb_nid``                   notification id in the upstream log
+  ``esb_prev_nid``              notification id of the previous message that
+                                the relay published to the same partition
+                                (``"0"`` for the first)
+  ``esb_topic``                 the event's topic (``module:QualName``)
+  ``esb_version``               originator version
+  ``content-type``              ``application/json`` for the library's default
+                                JSON transcoder without compression or cipher,
+                                else ``application/octet-stream``
+  ``ce_specversion``            ``"1.0"`` (CloudEvents Kafka binary mode)
+  ``ce_id``                     ``"{app}:{nid}"``, unique per app and notification
+  ``ce_source``                 ``"esbridge://{app}"``
+  ``ce_type``                   the event's topic
+  ``ce_time``                   RFC 3339 time of the event when the relay can
+                                decode it, else the time it was published
+  ``ce_subject``                the aggregate id
+  ============================  ===============================================
+
+Prompt messages (prompt mode) are tiny JSON objects on a prompt topic:
+key = the application name; value = ``{"app": ..., "max_nid": N}``; headers
+``esb_format``, ``esb_kind="prompt"``, ``esb_app``, ``esb_nid`` (= N).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from esbridge.errors import MessageFormatError
+
+FORMAT_VERSION = "1"
+
+H_FORMAT = "esb_format"
+H_KIND = "esb_kind"
+H_APP = "esb_app"
+H_NID = "esb_nid"
+H_PREV_NID = "esb_prev_nid"
+H_TOPIC = "esb_topic"
+H_VERSION = "esb_version"
+H_CONTENT_TYPE = "content-type"
+CE_SPECVERSION = "ce_specversion"
+CE_ID = "ce_id"
+CE_SOURCE = "ce_source"
+CE_TYPE = "ce_type"
+CE_TIME = "ce_time"
+CE_SUBJECT = "ce_subject"
+
+KIND_PAYLOAD = "payload"
+KIND_PROMPT = "prompt"
+
+Headers = list[tuple[str, bytes]]
+
+
+def ce_source(app: str) -> str:
+    """The CloudEvents ``source`` of an application's events."""
+    return f"esbridge://{app}"
+
+
+@dataclass(frozen=True)
+class PayloadHeaders:
+    """The decoded esbridge headers of one payload message."""
+
+    app: str
+    nid: int
+    prev_nid: int
+    topic: str
+    originator_version: int
+    content_type: str
+    time: str
+    originator_id: str
+
+    def encode(self) -> Headers:
+        """Headers in the order they are published."""
+        items = [
+            (H_FORMAT, FORMAT_VERSION),
+            (H_KIND, KIND_PAYLOAD),
+            (H_APP, self.app),
+            (H_NID, str(self.nid)),
+            (H_PREV_NID, str(self.prev_nid)),
+            (H_TOPIC, self.topic),
+            (H_VERSION, str(self.originator_version)),
+            (H_CONTENT_TYPE, self.content_type),
+            (CE_SPECVERSION, "1.0"),
+            (CE_ID, f"{self.app}:{self.nid}"),
+            (CE_SOURCE, ce_source(self.app)),
+            (CE_TYPE, self.topic),
+            (CE_TIME, self.time),
+            (CE_SUBJECT, self.originator_id),
+        ]
+        return [(k, v.encode()) for k, v in items]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """"Application ``app`` has notifications up to id ``max_nid``"."""
+
+    app: str
+    max_nid: int
+
+    def encode(self) -> tuple[bytes, bytes, Headers]:
+        """Key, value and headers of the prompt message."""
+        value = json.dumps({"app": self.app, "max_nid": self.max_nid}).encode()
+        headers = [
+            (H_FORMAT, FORMAT_VERSION.encode()),
+            (H_KIND, KIND_PROMPT.encode()),
+            (H_APP, self.app.encode()),
+            (H_NID, str(self.max_nid).encode()),
+        ]
+        return self.app.encode(), value, headers
+
+
+def headers_dict(headers: Sequence[tuple[str, bytes | None]] | None) -> dict[str, str]:
+    """Kafka headers as a dict of strings (the last value of a repeated header wins)."""
+    result: dict[str, str] = {}
+    for key, value in headers or ():
+        result[key] = value.decode("utf-8", "replace") if value is not None else ""
+    return result
+
+
+def message_kind(headers: dict[str, str]) -> str:
+    """``payload`` or ``prompt``; raises :class:`MessageFormatError` for other messages."""
+    version = headers.get(H_FORMAT)
+    if version is None:
+        raise MessageFormatError(
+            "message has no 'esb_format' header: it was not published by an esbridge relay"
+        )
+    if version != FORMAT_VERSION:
+        raise MessageFormatError(
+            f"message format version {version!r} is not supported by this esbridge "
+            f"(supports {FORMAT_VERSION!r}): upgrade the consumer"
+        )
+    kind = headers.get(H_KIND, "")
+    if kind not in (KIND_PAYLOAD, KIND_PROMPT):
+        raise MessageFormatError(f"unknown esbridge message kind {kind!r}")
+    return kind
+
+
+def decode_payload_headers(headers: dict[str, str], key: bytes | None) -> PayloadHeaders:
+    """Parse a payload message's headers; raises :class:`MessageFormatError` when malformed."""
+    try:
+        return PayloadHeaders(
+            app=headers[H_APP],
+            nid=int(headers[H_NID]),
+            prev_nid=int(headers[H_PREV_NID]),
+            topic=headers[H_TOPIC],
+            originator_version=int(headers[H_VERSION]),
+            content_type=headers.get(H_CONTENT_TYPE, "application/octet-stream"),
+            time=headers.get(CE_TIME, ""),
+            originator_id=(key or b"").decode("utf-8", "replace"),
+        )
+    except KeyError as e:
+        raise MessageFormatError(f"payload message lacks header {e.args[0]!r}") from None
+    except ValueError as e:
+        raise MessageFormatError(f"payload message has a malformed header: {e}") from None
+
+
+def decode_prompt(value: bytes | None) -> Prompt:
+    """Parse a prompt message's value; raises :class:`MessageFormatError` when malformed."""
+    try:
+        data = json.loads(value or b"")
+        return Prompt(app=str(data["app"]), max_nid=int(data["max_nid"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise MessageFormatError(f"malformed prompt message {value!r}: {e}") from None

@@ -1,0 +1,1 @@
+"""Shared test configuration. The servers come from the esbridge pytest plugin."""
