@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 
-def serve_metrics(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY) -> None:
+def serve_metrics(
+    port: int, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY
+) -> None:
     """Serve ``/metrics`` for Prometheus on ``addr:port`` in a daemon thread."""
     start_http_server(port, addr=addr, registry=registry)

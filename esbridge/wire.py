@@ -112,7 +112,7 @@ class PayloadHeaders:
 
 @dataclass(frozen=True)
 class Prompt:
-    """"Application ``app`` has notifications up to id ``max_nid``"."""
+    """ "Application ``app`` has notifications up to id ``max_nid``"."""
 
     app: str
     max_nid: int

@@ -43,9 +43,7 @@ def chosen_backend(server: str) -> str:
         or "auto"
     ).lower()
     if value not in BACKENDS:
-        raise HarnessError(
-            f"ESBRIDGE_TEST_BACKEND={value!r} is not one of {', '.join(BACKENDS)}"
-        )
+        raise HarnessError(f"ESBRIDGE_TEST_BACKEND={value!r} is not one of {', '.join(BACKENDS)}")
     if value != "auto":
         return value
     external_var = "ESBRIDGE_POSTGRES_DSN" if server == "postgres" else "ESBRIDGE_KAFKA_BOOTSTRAP"

@@ -26,7 +26,7 @@ class ExternalPostgresServer(PostgresServer):
     def __init__(self, dsn: str) -> None:
         params = psycopg.conninfo.conninfo_to_dict(dsn)
         self.host = str(params.get("host", "127.0.0.1"))
-        self.port = int(params.get("port", 5432))
+        self.port = int(params.get("port") or 5432)
         self.user = str(params.get("user", "postgres"))
         self.password = str(params.get("password", ""))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
 import shutil
 import signal
 import subprocess
@@ -176,5 +175,3 @@ class LocalKafkaBroker(KafkaBroker):
             self.stop()
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
-
-

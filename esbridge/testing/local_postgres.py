@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -149,10 +150,8 @@ class LocalPostgresServer(PostgresServer):
             # A crash of the whole server: the postmaster and every backend at once.
             procs = [pid, *children_of(pid)]
             for p in procs:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             for p in procs:
                 wait_pid_gone(p, 10)
             # The dead postmaster can linger as a zombie when the machine's init does not

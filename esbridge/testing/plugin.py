@@ -17,6 +17,7 @@ and fresh topics. Fault tests call ``kafka_broker.restart()`` or
 from __future__ import annotations
 
 import atexit
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,10 +33,8 @@ _started: dict[str, Any] = {}
 def _close_all() -> None:
     for key in list(_started):
         server = _started.pop(key)
-        try:
+        with contextlib.suppress(Exception):  # best effort at interpreter exit
             server.close()
-        except Exception:  # pragma: no cover - best effort at interpreter exit
-            pass
 
 
 atexit.register(_close_all)

@@ -71,9 +71,7 @@ class PostgresDatabase:
     @property
     def url(self) -> str:
         """A SQLAlchemy URL (psycopg 3 driver)."""
-        return (
-            f"postgresql+psycopg://{self.user}:{self.password}@{self.host}:{self.port}/{self.dbname}"
-        )
+        return f"postgresql+psycopg://{self.user}:{self.password}@{self.host}:{self.port}/{self.dbname}"
 
     @property
     def env(self) -> dict[str, str]:

@@ -30,7 +30,12 @@ def consume_all(config, topic, isolation="read_committed", expect=None, timeout=
         while time.monotonic() < deadline:
             msg = consumer.poll(0.2)
             if msg is None:
-                if expect is None and messages and quiet_since and time.monotonic() - quiet_since > 2:
+                if (
+                    expect is None
+                    and messages
+                    and quiet_since
+                    and time.monotonic() - quiet_since > 2
+                ):
                     break
                 quiet_since = quiet_since or time.monotonic()
                 continue
@@ -107,7 +112,9 @@ def test_consumer_group_of_two_splits_partitions(kafka_config, create_topic):
 
 
 def transactional_producer(kafka_config, txn_id):
-    producer = Producer(kafka_config | {"transactional.id": txn_id, "transaction.timeout.ms": 10000})
+    producer = Producer(
+        kafka_config | {"transactional.id": txn_id, "transaction.timeout.ms": 10000}
+    )
     producer.init_transactions(30)
     return producer
 
@@ -187,7 +194,7 @@ def test_broker_restart_keeps_committed_messages(kafka_broker, create_topic):
     producer.begin_transaction()
     producer.produce(topic, value=b"after", partition=0)
     producer.commit_transaction(30)
-    low, high = Consumer(config | {"group.id": "w"}).get_watermark_offsets(
+    _low, high = Consumer(config | {"group.id": "w"}).get_watermark_offsets(
         TopicPartition(topic, 0), timeout=10
     )
     assert high > 25
