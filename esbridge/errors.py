@@ -28,5 +28,18 @@ class MessageFormatError(EsbridgeError):
     """
 
 
+class RelayError(EsbridgeError):
+    """A relay stopped: it cannot publish a notification (the message names it).
+
+    Raised for a message larger than the broker accepts or a stored event
+    that cannot be read. Nothing after that notification was published; fix
+    the cause and restart the relay, it resumes at that notification.
+    """
+
+
+class RelayFencedError(RelayError):
+    """Another relay with the same ``transactional.id`` took over: this one stopped."""
+
+
 class HarnessError(EsbridgeError):
     """The test harness could not provide a server (missing tool or server failed to start)."""

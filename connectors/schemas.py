@@ -1,0 +1,469 @@
+"""JSON Schema per event type, generated from the event classes themselves.
+
+Analytics consumers (Spark, Flink, dbt loaders, Go or Java services) read
+events as plain JSON and need a contract that does not require Python. The
+event classes are dataclasses with type annotations, so the contract is
+derived from them: one schema per event type, regenerated whenever the
+classes change, so it cannot drift from the code.
+
+:class:`JsonTypes` is the single place that says how a Python value becomes
+plain JSON *and* which JSON Schema describes it. The analytics encoder
+(:mod:`esbridge_connectors.analytics`) uses the same registry, so every
+message it writes validates against the schema generated here (a test checks
+every message of a real topic).
+
+Command line::
+
+    python -m esbridge_connectors.schemas dogschool.domain --out schemas/
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import enum
+import importlib
+import inspect
+import json
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import date, datetime, time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import DomainEvent, Snapshot
+from eventsourcing.utils import get_topic, resolve_topic
+
+from esbridge.errors import EsbridgeError
+
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+DECIMAL_PATTERN = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+ENVELOPE_FIELDS = ("originator_id", "originator_version", "timestamp")
+
+
+class PlainJsonError(EsbridgeError):
+    """A value has no plain-JSON form: register its type with ``JsonTypes.register``."""
+
+
+class SchemaGenerationError(EsbridgeError):
+    """An event class cannot be described by a JSON Schema (see the message for the field)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonType:
+    """How values of one Python type are written as plain JSON, and their schema."""
+
+    schema: Mapping[str, Any]
+    encode: Callable[[Any], Any]
+
+
+def _iso(value: date | time) -> str:
+    return value.isoformat()
+
+
+def _base64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+DEFAULT_JSON_TYPES: dict[type, JsonType] = {
+    UUID: JsonType({"type": "string", "format": "uuid"}, str),
+    datetime: JsonType({"type": "string", "format": "date-time"}, _iso),
+    date: JsonType({"type": "string", "format": "date"}, _iso),
+    time: JsonType({"type": "string", "format": "time"}, _iso),
+    Decimal: JsonType({"type": "string", "pattern": DECIMAL_PATTERN}, str),
+    bytes: JsonType({"type": "string", "contentEncoding": "base64"}, _base64),
+}
+_SCALARS: dict[type, str] = {bool: "boolean", int: "integer", float: "number", str: "string"}
+_SEQUENCES = {list, tuple, set, frozenset}
+_ORIGINS_ARRAY = {
+    list,
+    set,
+    frozenset,
+    tuple,
+    Sequence,
+    typing.Sequence,
+    Iterable,
+    typing.MutableSequence,
+    typing.AbstractSet,
+    typing.MutableSet,
+}
+_ORIGINS_OBJECT = {dict, Mapping, typing.MutableMapping}
+
+
+class JsonTypes:
+    """Registry of plain-JSON encodings and their schemas, keyed by Python type.
+
+    Defaults: UUIDs, datetimes, dates, times and decimals as strings, bytes as
+    base64; enums as their values; dataclasses as objects; lists, tuples and
+    sets as arrays; mappings with string-like keys as objects. Register your own
+    value types (those your application registers transcodings for)::
+
+        types = JsonTypes()
+        types.register(Money, {"type": "string"}, lambda m: f"{m.amount} {m.currency}")
+    """
+
+    def __init__(self) -> None:
+        self._types: dict[type, JsonType] = dict(DEFAULT_JSON_TYPES)
+
+    def register(self, cls: type, schema: Mapping[str, Any], encode: Callable[[Any], Any]) -> None:
+        """Write ``cls`` values (and subclasses) as ``encode(value)``, described by ``schema``."""
+        self._types[cls] = JsonType(dict(schema), encode)
+
+    def _lookup(self, cls: type) -> JsonType | None:
+        for base in cls.__mro__:
+            found = self._types.get(base)
+            if found is not None:
+                return found
+        return None
+
+    # -- values -------------------------------------------------------------------------------
+
+    def to_json(self, value: Any) -> Any:
+        """``value`` as plain JSON data (dicts, lists, strings, numbers, booleans, None)."""
+        if value is None or isinstance(value, bool | str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, enum.Enum):
+            return value
+        registered = self._lookup(type(value))
+        if registered is not None:
+            return registered.encode(value)
+        if isinstance(value, enum.Enum):
+            return self.to_json(value.value)
+        if isinstance(value, Mapping):
+            return {self._key(k): self.to_json(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.to_json(v) for v in value]
+        if isinstance(value, set | frozenset):
+            items = [self.to_json(v) for v in value]
+            return sorted(items, key=lambda item: json.dumps(item, sort_keys=True))
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: self.to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        raise PlainJsonError(
+            f"cannot write a value of type {type(value).__module__}.{type(value).__qualname__} "
+            "as plain JSON: register it with JsonTypes.register(cls, schema, encode)"
+        )
+
+    def _key(self, key: Any) -> str:
+        encoded = self.to_json(key)
+        if not isinstance(encoded, str):
+            raise PlainJsonError(
+                f"mapping key {key!r} is not a string in plain JSON: use string-like keys"
+            )
+        return encoded
+
+    # -- schemas ------------------------------------------------------------------------------
+
+    def schema_for(self, annotation: Any, *, strict: bool = True) -> dict[str, Any]:
+        """The JSON Schema of values annotated with ``annotation``."""
+        return self._schema(annotation, strict, ())
+
+    def _schema(self, tp: Any, strict: bool, seen: tuple[type, ...]) -> dict[str, Any]:
+        if tp is Any or tp is object or tp is inspect.Parameter.empty:
+            return {}
+        if tp is None or tp is type(None):
+            return {"type": "null"}
+        if isinstance(tp, typing.TypeVar):
+            if tp.__bound__ is not None:
+                return self._schema(tp.__bound__, strict, seen)
+            if tp.__constraints__:
+                return self._union(tp.__constraints__, strict, seen)
+            return {}
+        if isinstance(tp, str | typing.ForwardRef):
+            name = tp if isinstance(tp, str) else tp.__forward_arg__
+            return {"description": f"unresolved annotation {name!r}: any JSON value"}
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if origin is typing.Annotated:
+            return self._schema(args[0], strict, seen)
+        if origin is typing.Union or origin is types.UnionType:
+            return self._union(args, strict, seen)
+        if origin is typing.Literal:
+            return {"enum": [self.to_json(a) for a in args]}
+        if origin is typing.ClassVar:
+            return self._schema(args[0], strict, seen) if args else {}
+        if origin in _ORIGINS_ARRAY:
+            return self._array(origin, args, strict, seen)
+        if origin in _ORIGINS_OBJECT:
+            value_schema = self._schema(args[1], strict, seen) if len(args) == 2 else {}
+            return {"type": "object", "additionalProperties": value_schema}
+        if origin is not None:
+            return self._schema(origin, strict, seen)
+        if not isinstance(tp, type):
+            raise SchemaGenerationError(f"cannot describe annotation {tp!r} with a JSON Schema")
+        return self._class_schema(tp, strict, seen)
+
+    def _union(
+        self, members: Iterable[Any], strict: bool, seen: tuple[type, ...]
+    ) -> dict[str, Any]:
+        schemas: list[dict[str, Any]] = []
+        for member in members:
+            schema = self._schema(member, strict, seen)
+            if schema == {}:
+                return {}
+            if schema not in schemas:
+                schemas.append(schema)
+        return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+
+    def _array(
+        self, origin: Any, args: tuple[Any, ...], strict: bool, seen: tuple[type, ...]
+    ) -> dict[str, Any]:
+        schema: dict[str, Any] = {"type": "array"}
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            schema["prefixItems"] = [self._schema(a, strict, seen) for a in args]
+            schema["minItems"] = schema["maxItems"] = len(args)
+            return schema
+        if args:
+            schema["items"] = self._schema(args[0], strict, seen)
+        if origin in (set, frozenset, typing.AbstractSet, typing.MutableSet):
+            schema["uniqueItems"] = True
+        return schema
+
+    def _class_schema(self, cls: type, strict: bool, seen: tuple[type, ...]) -> dict[str, Any]:
+        if cls in _SCALARS:
+            return {"type": _SCALARS[cls]}
+        registered = self._lookup(cls)
+        if registered is not None:
+            return dict(registered.schema)
+        if issubclass(cls, enum.Enum):
+            return {"enum": [self.to_json(member.value) for member in cls]}
+        if cls in _SEQUENCES:
+            return self._array(cls, (), strict, seen)
+        if cls is dict:
+            return {"type": "object"}
+        if cls in seen:
+            return {"description": f"recursive reference to {cls.__qualname__}"}
+        if dataclasses.is_dataclass(cls) or _is_typeddict(cls):
+            return self.object_schema(cls, strict=strict, _seen=(*seen, cls))
+        raise SchemaGenerationError(
+            f"type {cls.__module__}.{cls.__qualname__} has no plain-JSON form: register it "
+            "with JsonTypes.register(cls, schema, encode)"
+        )
+
+    def object_schema(
+        self, cls: type, *, strict: bool = True, _seen: tuple[type, ...] = ()
+    ) -> dict[str, Any]:
+        """The schema of a dataclass or TypedDict (every field required: all are written)."""
+        hints = field_annotations(cls)
+        properties = {name: self._schema(tp, strict, _seen or (cls,)) for name, tp in hints.items()}
+        required = list(hints)
+        if _is_typeddict(cls):
+            required = [n for n in hints if n in getattr(cls, "__required_keys__", hints)]
+        schema: dict[str, Any] = {"type": "object", "properties": properties, "required": required}
+        if strict:
+            schema["additionalProperties"] = False
+        return schema
+
+
+def _is_typeddict(cls: type) -> bool:
+    return isinstance(cls, type) and issubclass(cls, dict) and hasattr(cls, "__required_keys__")
+
+
+def field_annotations(cls: type) -> dict[str, Any]:
+    """Field name -> resolved annotation, in declaration order, without class variables.
+
+    Unresolvable forward references are kept as strings (described as "any
+    JSON value") instead of failing: the schema is still useful, and the
+    description says which annotation could not be resolved.
+    """
+    try:
+        hints = typing.get_type_hints(cls, include_extras=True)
+    except Exception:
+        hints = {}
+        for klass in reversed(cls.__mro__):
+            hints.update(getattr(klass, "__annotations__", {}))
+    if dataclasses.is_dataclass(cls):
+        names = [f.name for f in dataclasses.fields(cls)]
+    else:
+        names = [n for n, tp in hints.items() if typing.get_origin(tp) is not typing.ClassVar]
+    return {name: hints.get(name, Any) for name in names}
+
+
+DEFAULT_TYPES = JsonTypes()
+
+
+# -- event types --------------------------------------------------------------------------------
+
+
+def event_data_schema(
+    event_class: type, *, types: JsonTypes = DEFAULT_TYPES, strict: bool = True
+) -> dict[str, Any]:
+    """The schema of an event's ``data``: every attribute of the event, as plain JSON.
+
+    ``originator_id`` is the aggregate id (a UUID string unless the aggregate
+    uses string ids), ``originator_version`` its version, ``timestamp`` the
+    event time; the other properties are the event class's own fields.
+    """
+    schema = types.object_schema(event_class, strict=strict)
+    id_type = getattr(event_class, "originator_id_type", None)
+    if "originator_id" in schema["properties"]:
+        schema["properties"]["originator_id"] = (
+            types.schema_for(id_type) if id_type is not None else {"type": "string"}
+        )
+    return schema
+
+
+def cloudevent_schema(
+    event_class: type, *, types: JsonTypes = DEFAULT_TYPES, strict: bool = True
+) -> dict[str, Any]:
+    """The schema of a structured-mode CloudEvent carrying an event of ``event_class``.
+
+    The data schema is under ``$defs/data`` (binary-mode consumers validate the
+    message value against it alone: it is also written as ``<type>.data.json``).
+    """
+    topic = get_topic(event_class)
+    return {
+        "$schema": JSON_SCHEMA_DIALECT,
+        "title": topic,
+        "description": _doc(event_class),
+        "type": "object",
+        "properties": {
+            "specversion": {"const": "1.0"},
+            "id": {"type": "string", "minLength": 1},
+            "source": {"type": "string", "pattern": "^esbridge://"},
+            "type": {"const": topic},
+            "subject": {"type": "string"},
+            "time": {"type": "string", "format": "date-time"},
+            "datacontenttype": {"const": "application/json"},
+            "dataschema": {"type": "string", "format": "uri"},
+            "esbapp": {"type": "string"},
+            "esbnid": {"type": "integer", "minimum": 1},
+            "esbversion": {"type": "integer"},
+            "data": {"$ref": "#/$defs/data"},
+        },
+        "required": [
+            "specversion",
+            "id",
+            "source",
+            "type",
+            "subject",
+            "time",
+            "datacontenttype",
+            "esbapp",
+            "esbnid",
+            "esbversion",
+            "data",
+        ],
+        "additionalProperties": not strict,
+        "$defs": {"data": event_data_schema(event_class, types=types, strict=strict)},
+    }
+
+
+def _doc(cls: type) -> str:
+    doc = cls.__dict__.get("__doc__") or ""
+    if not doc.strip() or doc.startswith(cls.__name__ + "("):  # dataclass's generated doc
+        return f"Event {cls.__qualname__}"
+    return doc.strip().splitlines()[0]
+
+
+def schema_file_stem(topic: str) -> str:
+    """File name (without ``.json``) of an event type's schema: the topic with ``:`` as ``.``."""
+    return topic.replace(":", ".")
+
+
+def discover_event_classes(targets: Iterable[Any]) -> list[type]:
+    """Event classes found in ``targets`` (modules, aggregate or event classes, or topics).
+
+    A topic string is a module name (``dogschool.domain``) or ``module:Qual.Name``.
+    Modules contribute every event class nested in the classes defined in
+    them; a class contributes itself (if an event class) and its nested event
+    classes. Snapshots are skipped: they are not in the notification log.
+    """
+    found: dict[str, type] = {}
+    for target in targets:
+        if isinstance(target, str):
+            target = resolve_topic(target) if ":" in target else importlib.import_module(target)
+        if isinstance(target, types.ModuleType):
+            for value in list(vars(target).values()):
+                if isinstance(value, type) and value.__module__ == target.__name__:
+                    _collect(value, found)
+        elif isinstance(target, type):
+            _collect(target, found)
+        else:
+            raise SchemaGenerationError(
+                f"cannot find event classes in {target!r}: give modules, classes or topics"
+            )
+    return list(found.values())
+
+
+def _collect(cls: type, found: dict[str, type]) -> None:
+    if issubclass(cls, DomainEvent) and not issubclass(cls, Snapshot):
+        found.setdefault(get_topic(cls), cls)
+    for value in list(vars(cls).values()):
+        if (
+            isinstance(value, type)
+            and value.__qualname__.startswith(cls.__qualname__ + ".")
+            and value.__module__ == cls.__module__
+        ):
+            _collect(value, found)
+
+
+def write_schemas(
+    event_classes: Iterable[type],
+    directory: str | Path,
+    *,
+    types: JsonTypes = DEFAULT_TYPES,
+    strict: bool = True,
+) -> dict[str, dict[str, str]]:
+    """Write ``<type>.json`` (CloudEvent) and ``<type>.data.json`` per event type.
+
+    Also writes ``index.json``: event type (the CloudEvents ``type``) ->
+    ``{"cloudevent": file, "data": file}``, so a consumer in any language
+    finds the schema of a message from its ``type`` attribute or ``ce_type``
+    header. Returns the index.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    index: dict[str, dict[str, str]] = {}
+    for cls in event_classes:
+        topic = get_topic(cls)
+        stem = schema_file_stem(topic)
+        envelope = cloudevent_schema(cls, types=types, strict=strict)
+        data = {
+            "$schema": JSON_SCHEMA_DIALECT,
+            "title": f"{topic} (data)",
+            **envelope["$defs"]["data"],
+        }
+        _write_json(out / f"{stem}.json", envelope)
+        _write_json(out / f"{stem}.data.json", data)
+        index[topic] = {"cloudevent": f"{stem}.json", "data": f"{stem}.data.json"}
+    _write_json(out / "index.json", dict(sorted(index.items())))
+    return index
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m esbridge_connectors.schemas TARGET... --out DIR``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m esbridge_connectors.schemas",
+        description="Write a JSON Schema per event type (CloudEvent envelope and data).",
+    )
+    parser.add_argument(
+        "targets", nargs="+", help="modules or topics (module:Class) holding event classes"
+    )
+    parser.add_argument("--out", required=True, help="directory to write the schemas to")
+    parser.add_argument(
+        "--lenient",
+        action="store_true",
+        help="allow properties the classes do not declare (additionalProperties)",
+    )
+    args = parser.parse_args(argv)
+    classes = discover_event_classes(args.targets)
+    if not classes:
+        print(f"no event classes found in {args.targets}", file=sys.stderr)
+        return 1
+    index = write_schemas(classes, args.out, strict=not args.lenient)
+    for topic in index:
+        print(topic)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

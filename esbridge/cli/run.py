@@ -1,0 +1,251 @@
+"""``esbridge run package.module:system [--app NAME] [--workers N] [--supervise]``.
+
+Runs an ``eventsourcing`` System with Kafka as the transport (see
+:mod:`esbridge.runner`). Without ``--app`` every application runs in this
+process (threads); with ``--app NAME`` only that application's relay (if it
+leads) and consumers (one per leader it follows). ``--workers N`` starts N
+worker processes of the application that share each topic's partitions
+through one consumer group; worker 0 also runs the relay. ``--supervise``
+restarts a worker that dies (kill -9 included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from esbridge.errors import ConfigurationError
+
+#: The ``esbridge`` command run by this interpreter (works without the console script on PATH).
+ESBRIDGE_COMMAND = [
+    sys.executable,
+    "-c",
+    "import sys; from esbridge.cli import main; sys.exit(main())",
+]
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run a System (all applications, or one with --app) over Kafka",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_system_arguments(parser)
+    parser.add_argument(
+        "--app",
+        action="append",
+        dest="apps",
+        metavar="NAME",
+        help="application to run here (repeatable; default: all of them)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes per application (default 1)"
+    )
+    parser.add_argument(
+        "--worker-index",
+        type=int,
+        default=None,
+        help="run as worker I of --workers N (set by the supervisor; worker 0 runs the relay)",
+    )
+    parser.add_argument(
+        "--supervise", action="store_true", help="restart worker processes that die"
+    )
+    parser.add_argument(
+        "--no-relay", action="store_true", help="run only the consumers of the applications"
+    )
+    parser.add_argument(
+        "--relay-only", action="store_true", help="run only the relays of the applications"
+    )
+    parser.add_argument(
+        "--setup",
+        action="store_true",
+        help="create every application's tables and the topics, then exit",
+    )
+    parser.add_argument(
+        "--at-least-once",
+        action="store_true",
+        help="relays publish without transactions (brokers without transaction support)",
+    )
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve /metrics here")
+    parser.set_defaults(func=run)
+
+
+def add_system_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options shared by ``run`` and ``status``: which system, which names, which broker."""
+    parser.add_argument("system", help="the System, as package.module:attribute")
+    parser.add_argument(
+        "--app-dir",
+        default=".",
+        help="directory added to the Python path to import the system (default: .)",
+    )
+    parser.add_argument(
+        "--topic-prefix", default="esbridge.", help="prefix of topic and group names"
+    )
+    parser.add_argument(
+        "--partitions", type=int, default=1, help="partitions of each topic it creates"
+    )
+    parser.add_argument(
+        "--mode",
+        action="append",
+        default=[],
+        metavar="[LEADER=]payloads|prompts",
+        help="relay mode, for every leader or for one (repeatable; default payloads)",
+    )
+    parser.add_argument(
+        "--kafka-config", default=None, help="librdkafka properties file (KAFKA_* env wins)"
+    )
+
+
+def relay_modes(values: list[str]) -> str | dict[str, str]:
+    """``["prompts"]`` -> ``"prompts"``; ``["Orders=prompts"]`` -> ``{"Orders": "prompts"}``."""
+    modes: dict[str, str] = {}
+    default = "payloads"
+    for value in values:
+        name, sep, mode = value.partition("=")
+        if sep:
+            modes[name] = mode
+        else:
+            default = value
+    if not modes:
+        return default
+    return modes if default == "payloads" else {"*": default, **modes}
+
+
+def load_from_args(args: argparse.Namespace) -> Any:
+    from esbridge.runner import load_system
+
+    app_dir = os.path.abspath(args.app_dir)
+    if app_dir not in sys.path:
+        sys.path.insert(0, app_dir)
+    return load_system(args.system)
+
+
+def kafka_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    from esbridge.kafka_config import load_kafka_config
+
+    return load_kafka_config(file=args.kafka_config)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ConfigurationError("--workers must be at least 1")
+    if args.no_relay and args.relay_only:
+        raise ConfigurationError("--no-relay and --relay-only exclude each other")
+    system = load_from_args(args)
+    if args.setup:
+        return setup(args, system)
+    if args.worker_index is None and (args.workers > 1 or args.supervise):
+        return supervise(args, system)
+    return run_here(args, system)
+
+
+def setup(args: argparse.Namespace, system: Any) -> int:
+    from esbridge.runner import SystemTopics, ensure_topics, setup_system
+
+    setup_system(system)
+    names = SystemTopics(args.topic_prefix)
+    ensure_topics(
+        kafka_config_from_args(args), [names.topic(n) for n in system.leaders], args.partitions
+    )
+    print(f"tables and topics of {args.system} are ready", file=sys.stderr)
+    return 0
+
+
+def run_here(args: argparse.Namespace, system: Any) -> int:
+    """Run this process's share of the system until SIGTERM/SIGINT."""
+    from esbridge.runner import KafkaRunner, run_until
+
+    worker_index = args.worker_index or 0
+    runner = KafkaRunner(
+        system,
+        kafka_config=kafka_config_from_args(args),
+        apps=args.apps,
+        topic_prefix=args.topic_prefix,
+        partitions=args.partitions,
+        relay_modes=relay_modes(args.mode),
+        exactly_once=not args.at_least_once,
+        run_relays=not args.no_relay and worker_index == 0,
+        run_consumers=not args.relay_only,
+    )
+    if args.metrics_port:
+        from esbridge.metrics import serve_metrics
+
+        serve_metrics(args.metrics_port + worker_index)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with runner:
+        print(
+            f"esbridge run: {', '.join(runner.local)} "
+            f"(worker {worker_index}, pid {os.getpid()}) running",
+            file=sys.stderr,
+            flush=True,
+        )
+        run_until(stopping.is_set, runner)
+    return 0
+
+
+def supervise(args: argparse.Namespace, system: Any) -> int:
+    """Start (and with --supervise restart) one process per application and worker."""
+    from esbridge.supervisor import Supervisor
+
+    apps = args.apps or list(system.nodes)
+    commands = {}
+    for app in apps:
+        for index in range(args.workers):
+            commands[f"{app}[{index}]"] = worker_command(args, app, index)
+    supervisor = Supervisor(commands, restart=args.supervise)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        supervisor.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return supervisor.run()
+
+
+def worker_command(args: argparse.Namespace, app: str, index: int) -> list[str]:
+    """The command line of worker ``index`` of application ``app``."""
+    command = [
+        *ESBRIDGE_COMMAND,
+        "--log-level",
+        args.log_level,
+        "--log-format",
+        args.log_format,
+        "run",
+        args.system,
+        "--app",
+        app,
+        "--app-dir",
+        os.path.abspath(args.app_dir),
+        "--topic-prefix",
+        args.topic_prefix,
+        "--partitions",
+        str(args.partitions),
+        "--workers",
+        str(args.workers),
+        "--worker-index",
+        str(index),
+    ]
+    for mode in args.mode:
+        command += ["--mode", mode]
+    if args.kafka_config:
+        command += ["--kafka-config", os.path.abspath(args.kafka_config)]
+    if args.no_relay:
+        command.append("--no-relay")
+    if args.relay_only:
+        command.append("--relay-only")
+    if args.at_least_once:
+        command.append("--at-least-once")
+    if args.metrics_port:
+        command += ["--metrics-port", str(args.metrics_port)]
+    return command

@@ -1,0 +1,53 @@
+"""``esbridge status package.module:system``: the lag of every edge (leader → follower).
+
+Read from the databases (``POSTGRES_*`` and per-application settings, as the
+applications read them), so it works from anywhere that can read them,
+whether the system runs or not. Exit status 0; ``--fail-on-lag`` exits 1
+when any follower is behind (for health checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "status",
+        help="lag of every edge (leader -> follower) of a System",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("system", help="the System, as package.module:attribute")
+    parser.add_argument("--app-dir", default=".", help="directory added to the Python path")
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="partitions of the leaders' topics (decides the tracking names read)",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per edge")
+    parser.add_argument(
+        "--fail-on-lag", action="store_true", help="exit 1 when any follower is behind"
+    )
+    parser.set_defaults(func=status)
+
+
+def status(args: argparse.Namespace) -> int:
+    from esbridge.cli.run import load_from_args
+    from esbridge.system_status import edge_statuses, format_table
+
+    system = load_from_args(args)
+    statuses = edge_statuses(system, dict(os.environ), partitions=args.partitions)
+    if args.json:
+        for s in statuses:
+            print(json.dumps({**asdict(s), "position": s.position}))
+    else:
+        print(format_table(statuses))
+    if args.fail_on_lag and any(not s.caught_up for s in statuses):
+        return 1
+    return 0

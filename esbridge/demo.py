@@ -1,0 +1,447 @@
+"""The main job (``make demo``): the orders system, one OS process per application.
+
+It does what the seed's multiprocessing example did, with Kafka in place of
+the library's dropped ``Multiprocess`` class: start Postgres and Kafka (the
+test harness's provisioning, unless servers are given), run Orders,
+Reservations and Payments each in its own ``esbridge run`` process (with N
+partitions and W workers if asked), submit a stream of orders, wait until
+every order is reserved and paid, report orders/s and the order processing
+time (created → paid: min, mean, max, p50, p99), check that every order was
+reserved and paid exactly once, print the lag of every edge, and shut
+everything down.
+
+The pieces (:class:`SystemProcesses`, :func:`submit_orders`,
+:func:`wait_until_paid`, :func:`order_timings`, :func:`count_effects`) are
+reused by the tests and by ``bench/orders.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import statistics
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from eventsourcing.persistence import ApplicationRecorder
+from eventsourcing.utils import get_topic
+
+from esbridge.errors import ConfigurationError
+from esbridge.notification_log import open_recorder, read_pages
+
+SYSTEM_PATH = "examples.orders.system:system"
+APPS = ("Orders", "Reservations", "Payments")
+
+
+def source_root() -> Path:
+    """The directory that holds ``examples/`` (the esbridge source tree)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "examples" / "orders" / "system.py").exists():
+        raise ConfigurationError(
+            f"the demo runs examples/orders from the esbridge source tree, not found under {root}: "
+            "run it from a checkout (make demo)"
+        )
+    return root
+
+
+def example(module: str) -> Any:
+    """A module of the examples package (imported by name: the examples are not part of
+    the installed distribution, they live beside it in the source tree)."""
+    root = str(source_root())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module(f"examples.orders.{module}")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    orders: int = 500
+    partitions: int = 1
+    rate: float = 0.0  # orders/s offered; 0 = as fast as the Orders application takes them
+    mode: str = "payloads"
+    workers: int = 1
+    timeout: float = 120.0
+
+
+@dataclass
+class Timings:
+    """Order processing times (created → paid), from the orders' own event timestamps."""
+
+    count: int
+    first_created: float
+    last_paid: float
+    durations: list[float] = field(repr=False)
+
+    @property
+    def elapsed(self) -> float:
+        return max(self.last_paid - self.first_created, 1e-9)
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.elapsed
+
+    def percentile(self, p: float) -> float:
+        ordered = sorted(self.durations)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+    def lines(self) -> list[str]:
+        d = self.durations
+        return [
+            f"Orders system processed {self.count} orders in {self.elapsed:.3f}s at rate of "
+            f"{self.rate:.1f} orders/s, {self.elapsed / self.count:.4f}s each",
+            f"Min order processing time: {min(d):.3f}s",
+            f"Mean order processing time: {statistics.fmean(d):.3f}s",
+            f"Max order processing time: {max(d):.3f}s",
+            f"p50 / p99 order processing time: {self.percentile(50):.3f}s / "
+            f"{self.percentile(99):.3f}s",
+        ]
+
+
+class Progress:
+    """One self-overwriting status line on a terminal (plain lines otherwise)."""
+
+    def __init__(self, out: TextIO, total: int) -> None:
+        self.out = out
+        self.total = total
+        self.tty = out.isatty()
+        self.last = 0.0
+
+    def show(self, created: int, paid: int, started: float, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < (0.2 if self.tty else 2.0):
+            return
+        self.last = now
+        width = 30
+        filled = int(width * paid / max(self.total, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        rate = paid / max(now - started, 1e-9)
+        line = (
+            f"[{bar}] created {created}/{self.total}  paid {paid}/{self.total}  {rate:.0f} orders/s"
+        )
+        self.out.write(("\r" + line) if self.tty else (line + "\n"))
+        self.out.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            self.out.write("\n")
+            self.out.flush()
+
+
+class SystemProcesses:
+    """The orders system with each application in its own supervised OS process.
+
+    ``kill(app)`` sends SIGKILL to one worker; the supervisor starts it again.
+    """
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        partitions: int = 1,
+        mode: str = "payloads",
+        workers: int = 1,
+        topic_prefix: str = "esbridge.",
+        system_path: str = SYSTEM_PATH,
+        apps: Sequence[str] = APPS,
+        log_level: str = "WARNING",
+    ) -> None:
+        from esbridge.cli.run import ESBRIDGE_COMMAND
+        from esbridge.supervisor import Supervisor
+
+        commands = {}
+        for app in apps:
+            for index in range(workers):
+                commands[f"{app}[{index}]"] = [
+                    *ESBRIDGE_COMMAND,
+                    "--log-level",
+                    log_level,
+                    "run",
+                    system_path,
+                    "--app",
+                    app,
+                    "--app-dir",
+                    str(source_root()),
+                    "--topic-prefix",
+                    topic_prefix,
+                    "--partitions",
+                    str(partitions),
+                    "--mode",
+                    mode,
+                    "--workers",
+                    str(workers),
+                    "--worker-index",
+                    str(index),
+                ]
+        self.supervisor = Supervisor(commands, restart=True, env=dict(env))
+
+    def __enter__(self) -> SystemProcesses:
+        self.supervisor.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.supervisor.stop()
+
+    def poll(self) -> None:
+        """Restart workers that died (call now and then)."""
+        self.supervisor.poll()
+
+    def pids(self) -> dict[str, int]:
+        return self.supervisor.pids()
+
+    def restarts(self) -> int:
+        return sum(w.restarts for w in self.supervisor.workers)
+
+
+def submit_orders(
+    create: Callable[[], uuid.UUID],
+    count: int,
+    rate: float,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> list[uuid.UUID]:
+    """Create ``count`` orders, at ``rate`` orders/s if positive."""
+    ids = []
+    started = time.monotonic()
+    for i in range(count):
+        if rate > 0:
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        ids.append(create())
+        on_progress(i + 1)
+    return ids
+
+
+class TopicCounter:
+    """Counts the notifications of one event topic in a log, incrementally."""
+
+    def __init__(self, recorder: ApplicationRecorder, topic: str) -> None:
+        self.recorder = recorder
+        self.topics = [topic]
+        self.position = 0
+        self.count = 0
+
+    def update(self) -> int:
+        for page in read_pages(self.recorder, self.position, topics=self.topics):
+            self.count += len(page)
+            self.position = page[-1].id
+        return self.count
+
+
+def wait_until_paid(
+    env: Mapping[str, str],
+    expected: int,
+    timeout: float,
+    tick: Callable[[int], None] = lambda paid: None,
+    interval: float = 0.1,
+) -> int:
+    """Wait until ``expected`` ``Order.Paid`` events are in the orders log; the count."""
+    Order = example("domainmodel").Order
+    paid = TopicCounter(open_recorder("Orders", env), get_topic(Order.Paid))
+    deadline = time.monotonic() + timeout
+    while paid.update() < expected:
+        tick(paid.count)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {paid.count} of {expected} orders paid after {timeout:.0f} s")
+        time.sleep(interval)
+    tick(paid.count)
+    return paid.count
+
+
+def order_timings(orders: Any, order_ids: Sequence[uuid.UUID]) -> Timings:
+    """Created → paid times of the given orders, from their events' timestamps."""
+    Order = example("domainmodel").Order
+    wanted = {get_topic(Order.Created), get_topic(Order.Paid)}
+    created: dict[uuid.UUID, float] = {}
+    paid: dict[uuid.UUID, float] = {}
+    ids = set(order_ids)
+    for page in read_pages(orders.recorder, 0, topics=sorted(wanted)):
+        for notification in page:
+            if notification.originator_id not in ids:
+                continue
+            event = orders.mapper.to_domain_event(notification)
+            stamp = event.timestamp.timestamp()
+            if isinstance(event, Order.Created):
+                created[event.originator_id] = stamp
+            else:
+                paid[event.originator_id] = stamp
+    missing = ids - paid.keys()
+    if missing:
+        raise AssertionError(f"{len(missing)} orders were never paid")
+    durations = [paid[i] - created[i] for i in order_ids]
+    return Timings(len(order_ids), min(created.values()), max(paid.values()), durations)
+
+
+@dataclass
+class Effects:
+    """How many times each order got each effect, counted from the three logs."""
+
+    orders: int
+    reserved: Counter[uuid.UUID]
+    paid: Counter[uuid.UUID]
+    reservations: Counter[uuid.UUID]
+    payments: Counter[uuid.UUID]
+
+    def problems(self) -> list[str]:
+        """Every deviation from "each order reserved once and paid once"."""
+        result = []
+        for name, counter in [
+            ("Order.Reserved", self.reserved),
+            ("Order.Paid", self.paid),
+            ("Reservation.Created", self.reservations),
+            ("Payment.Created", self.payments),
+        ]:
+            missing = self.orders - len(counter)
+            duplicated = {k: v for k, v in counter.items() if v != 1}
+            if missing:
+                result.append(f"{missing} orders have no {name}")
+            if duplicated:
+                result.append(f"{len(duplicated)} orders have {name} more than once")
+        return result
+
+
+def count_effects(env: Mapping[str, str], order_ids: Sequence[uuid.UUID]) -> Effects:
+    """Count reservations and payments per order in the three applications' logs."""
+    application, domainmodel = example("application"), example("domainmodel")
+    Orders, Payments, Reservations = (
+        application.Orders,
+        application.Payments,
+        application.Reservations,
+    )
+    Order, Payment, Reservation = domainmodel.Order, domainmodel.Payment, domainmodel.Reservation
+    ids = set(order_ids)
+
+    def per_order(
+        app_cls: type, topic: str, order_id_of: Callable[[Any], uuid.UUID]
+    ) -> Counter[uuid.UUID]:
+        app = app_cls(env=dict(env))
+        try:
+            counter: Counter[uuid.UUID] = Counter()
+            for page in read_pages(app.recorder, 0, topics=[topic]):
+                for notification in page:
+                    order_id = order_id_of(app.mapper.to_domain_event(notification))
+                    if order_id in ids:
+                        counter[order_id] += 1
+            return counter
+        finally:
+            app.close()
+
+    return Effects(
+        orders=len(ids),
+        reserved=per_order(Orders, get_topic(Order.Reserved), lambda e: e.originator_id),
+        paid=per_order(Orders, get_topic(Order.Paid), lambda e: e.originator_id),
+        reservations=per_order(Reservations, get_topic(Reservation.Created), lambda e: e.order_id),
+        payments=per_order(Payments, get_topic(Payment.Created), lambda e: e.order_id),
+    )
+
+
+@contextlib.contextmanager
+def local_servers(out: TextIO) -> Iterator[tuple[dict[str, str], dict[str, Any]]]:
+    """Postgres (fsync on) and Kafka from the test harness's provisioning; closed at the end."""
+    from esbridge.testing import make_kafka, make_postgres
+
+    out.write("starting PostgreSQL and Kafka ...\n")
+    out.flush()
+    postgres = make_postgres(fsync=True)
+    try:
+        kafka = make_kafka()
+        try:
+            out.write(f"  {postgres.describe()}\n  {kafka.describe()}\n")
+            db = postgres.create_database()
+            yield dict(db.env), kafka.config()
+        finally:
+            kafka.close()
+    finally:
+        postgres.close()
+
+
+@dataclass
+class DemoReport:
+    timings: Timings
+    effects: Effects
+    edges: list[Any]
+    restarts: int
+
+
+def run_demo(
+    options: DemoOptions,
+    *,
+    env: Mapping[str, str] | None = None,
+    kafka_config: Mapping[str, Any] | None = None,
+    out: TextIO = sys.stderr,
+) -> DemoReport:
+    """Run the demo; with ``env``/``kafka_config`` None, start (and stop) local servers."""
+    if env is None or kafka_config is None:
+        with local_servers(out) as (local_env, local_kafka):
+            return run_demo(options, env=local_env, kafka_config=local_kafka, out=out)
+    Orders = example("application").Orders
+    system = example("system").system
+
+    from esbridge.runner import SystemTopics, ensure_topics, setup_system
+    from esbridge.system_status import edge_statuses, format_table
+
+    prefix = f"esbridge.demo.{uuid.uuid4().hex[:8]}."
+    full_env = {**env, "KAFKA_BOOTSTRAP_SERVERS": str(kafka_config["bootstrap.servers"])}
+    setup_system(system, full_env)
+    names = SystemTopics(prefix)
+    ensure_topics(kafka_config, [names.topic(n) for n in system.leaders], options.partitions)
+    out.write(
+        f"running {', '.join(APPS)} in {len(APPS) * options.workers} OS processes "
+        f"({options.partitions} partitions, {options.mode}) and submitting {options.orders} "
+        f"orders{f' at {options.rate:g}/s' if options.rate else ''}\n"
+    )
+    out.flush()
+    orders = Orders(env=full_env)
+    progress = Progress(out, options.orders)
+    try:
+        with SystemProcesses(
+            full_env,
+            partitions=options.partitions,
+            mode=options.mode,
+            workers=options.workers,
+            topic_prefix=prefix,
+        ) as processes:
+            started = time.monotonic()
+            created = 0
+
+            def on_created(n: int) -> None:
+                nonlocal created
+                created = n
+                if n % 50 == 0:
+                    processes.poll()
+                progress.show(created, 0, started)
+
+            order_ids = submit_orders(
+                orders.create_new_order, options.orders, options.rate, on_created
+            )
+
+            def on_paid(paid: int) -> None:
+                processes.poll()
+                progress.show(created, paid, started)
+
+            wait_until_paid(full_env, options.orders, options.timeout, on_paid)
+            progress.show(created, options.orders, started, force=True)
+            progress.done()
+            edges = edge_statuses(system, full_env)
+            restarts = processes.restarts()
+        timings = order_timings(orders, order_ids)
+        effects = count_effects(full_env, order_ids)
+    finally:
+        orders.close()
+    for line in timings.lines():
+        out.write(line + "\n")
+    problems = effects.problems()
+    out.write(
+        "Exactly once: every order reserved once and paid once\n"
+        if not problems
+        else "EXACTLY-ONCE VIOLATED: " + "; ".join(problems) + "\n"
+    )
+    out.write("Lag per edge (leader -> follower):\n")
+    out.write(format_table(edges) + "\n")
+    out.flush()
+    return DemoReport(timings, effects, edges, restarts)

@@ -1,0 +1,163 @@
+"""Where a relay is in the notification log, stored in Kafka with its messages.
+
+A relay must not need write access to the application's database, and its
+position must commit atomically with the messages it published, so it lives
+in Kafka: a compacted *position topic* (default ``<topic>.esbridge-relay-position``),
+key = relay id, one message per transaction, written in the **same Kafka
+transaction** as the batch it describes. Either both the batch and its
+position are visible to ``read_committed`` readers, or neither is.
+
+On start, after ``init_transactions()`` has fenced any previous instance (and
+aborted its open transaction), the relay reads the position topic with
+``read_committed`` up to the high watermark measured at that moment and takes
+the last message with its key. Reading up to the *high watermark* (not just to
+the first end-of-partition, which stops at the last stable offset) matters
+when other relays share the position topic: an open transaction of theirs must
+not hide a later committed position of ours.
+
+The position records, besides the last published notification id, the last
+id published to each partition: the next message on a partition names it in
+``esb_prev_nid``, so the chain stays unbroken across restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from esbridge.errors import ConfigurationError, EsbridgeError
+
+POSITION_FORMAT = 1
+POSITION_TOPIC_CONFIG = {
+    "cleanup.policy": "compact",
+    # Small segments so that compaction keeps start-up reads short.
+    "segment.ms": "600000",
+    "min.cleanable.dirty.ratio": "0.1",
+}
+
+
+def default_position_topic(topic: str) -> str:
+    return f"{topic}.esbridge-relay-position"
+
+
+@dataclass
+class RelayPosition:
+    """The last notification id published (``nid``) and the last one per partition."""
+
+    nid: int = 0
+    last_per_partition: list[int] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, partitions: int) -> RelayPosition:
+        return cls(0, [0] * partitions)
+
+    def copy(self) -> RelayPosition:
+        return RelayPosition(self.nid, list(self.last_per_partition))
+
+    def encode(self, relay_id: str, app: str, topic: str) -> bytes:
+        return json.dumps(
+            {
+                "format": POSITION_FORMAT,
+                "relay": relay_id,
+                "app": app,
+                "topic": topic,
+                "nid": self.nid,
+                "partitions": len(self.last_per_partition),
+                "last": self.last_per_partition,
+                "time": time.time(),
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, value: bytes) -> RelayPosition:
+        data = json.loads(value)
+        if data.get("format") != POSITION_FORMAT:
+            raise EsbridgeError(
+                f"relay position message has format {data.get('format')!r}; "
+                f"this esbridge reads format {POSITION_FORMAT}"
+            )
+        return cls(int(data["nid"]), [int(x) for x in data["last"]])
+
+
+def read_position(
+    config: Mapping[str, Any],
+    position_topic: str,
+    relay_id: str,
+    partitions: int,
+    timeout: float = 60.0,
+) -> RelayPosition:
+    """The last committed position of ``relay_id`` (a fresh one when there is none).
+
+    Raises :class:`ConfigurationError` when the stored position was written
+    for another partition count.
+    """
+    base = {
+        k: v
+        for k, v in config.items()
+        if not k.startswith(("transactional.", "enable.idempotence", "isolation."))
+        and k not in ("linger.ms", "batch.size", "compression.type", "acks", "message.max.bytes")
+    }
+    common = base | {"group.id": f"esbridge-position-{uuid.uuid4().hex}", "enable.auto.commit": False}
+    tp = TopicPartition(position_topic, 0)
+    probe = Consumer(common | {"isolation.level": "read_uncommitted"})
+    try:
+        low, high = probe.get_watermark_offsets(tp, timeout=timeout, cached=False)
+    finally:
+        probe.close()
+    found: bytes | None = None
+    if high > low:
+        found = _last_value_for_key(common, tp, relay_id.encode(), high, timeout)
+    if found is None:
+        return RelayPosition.start(partitions)
+    position = RelayPosition.decode(found)
+    if len(position.last_per_partition) != partitions:
+        raise ConfigurationError(
+            f"relay {relay_id!r} last published to a topic with "
+            f"{len(position.last_per_partition)} partitions, now it has {partitions}: "
+            "changing a topic's partition count breaks per-aggregate order; publish to a new "
+            "topic (with a new relay id) instead"
+        )
+    return position
+
+
+def _last_value_for_key(
+    config: dict[str, Any], tp: TopicPartition, key: bytes, high: int, timeout: float
+) -> bytes | None:
+    consumer = Consumer(
+        config | {"isolation.level": "read_committed", "enable.partition.eof": True}
+    )
+    found: bytes | None = None
+    deadline = time.monotonic() + timeout
+    try:
+        consumer.assign([TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING)])
+        while True:
+            if time.monotonic() > deadline:
+                raise EsbridgeError(
+                    f"reading the relay position from {tp.topic!r} did not reach offset {high} "
+                    f"within {timeout:.0f} s (an open transaction of another producer?)"
+                )
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    offset = msg.offset()
+                    if offset is not None and offset >= high:
+                        return found
+                    continue
+                raise KafkaException(error)
+            if msg.key() == key:
+                found = msg.value()
+            offset = msg.offset()
+            if offset is not None and offset >= high - 1:
+                return found
+    finally:
+        consumer.close()

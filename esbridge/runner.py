@@ -1,0 +1,491 @@
+"""Running an unchanged ``eventsourcing.system.System`` with Kafka as the transport.
+
+The library's runners connect applications inside one Python process. The
+:class:`KafkaRunner` connects them through Kafka instead, so the same
+``System`` definition runs in one process (development, tests) or spread over
+OS processes and machines (``esbridge run``), with the same application
+classes and the same tracking records:
+
+* every *leader*'s notification log is published by one :class:`~esbridge.relay.Relay`
+  to one topic (payloads, or prompts: configurable per leader);
+* every *follower* consumes each of its leaders' topics through a consumer
+  adapter, which records new events and the tracking record in one transaction.
+
+Naming is derived from the system (see :class:`SystemTopics`): one topic per
+leader, one consumer group per edge (leader → follower), one transactional id
+per relay. All processes of a system must use the same prefix.
+
+Which parts run in *this* process is chosen with ``apps`` (the applications
+whose relays and consumers run here; default all), ``run_relays`` and
+``run_consumers``: ``esbridge run --app Orders`` is ``KafkaRunner(system,
+apps=["Orders"])``. Several worker processes of one application share each
+topic's partitions through the edge's consumer group; only one of them runs
+the application's relay (worker 0), because one log must have one publisher:
+a second relay with the same transactional id would fence the first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from eventsourcing.application import Application
+from eventsourcing.persistence import ProcessRecorder
+from eventsourcing.system import Runner, System
+
+from esbridge.errors import ConfigurationError, EsbridgeError
+from esbridge.kafka_config import kafka_config_from_env
+from esbridge.notification_log import check_readable
+from esbridge.system_status import EdgeProbe, EdgeStatus, read_only_app
+
+logger = logging.getLogger("esbridge.runner")
+
+TApp = TypeVar("TApp")
+
+PAYLOADS = "payloads"
+PROMPTS = "prompts"
+RELAY_MODES = (PAYLOADS, PROMPTS)
+DEFAULT_PREFIX = "esbridge."
+
+
+class SystemRunnerError(EsbridgeError):
+    """A relay or consumer of a running system failed; the message names which and why."""
+
+
+def load_system(path: str) -> System:
+    """The ``System`` named by ``"package.module:attribute"``.
+
+    Raises :class:`ConfigurationError` naming what could not be imported, so
+    a typo in a deployment fails at start, before anything is consumed.
+    """
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigurationError(
+            f"system path {path!r} is not of the form 'package.module:attribute' "
+            "(for example 'examples.orders.system:system')"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigurationError(
+            f"cannot import module {module_name!r} of system {path!r}: {e}. "
+            "Check the name, and that the module's directory is on the Python path "
+            "(esbridge run adds the current directory, or give --app-dir)."
+        ) from e
+    except Exception as e:  # the module itself raised while importing
+        raise ConfigurationError(
+            f"importing module {module_name!r} of system {path!r} failed: {type(e).__name__}: {e}"
+        ) from e
+    try:
+        system = getattr(module, attribute)
+    except AttributeError:
+        raise ConfigurationError(
+            f"module {module_name!r} has no attribute {attribute!r} (system path {path!r})"
+        ) from None
+    if not isinstance(system, System):
+        raise ConfigurationError(
+            f"{path!r} is a {type(system).__name__}, not an eventsourcing.system.System"
+        )
+    check_importable(system)
+    return system
+
+
+def check_importable(system: System) -> None:
+    """Every application class of ``system`` can be resolved from its topic."""
+    for name in system.nodes:
+        try:
+            system.get_app_cls(name)
+        except Exception as e:
+            raise ConfigurationError(
+                f"application {name!r} of the system cannot be imported from "
+                f"{system.nodes[name]!r}: {type(e).__name__}: {e}"
+            ) from e
+
+
+@dataclass(frozen=True)
+class SystemTopics:
+    """Names derived from the system, shared by every process that runs it.
+
+    One topic per leader (``{prefix}{leader}``, lower case), one consumer group
+    per edge (``{prefix}{follower}.{leader}``), one relay id per leader
+    (``{prefix}relay.{leader}``: the relay's transactional id, so a restarted
+    relay fences its zombie).
+    """
+
+    prefix: str = DEFAULT_PREFIX
+
+    def topic(self, leader: str) -> str:
+        return f"{self.prefix}{leader.lower()}"
+
+    def group(self, leader: str, follower: str) -> str:
+        return f"{self.prefix}{follower.lower()}.{leader.lower()}"
+
+    def relay_id(self, leader: str) -> str:
+        return f"{self.prefix}relay.{leader.lower()}"
+
+
+class Component(Protocol):
+    """What the runner needs of a relay or a consumer adapter."""
+
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def status(self) -> Any: ...
+
+
+@dataclass
+class RunningComponent:
+    """A relay or consumer adapter running in a thread of this process."""
+
+    kind: str  # "relay" or "consumer"
+    leader: str
+    follower: str | None
+    component: Component
+    thread: threading.Thread = field(init=False)
+    error: BaseException | None = None
+
+    def describe(self) -> str:
+        if self.follower is None:
+            return f"relay of {self.leader}"
+        return f"consumer {self.leader} -> {self.follower}"
+
+    def start(self) -> None:
+        self.thread = threading.Thread(
+            target=self._run, name=f"esbridge {self.describe()}", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.component.run()
+        except BaseException as e:
+            self.error = e
+            logger.exception("%s failed", self.describe())
+
+
+def system_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    """The environment the applications see: ``os.environ`` updated with ``env``."""
+    values = dict(os.environ)
+    values.update(env or {})
+    return values
+
+
+class KafkaRunner(Runner[Any]):
+    """Runs an ``eventsourcing`` ``System`` with relays and consumer adapters over Kafka.
+
+    ``relay_modes``: ``"payloads"`` or ``"prompts"`` for every leader, or a
+    mapping per leader (leaders not named get payloads). ``partitions``: how
+    many partitions each topic is created with (existing topics are used as they are).
+    """
+
+    def __init__(
+        self,
+        system: System,
+        env: Mapping[str, str] | None = None,
+        *,
+        kafka_config: Mapping[str, Any] | None = None,
+        apps: Sequence[str] | None = None,
+        topic_prefix: str = DEFAULT_PREFIX,
+        partitions: int = 1,
+        relay_modes: str | Mapping[str, str] = PAYLOADS,
+        exactly_once: bool = True,
+        run_relays: bool = True,
+        run_consumers: bool = True,
+        create_topics: bool = True,
+    ) -> None:
+        super().__init__(system, env=dict(env) if env is not None else None)
+        self.full_env = system_env(env)
+        self.kafka_config = dict(kafka_config or kafka_config_from_env(self.full_env))
+        if not self.kafka_config.get("bootstrap.servers"):
+            raise ConfigurationError(
+                "no Kafka brokers configured: set KAFKA_BOOTSTRAP_SERVERS "
+                "(or pass kafka_config={'bootstrap.servers': ...})"
+            )
+        self.names = SystemTopics(topic_prefix)
+        self.partitions = partitions
+        self.exactly_once = exactly_once
+        self.run_relays = run_relays
+        self.run_consumers = run_consumers
+        self.create_topics = create_topics
+        self.local = list(apps) if apps is not None else list(system.nodes)
+        self.relay_modes = resolve_relay_modes(system, relay_modes)
+        check_local_apps(system, self.local)
+        self.apps: dict[str, Application[Any]] = {}
+        self.components: list[RunningComponent] = []
+        self._probes: list[EdgeProbe] | None = None
+
+    # -- the Runner interface ------------------------------------------------
+
+    def start(self) -> None:
+        """Construct this process's applications, then start their relays and consumers.
+
+        Everything that can be wrong with the configuration is checked before
+        any relay or consumer starts.
+        """
+        super().start()
+        try:
+            for name in self.local:
+                self.apps[name] = construct_app(self.system, name, self.full_env)
+            if self.create_topics:
+                ensure_topics(self.kafka_config, self.topics_used(), self.partitions)
+            for leader in self.relayed_here():
+                self._start(RunningComponent("relay", leader, None, self._make_relay(leader)))
+            for leader, follower in self.consumed_here():
+                component = self._make_consumer(leader, follower)
+                self._start(RunningComponent("consumer", leader, follower, component))
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop consumers, then relays, then close the applications (idempotent)."""
+        for running in reversed(self.components):
+            try:
+                running.component.stop()
+            except Exception:
+                logger.exception("stopping %s failed", running.describe())
+        for running in reversed(self.components):
+            running.thread.join(timeout=30)
+            if running.thread.is_alive():
+                logger.error("%s did not stop within 30 s", running.describe())
+        self.components.clear()
+        for probe in self._probes or []:
+            probe.close()
+        self._probes = None
+        for app in self.apps.values():
+            app.close()
+        self.apps.clear()
+
+    def get(self, cls: type[TApp]) -> TApp:
+        name = getattr(cls, "name", cls.__name__)
+        try:
+            app = self.apps[name]
+        except KeyError:
+            raise ConfigurationError(
+                f"application {name!r} is not run by this runner (it runs {self.local})"
+            ) from None
+        assert isinstance(app, cls)
+        return app
+
+    # -- what runs here --------------------------------------------------------
+
+    def relayed_here(self) -> list[str]:
+        if not self.run_relays:
+            return []
+        return [name for name in self.system.leaders if name in self.local]
+
+    def consumed_here(self) -> list[tuple[str, str]]:
+        if not self.run_consumers:
+            return []
+        return [
+            (leader, follower) for leader, follower in self.system.edges if follower in self.local
+        ]
+
+    def topics_used(self) -> list[str]:
+        leaders = {leader for leader, follower in self.system.edges if follower in self.local}
+        leaders.update(name for name in self.system.leaders if name in self.local)
+        return sorted(self.names.topic(name) for name in leaders)
+
+    # -- health ----------------------------------------------------------------
+
+    def failures(self) -> list[str]:
+        """Descriptions of relays and consumers that stopped with an error."""
+        return [
+            f"{r.describe()}: {type(r.error).__name__}: {r.error}"
+            for r in self.components
+            if r.error is not None
+        ]
+
+    def raise_failures(self) -> None:
+        failures = self.failures()
+        if failures:
+            raise SystemRunnerError("; ".join(failures))
+
+    def is_alive(self) -> bool:
+        """True while every relay and consumer thread runs."""
+        return all(r.thread.is_alive() for r in self.components)
+
+    def wait_idle(self, timeout: float = 30.0, interval: float = 0.05) -> None:
+        """Wait until every follower run here has processed everything its leaders logged.
+
+        Raises :class:`SystemRunnerError` if a relay or consumer failed, and
+        ``TimeoutError`` naming the lagging edges after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        probes = self.probes()
+        while True:
+            self.raise_failures()
+            lagging = {
+                f"{p.leader} -> {p.follower}": n for p in probes if (n := p.backlog().count) > 0
+            }
+            if not lagging:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"followers still behind after {timeout} s (unprocessed events: {lagging}); "
+                    f"failures: {self.failures() or 'none'}"
+                )
+            time.sleep(interval)
+
+    def probes(self) -> list[EdgeProbe]:
+        """Lag probes of the edges whose follower runs here (built once)."""
+        if self._probes is None:
+            self._probes = [
+                EdgeProbe(leader, follower, self.apps[follower], self.full_env, self.partitions)
+                for leader, follower in self.consumed_here()
+            ]
+        return self._probes
+
+    def statuses(self) -> list[EdgeStatus]:
+        """The status of every edge consumed here (see :mod:`esbridge.system_status`)."""
+        result = []
+        for probe in self.probes():
+            leader_app = self.apps.get(probe.leader) or read_only_app(
+                self.system, probe.leader, self.full_env
+            )
+            try:
+                result.append(
+                    probe.status(leader_app, self._held_gaps(probe.leader, probe.follower))
+                )
+            finally:
+                if probe.leader not in self.apps:
+                    leader_app.close()
+        return result
+
+    def _held_gaps(self, leader: str, follower: str) -> int | None:
+        for running in self.components:
+            if running.leader == leader and running.follower == follower:
+                status = running.component.status()
+                held = getattr(status, "held_partitions", None)
+                if held is None and isinstance(status, Mapping):
+                    held = status.get("held_partitions")
+                if isinstance(held, int):
+                    return held
+                if held is not None:
+                    return len(held)
+        return None
+
+    # -- construction of relays and consumers ----------------------------------
+
+    def _start(self, running: RunningComponent) -> None:
+        self.components.append(running)
+        running.start()
+
+    def _make_relay(self, leader: str) -> Component:
+        from esbridge.system_parts import make_relay
+
+        return make_relay(self, leader)
+
+    def _make_consumer(self, leader: str, follower: str) -> Component:
+        from esbridge.system_parts import make_consumer
+
+        return make_consumer(self, leader, follower)
+
+
+def resolve_relay_modes(system: System, modes: str | Mapping[str, str]) -> dict[str, str]:
+    """The relay mode of every leader; refuses unknown modes and leaders without a relay.
+
+    ``modes`` is one mode for all, or a mapping by leader name where ``"*"``
+    gives the mode of leaders not named.
+    """
+    if isinstance(modes, str):
+        modes = {"*": modes}
+    default = modes.get("*", PAYLOADS)
+    unknown = [name for name in modes if name not in system.nodes and name != "*"]
+    if unknown:
+        raise ConfigurationError(
+            f"relay modes name applications that are not in the system: {unknown} "
+            f"(the system has {list(system.nodes)})"
+        )
+    result = {}
+    for name in system.leaders:
+        mode = modes.get(name, default)
+        if mode not in RELAY_MODES:
+            followers = system.leads[name]
+            raise ConfigurationError(
+                f"leader {name!r} has no relay (mode {mode!r}): its followers {followers} "
+                f"would never receive its events. Choose one of {RELAY_MODES}."
+            )
+        result[name] = mode
+    return result
+
+
+def check_local_apps(system: System, names: Iterable[str]) -> None:
+    for name in names:
+        if name not in system.nodes:
+            raise ConfigurationError(
+                f"application {name!r} is not in the system (it has {list(system.nodes)})"
+            )
+
+
+def construct_app(system: System, name: str, env: Mapping[str, str]) -> Application[Any]:
+    """The application ``name`` constructed as the library would, with its tables checked.
+
+    Leaders are not wrapped in the library's ``Leader`` class (nothing
+    in-process is prompted: the relay follows the log). With table creation
+    switched off (``CREATE_TABLE=n``), a missing table is a clear error here.
+    """
+    cls = system.get_app_cls(name)
+    try:
+        app = cls(env=dict(env))
+    except Exception as e:
+        raise ConfigurationError(
+            f"cannot construct application {name!r}: {type(e).__name__}: {e}"
+        ) from e
+    check_tables(name, app, system.follows.get(name, []))
+    return app
+
+
+def check_tables(name: str, app: Application[Any], leaders: Sequence[str]) -> None:
+    """Raise :class:`ConfigurationError` unless the application's tables can be read."""
+    try:
+        check_readable(name, app.recorder)
+        if leaders and isinstance(app.recorder, ProcessRecorder):
+            app.recorder.max_tracking_id(leaders[0])
+    except ConfigurationError:
+        app.close()
+        raise
+    except Exception as e:
+        app.close()
+        raise ConfigurationError(
+            f"application {name!r} cannot read its tracking table: {type(e).__name__}: {e}. "
+            "Create its tables (unset CREATE_TABLE=n once, or run 'esbridge run ... --setup')."
+        ) from e
+
+
+def setup_system(system: System, env: Mapping[str, str] | None = None) -> None:
+    """Create every application's tables (constructing each once), without running anything.
+
+    Start-up order then does not matter: a follower that reads an upstream
+    log finds its table even if the upstream process has not started yet.
+    """
+    full_env = system_env(env)
+    for name in system.nodes:
+        construct_app(system, name, full_env).close()
+
+
+def ensure_topics(kafka_config: Mapping[str, Any], topics: Iterable[str], partitions: int) -> None:
+    """Create missing topics; refuse existing ones with another partition count."""
+    from esbridge.topics import admin_client, ensure_topic, wait_for_broker
+
+    admin = admin_client(kafka_config)
+    wait_for_broker(admin, str(kafka_config.get("bootstrap.servers")), timeout=30.0)
+    for topic in topics:
+        ensure_topic(admin, topic, partitions)
+
+
+def run_until(stop: Callable[[], bool], runner: KafkaRunner, interval: float = 0.5) -> None:
+    """Block until ``stop()`` is true or a relay or consumer fails (then raise)."""
+    while not stop():
+        runner.raise_failures()
+        if not runner.is_alive():
+            runner.raise_failures()
+            raise SystemRunnerError("a relay or consumer thread ended unexpectedly")
+        time.sleep(interval)

@@ -1,0 +1,153 @@
+"""Keeping worker processes running: ``esbridge run --workers N --supervise``.
+
+A worker killed by ``kill -9`` (or one that exits with an error) is started
+again after a short backoff; it resumes from its tracking records in
+Postgres, so a restart costs time, never correctness. This is the smallest
+thing that does the job on one machine; in production, systemd
+(``Restart=always``) or Kubernetes (a Deployment's restart policy) do the
+same and more — run one ``esbridge run ... --app NAME --worker-index I``
+per unit or pod instead.
+
+Only processes this supervisor started are ever signalled, by their PID.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("esbridge.supervisor")
+
+MIN_BACKOFF = 0.2
+MAX_BACKOFF = 10.0
+STABLE_AFTER = 30.0  # a worker that ran this long gets the minimum backoff again
+
+
+@dataclass
+class Worker:
+    """One supervised command and its current process."""
+
+    name: str
+    command: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = MIN_BACKOFF
+    next_start: float = 0.0
+    exit_codes: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    """Starts one process per command and restarts those that die (if ``restart``).
+
+    Without ``restart``, the first worker that exits stops the others and
+    :meth:`run` returns its exit code: let the platform's supervisor decide.
+    """
+
+    def __init__(
+        self,
+        commands: Mapping[str, Sequence[str]],
+        *,
+        restart: bool = True,
+        env: Mapping[str, str] | None = None,
+        stop_timeout: float = 20.0,
+    ) -> None:
+        self.workers = [Worker(name, list(cmd)) for name, cmd in commands.items()]
+        self.restart = restart
+        self.env = dict(env) if env is not None else None
+        self.stop_timeout = stop_timeout
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        for worker in self.workers:
+            self._spawn(worker)
+
+    def _spawn(self, worker: Worker) -> None:
+        worker.process = subprocess.Popen(worker.command, env=self.env)
+        worker.started_at = time.monotonic()
+        logger.info("started %s (pid %d)", worker.name, worker.process.pid)
+
+    def pids(self) -> dict[str, int]:
+        """The PID of every running worker, by name."""
+        return {
+            w.name: w.process.pid
+            for w in self.workers
+            if w.process is not None and w.process.poll() is None
+        }
+
+    def poll(self) -> int | None:
+        """Check the workers once: restart the dead (or return the exit code to stop with)."""
+        now = time.monotonic()
+        for worker in self.workers:
+            process = worker.process
+            if process is None:
+                if now >= worker.next_start and not self._stopping.is_set():
+                    self._spawn(worker)
+                continue
+            code = process.poll()
+            if code is None:
+                continue
+            worker.exit_codes.append(code)
+            worker.process = None
+            if self._stopping.is_set():
+                continue
+            if not self.restart:
+                logger.error("%s exited with code %s: stopping the others", worker.name, code)
+                return code if code != 0 else 1
+            ran = now - worker.started_at
+            worker.backoff = (
+                MIN_BACKOFF if ran > STABLE_AFTER else min(worker.backoff * 2, MAX_BACKOFF)
+            )
+            worker.next_start = now + worker.backoff
+            worker.restarts += 1
+            logger.warning(
+                "%s (pid %d) exited with code %s after %.1f s: restarting in %.1f s",
+                worker.name,
+                process.pid,
+                code,
+                ran,
+                worker.backoff,
+            )
+        return None
+
+    def run(self, interval: float = 0.2) -> int:
+        """Supervise until :meth:`request_stop` (returns 0) or, without restart, a worker exits."""
+        self.start()
+        try:
+            while not self._stopping.is_set():
+                code = self.poll()
+                if code is not None:
+                    return code
+                self._stopping.wait(interval)
+            return 0
+        finally:
+            self.stop()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    def stop(self) -> None:
+        """SIGTERM every worker, wait, then SIGKILL those still running."""
+        self._stopping.set()
+        running = [w.process for w in self.workers if w.process is not None]
+        for process in running:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout
+        for process in running:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.error(
+                    "pid %d did not stop within %.0f s: killing it", process.pid, self.stop_timeout
+                )
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+        for worker in self.workers:
+            worker.process = None

@@ -1,0 +1,248 @@
+"""How far behind each follower of a system is: one row per edge (leader → follower).
+
+Everything is read from Postgres, so ``esbridge status`` works from any
+machine that can read the databases, whether or not the system runs:
+
+* **upstream max nid**: the leader's highest notification id;
+* **position**: the follower's tracking record(s) for that leader (one per
+  partition when the topic has several partitions: see :func:`tracking_names`);
+* **lag (events)**: upstream notifications the follower has not processed yet
+  (only those of the event topics it follows, when it names ``topics``);
+* **lag (s)**: the age of the oldest of those, from its event timestamp — how
+  long the oldest unprocessed event has been waiting, 0 when caught up;
+* **held gaps**: partitions a consumer holds waiting for a missing message
+  (known only to a runner in the same process, else ``-``);
+* **DLQ**: messages of the follower parked in the dead-letter table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from eventsourcing.application import Application
+from eventsourcing.persistence import ApplicationRecorder, Notification, ProcessRecorder
+from eventsourcing.system import System
+
+from esbridge.notification_log import open_recorder, read_pages
+from esbridge.partitioning import partition_for_key
+
+MAX_LAG_SCAN = 200_000  # notifications read to count a lag; beyond, the count is a lower bound
+
+
+def tracking_names(leader: str, partitions: int) -> list[str]:
+    """The tracking names a consumer records for ``leader`` on a topic of ``partitions``.
+
+    One partition (or prompts): the leader's name, as the library's runners
+    record, so a system moves between runners without reprocessing.
+    """
+    from esbridge import consumer
+
+    return list(consumer.tracking_names(leader, partitions))
+
+
+@dataclass
+class EdgeStatus:
+    leader: str
+    follower: str
+    upstream_max_nid: int
+    positions: dict[str, int]
+    lag_events: int
+    lag_seconds: float
+    held_gaps: int | None
+    dlq: int | None
+
+    @property
+    def position(self) -> int:
+        """The lowest position over the edge's tracking names (all are at least this far)."""
+        return min(self.positions.values()) if self.positions else 0
+
+    @property
+    def caught_up(self) -> bool:
+        return self.lag_events == 0
+
+
+@dataclass
+class Backlog:
+    count: int
+    oldest: Notification | None
+
+
+def unprocessed(
+    upstream: ApplicationRecorder,
+    positions: Mapping[int | None, int],
+    partitions: int,
+    topics: Sequence[str],
+    limit: int = MAX_LAG_SCAN,
+) -> Backlog:
+    """Upstream notifications past the follower's positions (``None`` key: one position)."""
+    start = min(positions.values()) if positions else 0
+    count = 0
+    oldest = None
+    scanned = 0
+    for page in read_pages(upstream, start, topics=topics):
+        for notification in page:
+            if None in positions:
+                position = positions[None]
+            else:
+                key = str(notification.originator_id).encode()
+                position = positions.get(partition_for_key(key, partitions), 0)
+            if notification.id > position:
+                count += 1
+                oldest = oldest or notification
+        scanned += len(page)
+        if scanned >= limit:
+            break
+    return Backlog(count, oldest)
+
+
+def follower_positions(
+    recorder: ProcessRecorder, leader: str, partitions: int
+) -> dict[int | None, int]:
+    names = tracking_names(leader, partitions)
+    if len(names) == 1:
+        return {None: recorder.max_tracking_id(names[0]) or 0}
+    return {p: recorder.max_tracking_id(name) or 0 for p, name in enumerate(names)}
+
+
+def event_age(app: Application[Any], notification: Notification | None) -> float:
+    if notification is None:
+        return 0.0
+    try:
+        event = app.mapper.to_domain_event(notification)
+        timestamp: datetime = event.timestamp  # type: ignore[attr-defined]
+        return max(0.0, time.time() - timestamp.timestamp())
+    except Exception:
+        return float("nan")
+
+
+def dlq_size(app: Application[Any], follower: str) -> int | None:
+    try:
+        from esbridge.deadletter import DeadLetterStore
+
+        datastore = getattr(app.recorder, "datastore", None)
+        if datastore is None:
+            return None
+        return DeadLetterStore(datastore).count(follower)
+    except Exception:  # no dead-letter table yet: nothing was ever parked
+        return 0
+
+
+class EdgeProbe:
+    """Reads one edge's positions and backlog (recorders opened once, reused per call)."""
+
+    def __init__(
+        self,
+        leader: str,
+        follower: str,
+        follower_app: Application[Any],
+        env: Mapping[str, str],
+        partitions: int = 1,
+    ) -> None:
+        self.leader = leader
+        self.follower = follower
+        self.follower_app = follower_app
+        recorder = follower_app.recorder
+        if not isinstance(recorder, ProcessRecorder):
+            raise TypeError(f"{follower!r} has no tracking records: it is not a follower")
+        self.recorder = recorder
+        self.upstream = open_recorder(leader, env)
+        self.partitions = partitions
+        self.topics = list(getattr(follower_app, "topics", ()) or ())
+
+    def close(self) -> None:
+        """Close the upstream recorder's connections."""
+        datastore = getattr(self.upstream, "datastore", None)
+        if datastore is not None:
+            datastore.close()
+
+    def positions(self) -> dict[int | None, int]:
+        return follower_positions(self.recorder, self.leader, self.partitions)
+
+    def backlog(self) -> Backlog:
+        return unprocessed(self.upstream, self.positions(), self.partitions, self.topics)
+
+    def status(self, leader_app: Application[Any], held_gaps: int | None = None) -> EdgeStatus:
+        positions = self.positions()
+        backlog = unprocessed(self.upstream, positions, self.partitions, self.topics)
+        names = tracking_names(self.leader, self.partitions)
+        return EdgeStatus(
+            leader=self.leader,
+            follower=self.follower,
+            upstream_max_nid=self.upstream.max_notification_id() or 0,
+            positions={names[0 if p is None else p]: v for p, v in positions.items()},
+            lag_events=backlog.count,
+            lag_seconds=event_age(leader_app, backlog.oldest),
+            held_gaps=held_gaps,
+            dlq=dlq_size(self.follower_app, self.follower),
+        )
+
+
+def edge_statuses(
+    system: System,
+    env: Mapping[str, str],
+    *,
+    partitions: Mapping[str, int] | int = 1,
+    edges: Sequence[tuple[str, str]] | None = None,
+) -> list[EdgeStatus]:
+    """The status of every edge (or of ``edges``), read from the databases.
+
+    ``partitions``: the partition count of each leader's topic (or one for all).
+    """
+    apps: dict[str, Application[Any]] = {}
+
+    def app(name: str) -> Application[Any]:
+        if name not in apps:
+            apps[name] = read_only_app(system, name, env)
+        return apps[name]
+
+    try:
+        result = []
+        for leader, follower in edges if edges is not None else system.edges:
+            n = partitions if isinstance(partitions, int) else partitions.get(leader, 1)
+            probe = EdgeProbe(leader, follower, app(follower), env, n)
+            try:
+                result.append(probe.status(app(leader)))
+            finally:
+                probe.close()
+        return result
+    finally:
+        for a in apps.values():
+            a.close()
+
+
+def read_only_app(system: System, name: str, env: Mapping[str, str]) -> Application[Any]:
+    """The application ``name`` constructed without creating tables (to read its state)."""
+    values = dict(env)
+    values["CREATE_TABLE"] = "n"
+    values[f"{name.upper()}_CREATE_TABLE"] = "n"
+    return system.get_app_cls(name)(env=values)
+
+
+COLUMNS = ("edge", "upstream max nid", "position", "lag (events)", "lag (s)", "held gaps", "DLQ")
+
+
+def format_table(statuses: Sequence[EdgeStatus]) -> str:
+    """A plain-text table, one row per edge."""
+    rows = [COLUMNS]
+    for s in statuses:
+        rows.append(
+            (
+                f"{s.leader} -> {s.follower}",
+                str(s.upstream_max_nid),
+                str(s.position)
+                if len(s.positions) <= 1
+                else " ".join(str(v) for v in s.positions.values()),
+                str(s.lag_events),
+                f"{s.lag_seconds:.1f}",
+                "-" if s.held_gaps is None else str(s.held_gaps),
+                "-" if s.dlq is None else str(s.dlq),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""Kafka topics a relay publishes to: check them, create them when asked.
+
+The relay chooses partitions itself (``partition_for_key``), so a topic whose
+partition count differs from the one the relay was configured with would
+send an aggregate's events to another partition than consumers expect: it is
+refused before anything is published.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+from esbridge.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(ConfigurationError):
+    """No broker answered within the time allowed (check ``bootstrap.servers``)."""
+
+
+def admin_client(config: Mapping[str, Any]) -> AdminClient:
+    """An admin client for ``config`` (producer and consumer settings are left out)."""
+    keep = {
+        k: v
+        for k, v in config.items()
+        if not k.startswith(("transactional.", "enable.idempotence", "isolation.", "group."))
+        and k not in ("linger.ms", "batch.size", "compression.type", "acks")
+    }
+    return AdminClient(keep)
+
+
+def wait_for_broker(
+    admin: AdminClient, servers: str, timeout: float | None, stop: Any = None
+) -> None:
+    """Block until a broker answers; retry with backoff, logging why.
+
+    ``timeout=None`` waits for ever (until ``stop()`` returns true).
+    Raises :class:`BrokerUnavailable` when ``timeout`` seconds pass.
+    """
+    start = time.monotonic()
+    delay = 0.5
+    while True:
+        try:
+            admin.list_topics(timeout=min(5.0, timeout or 5.0))
+            return
+        except KafkaException as e:
+            waited = time.monotonic() - start
+            if timeout is not None and waited >= timeout:
+                raise BrokerUnavailable(
+                    f"no Kafka broker answered at {servers!r} within {timeout:.0f} s ({e}); "
+                    "check bootstrap.servers (KAFKA_BOOTSTRAP_SERVERS) and that the broker runs"
+                ) from e
+            log.warning(
+                "Kafka broker at %s unreachable (%s); retrying in %.1f s", servers, e, delay
+            )
+            if stop is not None and stop():
+                raise BrokerUnavailable(f"stopped while waiting for the broker at {servers!r}") from e
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def partition_count(admin: AdminClient, topic: str, timeout: float = 10.0) -> int | None:
+    """Number of partitions of ``topic``, or ``None`` when it does not exist."""
+    metadata = admin.list_topics(topic, timeout=timeout)
+    info = metadata.topics.get(topic)
+    if info is None:
+        return None
+    if info.error is not None:
+        if info.error.code() in (
+            KafkaError.UNKNOWN_TOPIC_OR_PART,
+            KafkaError._UNKNOWN_TOPIC,
+            KafkaError.LEADER_NOT_AVAILABLE,
+        ):
+            return None if not info.partitions else len(info.partitions)
+        raise KafkaException(info.error)
+    return len(info.partitions)
+
+
+def ensure_topic(
+    admin: AdminClient,
+    topic: str,
+    partitions: int | None = None,
+    replication_factor: int | None = None,
+    config: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+) -> int:
+    """Check ``topic`` (creating it if missing and ``partitions`` is given); its partition count.
+
+    Raises :class:`ConfigurationError` when the topic exists with another
+    partition count than ``partitions``, or is missing and ``partitions`` is
+    ``None``.
+    """
+    existing = partition_count(admin, topic)
+    if existing is not None:
+        if partitions is not None and existing != partitions:
+            raise ConfigurationError(
+                f"topic {topic!r} has {existing} partitions, but {partitions} were configured: "
+                "an aggregate's events would go to another partition than consumers expect. "
+                f"Configure {existing} partitions, or publish to a new topic"
+            )
+        return existing
+    if partitions is None:
+        raise ConfigurationError(
+            f"topic {topic!r} does not exist: create it, or give the partition count "
+            "(--partitions N) so that the relay creates it"
+        )
+    new = NewTopic(
+        topic,
+        num_partitions=partitions,
+        replication_factor=replication_factor or -1,
+        config=dict(config or {}),
+    )
+    futures = admin.create_topics([new], operation_timeout=timeout)
+    try:
+        futures[topic].result(timeout)
+        log.info("created topic %s (%d partitions)", topic, partitions)
+    except KafkaException as e:
+        if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise ConfigurationError(f"cannot create topic {topic!r}: {e}") from e
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metadata = admin.list_topics(topic, timeout=10)
+        info = metadata.topics.get(topic)
+        if (
+            info is not None
+            and info.error is None
+            and len(info.partitions) >= 1
+            and all(p.leader >= 0 for p in info.partitions.values())
+        ):
+            return ensure_topic(admin, topic, partitions)
+        time.sleep(0.05)
+    raise ConfigurationError(f"topic {topic!r} was created but has no leaders after {timeout} s")
+
+
+def topic_setting(admin: AdminClient, topic: str, name: str, timeout: float = 10.0) -> str | None:
+    """The value of topic config ``name`` (for example ``max.message.bytes``)."""
+    resource = ConfigResource("topic", topic)
+    futures = admin.describe_configs([resource], request_timeout=timeout)
+    entries = futures[resource].result(timeout)
+    entry = entries.get(name)
+    return None if entry is None else entry.value

@@ -1,0 +1,1 @@
+"""Tutorial part 4: the dog school and the trick counters (``[[DogSchool, Counters]]``)."""

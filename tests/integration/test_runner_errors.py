@@ -1,0 +1,79 @@
+"""Clear errors at start, before anything is consumed: bad system paths, missing tables,
+a leader without a relay, applications that are not in the system."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+import pytest
+
+from esbridge.cli.run import ESBRIDGE_COMMAND
+from esbridge.errors import ConfigurationError
+from esbridge.runner import KafkaRunner, load_system
+from examples.orders.system import system as orders_system
+
+KAFKA = {"bootstrap.servers": "127.0.0.1:1"}  # never contacted: these errors come first
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("examples.orders.system", "is not of the form 'package.module:attribute'"),
+        ("examples.no_such_module:system", "cannot import module 'examples.no_such_module'"),
+        ("examples.orders.system:no_such_system", "has no attribute 'no_such_system'"),
+        ("examples.orders.domainmodel:Order", "not an eventsourcing.system.System"),
+    ],
+)
+def test_bad_system_paths(path: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_system(path)
+
+
+def test_unimportable_application_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(orders_system.nodes, "Payments", "examples.orders.gone:Payments")
+    with pytest.raises(ConfigurationError, match="application 'Payments' .* cannot be imported"):
+        load_system("examples.orders.system:system")
+
+
+def test_cli_reports_a_bad_system_path_and_exits_2() -> None:
+    result = subprocess.run(
+        [*ESBRIDGE_COMMAND, "run", "examples.nope:system", "--app", "Orders"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "cannot import module 'examples.nope'" in result.stderr
+
+
+def test_missing_tables_with_table_creation_disabled(postgres_db: Any) -> None:
+    env = {**postgres_db.env, "CREATE_TABLE": "n"}
+    runner = KafkaRunner(orders_system, env=env, kafka_config=KAFKA, apps=["Reservations"])
+    with pytest.raises(ConfigurationError, match="reservations_events"):
+        runner.start()
+    assert runner.components == []  # nothing was started
+
+
+def test_leader_without_relay() -> None:
+    with pytest.raises(ConfigurationError, match="leader 'Orders' has no relay"):
+        KafkaRunner(orders_system, kafka_config=KAFKA, relay_modes={"Orders": "none"})
+
+
+def test_unknown_names() -> None:
+    with pytest.raises(ConfigurationError, match="not in the system"):
+        KafkaRunner(orders_system, kafka_config=KAFKA, relay_modes={"Shipping": "payloads"})
+    with pytest.raises(ConfigurationError, match="'Shipping' is not in the system"):
+        KafkaRunner(orders_system, kafka_config=KAFKA, apps=["Shipping"])
+
+
+def test_no_broker_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    with pytest.raises(ConfigurationError, match="KAFKA_BOOTSTRAP_SERVERS"):
+        KafkaRunner(orders_system)
+
+
+def test_get_of_an_application_run_elsewhere(postgres_db: Any) -> None:
+    runner = KafkaRunner(orders_system, env=postgres_db.env, kafka_config=KAFKA, apps=["Orders"])
+    with pytest.raises(ConfigurationError, match="'Payments' is not run by this runner"):
+        runner.get(type("Payments", (), {"name": "Payments"}))
