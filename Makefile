@@ -24,8 +24,12 @@ lint: install
 	$(PY) -m ruff format --check esbridge connectors
 	$(PY) -m mypy
 
+# Second pass: the testcontainers backend (podman's Docker API here, images built from local files).
+CONTAINER_TESTS ?= tests/containers examples/user_test_suite
+
 test: provision lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS) $(addprefix --ignore=,$(CONTAINER_TESTS))
+	ESBRIDGE_TEST_BACKEND=containers $(PY) -m pytest $(CONTAINER_TESTS)
 
 demo: provision
 	$(VENV)/bin/esbridge demo $(DEMO_ARGS)

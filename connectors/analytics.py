@@ -22,14 +22,21 @@ Two Kafka encodings (the CloudEvents Kafka protocol binding):
 * ``binary``: the value is the data alone (``application/json``), the
   attributes are ``ce_*`` headers.
 
-:class:`CloudEventsEncoder` is the relay's ``encoder`` hook: it turns a
-notification into (value bytes, headers). Select it per relay topic.
+:class:`CloudEventsEncoder` is the relay's ``encoder`` hook (an
+:data:`esbridge.relay_messages.Encoder`): it turns a notification into (value
+bytes, headers). Select the format per relay topic by giving one to that
+topic's relay, ``Relay(app, topic=..., encoder=CloudEventsEncoder(app, mapper))``,
+and the same one to a replay of that topic. :class:`AnalyticsPayloadEncoder` is
+the same as a drop-in :class:`~esbridge.relay_messages.PayloadEncoder` (same
+``message()``) for code that builds encoders itself. Keys, partitions and the ``esb_*`` headers stay those of the relay, so
+esbridge tooling (replay, lag, deduplication on ``esb_nid``) works on analytics
+topics too.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -44,6 +51,7 @@ from eventsourcing.utils import get_topic
 
 from esbridge import wire
 from esbridge.errors import MessageFormatError
+from esbridge.relay_messages import PayloadEncoder
 
 Mode = Literal["structured", "binary"]
 STRUCTURED: Mode = "structured"
@@ -119,6 +127,34 @@ class CloudEventsEncoder:
         return _dumps(event.pop("data")), binary_headers(event)
 
     __call__ = encode
+
+
+class AnalyticsPayloadEncoder(PayloadEncoder):
+    """A relay's :class:`PayloadEncoder` whose values are CloudEvents with plain-JSON data.
+
+    Same key (aggregate id), partition and ``esb_*`` headers as the default
+    encoder; the value and ``content-type`` (and in binary mode the ``ce_*``
+    headers, with the extension attributes) come from :class:`CloudEventsEncoder`.
+    ``mapper`` is the upstream application's mapper
+    (:func:`esbridge_connectors.upstream.application_mapper`).
+    """
+
+    def __init__(
+        self,
+        app: str,
+        num_partitions: int,
+        mapper: Mapper[Any],
+        *,
+        mode: Mode = STRUCTURED,
+        types: JsonTypes = DEFAULT_TYPES,
+        dataschema_base: str | None = None,
+    ) -> None:
+        self.cloudevents = CloudEventsEncoder(
+            app, mapper, mode=mode, types=types, dataschema_base=dataschema_base
+        )
+        content_type = CLOUDEVENTS_JSON if mode == STRUCTURED else JSON
+        super().__init__(app, num_partitions, content_type, encoder=self.cloudevents)
+        self._decode_time = True  # ce_time: the CloudEvent's own time (set by the encoder)
 
 
 def binary_headers(attributes: Mapping[str, Any]) -> wire.Headers:

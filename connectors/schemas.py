@@ -43,6 +43,13 @@ from esbridge.errors import EsbridgeError
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 DECIMAL_PATTERN = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+# ISO 8601 as Python's isoformat() writes it: RFC 3339 ("format": "date-time") only when the
+# value has a timezone, so naive values are allowed by a pattern instead of the format.
+DATETIME_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T"
+    r"[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})?$"
+)
+TIME_PATTERN = r"^[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})?$"
 ENVELOPE_FIELDS = ("originator_id", "originator_version", "timestamp")
 
 
@@ -72,9 +79,18 @@ def _base64(value: bytes) -> str:
 
 DEFAULT_JSON_TYPES: dict[type, JsonType] = {
     UUID: JsonType({"type": "string", "format": "uuid"}, str),
-    datetime: JsonType({"type": "string", "format": "date-time"}, _iso),
+    datetime: JsonType(
+        {
+            "type": "string",
+            "pattern": DATETIME_PATTERN,
+            "description": "ISO 8601 date-time (RFC 3339 when it has an offset)",
+        },
+        _iso,
+    ),
     date: JsonType({"type": "string", "format": "date"}, _iso),
-    time: JsonType({"type": "string", "format": "time"}, _iso),
+    time: JsonType(
+        {"type": "string", "pattern": TIME_PATTERN, "description": "ISO 8601 time"}, _iso
+    ),
     Decimal: JsonType({"type": "string", "pattern": DECIMAL_PATTERN}, str),
     bytes: JsonType({"type": "string", "contentEncoding": "base64"}, _base64),
 }

@@ -210,10 +210,6 @@ class ProjectionRunner:
         poll_interval: float = 0.5,
         on_version_change: Literal["error", "rebuild"] = "error",
     ) -> None:
-        if recorder is None and env is None:
-            raise ConfigurationError(
-                "give the upstream 'recorder' or the 'env' to open it with (POSTGRES_* settings)"
-            )
         self.projection = projection
         self.engine = engine
         self.upstream = upstream
@@ -236,7 +232,12 @@ class ProjectionRunner:
     def recorder(self) -> ApplicationRecorder:
         """The upstream application's recorder (opened on first use, read-only)."""
         if self._recorder is None:
-            assert self._env is not None
+            if self._env is None:
+                raise ConfigurationError(
+                    f"projection {self.projection.name!r} needs to read the log of "
+                    f"{self.upstream!r}: give the upstream 'recorder', or the 'env' "
+                    "(POSTGRES_* settings) to open it with"
+                )
             self._recorder = open_recorder(self.upstream, self._env)
         return self._recorder
 

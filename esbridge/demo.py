@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
+import signal
 import statistics
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -61,12 +64,13 @@ def example(module: str) -> Any:
 
 @dataclass(frozen=True)
 class DemoOptions:
-    orders: int = 500
+    orders: int = 1000
     partitions: int = 1
     rate: float = 0.0  # orders/s offered; 0 = as fast as the Orders application takes them
     mode: str = "payloads"
     workers: int = 1
     timeout: float = 120.0
+    batch: int = 10  # orders created per save() (one transaction) by the submitter
 
 
 @dataclass
@@ -133,20 +137,32 @@ class Progress:
             self.out.flush()
 
 
+def kafka_env(kafka_config: Mapping[str, Any]) -> dict[str, str]:
+    """``KAFKA_*`` variables that give worker processes the same librdkafka settings."""
+    return {
+        "KAFKA_" + key.replace("_", "__").replace(".", "_").upper(): str(value)
+        for key, value in kafka_config.items()
+    }
+
+
 class SystemProcesses:
     """The orders system with each application in its own supervised OS process.
 
-    ``kill(app)`` sends SIGKILL to one worker; the supervisor starts it again.
+    Entering creates the tables and topics, then starts one ``esbridge run
+    --app NAME`` process per application and worker; leaving stops them
+    (SIGTERM, then SIGKILL). ``kill(app)`` sends SIGKILL to one worker;
+    :meth:`poll` starts it again (the supervisor's job in ``esbridge run --supervise``).
     """
 
     def __init__(
         self,
         env: Mapping[str, str],
+        kafka_config: Mapping[str, Any],
         *,
         partitions: int = 1,
         mode: str = "payloads",
         workers: int = 1,
-        topic_prefix: str = "esbridge.",
+        topic_prefix: str | None = None,
         system_path: str = SYSTEM_PATH,
         apps: Sequence[str] = APPS,
         log_level: str = "WARNING",
@@ -154,6 +170,11 @@ class SystemProcesses:
         from esbridge.cli.run import ESBRIDGE_COMMAND
         from esbridge.supervisor import Supervisor
 
+        self.env = {**os.environ, **env, **kafka_env(kafka_config)}
+        self.kafka_config = dict(kafka_config)
+        self.partitions = partitions
+        self.mode = mode
+        self.prefix = topic_prefix or f"esbridge.demo.{uuid.uuid4().hex[:8]}."
         commands = {}
         for app in apps:
             for index in range(workers):
@@ -168,7 +189,7 @@ class SystemProcesses:
                     "--app-dir",
                     str(source_root()),
                     "--topic-prefix",
-                    topic_prefix,
+                    self.prefix,
                     "--partitions",
                     str(partitions),
                     "--mode",
@@ -178,9 +199,19 @@ class SystemProcesses:
                     "--worker-index",
                     str(index),
                 ]
-        self.supervisor = Supervisor(commands, restart=True, env=dict(env))
+        self.supervisor = Supervisor(commands, restart=True, env=self.env)
+
+    def setup(self) -> None:
+        """Create every application's tables and every leader's topic."""
+        from esbridge.runner import SystemTopics, ensure_topics, setup_system
+
+        system = example("system").system
+        setup_system(system, self.env)
+        names = SystemTopics(self.prefix)
+        ensure_topics(self.kafka_config, {names.topic(n): self.partitions for n in system.leaders})
 
     def __enter__(self) -> SystemProcesses:
+        self.setup()
         self.supervisor.start()
         return self
 
@@ -194,26 +225,41 @@ class SystemProcesses:
     def pids(self) -> dict[str, int]:
         return self.supervisor.pids()
 
+    def kill(self, worker: str) -> int:
+        """SIGKILL the worker named ``worker`` (for example ``"Orders[0]"``); its PID."""
+        pid = self.pids()[worker]
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
     def restarts(self) -> int:
         return sum(w.restarts for w in self.supervisor.workers)
 
+    def edge_statuses(self) -> list[Any]:
+        """The lag of every edge (see :mod:`esbridge.system_status`)."""
+        from esbridge.system_status import edge_statuses
+
+        tracked = self.partitions if self.mode == "payloads" else 1
+        return edge_statuses(example("system").system, self.env, partitions=tracked)
+
 
 def submit_orders(
-    create: Callable[[], uuid.UUID],
+    create: Callable[[int], list[uuid.UUID]],
     count: int,
     rate: float,
+    batch: int = 1,
     on_progress: Callable[[int], None] = lambda n: None,
 ) -> list[uuid.UUID]:
-    """Create ``count`` orders, at ``rate`` orders/s if positive."""
-    ids = []
+    """Create ``count`` orders, ``batch`` per call of ``create``, at ``rate`` orders/s if
+    positive (as fast as the Orders application takes them otherwise)."""
+    ids: list[uuid.UUID] = []
     started = time.monotonic()
-    for i in range(count):
+    while len(ids) < count:
         if rate > 0:
-            delay = started + i / rate - time.monotonic()
+            delay = started + len(ids) / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-        ids.append(create())
-        on_progress(i + 1)
+        ids.extend(create(min(batch, count - len(ids))))
+        on_progress(len(ids))
     return ids
 
 
@@ -232,6 +278,17 @@ class TopicCounter:
             self.position = page[-1].id
         return self.count
 
+    def close(self) -> None:
+        datastore = getattr(self.recorder, "datastore", None)
+        if datastore is not None:
+            datastore.close()
+
+
+def paid_counter(env: Mapping[str, str]) -> TopicCounter:
+    """Counts the ``Order.Paid`` events in the orders log."""
+    Order = example("domainmodel").Order
+    return TopicCounter(open_recorder("Orders", env), get_topic(Order.Paid))
+
 
 def wait_until_paid(
     env: Mapping[str, str],
@@ -241,16 +298,86 @@ def wait_until_paid(
     interval: float = 0.1,
 ) -> int:
     """Wait until ``expected`` ``Order.Paid`` events are in the orders log; the count."""
-    Order = example("domainmodel").Order
-    paid = TopicCounter(open_recorder("Orders", env), get_topic(Order.Paid))
+    paid = paid_counter(env)
+    try:
+        return wait_for_count(paid, expected, timeout, tick, interval)
+    finally:
+        paid.close()
+
+
+def wait_for_count(
+    counter: TopicCounter,
+    expected: int,
+    timeout: float,
+    tick: Callable[[int], None] = lambda n: None,
+    interval: float = 0.1,
+) -> int:
+    """Wait until ``counter`` reaches ``expected``; raise ``TimeoutError`` after ``timeout``."""
     deadline = time.monotonic() + timeout
-    while paid.update() < expected:
-        tick(paid.count)
+    while counter.update() < expected:
+        tick(counter.count)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {paid.count} of {expected} orders paid after {timeout:.0f} s")
+            raise TimeoutError(
+                f"only {counter.count} of {expected} orders paid after {timeout:.0f} s"
+            )
         time.sleep(interval)
-    tick(paid.count)
-    return paid.count
+    tick(counter.count)
+    return counter.count
+
+
+def drive_orders(
+    orders: Any,
+    paid: TopicCounter,
+    count: int,
+    *,
+    rate: float = 0.0,
+    batch: int = 1,
+    timeout: float = 120.0,
+    progress: Progress | None = None,
+    on_tick: Callable[[], None] = lambda: None,
+) -> list[uuid.UUID]:
+    """Submit ``count`` orders (in a thread) and wait until they are all paid.
+
+    ``paid`` counts the paid orders already in the log before this call;
+    ``on_tick`` runs every ~0.1 s in the calling thread (the demo restarts
+    dead workers there). Returns the new orders' ids.
+    """
+    already = paid.update()
+    created = 0
+    order_ids: list[uuid.UUID] = []
+    failure: list[BaseException] = []
+
+    def on_created(n: int) -> None:
+        nonlocal created
+        created = n
+
+    def submit() -> None:
+        try:
+            order_ids.extend(
+                submit_orders(orders.create_new_orders, count, rate, batch, on_created)
+            )
+        except BaseException as e:  # reported in the calling thread
+            failure.append(e)
+
+    started = time.monotonic()
+    submitter = threading.Thread(target=submit, name="esbridge demo submitter", daemon=True)
+    submitter.start()
+
+    def tick(n: int) -> None:
+        if failure:
+            raise failure[0]
+        on_tick()
+        if progress is not None:
+            progress.show(created, n - already, started)
+
+    wait_for_count(paid, already + count, timeout, tick)
+    submitter.join()
+    if failure:
+        raise failure[0]
+    if progress is not None:
+        progress.show(created, count, started, force=True)
+        progress.done()
+    return order_ids
 
 
 def order_timings(orders: Any, order_ids: Sequence[uuid.UUID]) -> Timings:
@@ -379,69 +506,59 @@ def run_demo(
     if env is None or kafka_config is None:
         with local_servers(out) as (local_env, local_kafka):
             return run_demo(options, env=local_env, kafka_config=local_kafka, out=out)
+    from esbridge.system_status import format_table
+
     Orders = example("application").Orders
-    system = example("system").system
-
-    from esbridge.runner import SystemTopics, ensure_topics, setup_system
-    from esbridge.system_status import edge_statuses, format_table
-
-    prefix = f"esbridge.demo.{uuid.uuid4().hex[:8]}."
-    full_env = {**env, "KAFKA_BOOTSTRAP_SERVERS": str(kafka_config["bootstrap.servers"])}
-    setup_system(system, full_env)
-    names = SystemTopics(prefix)
-    ensure_topics(kafka_config, [names.topic(n) for n in system.leaders], options.partitions)
-    out.write(
-        f"running {', '.join(APPS)} in {len(APPS) * options.workers} OS processes "
-        f"({options.partitions} partitions, {options.mode}) and submitting {options.orders} "
-        f"orders{f' at {options.rate:g}/s' if options.rate else ''}\n"
-    )
-    out.flush()
-    orders = Orders(env=full_env)
-    progress = Progress(out, options.orders)
-    try:
-        with SystemProcesses(
-            full_env,
-            partitions=options.partitions,
-            mode=options.mode,
-            workers=options.workers,
-            topic_prefix=prefix,
-        ) as processes:
-            started = time.monotonic()
-            created = 0
-
-            def on_created(n: int) -> None:
-                nonlocal created
-                created = n
-                if n % 50 == 0:
-                    processes.poll()
-                progress.show(created, 0, started)
-
-            order_ids = submit_orders(
-                orders.create_new_order, options.orders, options.rate, on_created
+    with SystemProcesses(
+        env,
+        kafka_config,
+        partitions=options.partitions,
+        mode=options.mode,
+        workers=options.workers,
+    ) as processes:
+        orders = Orders(env=processes.env)
+        paid = paid_counter(processes.env)
+        try:
+            out.write(
+                f"started {', '.join(APPS)} in {len(APPS) * options.workers} OS processes "
+                f"({options.partitions} partition(s), {options.mode}); waiting until a first "
+                "order goes through ...\n"
             )
-
-            def on_paid(paid: int) -> None:
-                processes.poll()
-                progress.show(created, paid, started)
-
-            wait_until_paid(full_env, options.orders, options.timeout, on_paid)
-            progress.show(created, options.orders, started, force=True)
-            progress.done()
-            edges = edge_statuses(system, full_env)
+            out.flush()
+            drive_orders(orders, paid, 1, timeout=options.timeout, on_tick=processes.poll)
+            out.write(
+                f"submitting {options.orders} orders"
+                f"{f' at {options.rate:g}/s' if options.rate else ''}\n"
+            )
+            out.flush()
+            order_ids = drive_orders(
+                orders,
+                paid,
+                options.orders,
+                rate=options.rate,
+                batch=options.batch,
+                timeout=options.timeout,
+                progress=Progress(out, options.orders),
+                on_tick=processes.poll,
+            )
+            edges = processes.edge_statuses()
             restarts = processes.restarts()
-        timings = order_timings(orders, order_ids)
-        effects = count_effects(full_env, order_ids)
-    finally:
-        orders.close()
+            timings = order_timings(orders, order_ids)
+            effects = count_effects(processes.env, order_ids)
+        finally:
+            paid.close()
+            orders.close()
     for line in timings.lines():
         out.write(line + "\n")
     problems = effects.problems()
     out.write(
-        "Exactly once: every order reserved once and paid once\n"
+        f"Exactly once: each of the {effects.orders} orders reserved once and paid once\n"
         if not problems
         else "EXACTLY-ONCE VIOLATED: " + "; ".join(problems) + "\n"
     )
     out.write("Lag per edge (leader -> follower):\n")
     out.write(format_table(edges) + "\n")
+    if restarts:
+        out.write(f"({restarts} worker restart(s) during the run)\n")
     out.flush()
     return DemoReport(timings, effects, edges, restarts)

@@ -43,3 +43,17 @@ class RelayFencedError(RelayError):
 
 class HarnessError(EsbridgeError):
     """The test harness could not provide a server (missing tool or server failed to start)."""
+
+
+class ConsumerError(EsbridgeError):
+    """A consumer adapter stopped: it cannot go on without losing or reordering events."""
+
+
+class GapNotReconciledError(ConsumerError):
+    """A partition was held behind missing notifications for longer than allowed.
+
+    Raised when a message arrives after a gap (its ``esb_prev_nid`` is past the
+    consumer's position) and the upstream notification log cannot be read to
+    fill the gap. Give the consumer read access to the upstream database
+    (``upstream_env`` / ``--upstream-log``) or republish the missing range.
+    """

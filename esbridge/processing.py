@@ -38,8 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, ProcessingEvent, Repository
-from eventsourcing.domain import DomainEventProtocol, project_aggregate
+from eventsourcing.application import (
+    AggregateNotFoundError,
+    ProcessingEvent,
+    Repository,
+    project_aggregate,
+)
+from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import (
     InterfaceError,
     Mapper,

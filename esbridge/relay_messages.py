@@ -89,7 +89,7 @@ def _librdkafka_murmur2() -> Callable[..., int] | None:
                 ctypes.c_void_p,
                 ctypes.c_void_p,
             ]
-            return function  # type: ignore[no-any-return]
+            return function
     except Exception:  # pragma: no cover - any failure means: use the Python one
         return None
     return None

@@ -21,7 +21,6 @@ and that path is the one a restart takes, which the kill -9 tests exercise.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,7 +38,7 @@ log = logging.getLogger(__name__)
 PERMANENT_CODES = frozenset(
     {
         KafkaError.MSG_SIZE_TOO_LARGE,
-        KafkaError._MSG_SIZE_TOO_LARGE,
+        getattr(KafkaError, "_MSG_SIZE_TOO_LARGE", KafkaError.MSG_SIZE_TOO_LARGE),
         KafkaError.INVALID_RECORD,
         KafkaError.POLICY_VIOLATION,
         KafkaError.TOPIC_AUTHORIZATION_FAILED,
@@ -194,7 +193,7 @@ class KafkaPublisher:
                 ) from e
             while True:
                 try:
-                    produce(topic, value, key, partition, headers=headers)
+                    produce(topic, value, key, partition, headers=headers)  # type: ignore[arg-type]
                     break
                 except BufferError:
                     producer.poll(0.05)  # back-pressure: wait for deliveries
@@ -211,15 +210,25 @@ class KafkaPublisher:
         producer = self.producer
         value = self._working.encode(self.relay_id, self.app, self.topic)
         if self.exactly_once:
-            producer.produce(self.position_topic, value, self.relay_id.encode(), 0)
+            self._produce_position(producer, value)
             self._commit_transaction(producer)
         else:
             self._flush(producer)
-            producer.produce(self.position_topic, value, self.relay_id.encode(), 0)
+            self._produce_position(producer, value)
             self._flush(producer)
         self.committed = self._working.copy()
         self.batch_count = 0
         return count
+
+    def _produce_position(self, producer: Producer, value: bytes) -> None:
+        while True:
+            try:
+                producer.produce(self.position_topic, value, self.relay_id.encode(), 0)
+                return
+            except BufferError:
+                producer.poll(0.05)  # the queue is full of the batch: wait for deliveries
+            except KafkaException as e:
+                raise self._classify(e.args[0], "producing the relay position") from e
 
     def _begin(self, producer: Producer) -> None:
         try:
@@ -258,10 +267,8 @@ class KafkaPublisher:
     def _on_delivery(self, error: KafkaError | None, msg: Message) -> None:
         if error is None or self._delivery_error is not None:
             return
-        nid: int | None = None
-        for key, value in msg.headers() or ():
-            if key == wire.H_NID and value is not None:
-                nid = int(value)
+        text = wire.headers_dict(msg.headers()).get(wire.H_NID)  # type: ignore[arg-type]
+        nid = int(text) if text and text.isdigit() else None
         self._delivery_error = (error, nid)
 
     def _raise_delivery_error(self) -> None:
@@ -297,5 +304,3 @@ class KafkaPublisher:
             f"transactional.id {self.transactional_id!r} started ({error}). This one stopped; "
             "run one relay per application and topic"
         )
-
-

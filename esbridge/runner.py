@@ -193,12 +193,15 @@ class KafkaRunner(Runner[Any]):
         kafka_config: Mapping[str, Any] | None = None,
         apps: Sequence[str] | None = None,
         topic_prefix: str = DEFAULT_PREFIX,
-        partitions: int = 1,
+        partitions: int | Mapping[str, int] = 1,
         relay_modes: str | Mapping[str, str] = PAYLOADS,
         exactly_once: bool = True,
         run_relays: bool = True,
         run_consumers: bool = True,
         create_topics: bool = True,
+        worker_id: str | None = None,
+        relay_options: Mapping[str, Any] | None = None,
+        consumer_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(system, env=dict(env) if env is not None else None)
         self.full_env = system_env(env)
@@ -209,14 +212,24 @@ class KafkaRunner(Runner[Any]):
                 "(or pass kafka_config={'bootstrap.servers': ...})"
             )
         self.names = SystemTopics(topic_prefix)
-        self.partitions = partitions
+        self.partitions = resolve_partitions(system, partitions)
         self.exactly_once = exactly_once
         self.run_relays = run_relays
         self.run_consumers = run_consumers
         self.create_topics = create_topics
+        self.worker_id = worker_id
+        self.relay_options = dict(relay_options or {})
+        self.consumer_options = dict(consumer_options or {})
         self.local = list(apps) if apps is not None else list(system.nodes)
         self.relay_modes = resolve_relay_modes(system, relay_modes)
         check_local_apps(system, self.local)
+        if not run_relays and set(self.local) >= set(system.nodes) and system.leaders:
+            raise ConfigurationError(
+                f"this runner runs every application of the system without relays: leaders "
+                f"{list(system.leaders)} would have no relay, and their followers would never "
+                "receive an event. Run the relays (run_relays=True), or run only some "
+                "applications here (apps=[...]) and their relays elsewhere."
+            )
         self.apps: dict[str, Application[Any]] = {}
         self.components: list[RunningComponent] = []
         self._probes: list[EdgeProbe] | None = None
@@ -234,7 +247,10 @@ class KafkaRunner(Runner[Any]):
             for name in self.local:
                 self.apps[name] = construct_app(self.system, name, self.full_env)
             if self.create_topics:
-                ensure_topics(self.kafka_config, self.topics_used(), self.partitions)
+                ensure_topics(
+                    self.kafka_config,
+                    {self.names.topic(n): self.partitions_of(n) for n in self.leaders_used()},
+                )
             for leader in self.relayed_here():
                 self._start(RunningComponent("relay", leader, None, self._make_relay(leader)))
             for leader, follower in self.consumed_here():
@@ -288,10 +304,22 @@ class KafkaRunner(Runner[Any]):
             (leader, follower) for leader, follower in self.system.edges if follower in self.local
         ]
 
-    def topics_used(self) -> list[str]:
+    def leaders_used(self) -> list[str]:
+        """Leaders whose topics this process publishes to or consumes from."""
         leaders = {leader for leader, follower in self.system.edges if follower in self.local}
         leaders.update(name for name in self.system.leaders if name in self.local)
-        return sorted(self.names.topic(name) for name in leaders)
+        return sorted(leaders)
+
+    def topics_used(self) -> list[str]:
+        return [self.names.topic(name) for name in self.leaders_used()]
+
+    def partitions_of(self, leader: str) -> int:
+        """The partition count of ``leader``'s topic."""
+        return self.partitions.get(leader, self.partitions["*"])
+
+    def tracking_partitions(self, leader: str) -> int:
+        """How many tracking names a follower of ``leader`` records (prompts: one)."""
+        return 1 if self.relay_modes[leader] == PROMPTS else self.partitions_of(leader)
 
     # -- health ----------------------------------------------------------------
 
@@ -338,7 +366,13 @@ class KafkaRunner(Runner[Any]):
         """Lag probes of the edges whose follower runs here (built once)."""
         if self._probes is None:
             self._probes = [
-                EdgeProbe(leader, follower, self.apps[follower], self.full_env, self.partitions)
+                EdgeProbe(
+                    leader,
+                    follower,
+                    self.apps[follower],
+                    self.full_env,
+                    self.tracking_partitions(leader),
+                )
                 for leader, follower in self.consumed_here()
             ]
         return self._probes
@@ -417,6 +451,21 @@ def resolve_relay_modes(system: System, modes: str | Mapping[str, str]) -> dict[
     return result
 
 
+def resolve_partitions(system: System, partitions: int | Mapping[str, int]) -> dict[str, int]:
+    """Partition counts by leader name, ``"*"`` for leaders not named (default 1)."""
+    values = {"*": partitions} if isinstance(partitions, int) else {"*": 1, **partitions}
+    unknown = [name for name in values if name != "*" and name not in system.leaders]
+    if unknown:
+        raise ConfigurationError(
+            f"partitions are given for {unknown}, which are not leaders of the system "
+            f"(its leaders are {list(system.leaders)})"
+        )
+    bad = {name: n for name, n in values.items() if not isinstance(n, int) or n < 1}
+    if bad:
+        raise ConfigurationError(f"partition counts must be positive integers, got {bad}")
+    return values
+
+
 def check_local_apps(system: System, names: Iterable[str]) -> None:
     for name in names:
         if name not in system.nodes:
@@ -439,8 +488,43 @@ def construct_app(system: System, name: str, env: Mapping[str, str]) -> Applicat
         raise ConfigurationError(
             f"cannot construct application {name!r}: {type(e).__name__}: {e}"
         ) from e
-    check_tables(name, app, system.follows.get(name, []))
+    leaders = system.follows.get(name, [])
+    check_tables(name, app, leaders)
+    if leaders:
+        create_dead_letter_table(name, app)
     return app
+
+
+def create_dead_letter_table(name: str, app: Application[Any]) -> None:
+    """Create the follower's dead-letter table now, before any consumer thread starts.
+
+    Several consumers (threads here, or processes sharing the database) that
+    create it at the same moment collide in Postgres's catalog
+    (``CREATE TABLE IF NOT EXISTS`` is not safe against concurrent creators):
+    one retry after such a collision finds the table made by the other.
+    """
+    datastore = getattr(app.recorder, "datastore", None)
+    if datastore is None or not hasattr(datastore, "transaction"):
+        return  # not Postgres: the consumer adapter refuses it with a clear error
+    from eventsourcing.persistence import IntegrityError
+
+    from esbridge.deadletter import DeadLetterStore
+
+    store = DeadLetterStore(datastore)
+    for attempt in range(3):
+        try:
+            store.create_table()
+            return
+        except IntegrityError:
+            if attempt == 2:
+                raise
+            time.sleep(0.1)
+        except Exception as e:
+            app.close()
+            raise ConfigurationError(
+                f"cannot create the dead-letter table of application {name!r}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
 
 
 def check_tables(name: str, app: Application[Any], leaders: Sequence[str]) -> None:
@@ -471,14 +555,29 @@ def setup_system(system: System, env: Mapping[str, str] | None = None) -> None:
         construct_app(system, name, full_env).close()
 
 
-def ensure_topics(kafka_config: Mapping[str, Any], topics: Iterable[str], partitions: int) -> None:
-    """Create missing topics; refuse existing ones with another partition count."""
+def ensure_topics(kafka_config: Mapping[str, Any], partitions: Mapping[str, int]) -> None:
+    """Create missing topics (``{topic: partition count}``); refuse existing ones with
+    another partition count."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import NewTopic
+
     from esbridge.topics import admin_client, ensure_topic, wait_for_broker
 
     admin = admin_client(kafka_config)
     wait_for_broker(admin, str(kafka_config.get("bootstrap.servers")), timeout=30.0)
-    for topic in topics:
-        ensure_topic(admin, topic, partitions)
+    # Create before asking for a topic's metadata: a broker with
+    # auto.create.topics.enable=true creates a missing topic with its default
+    # partition count as soon as an admin client asks about it by name.
+    wanted = [NewTopic(t, num_partitions=n, replication_factor=-1) for t, n in partitions.items()]
+    if wanted:
+        for topic, future in admin.create_topics(wanted, operation_timeout=30).items():
+            try:
+                future.result(30)
+            except KafkaException as e:
+                if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise ConfigurationError(f"cannot create topic {topic!r}: {e}") from e
+    for topic, count in partitions.items():
+        ensure_topic(admin, topic, count)
 
 
 def run_until(stop: Callable[[], bool], runner: KafkaRunner, interval: float = 0.5) -> None:

@@ -33,6 +33,9 @@ def admin_client(config: Mapping[str, Any]) -> AdminClient:
         if not k.startswith(("transactional.", "enable.idempotence", "isolation.", "group."))
         and k not in ("linger.ms", "batch.size", "compression.type", "acks")
     }
+    # A metadata request for a missing topic must not create it with the
+    # broker's default partition count (librdkafka producers allow that).
+    keep["allow.auto.create.topics"] = False
     return AdminClient(keep)
 
 

@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "esbridge.cli.run",
     "esbridge.cli.status",
     "esbridge.cli.demo",
+    "esbridge.cli.replay",
 )
 
 

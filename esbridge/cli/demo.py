@@ -20,7 +20,9 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--orders", type=int, default=500, help="orders to submit (default 500)")
+    parser.add_argument(
+        "--orders", type=int, default=1000, help="orders to submit (default 1000)"
+    )
     parser.add_argument(
         "--partitions", type=int, default=1, help="partitions per topic (default 1)"
     )
@@ -35,6 +37,12 @@ def register(subparsers: Any) -> None:
         type=float,
         default=0.0,
         help="orders submitted per second (default 0: as fast as possible)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=10,
+        help="orders created per transaction by the submitter (default 10)",
     )
     parser.add_argument(
         "--mode",
@@ -59,6 +67,7 @@ def demo(args: argparse.Namespace) -> int:
             mode=args.mode,
             workers=args.workers,
             timeout=args.timeout,
+            batch=args.batch,
         )
     )
     return 1 if report.effects.problems() else 0

@@ -38,10 +38,11 @@ def register(subparsers: Any) -> None:
     add_system_arguments(parser)
     parser.add_argument(
         "--app",
+        "--apps",
         action="append",
         dest="apps",
-        metavar="NAME",
-        help="application to run here (repeatable; default: all of them)",
+        metavar="NAME[,NAME...]",
+        help="application(s) to run here (repeatable or comma-separated; default: all of them)",
     )
     parser.add_argument(
         "--workers", type=int, default=1, help="worker processes per application (default 1)"
@@ -136,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError("--workers must be at least 1")
     if args.no_relay and args.relay_only:
         raise ConfigurationError("--no-relay and --relay-only exclude each other")
+    if args.apps:
+        args.apps = [name.strip() for value in args.apps for name in value.split(",") if name]
     system = load_from_args(args)
     if args.setup:
         return setup(args, system)
@@ -150,7 +153,7 @@ def setup(args: argparse.Namespace, system: Any) -> int:
     setup_system(system)
     names = SystemTopics(args.topic_prefix)
     ensure_topics(
-        kafka_config_from_args(args), [names.topic(n) for n in system.leaders], args.partitions
+        kafka_config_from_args(args), {names.topic(n): args.partitions for n in system.leaders}
     )
     print(f"tables and topics of {args.system} are ready", file=sys.stderr)
     return 0
@@ -171,6 +174,9 @@ def run_here(args: argparse.Namespace, system: Any) -> int:
         exactly_once=not args.at_least_once,
         run_relays=not args.no_relay and worker_index == 0,
         run_consumers=not args.relay_only,
+        # A process of named applications is a worker that a supervisor restarts:
+        # its consumers join their groups as static members (see esbridge.system_parts).
+        worker_id=f"w{worker_index}" if args.apps else None,
     )
     if args.metrics_port:
         from esbridge.metrics import serve_metrics

@@ -14,6 +14,8 @@ import os
 from dataclasses import asdict
 from typing import Any
 
+from esbridge.cli.run import add_system_arguments
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -22,14 +24,9 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("system", help="the System, as package.module:attribute")
-    parser.add_argument("--app-dir", default=".", help="directory added to the Python path")
-    parser.add_argument(
-        "--partitions",
-        type=int,
-        default=1,
-        help="partitions of the leaders' topics (decides the tracking names read)",
-    )
+    # The same options as ``esbridge run``: the same command line names the same
+    # topics and tracking records.
+    add_system_arguments(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per edge")
     parser.add_argument(
         "--fail-on-lag", action="store_true", help="exit 1 when any follower is behind"
@@ -38,11 +35,15 @@ def register(subparsers: Any) -> None:
 
 
 def status(args: argparse.Namespace) -> int:
-    from esbridge.cli.run import load_from_args
+    from esbridge.cli.run import load_from_args, relay_modes
+    from esbridge.runner import PROMPTS, resolve_relay_modes
     from esbridge.system_status import edge_statuses, format_table
 
     system = load_from_args(args)
-    statuses = edge_statuses(system, dict(os.environ), partitions=args.partitions)
+    modes = resolve_relay_modes(system, relay_modes(args.mode))
+    # Followers of a prompted leader keep one tracking record; of a relayed one, one per partition.
+    partitions = {name: 1 if mode == PROMPTS else args.partitions for name, mode in modes.items()}
+    statuses = edge_statuses(system, dict(os.environ), partitions=partitions)
     if args.json:
         for s in statuses:
             print(json.dumps({**asdict(s), "position": s.position}))

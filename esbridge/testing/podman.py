@@ -121,7 +121,7 @@ class PodmanService:
                 runtime=runtime,
                 base=self.base,
                 nofile=ulimit(resource.RLIMIT_NOFILE),
-                nproc=ulimit(resource.RLIMIT_NPROC),
+                nproc=ulimit(resource.RLIMIT_NPROC, 4096),
             ))
         self.storage_conf.write_text(STORAGE_CONF.format(base=self.base))
         self.socket = self.base / "podman.sock"

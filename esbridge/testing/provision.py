@@ -61,12 +61,21 @@ def ensure_kafka() -> None:
     print(f"provision: Apache Kafka {version} jars: {libs}", flush=True)
 
 
+def ensure_podman() -> None:
+    """podman + runc, for the testcontainers pass of ``make test`` where no Docker engine runs."""
+    missing = [p for p in ("podman", "runc") if shutil.which(p) is None]
+    if missing and may_install():
+        apt_install(*missing)
+    print(f"provision: podman: {shutil.which('podman') or 'MISSING'}", flush=True)
+
+
 def main() -> int:
     try:
         if not os.environ.get("ESBRIDGE_POSTGRES_DSN"):
             ensure_postgres()
         if not os.environ.get("ESBRIDGE_KAFKA_BOOTSTRAP"):
             ensure_kafka()
+        ensure_podman()
     except HarnessError as e:
         print(str(e), file=sys.stderr)
         return 2

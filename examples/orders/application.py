@@ -23,6 +23,12 @@ class Orders(ProcessApplication[UUID]):
         self.save(order)
         return order.id
 
+    def create_new_orders(self, count: int) -> list[UUID]:
+        """Create ``count`` orders in one save (one transaction): a batch of commands."""
+        orders = [Order() for _ in range(count)]
+        self.save(*orders)
+        return [order.id for order in orders]
+
     def get_order(self, order_id: UUID) -> Order:
         order: Order = self.repository.get(order_id)
         return order

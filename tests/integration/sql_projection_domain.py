@@ -93,3 +93,51 @@ def table_contents(engine, names=("proj_dogs", "proj_tricks")) -> dict[str, list
             name: sorted(tuple(row) for row in conn.execute(text(f"SELECT * FROM {name}")))
             for name in names
         }
+
+
+class DogNameRow(Base):
+    __tablename__ = "proj_dog_names"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    dogs: Mapped[int] = mapped_column(Integer)
+
+
+class DogNameProjection(SqlProjection):
+    """A second projection of the same log (names and how many dogs have each)."""
+
+    name = "dog_names"
+    tables = (DogNameRow,)
+
+    @handles(Dog.Registered)
+    def registered(self, session: Session, event: Dog.Registered) -> None:
+        row = session.get(DogNameRow, event.name)
+        if row is None:
+            session.add(DogNameRow(name=event.name, dogs=1))
+        else:
+            row.dogs += 1
+
+
+def main() -> None:
+    """``python -c 'import sql_projection_domain as m; m.main()' URL ENV_JSON``: follow the log.
+
+    Run by the kill -9 test as a subprocess; small pages make it commit often.
+    """
+    import json
+    import sys
+
+    from sqlalchemy import create_engine
+
+    from esbridge_connectors.sql_projection import ProjectionRunner
+    from esbridge_connectors.upstream import application_mapper
+
+    url, env = sys.argv[1], json.loads(sys.argv[2])
+    runner = ProjectionRunner(
+        DogProjection(),
+        create_engine(url),
+        upstream="DogSchool",
+        mapper=application_mapper(DogSchool, env),
+        env=env,
+        page_size=7,
+        poll_interval=0.05,
+    )
+    print("started", flush=True)
+    runner.run_forever()

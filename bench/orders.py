@@ -1,0 +1,143 @@
+"""Orders/s end to end (created -> paid) for the orders/reservations/payments system.
+
+esbridge: each application in its own OS process (``esbridge run --app NAME``),
+connected through Kafka. Baseline, in the same run and on the same Postgres
+server (another database): the same System under the library's own
+``MultiThreadedRunner``. Both get the same stream of orders (``--batch``
+orders created per transaction, as fast as the Orders application takes them);
+the rate is measured from the orders' own event timestamps (first created ->
+last paid), like the seed's multiprocessing example. Several runs each; the
+median is reported, with p50/p99 of the order processing time (created -> paid).
+
+    python bench/orders.py [--orders 2000] [--baseline-orders 150] [--runs 3]
+
+Servers: started here through ``esbridge.testing.make_postgres/make_kafka`` (fsync
+on), or external ones named by ``ESBRIDGE_POSTGRES_DSN`` / ``ESBRIDGE_KAFKA_BOOTSTRAP``
+(see ``esbridge.testing.backends``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eventsourcing.system import MultiThreadedRunner  # noqa: E402
+
+from esbridge.demo import (  # noqa: E402
+    SystemProcesses,
+    Timings,
+    count_effects,
+    drive_orders,
+    example,
+    order_timings,
+    paid_counter,
+)
+from esbridge.testing import make_kafka, make_postgres  # noqa: E402
+
+
+def measure(
+    orders: Any, env: dict[str, str], count: int, runs: int, batch: int, timeout: float, tick: Any
+) -> tuple[list[Timings], list[Any]]:
+    """``runs`` batches of ``count`` orders through a running system; their timings."""
+    paid = paid_counter(env)
+    try:
+        drive_orders(orders, paid, batch, batch=batch, timeout=timeout, on_tick=tick)  # warm-up
+        results, all_ids = [], []
+        for _ in range(runs):
+            ids = drive_orders(orders, paid, count, batch=batch, timeout=timeout, on_tick=tick)
+            results.append(order_timings(orders, ids))
+            all_ids.extend(ids)
+        return results, all_ids
+    finally:
+        paid.close()
+
+
+def summary(name: str, results: list[Timings]) -> tuple[float, float, float]:
+    rates = [t.rate for t in results]
+    p50 = statistics.median(t.percentile(50) for t in results)
+    p99 = statistics.median(t.percentile(99) for t in results)
+    rate = statistics.median(rates)
+    print(
+        f"{name}: {rate:8.1f} orders/s (median of {len(rates)} runs: "
+        f"{', '.join(f'{r:.1f}' for r in rates)}); created->paid p50 {p50 * 1000:.0f} ms, "
+        f"p99 {p99 * 1000:.0f} ms ({results[0].count} orders per run)"
+    )
+    return rate, p50, p99
+
+
+def check_exactly_once(env: dict[str, str], ids: list[Any], name: str) -> None:
+    problems = count_effects(env, ids).problems()
+    if problems:
+        raise SystemExit(f"{name}: EXACTLY-ONCE VIOLATED: {'; '.join(problems)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--orders", type=int, default=2000, help="orders per esbridge run")
+    parser.add_argument(
+        "--baseline-orders", type=int, default=150, help="orders per MultiThreadedRunner run"
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=10, help="orders created per transaction")
+    parser.add_argument("--partitions", type=int, default=1)
+    parser.add_argument("--mode", choices=["payloads", "prompts"], default="payloads")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    args = parser.parse_args(argv)
+
+    print("starting PostgreSQL (fsync on) and Kafka ...", flush=True)
+    postgres = make_postgres(fsync=True)
+    kafka = make_kafka()
+    try:
+        print(f"  {postgres.describe()}\n  {kafka.describe()}", flush=True)
+        esb_env = dict(postgres.create_database().env)
+        lib_env = dict(postgres.create_database().env)
+
+        with SystemProcesses(
+            esb_env, kafka.config(), partitions=args.partitions, mode=args.mode
+        ) as processes:
+            orders = example("application").Orders(env=processes.env)
+            try:
+                started = time.monotonic()
+                esb, esb_ids = measure(
+                    orders, processes.env, args.orders, args.runs, args.batch, args.timeout,
+                    processes.poll,
+                )
+                print(f"  (esbridge runs took {time.monotonic() - started:.1f} s)", flush=True)
+            finally:
+                orders.close()
+        check_exactly_once(processes.env, esb_ids, "esbridge")
+
+        system = example("system").system
+        with MultiThreadedRunner(system, env=lib_env) as runner:
+            lib_orders = runner.get(example("application").Orders)
+            noop: Callable[[], None] = lambda: None  # noqa: E731
+            lib, lib_ids = measure(
+                lib_orders, lib_env, args.baseline_orders, args.runs, args.batch, args.timeout,
+                noop,
+            )
+        check_exactly_once(lib_env, lib_ids, "MultiThreadedRunner")
+
+        print()
+        print(
+            f"orders system, created -> paid, {args.partitions} partition(s), {args.mode}, "
+            f"orders created {args.batch} per transaction; every order reserved and paid "
+            "exactly once in both"
+        )
+        esb_rate, _, _ = summary("esbridge, 1 OS process per application ", esb)
+        lib_rate, _, _ = summary("eventsourcing MultiThreadedRunner       ", lib)
+        print(f"ratio: {esb_rate / lib_rate:.1f}x")
+        return 0
+    finally:
+        kafka.close()
+        postgres.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Feeding a SQL projection from a relay's Kafka topic instead of the notification log.
+
+Why: the projection's database may not be able to reach the upstream
+database, a topic is the one place many consumers read, and a rebuild from
+Kafka puts no load on the upstream database.
+
+The topic's partitions are independent streams (notification ids increase
+within a partition, not across), so the projection keeps one position per
+partition: tracking names ``{upstream}`` for a one-partition topic (the same
+row a log-fed runner uses, so the two feeds can be swapped) and
+``{upstream}#{partition}`` otherwise. Each message is checked against its
+partition's position with the relay's ``esb_nid``/``esb_prev_nid`` headers
+(:mod:`esbridge.reconcile`): redeliveries and replays are skipped, a gap (a
+message missing before this one) is filled from the upstream notification log
+when a ``recorder``/``env`` is given and is otherwise a
+:class:`ProjectionGapError` (never skipped silently).
+
+Rows and the partition's position commit in one transaction (the
+:class:`~esbridge_connectors.sql_projection.ProjectionRunner` of that
+partition does it). Kafka offsets are committed afterwards, as a hint of where
+to resume reading; the database position is the truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from eventsourcing.persistence import ApplicationRecorder, Mapper, Notification
+from sqlalchemy.engine import Engine
+
+from esbridge import wire
+from esbridge.errors import ConfigurationError, EsbridgeError
+from esbridge.notification_log import open_recorder, read_pages
+from esbridge.reconcile import PartitionOrder
+from esbridge.relay_messages import key_partitioner
+from esbridge.topics import admin_client, partition_count
+from esbridge_connectors.sql_projection import ProjectionRunner, SqlProjection
+
+log = logging.getLogger("esbridge.connectors.projection")
+
+
+class ProjectionGapError(EsbridgeError):
+    """Messages are missing from the topic and the upstream log cannot be read to fill them.
+
+    Give the feed the upstream application's ``env`` (or ``recorder``) so it
+    reads the missing notifications from the log, or replay the missing range
+    to the topic (``esbridge replay``).
+    """
+
+
+def tracking_name(upstream: str, partition: int, partitions: int) -> str:
+    """The tracking row of one partition (the upstream name itself for one partition)."""
+    return upstream if partitions == 1 else f"{upstream}#{partition}"
+
+
+def notification_from_message(message: Message) -> Notification:
+    """The upstream notification a relay payload message carries (default format only)."""
+    headers = wire.headers_dict(message.headers())
+    if wire.message_kind(headers) != wire.KIND_PAYLOAD:
+        raise wire_error("a prompt message", message)
+    meta = wire.decode_payload_headers(headers, message.key())
+    if meta.content_type.startswith("application/cloudevents"):
+        raise wire_error("an analytics (CloudEvents) message", message)
+    try:
+        originator_id: Any = uuid.UUID(meta.originator_id)
+    except ValueError:
+        originator_id = meta.originator_id
+    return Notification(
+        id=meta.nid,
+        originator_id=originator_id,
+        originator_version=meta.originator_version,
+        topic=meta.topic,
+        state=message.value() or b"",
+    )
+
+
+def wire_error(what: str, message: Message) -> EsbridgeError:
+    from esbridge.errors import MessageFormatError
+
+    return MessageFormatError(
+        f"{what} at {message.topic()}[{message.partition()}]@{message.offset()}: a projection "
+        "reads the relay's payload topic in the default format"
+    )
+
+
+class KafkaProjectionFeed:
+    """Apply a relay topic's messages to a :class:`SqlProjection`, one position per partition.
+
+    ``env``/``recorder``: the upstream application's log, read only to fill
+    gaps. ``group_id``: the Kafka consumer group whose committed offsets say
+    where to resume reading (default ``esbridge-projection.{name}``).
+    """
+
+    def __init__(
+        self,
+        projection: SqlProjection,
+        engine: Engine,
+        *,
+        upstream: str,
+        topic: str,
+        kafka_config: Mapping[str, Any],
+        mapper: Mapper[Any],
+        env: Mapping[str, str] | None = None,
+        recorder: ApplicationRecorder | None = None,
+        group_id: str | None = None,
+        **runner_options: Any,
+    ) -> None:
+        self.projection = projection
+        self.engine = engine
+        self.upstream = upstream
+        self.topic = topic
+        self.kafka_config = dict(kafka_config)
+        self.group_id = group_id or f"esbridge-projection.{projection.name}"
+        self._env = env
+        self._recorder = recorder
+        count = partition_count(admin_client(self.kafka_config), topic)
+        if count is None:
+            raise ConfigurationError(f"topic {topic!r} does not exist: start its relay first")
+        self.partitions = count
+        self.partition_of = key_partitioner(count)
+        self.runners = [
+            ProjectionRunner(
+                projection,
+                engine,
+                upstream=tracking_name(upstream, p, count),
+                mapper=mapper,
+                **runner_options,
+            )
+            for p in range(count)
+        ]
+        self._orders: list[PartitionOrder[Notification]] = []
+        self._consumer: Consumer | None = None
+        self.duplicates = 0
+        self.gaps_filled = 0
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def recorder(self) -> ApplicationRecorder | None:
+        if self._recorder is None and self._env is not None:
+            self._recorder = open_recorder(self.upstream, self._env)
+        return self._recorder
+
+    def positions(self) -> list[int]:
+        """The committed notification id of each partition (from the projection's database)."""
+        return [runner.position() for runner in self.runners]
+
+    def setup(self) -> None:
+        for runner in self.runners:
+            runner.setup()
+        self._orders = [PartitionOrder(runner.position()) for runner in self.runners]
+
+    def rebuild(self) -> None:
+        """Drop and recreate the projection's tables and read the topic from its beginning.
+
+        Other projections are untouched. Call :meth:`process_available` (or
+        :meth:`run`) afterwards to fill the tables.
+        """
+        self.close()
+        self.runners[0].rebuild(catch_up=False)
+        self.setup()
+        consumer = self._make_consumer()
+        consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in range(self.partitions)])
+        self._consumer = consumer
+
+    def close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer.close()
+
+    def _make_consumer(self) -> Consumer:
+        conf = {k: v for k, v in self.kafka_config.items() if not k.startswith("transactional")}
+        conf.update(
+            {
+                "group.id": self.group_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+            }
+        )
+        return Consumer(conf)
+
+    def _start(self) -> Consumer:
+        if self._consumer is None:
+            self.setup()
+            consumer = self._make_consumer()
+            wanted = [TopicPartition(self.topic, p) for p in range(self.partitions)]
+            committed = consumer.committed(wanted, timeout=30)
+            start = [
+                TopicPartition(self.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+                for tp in committed
+            ]
+            consumer.assign(start)
+            self._consumer = consumer
+        return self._consumer
+
+    # -- processing --------------------------------------------------------------------
+
+    def process_available(self, timeout: float = 5.0, batch: int = 500) -> int:
+        """Consume until no message arrives for ``timeout`` seconds; notifications applied."""
+        consumer = self._start()
+        applied = 0
+        while True:
+            messages = consumer.consume(batch, timeout=timeout)
+            if not messages:
+                return applied
+            applied += self._process(consumer, messages)
+
+    def run(self, stop_after: float | None = None) -> None:
+        """Consume until ``stop_after`` seconds passed (None: forever)."""
+        deadline = None if stop_after is None else time.monotonic() + stop_after
+        consumer = self._start()
+        while deadline is None or time.monotonic() < deadline:
+            messages = consumer.consume(500, timeout=0.5)
+            if messages:
+                self._process(consumer, messages)
+
+    def _process(self, consumer: Consumer, messages: list[Message]) -> int:
+        ready: dict[int, list[Notification]] = {}
+        offsets: dict[int, int] = {}
+        for m in messages:
+            error = m.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise EsbridgeError(f"Kafka error while feeding projection: {error}")
+            p = m.partition()
+            assert p is not None
+            n = notification_from_message(m)
+            headers = wire.headers_dict(m.headers())
+            prev = int(headers[wire.H_PREV_NID])
+            order = self._orders[p]
+            offer = order.offer(n.id, prev, n, time.monotonic())
+            self.duplicates += offer.duplicates
+            ready.setdefault(p, []).extend(item for _, item in offer.ready)
+            if order.gap() is not None:
+                ready[p].extend(self._fill_gap(p, order))
+            offsets[p] = (m.offset() or 0) + 1
+        applied = 0
+        for p, notifications in ready.items():
+            if notifications:
+                a, parked, _ = self.runners[p].apply(notifications)
+                applied += a + parked
+        if offsets:
+            consumer.commit(
+                offsets=[TopicPartition(self.topic, p, o) for p, o in offsets.items()],
+                asynchronous=False,
+            )
+        return applied
+
+    def _fill_gap(self, partition: int, order: PartitionOrder[Notification]) -> list[Notification]:
+        """Read the missing notifications of ``partition`` from the log; they and the released."""
+        gap = order.gap()
+        assert gap is not None
+        recorder = self.recorder
+        if recorder is None:
+            raise ProjectionGapError(
+                f"projection {self.projection.name!r}: {gap.describe()} of {self.upstream!r} are "
+                f"missing from partition {partition} of topic {self.topic!r} and no upstream log "
+                "was given to read them from: pass env= (or recorder=), or replay that range"
+            )
+        found: list[tuple[int, Notification]] = []
+        for page in read_pages(recorder, gap.after, stop=gap.last_missing):
+            for n in page:
+                if self.partition_of(str(n.originator_id).encode()) == partition:
+                    found.append((n.id, n))
+        result = [n for _, n in found]
+        offer = order.filled(gap.last_missing)
+        self.gaps_filled += 1
+        result.extend(item for _, item in offer.ready)
+        return result

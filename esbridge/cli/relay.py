@@ -1,0 +1,159 @@
+"""``esbridge relay APP``: publish one application's notification log to Kafka.
+
+APP is the application class as an import path (``package.module:DogSchool``)
+or just the application's name (``DogSchool``: its events table
+``dogschool_events`` is read). The application's database comes from the
+``POSTGRES_*`` environment variables (``DOGSCHOOL_POSTGRES_*`` win), as
+eventsourcing reads them. Kafka settings go straight to librdkafka: from a
+properties file (``--kafka-config``) and ``KAFKA_*`` variables
+(``KAFKA_BOOTSTRAP_SERVERS`` -> ``bootstrap.servers``).
+
+Stops gracefully on SIGTERM or SIGINT (finishes the current batch).
+Exit status: 0 when stopped, 2 on a configuration or permanent error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+from types import FrameType
+from typing import Any
+
+from esbridge.errors import ConfigurationError
+
+log = logging.getLogger("esbridge.relay")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "relay",
+        help="publish an application's notification log to Kafka (payloads or prompts)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("app", help="application class (module:Class) or application name")
+    parser.add_argument("--topic", help="Kafka topic (default esbridge.<app name, lower case>)")
+    parser.add_argument(
+        "--mode", choices=["payloads", "prompts"], default="payloads", help="default payloads"
+    )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        help="the topic's partition count: checked, and used to create a missing topic",
+    )
+    parser.add_argument("--replication-factor", type=int, help="for topics the relay creates")
+    parser.add_argument(
+        "--no-create-topics", action="store_true", help="refuse missing topics instead"
+    )
+    parser.add_argument(
+        "--relay-id",
+        help="transactional.id and position key (default esbridge-relay.<app>.<topic>)",
+    )
+    parser.add_argument(
+        "--at-least-once",
+        action="store_true",
+        help="no Kafka transactions (for brokers without them): duplicates possible after a crash",
+    )
+    parser.add_argument("--kafka-config", metavar="FILE", help="librdkafka properties file")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    parser.add_argument("--metrics-addr", default="127.0.0.1", help="default 127.0.0.1")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="relay tuning (page_size, batch_size, batch_seconds, poll_interval, ...)",
+    )
+    parser.set_defaults(func=relay_command)
+
+
+def application_name(spec: str) -> str:
+    """The application name of ``module:Class`` / ``module.Class``, or ``spec`` itself."""
+    if ":" not in spec and "." not in spec:
+        return spec
+    module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+        cls = getattr(module, attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigurationError(
+            f"cannot import application {spec!r}: {type(e).__name__}: {e}. "
+            "Give module:Class (importable from here) or the application's name"
+        ) from e
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"{spec!r} is not an eventsourcing Application class")
+    return name
+
+
+def parse_tuning(items: list[str]) -> dict[str, Any]:
+    """``name=value`` pairs, values as int, float, bool or text."""
+    from esbridge.relay import RelayTuning
+
+    fields = RelayTuning.__dataclass_fields__
+    tuning: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in fields:
+            raise ConfigurationError(
+                f"--set {item!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}"
+            )
+        value: Any = text
+        if text.lower() in ("true", "yes", "y"):
+            value = True
+        elif text.lower() in ("false", "no", "n"):
+            value = False
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
+        tuning[name] = value
+    return tuning
+
+
+def relay_command(args: argparse.Namespace) -> int:
+    from esbridge.kafka_config import load_kafka_config
+    from esbridge.metrics import serve_metrics
+    from esbridge.relay import Relay
+
+    app = application_name(args.app)
+    topic = args.topic or f"esbridge.{app.lower()}"
+    tuning = parse_tuning(args.set)
+    tuning["create_topics"] = not args.no_create_topics
+    if args.replication_factor:
+        tuning["replication_factor"] = args.replication_factor
+    relay = Relay(
+        app,
+        kafka_config=load_kafka_config(args.kafka_config),
+        topic=topic,
+        mode=args.mode,
+        relay_id=args.relay_id,
+        exactly_once=not args.at_least_once,
+        partitions=args.partitions,
+        **tuning,
+    )
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("relay %s: %s received, stopping", app, signal.Signals(signum).name)
+        relay.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if args.metrics_port:
+        serve_metrics(args.metrics_port, args.metrics_addr)
+    relay.run()
+    s = relay.status()
+    log.info(
+        "relay %s stopped at notification %d (%d published by this process)",
+        app,
+        s.position,
+        s.published,
+        extra={"app": app, "topic": topic, "position": s.position},
+    )
+    return 0

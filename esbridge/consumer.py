@@ -1,0 +1,915 @@
+"""The consumer adapter: a Kafka topic -> an eventsourcing process application, exactly once.
+
+A :class:`ConsumerAdapter` feeds the messages a relay published into a
+downstream ``ProcessApplication`` (its ``policy()`` unchanged) and records the
+new events together with the tracking position reached in ONE Postgres
+transaction per batch (:mod:`esbridge.processing`). Whatever crashes, each
+upstream event has its effect exactly once:
+
+* the **position** of each tracking name lives in the follower's tracking
+  table and moves in the same transaction as the effects, with a
+  compare-and-set, so a consumer that lost its partition in a rebalance (a
+  zombie) cannot record a batch twice;
+* Kafka's committed offsets are only a **hint** where to resume reading:
+  anything at or below the Postgres position is skipped as a duplicate, and a
+  message whose ``esb_prev_nid`` is past the position reveals a **gap**
+  (:mod:`esbridge.reconcile`), filled from the upstream notification log when
+  the consumer may read it, else held (and, after ``hold_timeout`` seconds,
+  a :class:`~esbridge.errors.GapNotReconciledError`);
+* **poison** messages (undecodable, unknown event type, a policy that keeps
+  raising) are retried, then parked in the dead-letter table in the same
+  transaction that moves the position past them; later messages of the same
+  key are parked behind them (``held_behind``) so per-aggregate order holds.
+
+Tracking names: a single-partition topic (and prompt mode) records under the
+upstream application's name, exactly like the library's runners, so a system
+can move between the library's runners and esbridge without reprocessing. A
+topic with ``N > 1`` partitions records one position per partition, named
+``"{upstream}#{p}/{N}"`` (:func:`tracking_names`): an aggregate's events all
+go to one partition, and each partition is an ordered sub-log of the upstream
+log.
+
+Prompt mode: the topic carries tiny prompts; on a prompt (or every
+``prompt_interval`` seconds) the owner of the prompt partition pulls from the
+upstream log from its tracking position in large pages and processes them in
+batches: the library's ``pull_and_process`` without one transaction per event.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+from eventsourcing.persistence import ApplicationRecorder, IntegrityError, Notification, Tracking
+from eventsourcing.system import Follower
+from prometheus_client import CollectorRegistry
+
+from esbridge import wire
+from esbridge.consumer_metrics import ConsumerMetrics
+from esbridge.deadletter import REASON_HELD_BEHIND, REASON_MALFORMED, REASON_POLICY
+from esbridge.errors import ConfigurationError, ConsumerError, GapNotReconciledError
+from esbridge.notification_log import DEFAULT_PAGE_SIZE, open_recorder, read_pages
+from esbridge.processing import (
+    TRANSIENT_ERRORS,
+    BatchSink,
+    ProcessApplicationSink,
+    Source,
+    Step,
+    StepFactory,
+    StepFailed,
+    UpstreamDecoder,
+    iter_batches,
+)
+from esbridge.reconcile import PartitionOrder
+from esbridge.relay_messages import key_partitioner
+
+log = logging.getLogger("esbridge.consumer")
+
+MODES = ("payloads", "prompts")
+
+
+def tracking_names(upstream: str, partitions: int) -> list[str]:
+    """The tracking names of a consumer of ``upstream`` on a topic of ``partitions``.
+
+    One partition: the upstream application's name (the library's own name,
+    so runners can be swapped). ``N > 1``: ``"{upstream}#{p}/{N}"`` per
+    partition ``p`` (the count is part of the name because the partition of
+    an aggregate depends on it).
+    """
+    if partitions <= 1:
+        return [upstream]
+    return [f"{upstream}#{p}/{partitions}" for p in range(partitions)]
+
+
+@dataclass
+class HeldPartition:
+    """A partition held behind a gap (missing notifications)."""
+
+    partition: int
+    position: int
+    missing: str
+    age_seconds: float
+    held_messages: int
+
+
+@dataclass
+class ConsumerStatus:
+    """A snapshot of a consumer adapter (also exported as Prometheus metrics)."""
+
+    follower: str
+    upstream: str
+    topic: str
+    mode: str
+    group_id: str
+    running: bool
+    assigned: list[int]
+    positions: dict[str, int]
+    processed: int
+    duplicates: int
+    gaps_reconciled: int
+    reconciled_events: int
+    batches: int
+    dead_letters: int
+    parked: int
+    held_partitions: list[HeldPartition]
+    lag_events: int
+    lag_seconds: float
+    error: str | None = None
+
+
+@dataclass
+class _Partition:
+    """What the consumer knows of one assigned partition."""
+
+    number: int
+    tracking_name: str
+    order: PartitionOrder[tuple[Message, wire.PayloadHeaders]]
+    resume_offset: int  # where reading may safely start again (Kafka offset)
+    last_offset: int = -1  # last offset consumed
+    last_timestamp: float = 0.0
+
+
+@dataclass
+class _Counts:
+    processed: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    reconciled: int = 0
+    batches: int = 0
+    parked: int = 0
+    dead_letters: int = 0
+
+
+@dataclass
+class _Tuning:
+    batch_size: int = 1000
+    poll_timeout: float = 0.2
+    hold_timeout: float = 60.0
+    retries: int = 3
+    retry_backoff: float = 0.2
+    page_size: int = DEFAULT_PAGE_SIZE * 2
+    prompt_interval: float = 1.0
+    park_behind: bool = True
+    topic_timeout: float = 30.0
+    dlq_refresh: float = 2.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ConsumerAdapter:
+    """Consumes a relay's topic into ``follower`` exactly once (see the module docstring).
+
+    ``upstream_env``: read-only ``POSTGRES_*`` settings of the upstream
+    application (prefixed ``{UPSTREAM}_POSTGRES_*`` settings win, as in the
+    library); needed for prompt mode and to fill gaps. Without it a gap holds
+    its partition and fails after ``hold_timeout`` seconds.
+
+    Tuning keywords: ``batch_size`` (messages per transaction, default 1000),
+    ``poll_timeout``, ``hold_timeout`` (60 s), ``retries`` (3) and
+    ``retry_backoff`` (0.2 s, doubling) for a failing policy, ``page_size``
+    (log reads), ``prompt_interval`` (1 s), ``park_behind`` (True),
+    ``topic_timeout`` (how long to wait for the topic to exist),
+    ``upstream_class`` (its ``env`` supplies cipher/compressor defaults),
+    ``partitions`` (expected count), ``registry`` (Prometheus), ``sink``
+    (another :class:`~esbridge.processing.BatchSink`).
+    """
+
+    def __init__(
+        self,
+        follower: Follower[Any],
+        *,
+        upstream: str,
+        topic: str,
+        kafka_config: Mapping[str, Any],
+        group_id: str,
+        mode: str = "payloads",
+        upstream_env: Mapping[str, str] | None = None,
+        upstream_class: type | None = None,
+        partitions: int | None = None,
+        registry: CollectorRegistry | None = None,
+        sink: BatchSink | None = None,
+        **tuning: Any,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigurationError(f"mode must be one of {MODES}, not {mode!r}")
+        self.follower = follower
+        self.upstream = upstream
+        self.topic = topic
+        self.group_id = group_id
+        self.mode = mode
+        self.kafka_config = dict(kafka_config)
+        self.upstream_env = dict(upstream_env) if upstream_env is not None else None
+        self.expected_partitions = partitions
+        known = set(_Tuning.__dataclass_fields__) - {"extra"}
+        unknown = set(tuning) - known
+        if unknown:
+            raise ConfigurationError(
+                f"unknown ConsumerAdapter settings {sorted(unknown)}; known: {sorted(known)}"
+            )
+        self.tuning = _Tuning(**tuning)
+        if mode == "prompts" and self.upstream_env is None:
+            raise ConfigurationError(
+                "prompt mode pulls events from the upstream notification log: pass "
+                "upstream_env (read-only POSTGRES_* settings of the upstream application)"
+            )
+        self.metrics = ConsumerMetrics(follower.name, upstream, topic, registry)
+        self._sink_arg = sink
+        self.sink: BatchSink | None = None
+        self.steps: StepFactory = StepFactory(
+            follower, UpstreamDecoder(follower, upstream, upstream_class)
+        )
+        self.partitions = 0
+        self.names: list[str] = []
+        self._upstream_log: ApplicationRecorder | None = None
+        self._consumer: Consumer | None = None
+        self._parts: dict[int, _Partition] = {}
+        self._pending_assign: list[TopicPartition] | None = None
+        self._positions: dict[str, int] = {}  # committed positions (the CAS "expected")
+        self._counts = _Counts()
+        self._stop = threading.Event()
+        self._running = False
+        self._error: str | None = None
+        self._parked_in_db = 0
+        self._dlq_checked = 0.0
+        self._prompted = True
+        self._last_pull = 0.0
+        self._partition_of: Callable[[bytes], int] = lambda key: 0
+        self._lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Consume until :meth:`stop`; raises on a permanent failure (after closing)."""
+        self._start()
+        self._running = True
+        try:
+            while not self._stop.is_set():
+                self._poll_once(self.tuning.poll_timeout)
+        except _Abandoned:
+            pass
+        except BaseException as e:
+            self._error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            self._running = False
+            self.close()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current batch (thread-safe, idempotent)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Leave the consumer group and release connections (idempotent)."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                self._commit_offsets(consumer, asynchronous=False)
+            except KafkaException as e:  # only a hint: losing it costs duplicates, skipped
+                log.debug("offset commit on close failed: %s", e)
+            consumer.close()
+        self._parts.clear()
+
+    def process_available(self, timeout: float = 10.0) -> int:
+        """Consume until caught up with the topic (or the upstream log); returns events processed.
+
+        For tests and one-shot use. Waits for the group to assign partitions
+        first. Returns when every assigned partition has been read to its end
+        and nothing is held, or when ``timeout`` seconds have passed.
+        """
+        self._start()
+        before = self._counts.processed
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self._poll_once(min(self.tuning.poll_timeout, 0.2))
+            if got == 0 and self._caught_up():
+                break
+        return self._counts.processed - before
+
+    # -- start -----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._consumer is not None:
+            return
+        if self.sink is None:
+            self.sink = self._sink_arg or ProcessApplicationSink(self.follower)
+        if self.upstream_env is not None and self._upstream_log is None:
+            self._upstream_log = open_recorder(self.upstream, self.upstream_env)
+        config = dict(self.kafka_config)
+        config.update(
+            {
+                "group.id": self.group_id,
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "enable.partition.eof": False,
+            }
+        )
+        config.setdefault("auto.offset.reset", "earliest")
+        for key in ("transactional.id", "enable.idempotence", "linger.ms", "acks"):
+            config.pop(key, None)
+        consumer = Consumer(config)
+        try:
+            self.partitions = self._partition_count(consumer)
+        except BaseException:
+            consumer.close()
+            raise
+        self.names = (
+            [self.upstream]
+            if self.mode == "prompts"
+            else tracking_names(self.upstream, self.partitions)
+        )
+        self._partition_of = key_partitioner(max(1, self.partitions))
+        consumer.subscribe(
+            [self.topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        self._consumer = consumer
+        log.info(
+            "consumer %s <- %s: topic %s (%d partitions), group %s, mode %s, upstream log %s",
+            self.follower.name,
+            self.upstream,
+            self.topic,
+            self.partitions,
+            self.group_id,
+            self.mode,
+            "readable" if self._upstream_log is not None else "not configured",
+        )
+
+    def _partition_count(self, consumer: Consumer) -> int:
+        deadline = time.monotonic() + self.tuning.topic_timeout
+        while True:
+            try:
+                metadata = consumer.list_topics(self.topic, timeout=5)
+                info = metadata.topics.get(self.topic)
+                if info is not None and info.error is None and info.partitions:
+                    count = len(info.partitions)
+                    break
+            except KafkaException as e:
+                log.warning("reading metadata of topic %s: %s", self.topic, e)
+            if time.monotonic() > deadline or self._stop.is_set():
+                raise ConfigurationError(
+                    f"topic {self.topic!r} does not exist (waited "
+                    f"{self.tuning.topic_timeout:.0f} s): start the relay of {self.upstream!r} "
+                    "first, or create the topic"
+                )
+            time.sleep(0.5)
+        if self.expected_partitions is not None and count != self.expected_partitions:
+            raise ConfigurationError(
+                f"topic {self.topic!r} has {count} partitions, but {self.expected_partitions} "
+                "were expected: the relay and its consumers must agree on the partition count"
+            )
+        return count
+
+    # -- rebalance callbacks (run inside consume()) ----------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("assigned %s[%s]", self.topic, ",".join(str(p.partition) for p in partitions))
+        self._pending_assign = (self._pending_assign or []) + list(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("revoked %s[%s]", self.topic, ",".join(str(p.partition) for p in partitions))
+        revoked = {p.partition for p in partitions}
+        try:
+            self._commit_offsets(consumer, asynchronous=False, only=revoked)
+        except KafkaException as e:
+            log.debug("offset commit on revoke failed: %s", e)
+        self._forget(revoked)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning("lost %s[%s]", self.topic, ",".join(str(p.partition) for p in partitions))
+        self._forget({p.partition for p in partitions})
+
+    def _forget(self, numbers: set[int]) -> None:
+        for n in numbers:
+            self._parts.pop(n, None)
+        if self._pending_assign:
+            self._pending_assign = [p for p in self._pending_assign if p.partition not in numbers]
+
+    def _init_assigned(self, consumer: Consumer) -> None:
+        """Read the Postgres positions of newly assigned partitions (they are the truth)."""
+        pending, self._pending_assign = self._pending_assign or [], None
+        if not pending:
+            return
+        committed: dict[int, int] = {}
+        try:
+            for tp in consumer.committed(pending, timeout=10):
+                committed[tp.partition] = tp.offset
+        except KafkaException as e:
+            log.warning("reading committed offsets: %s (resuming from the group's offsets)", e)
+        for tp in pending:
+            name = self.names[0] if self.mode == "prompts" else self.names[tp.partition]
+            position = self._position(name)
+            self._positions[name] = position
+            offset = committed.get(tp.partition, OFFSET_BEGINNING)
+            self._parts[tp.partition] = _Partition(
+                number=tp.partition,
+                tracking_name=name,
+                order=PartitionOrder(position),
+                resume_offset=offset if offset >= 0 else OFFSET_BEGINNING,
+            )
+            log.info(
+                "partition %s[%d]: position %d (%s), Kafka offset hint %s",
+                self.topic,
+                tp.partition,
+                position,
+                name,
+                offset if offset >= 0 else "none",
+            )
+        self._prompted = True
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _position(self, name: str) -> int:
+        sink = self._sink()
+        position: int = self._retry_db(lambda: sink.position(name))
+        return position
+
+    def _sink(self) -> BatchSink:
+        assert self.sink is not None
+        return self.sink
+
+    def _poll_once(self, timeout: float) -> int:
+        """One round: consume a batch of messages, process what is ready. Returns messages seen."""
+        consumer = self._consumer
+        assert consumer is not None
+        messages = consumer.consume(self.tuning.batch_size, timeout)
+        self._init_assigned(consumer)
+        if self.mode == "prompts":
+            return self._prompt_round(messages)
+        steps: list[Step] = []
+        now = time.time()
+        touched: set[int] = set()
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                self._kafka_error(error)
+                continue
+            part = self._parts.get(message.partition() or 0)
+            if part is None:
+                continue  # revoked meanwhile
+            part.last_offset = message.offset() or 0
+            part.last_timestamp = message.timestamp()[1] / 1000.0
+            touched.add(part.number)
+            self._offer(part, message, steps, now)
+        for part in list(self._parts.values()):
+            gap = part.order.gap()
+            if gap is None:
+                continue
+            touched.add(part.number)
+            if self._upstream_log is not None:
+                self._fill_gaps(part, steps)
+            elif now - gap.since > self.tuning.hold_timeout:
+                raise GapNotReconciledError(
+                    f"partition {self.topic}[{part.number}] of {self.upstream!r} has been held "
+                    f"for {now - gap.since:.0f} s at position {gap.after}: {gap.describe()} "
+                    f"never arrived and the upstream notification log is not readable. Give "
+                    "the consumer read access to the upstream database (upstream_env / "
+                    "--upstream-log) so it can fill the gap, or republish the missing range"
+                )
+        if steps and not self._commit(steps):
+            return len(messages)
+        self._commit_offsets(consumer, asynchronous=True, only=touched)
+        self._update_gauges()
+        return len(messages)
+
+    def _offer(self, part: _Partition, message: Message, steps: list[Step], now: float) -> None:
+        headers = wire.headers_dict(_header_list(message))
+        try:
+            kind = wire.message_kind(headers)
+            if kind == wire.KIND_PROMPT:
+                return
+            payload = wire.decode_payload_headers(headers, message.key())
+            if payload.app != self.upstream:
+                raise ConfigurationError(
+                    f"message from application {payload.app!r} on a topic consumed as "
+                    f"{self.upstream!r}"
+                )
+        except Exception as e:
+            source = self._source(message, None)
+            letter = self.steps.dead_letter(source, None, REASON_MALFORMED, str(e))
+            steps.append(Step(tracking=None, key=source.key, dead_letter=letter, source=source))
+            return
+        offer = part.order.offer(payload.nid, payload.prev_nid, (message, payload), now)
+        self._counts.duplicates += offer.duplicates
+        self.metrics.duplicates.inc(offer.duplicates)
+        for _nid, (msg, headers_) in offer.ready:
+            steps.append(self._message_step(part, msg, headers_))
+
+    def _source(self, message: Message, payload: wire.PayloadHeaders | None) -> Source:
+        key = message.key()
+        return Source(
+            key=(key or b"").decode("utf-8", "replace"),
+            value=message.value(),
+            headers=[(k, v or b"") for k, v in _header_list(message)],
+            kafka_topic=message.topic(),
+            kafka_partition=message.partition(),
+            kafka_offset=message.offset(),
+            event_topic=payload.topic if payload else None,
+            originator_version=payload.originator_version if payload else None,
+            nid=payload.nid if payload else None,
+        )
+
+    def _message_step(
+        self, part: _Partition, message: Message, payload: wire.PayloadHeaders
+    ) -> Step:
+        return self.steps.step(
+            self._source(message, payload), Tracking(part.tracking_name, payload.nid)
+        )
+
+    def _fill_gaps(self, part: _Partition, steps: list[Step]) -> None:
+        """Read the missing notifications of ``part`` from the upstream log, in order."""
+        assert self._upstream_log is not None
+        while (gap := part.order.gap()) is not None:
+            found = 0
+            for page in self._read_range(gap.after, gap.before - 1):
+                for notification in page:
+                    if self.partitions > 1 and part.number != self._partition_of(
+                        str(notification.originator_id).encode()
+                    ):
+                        continue
+                    steps.append(
+                        self.steps.step_from_notification(notification, part.tracking_name)
+                    )
+                    found += 1
+            log.info(
+                "partition %s[%d]: filled gap %s from the upstream log (%d events)",
+                self.topic,
+                part.number,
+                gap.describe(),
+                found,
+            )
+            self._counts.gaps += 1
+            self._counts.reconciled += found
+            self.metrics.gaps.inc()
+            self.metrics.reconciled.inc(found)
+            released = part.order.filled(gap.before - 1)
+            self._counts.duplicates += released.duplicates
+            for _nid, (msg, payload) in released.ready:
+                steps.append(self._message_step(part, msg, payload))
+
+    def _read_range(self, after: int, stop: int) -> list[Sequence[Notification]]:
+        recorder = self._upstream_log
+        assert recorder is not None
+        size = self.tuning.page_size
+        pages: list[Sequence[Notification]] = self._retry_db(
+            lambda: list(read_pages(recorder, after, stop=stop, page_size=size))
+        )
+        return pages
+
+    def _kafka_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            raise ConsumerError(f"Kafka consumer failed: {error}")
+        log.warning("Kafka: %s", error)
+
+    # -- prompt mode -----------------------------------------------------------------
+
+    def _prompt_round(self, messages: Sequence[Message]) -> int:
+        for message in messages:
+            if message.error() is None:
+                self._prompted = True
+        if not self._parts:
+            return len(messages)
+        now = time.monotonic()
+        if not self._prompted and now - self._last_pull < self.tuning.prompt_interval:
+            return len(messages)
+        self._prompted = False
+        self._last_pull = now
+        pulled = self._pull()
+        consumer = self._consumer
+        if consumer is not None:
+            for part in self._parts.values():
+                for m in messages:
+                    if m.partition() == part.number:
+                        part.last_offset = max(part.last_offset, m.offset() or 0)
+            self._commit_offsets(consumer, asynchronous=True, only=set(self._parts))
+        self._update_gauges()
+        return len(messages) + pulled
+
+    def _pull(self) -> int:
+        """Pull everything after the tracking position from the upstream log; returns events."""
+        assert self._upstream_log is not None
+        name = self.names[0]
+        position = self._position(name)
+        self._positions[name] = position
+        total = 0
+        while not self._stop.is_set():
+            page = self._retry_db(
+                lambda: self._upstream_log.select_notifications(  # type: ignore[union-attr]
+                    start=self._positions[name],
+                    limit=self.tuning.page_size,
+                    inclusive_of_start=False,
+                )
+            )
+            if not page:
+                break
+            steps = [self.steps.step_from_notification(n, name) for n in page]
+            if not self._commit(steps):
+                break
+            total += len(page)
+            if len(page) < self.tuning.page_size:
+                break
+        return total
+
+    # -- committing batches ----------------------------------------------------------
+
+    def _commit(self, steps: Sequence[Step]) -> bool:
+        """Apply ``steps`` in batches; False when another consumer got there first (resynced)."""
+        try:
+            for batch in iter_batches(steps, self.tuning.batch_size):
+                self._apply_parking(list(batch))
+        except IntegrityError as e:
+            log.warning("%s: re-reading positions and resuming from them", e)
+            self._resync()
+            return False
+        return True
+
+    def _apply_parking(self, steps: list[Step]) -> None:
+        """Apply ``steps``, retrying then parking a step whose policy keeps failing."""
+        pending = self._hold_behind(steps)
+        while pending:
+            try:
+                self._apply(pending)
+                return
+            except StepFailed as failure:
+                head = pending[: failure.index]
+                failing = pending[failure.index]
+                rest = pending[failure.index + 1 :]
+            if head:
+                self._apply_parking(head)
+            self._retry_or_park(failing)
+            pending = self._hold_behind(rest)
+
+    def _retry_or_park(self, step: Step) -> None:
+        delay = self.tuning.retry_backoff
+        error: BaseException | None = None
+        for _attempt in range(max(1, self.tuning.retries)):
+            try:
+                self._apply([step])
+                return
+            except StepFailed as failure:
+                error = failure.cause
+                log.warning(
+                    "policy failed on %s (retrying in %.1f s): %s", _describe(step), delay, failure
+                )
+            if self._stop.wait(delay):
+                raise _Abandoned("stopped while retrying a failing policy")
+            delay = min(delay * 2, 10.0)
+        source = step.source if isinstance(step.source, Source) else Source(step.key, None)
+        name = step.tracking.application_name if step.tracking else None
+        letter = self.steps.dead_letter(
+            source,
+            name,
+            REASON_POLICY,
+            f"{type(error).__name__}: {error}",
+        )
+        letter.attempts = max(1, self.tuning.retries) + 1
+        log.error("parking %s: %s", _describe(step), letter.error)
+        self._apply([Step(tracking=step.tracking, key=step.key, dead_letter=letter, source=source)])
+
+    def _hold_behind(self, steps: list[Step]) -> list[Step]:
+        """Park steps whose key already has a parked message (per-aggregate order)."""
+        if not self.tuning.park_behind:
+            return steps
+        parked = self._parked_keys(steps)
+        if not parked and not any(s.dead_letter is not None for s in steps):
+            return steps
+        result: list[Step] = []
+        for step in steps:
+            if step.key in parked and step.event is not None:
+                source = step.source if isinstance(step.source, Source) else Source(step.key, None)
+                name = step.tracking.application_name if step.tracking else None
+                letter = self.steps.dead_letter(
+                    source,
+                    name,
+                    REASON_HELD_BEHIND,
+                    "an earlier message of this key is parked; replay it first "
+                    "('esbridge dlq replay')",
+                )
+                step = Step(tracking=step.tracking, key=step.key, dead_letter=letter, source=source)
+            if step.dead_letter is not None:
+                parked.add(step.key)
+            result.append(step)
+        return result
+
+    def _parked_keys(self, steps: Sequence[Step]) -> set[str]:
+        now = time.monotonic()
+        if now - self._dlq_checked > self.tuning.dlq_refresh:
+            store = getattr(self._sink(), "dead_letters", None)
+            if store is not None:
+                count = store.count
+                name = self.follower.name
+                self._parked_in_db = self._retry_db(lambda: count(name))
+                self._counts.dead_letters = self._parked_in_db
+            self._dlq_checked = now
+        if not self._parked_in_db:
+            return set()
+        store = getattr(self._sink(), "dead_letters", None)
+        if store is None:
+            return set()
+        keys = {s.key for s in steps if s.event is not None}
+        return self._retry_db(lambda: store.parked_keys(self.follower.name, self.upstream, keys))
+
+    def _apply(self, steps: Sequence[Step]) -> None:
+        """One transaction; retries transient database errors until it commits or we stop."""
+        expected = {name: self._positions.get(name, 0) for name in self._names_in(steps)}
+        self._retry_db(lambda: self._sink().apply(steps, expected))
+        processed = 0
+        for step in steps:
+            if step.tracking is not None:
+                name = step.tracking.application_name
+                self._positions[name] = max(
+                    self._positions.get(name, 0), step.tracking.notification_id
+                )
+                processed += 1
+            if step.dead_letter is not None:
+                self._counts.parked += 1
+                self._parked_in_db += 1
+                self._counts.dead_letters += 1
+                self.metrics.parked.inc()
+        self._counts.processed += processed
+        self._counts.batches += 1
+        self.metrics.processed.inc(processed)
+        self.metrics.batches.inc()
+
+    @staticmethod
+    def _names_in(steps: Sequence[Step]) -> set[str]:
+        return {s.tracking.application_name for s in steps if s.tracking is not None}
+
+    def _retry_db(self, call: Callable[[], Any]) -> Any:
+        """``call()``, retried with backoff while Postgres is unreachable (restarts)."""
+        delay = 0.2
+        while True:
+            try:
+                return call()
+            except TRANSIENT_ERRORS as e:
+                if self._stop.is_set():
+                    raise ConsumerError(f"stopped while Postgres was unreachable: {e}") from e
+                log.warning("Postgres unreachable (%s); retrying in %.1f s", e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _resync(self) -> None:
+        """Positions moved under us (another consumer): restart every partition from Postgres."""
+        consumer = self._consumer
+        for part in self._parts.values():
+            position = self._position(part.tracking_name)
+            self._positions[part.tracking_name] = position
+            part.order = PartitionOrder(position)
+            if consumer is not None and self.mode == "payloads":
+                consumer.seek(TopicPartition(self.topic, part.number, part.resume_offset))
+
+    # -- Kafka offsets (hints) and status ----------------------------------------
+
+    def _commit_offsets(
+        self, consumer: Consumer, *, asynchronous: bool, only: set[int] | None = None
+    ) -> None:
+        offsets = []
+        for part in self._parts.values():
+            if only is not None and part.number not in only:
+                continue
+            held = part.order.held_items()
+            if held:
+                offset = held[0][0].offset() or 0
+            elif part.last_offset >= 0:
+                offset = part.last_offset + 1
+            else:
+                continue
+            if offset > part.resume_offset:
+                part.resume_offset = offset
+                offsets.append(TopicPartition(self.topic, part.number, offset))
+        if offsets and asynchronous:
+            consumer.commit(offsets=offsets, asynchronous=True)
+        elif offsets:
+            consumer.commit(offsets=offsets, asynchronous=False)
+
+    def _lag(self) -> tuple[int, float]:
+        consumer = self._consumer
+        if consumer is None:
+            return 0, 0.0
+        events = 0
+        oldest = 0.0
+        for part in list(self._parts.values()):
+            try:
+                _low, high = consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, part.number), cached=True
+                )
+            except KafkaException:
+                continue
+            behind = max(0, high - max(part.resume_offset, part.last_offset + 1, 0))
+            if behind > 1 and self.mode == "payloads":  # 1: the last transaction marker
+                events += behind
+                if part.last_timestamp:
+                    oldest = max(oldest, time.time() - part.last_timestamp)
+        return events, oldest
+
+    def _caught_up(self) -> bool:
+        if not self._parts or self._pending_assign:
+            return False
+        if self.mode == "prompts":
+            return not self._prompted
+        consumer = self._consumer
+        assert consumer is not None
+        for part in self._parts.values():
+            if part.order.held_count:
+                return False
+            tp = TopicPartition(self.topic, part.number)
+            _low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            position = consumer.position([tp])[0].offset
+            if position < 0:
+                position = part.resume_offset
+            if position < high and not self._only_markers_left(part, position, high):
+                return False
+        return True
+
+    @staticmethod
+    def _only_markers_left(part: _Partition, position: int, high: int) -> bool:
+        # Transactional producers leave a commit marker after each transaction: it has an
+        # offset but is never delivered. Nothing consumable is left if the consumer has
+        # read everything up to the marker(s) after the last message it got.
+        return part.last_offset >= 0 and position >= part.last_offset + 1 and high - position <= 1
+
+    def _update_gauges(self) -> None:
+        held = self._held()
+        self.metrics.held.set(len(held))
+        self.metrics.held_age.set(max((h.age_seconds for h in held), default=0.0))
+        self.metrics.dlq.set(self._counts.dead_letters)
+        events, seconds = self._lag()
+        self.metrics.lag_events.set(events)
+        self.metrics.lag_seconds.set(seconds)
+
+    def _held(self) -> list[HeldPartition]:
+        result = []
+        now = time.time()
+        for part in list(self._parts.values()):
+            gap = part.order.gap()
+            if gap is not None:
+                result.append(
+                    HeldPartition(
+                        part.number,
+                        gap.after,
+                        gap.describe(),
+                        now - gap.since,
+                        part.order.held_count,
+                    )
+                )
+        return result
+
+    def status(self) -> ConsumerStatus:
+        """A snapshot of counters, positions, held partitions and lag."""
+        events, seconds = self._lag()
+        counts = self._counts
+        return ConsumerStatus(
+            follower=self.follower.name,
+            upstream=self.upstream,
+            topic=self.topic,
+            mode=self.mode,
+            group_id=self.group_id,
+            running=self._running,
+            assigned=sorted(self._parts),
+            positions=dict(self._positions),
+            processed=counts.processed,
+            duplicates=counts.duplicates,
+            gaps_reconciled=counts.gaps,
+            reconciled_events=counts.reconciled,
+            batches=counts.batches,
+            dead_letters=counts.dead_letters,
+            parked=counts.parked,
+            held_partitions=self._held(),
+            lag_events=events,
+            lag_seconds=seconds,
+            error=self._error,
+        )
+
+
+def _header_list(message: Message) -> list[tuple[str, bytes | None]]:
+    headers: Any = message.headers() or ()
+    return [(k, v.encode() if isinstance(v, str) else v) for k, v in headers]
+
+
+class _Abandoned(Exception):
+    """Stop was requested in the middle of a batch: nothing of it was recorded."""
+
+
+def _describe(step: Step) -> str:
+    source = step.source
+    if isinstance(source, Source):
+        where = (
+            f" ({source.kafka_topic}[{source.kafka_partition}]@{source.kafka_offset})"
+            if source.kafka_topic
+            else ""
+        )
+        return f"notification {source.nid} of key {source.key}{where}"
+    return f"message of key {step.key}"

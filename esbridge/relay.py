@@ -1,0 +1,566 @@
+"""The relay: follows one application's notification log and publishes it to Kafka.
+
+Two modes:
+
+* ``payloads`` — every notification becomes one Kafka message (format v1,
+  :mod:`esbridge.wire`), published by :class:`~esbridge.relay_publisher.KafkaPublisher`:
+  exactly once with Kafka transactions (the relay's position commits in the
+  same transaction), or at least once with an idempotent producer.
+* ``prompts`` — tiny "application X has notifications up to id N" messages;
+  bursts are coalesced (at most one prompt per ``prompt_interval``) and the
+  latest prompt is repeated every ``prompt_repeat`` seconds, so a lost prompt
+  only delays a follower. Followers pull the events from the log themselves.
+
+The relay only reads the application's database (it creates and writes
+nothing there). It wakes on the recorder's ``NOTIFY`` (:class:`LogWaker`)
+and polls every ``poll_interval`` seconds as a fallback. Because the
+``eventsourcing`` Postgres recorder serialises writers with a table lock,
+notification ids commit in increasing order: reading "ids greater than my
+position" never passes over an id that commits later, and a gap left by a
+rolled-back insert is simply never filled — the relay does not wait for it.
+
+Memory stays bounded whatever the backlog: one page of notifications at a
+time in Python, and librdkafka's bounded queue (``produce`` waits when it is
+full). Broker and Postgres outages are retried with exponential backoff; the
+recovery path re-reads the committed position, like a restart does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaException, Producer
+from eventsourcing.persistence import (
+    ApplicationRecorder,
+    InfrastructureFactory,
+    InterfaceError,
+    OperationalError,
+)
+from prometheus_client import CollectorRegistry
+
+from esbridge import wire
+from esbridge.errors import ConfigurationError, EsbridgeError, RelayError
+from esbridge.log_follower import LogWaker
+from esbridge.notification_log import read_pages, upstream_environment
+from esbridge.partitioning import partition_for_key
+from esbridge.relay_messages import Encoder, PayloadEncoder, content_type_for
+from esbridge.relay_metrics import RelayMetrics
+from esbridge.relay_position import POSITION_TOPIC_CONFIG, default_position_topic
+from esbridge.relay_publisher import KafkaPublisher, TransientPublishError
+from esbridge.topics import admin_client, ensure_topic, topic_setting, wait_for_broker
+
+log = logging.getLogger(__name__)
+
+PAYLOADS = "payloads"
+PROMPTS = "prompts"
+MODES = (PAYLOADS, PROMPTS)
+
+#: Postgres errors worth retrying (server down, restarted, connection lost).
+POSTGRES_TRANSIENT = (OperationalError, InterfaceError)
+
+
+@dataclass(frozen=True)
+class RelayTuning:
+    """Knobs of a relay (keyword arguments of :class:`Relay`), with their defaults."""
+
+    #: Notifications read from Postgres per query.
+    page_size: int = 2000
+    #: Most notifications in one Kafka transaction (one position write each).
+    batch_size: int = 50_000
+    #: Longest time a transaction stays open while a backlog is published.
+    batch_seconds: float = 2.0
+    #: Fallback polling interval when no NOTIFY arrives.
+    poll_interval: float = 1.0
+    #: Create missing topics (``partitions`` or 1 partition for prompts).
+    create_topics: bool = True
+    replication_factor: int | None = None
+    #: Compacted topic holding the relay position (default ``<topic>.esbridge-relay-position``).
+    position_topic: str | None = None
+    #: Prompt mode: minimum seconds between prompts (coalescing) and repeat period.
+    prompt_interval: float = 0.05
+    prompt_repeat: float = 10.0
+    #: Longest backoff between retries of a failed broker or Postgres operation.
+    max_retry_delay: float = 10.0
+    #: ``init_transactions`` / commit timeouts (seconds).
+    init_timeout: float = 60.0
+    commit_timeout: float = 60.0
+    #: Seconds to wait for the broker at start-up (None: for ever, retrying).
+    connect_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class RelayStatus:
+    """A snapshot of a relay's progress (also exported as Prometheus metrics)."""
+
+    app: str
+    topic: str
+    mode: str
+    position: int  # last notification id published (payloads) or prompted (prompts)
+    upstream_max: int  # largest notification id seen in the log
+    lag: int  # upstream_max - position
+    published: int  # messages committed since this relay object was made
+    running: bool
+    error: str | None
+
+
+class Relay:
+    """Publishes application ``app_name``'s notification log to Kafka topic ``topic``.
+
+    ``env`` holds the ``POSTGRES_*`` settings used to read the log (default
+    ``os.environ``; ``{APP}_POSTGRES_*`` names win, as in eventsourcing).
+    ``kafka_config`` is passed to librdkafka (``bootstrap.servers`` at least).
+    See :class:`RelayTuning` for the other keyword arguments; ``encoder`` (a
+    :data:`~esbridge.relay_messages.Encoder`) and ``registry`` (Prometheus) are
+    accepted too.
+    """
+
+    def __init__(
+        self,
+        app_name: str,
+        *,
+        kafka_config: Mapping[str, Any],
+        topic: str,
+        mode: str = PAYLOADS,
+        env: Mapping[str, str] | None = None,
+        relay_id: str | None = None,
+        exactly_once: bool = True,
+        partitions: int | None = None,
+        **tuning: Any,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigurationError(f"relay mode {mode!r} is not one of {', '.join(MODES)}")
+        if not app_name:
+            raise ConfigurationError("the relay needs an application name")
+        if not kafka_config.get("bootstrap.servers"):
+            raise ConfigurationError(
+                "kafka_config has no 'bootstrap.servers' (set KAFKA_BOOTSTRAP_SERVERS)"
+            )
+        if partitions is not None and partitions < 1:
+            raise ConfigurationError(f"partitions must be at least 1, not {partitions}")
+        self.encoder_hook: Encoder | None = tuning.pop("encoder", None)
+        registry: CollectorRegistry | None = tuning.pop("registry", None)
+        try:
+            self.tuning = RelayTuning(**tuning)
+        except TypeError as e:
+            known = ", ".join(RelayTuning.__dataclass_fields__)
+            raise ConfigurationError(f"unknown relay setting: {e}; known: {known}") from None
+        self.app = app_name
+        self.kafka_config = dict(kafka_config)
+        self.topic = topic
+        self.mode = mode
+        self.env = dict(os.environ if env is None else env)
+        self.relay_id = relay_id or f"esbridge-relay.{app_name.lower()}.{topic}"
+        self.exactly_once = exactly_once
+        self.partitions = partitions
+        self.position_topic = self.tuning.position_topic or default_position_topic(topic)
+        self.metrics = RelayMetrics(app_name, topic, registry)
+
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._running = False
+        self._error: str | None = None
+        self._published = 0
+        self._position = 0
+        self._upstream_max = 0
+        self._recorder: ApplicationRecorder | None = None
+        self._waker: LogWaker | None = None
+        self._publisher: KafkaPublisher | None = None
+        self._prompter: Producer | None = None
+        self._prompt_partition = 0
+        self._producer_overrides: dict[str, Any] = {}
+        self._last_prompt = (0, 0.0)  # (max_nid, monotonic time) of the last prompt sent
+
+    # -- public API -------------------------------------------------------
+
+    def run(self) -> None:
+        """Publish until :meth:`stop` is called; raise on a permanent failure."""
+        with self._lock:
+            self._running = True
+        try:
+            self._setup(self.tuning.connect_timeout)
+            if self._stop.is_set():
+                return
+            log.info(
+                "relay %s -> %s (%s, %s) started at notification %d",
+                self.app,
+                self.topic,
+                self.mode,
+                "exactly once" if self.exactly_once else "at least once",
+                self._position,
+                extra={"app": self.app, "topic": self.topic},
+            )
+            while not self._stop.is_set():
+                waker = self._waker
+                assert waker is not None
+                waker.clear()
+                count = self._step_with_retries()
+                if count == 0 and not self._stop.is_set():
+                    waker.wait(self._idle_wait())
+        except BaseException as e:
+            self._error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            self._teardown()
+            with self._lock:
+                self._running = False
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current batch (thread-safe, idempotent)."""
+        self._stop.set()
+        waker = self._waker
+        if waker is not None:
+            waker.wake()
+
+    def publish_available(self) -> int:
+        """Publish everything in the log now and return.
+
+        The number of notifications published (payload mode) or of prompts
+        sent (prompt mode). Sets up the relay on first use; call
+        :meth:`close` when done.
+        """
+        try:
+            self._setup(self.tuning.connect_timeout or 60.0)
+        except BaseException:
+            self._teardown()
+            raise
+        total = 0
+        while True:
+            count = self._step()
+            total += count
+            if count == 0 or self.mode == PROMPTS:
+                if self._prompter is not None:
+                    self._prompter.flush(30)
+                return total
+
+    def close(self) -> None:
+        """Release connections made by :meth:`publish_available` (run() does it itself)."""
+        self._teardown()
+
+    def status(self) -> RelayStatus:
+        position, upstream = self._position, max(self._upstream_max, self._position)
+        return RelayStatus(
+            app=self.app,
+            topic=self.topic,
+            mode=self.mode,
+            position=position,
+            upstream_max=upstream,
+            lag=upstream - position,
+            published=self._published,
+            running=self._running,
+            error=self._error,
+        )
+
+    # -- set-up -----------------------------------------------------------
+
+    def _setup(self, timeout: float | None) -> None:
+        """Check the configuration, connect, and read the position (idempotent)."""
+        if self._recorder is None:
+            self._recorder = self._retry(
+                "open the notification log", self._open_recorder, timeout=timeout
+            )
+        if self.mode == PAYLOADS and self._publisher is None:
+            partitions = self._check_topics(timeout)
+            self._publisher = self._make_publisher(partitions)
+            self._retry(
+                "start the Kafka producer",
+                lambda: self._start_publisher(first=True),
+                timeout=timeout,
+            )
+        elif self.mode == PROMPTS and self._prompter is None:
+            partitions = self._check_topics(timeout)
+            self._prompt_partition = partition_for_key(self.app.encode(), partitions)
+            conf = {**self.kafka_config, "enable.idempotence": True, "linger.ms": 0}
+            self._prompter = Producer(conf)
+        if self._waker is None:
+            self._waker = LogWaker(self._recorder, name=f"esbridge relay waker {self.app}")
+
+    def _open_recorder(self) -> ApplicationRecorder:
+        environment = upstream_environment(self.app, self.env)
+        try:
+            factory = InfrastructureFactory.construct(environment)
+            recorder = factory.application_recorder()
+        except Exception as e:
+            raise ConfigurationError(
+                f"cannot open the notification log of application {self.app!r}: "
+                f"{type(e).__name__}: {e}. Check PERSISTENCE_MODULE and the POSTGRES_* settings"
+            ) from e
+        try:
+            self._upstream_max = recorder.max_notification_id() or 0
+        except POSTGRES_TRANSIENT:
+            raise
+        except Exception as e:
+            table = getattr(recorder, "events_table_name", f"{self.app.lower()}_events")
+            raise ConfigurationError(
+                f"cannot read the notification log of application {self.app!r} "
+                f"(table {table!r}): {type(e).__name__}: {e}. Check the application name and "
+                "its POSTGRES_* settings, and that the application has created its tables"
+            ) from e
+        return recorder
+
+    def _check_topics(self, timeout: float | None) -> int:
+        admin = admin_client(self.kafka_config)
+        wait_for_broker(
+            admin, str(self.kafka_config["bootstrap.servers"]), timeout, self._stop.is_set
+        )
+        create = self.tuning.create_topics
+        rf = self.tuning.replication_factor
+        if self.mode == PROMPTS:
+            wanted = self.partitions or 1
+            return ensure_topic(admin, self.topic, wanted if create else None, rf)
+        partitions = ensure_topic(admin, self.topic, self.partitions if create else None, rf)
+        if self.partitions is not None and partitions != self.partitions:
+            raise ConfigurationError(
+                f"topic {self.topic!r} has {partitions} partitions, but {self.partitions} "
+                "were configured"
+            )
+        ensure_topic(admin, self.position_topic, 1, rf, POSITION_TOPIC_CONFIG)
+        self._producer_overrides = self._size_limits(admin)
+        return partitions
+
+    def _size_limits(self, admin: Any) -> dict[str, Any]:
+        """Cap the producer's message size at the topic's ``max.message.bytes``.
+
+        Then librdkafka refuses a too-large message at ``produce()``, so the
+        relay names that notification, and sizes batches so the broker never
+        refuses a whole batch of small ones.
+        """
+        if "message.max.bytes" in self.kafka_config:
+            return {}
+        try:
+            value = topic_setting(admin, self.topic, "max.message.bytes")
+        except Exception as e:  # describe_configs not allowed: keep librdkafka's default
+            log.info("relay %s: cannot read max.message.bytes of %s: %s", self.app, self.topic, e)
+            return {}
+        if not value or int(value) >= 1_000_000:
+            return {}
+        limit = int(value)
+        return {"message.max.bytes": limit, "batch.size": limit}
+
+    def _make_publisher(self, partitions: int) -> KafkaPublisher:
+        content_type = content_type_for(upstream_environment(self.app, self.env))
+        encoder = PayloadEncoder(self.app, partitions, content_type, self.encoder_hook)
+        return KafkaPublisher(
+            {**self.kafka_config, **self._producer_overrides},
+            app=self.app,
+            topic=self.topic,
+            position_topic=self.position_topic,
+            relay_id=self.relay_id,
+            encoder=encoder,
+            num_partitions=partitions,
+            exactly_once=self.exactly_once,
+            transactional_id=self.relay_id,
+            init_timeout=self.tuning.init_timeout,
+            commit_timeout=self.tuning.commit_timeout,
+        )
+
+    def _start_publisher(self, first: bool) -> None:
+        assert self._publisher is not None
+        try:
+            position = self._publisher.start(first=first)
+        except (ConfigurationError, RelayError):
+            raise
+        except (KafkaException, EsbridgeError) as e:  # reading the position: broker went away
+            raise TransientPublishError(f"reading the relay position: {e}") from e
+        self._position = position.nid
+        self.metrics.position.set(position.nid)
+
+    def _teardown(self) -> None:
+        if self._waker is not None:
+            self._waker.stop()
+            self._waker = None
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
+        if self._prompter is not None:
+            self._prompter.flush(5)
+            self._prompter = None
+        recorder, self._recorder = self._recorder, None
+        datastore = getattr(recorder, "datastore", None)
+        if datastore is not None and hasattr(datastore, "close"):
+            with contextlib.suppress(Exception):  # a broken pool: nothing more to do
+                datastore.close()
+
+    # -- the loop ---------------------------------------------------------
+
+    def _idle_wait(self) -> float:
+        if self.mode == PROMPTS:
+            return min(self.tuning.poll_interval, self.tuning.prompt_repeat)
+        return self.tuning.poll_interval
+
+    def _step_with_retries(self) -> int:
+        """One step; transient failures are retried with backoff (recovering first)."""
+        delay = 0.2
+        while not self._stop.is_set():
+            try:
+                return self._step()
+            except TransientPublishError as e:
+                self.metrics.error("kafka")
+                log.warning(
+                    "relay %s: Kafka failed (%s); reconnecting in %.1f s", self.app, e, delay
+                )
+                self._sleep(delay)
+                delay = min(delay * 2, self.tuning.max_retry_delay)
+                self._recover_publisher()
+            except POSTGRES_TRANSIENT as e:
+                self.metrics.error("postgres")
+                log.warning(
+                    "relay %s: reading the notification log failed (%s: %s); retrying in %.1f s",
+                    self.app,
+                    type(e).__name__,
+                    e,
+                    delay,
+                )
+                self._sleep(delay)
+                delay = min(delay * 2, self.tuning.max_retry_delay)
+        return 0
+
+    def _recover_publisher(self) -> None:
+        """Make a new producer and re-read the committed position, until it works."""
+        if self._publisher is None:
+            return
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                self._start_publisher(first=False)
+                log.info("relay %s: reconnected at notification %d", self.app, self._position)
+                return
+            except TransientPublishError as e:
+                self.metrics.error("kafka")
+                log.warning(
+                    "relay %s: still cannot reach Kafka (%s); retry in %.1f s", self.app, e, delay
+                )
+            except KafkaException as e:
+                log.warning("relay %s: %s; retry in %.1f s", self.app, e, delay)
+            self._sleep(delay)
+            delay = min(delay * 2, self.tuning.max_retry_delay)
+
+    def _step(self) -> int:
+        if self.mode == PROMPTS:
+            return self._prompt_step()
+        return self._payload_step()
+
+    def _payload_step(self) -> int:
+        """Publish what is in the log after the position, in transactions; the count."""
+        publisher, recorder = self._publisher, self._recorder
+        assert publisher is not None and recorder is not None
+        tuning = self.tuning
+        total = 0
+        started = time.monotonic()
+        try:
+            for page in read_pages(recorder, publisher.working_nid, page_size=tuning.page_size):
+                publisher.add(page)
+                self._upstream_max = max(self._upstream_max, page[-1].id)
+                if (
+                    publisher.batch_count >= tuning.batch_size
+                    or time.monotonic() - started >= tuning.batch_seconds
+                ):
+                    total += self._commit(publisher)
+                    started = time.monotonic()
+                if self._stop.is_set():
+                    break
+        except POSTGRES_TRANSIENT:
+            # Keep what was read: commit it (consistent: position = last added) first.
+            self._commit(publisher)
+            raise
+        except RelayError:
+            publisher.close()
+            raise
+        total += self._commit(publisher)
+        if total == 0:
+            self._refresh_upstream_max(recorder)
+        return total
+
+    def _commit(self, publisher: KafkaPublisher) -> int:
+        count = publisher.commit()
+        if count:
+            self._published += count
+            self._position = publisher.committed.nid
+            self.metrics.published.inc(count)
+            self.metrics.batches.inc()
+            self.metrics.batch_size.observe(count)
+            self.metrics.position.set(self._position)
+            self._update_lag()
+            log.debug("relay %s: committed %d up to %d", self.app, count, self._position)
+        return count
+
+    def _refresh_upstream_max(self, recorder: ApplicationRecorder) -> None:
+        self._upstream_max = max(self._upstream_max, recorder.max_notification_id() or 0)
+        self._update_lag()
+
+    def _update_lag(self) -> None:
+        upstream = max(self._upstream_max, self._position)
+        self.metrics.upstream_max.set(upstream)
+        self.metrics.lag.set(upstream - self._position)
+
+    def _prompt_step(self) -> int:
+        """Send a prompt when the log grew (coalesced) or the repeat period passed."""
+        recorder, producer = self._recorder, self._prompter
+        assert recorder is not None and producer is not None
+        max_nid = recorder.max_notification_id() or 0
+        self._upstream_max = max_nid
+        last_nid, last_time = self._last_prompt
+        now = time.monotonic()
+        grew = max_nid > last_nid
+        if not grew and now - last_time < self.tuning.prompt_repeat:
+            self._update_lag()
+            return 0
+        wait = self.tuning.prompt_interval - (now - last_time)
+        if grew and wait > 0:
+            self._sleep(wait)  # coalesce a burst into one prompt
+            max_nid = recorder.max_notification_id() or 0
+        key, value, headers = wire.Prompt(self.app, max_nid).encode()
+        try:
+            producer.produce(
+                self.topic,
+                value,
+                key,
+                self._prompt_partition,
+                headers=headers,  # type: ignore[arg-type]
+            )
+            producer.poll(0)
+        except (BufferError, KafkaException) as e:
+            raise TransientPublishError(f"producing a prompt: {e}") from e
+        self._last_prompt = (max_nid, time.monotonic())
+        self._position = max_nid
+        self._published += 1
+        self.metrics.prompts.inc()
+        self.metrics.position.set(max_nid)
+        self._update_lag()
+        return 1 if grew else 0
+
+    # -- helpers ----------------------------------------------------------
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    def _retry(self, what: str, action: Callable[[], Any], timeout: float | None) -> Any:
+        """Run ``action``, retrying transient failures with backoff until ``timeout``."""
+        start = time.monotonic()
+        delay = 0.5
+        while True:
+            try:
+                return action()
+            except (TransientPublishError, KafkaException, *POSTGRES_TRANSIENT) as e:
+                if self._stop.is_set() or (
+                    timeout is not None and time.monotonic() - start >= timeout
+                ):
+                    raise RelayError(
+                        f"relay {self.app!r} could not {what} within {timeout} s: {e}"
+                    ) from e
+                log.warning(
+                    "relay %s: cannot %s yet (%s: %s); retrying in %.1f s",
+                    self.app,
+                    what,
+                    type(e).__name__,
+                    e,
+                    delay,
+                )
+                self._sleep(delay)
+                delay = min(delay * 2, self.tuning.max_retry_delay)

@@ -1,0 +1,117 @@
+"""The orders system with each application in its own OS process (``esbridge run --app``).
+
+Real Postgres, real Kafka, real processes: the test starts one ``esbridge run``
+process per application (through the demo's supervisor), submits orders from
+this process, kills workers with SIGKILL mid-run (the supervisor starts them
+again) and checks that every order was reserved and paid exactly once, by
+counting every effect in the three applications' logs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import pytest
+
+from esbridge.cli.run import ESBRIDGE_COMMAND
+from esbridge.demo import SystemProcesses, count_effects, drive_orders, paid_counter
+from examples.orders.application import Orders
+
+
+def exactly_once(env: dict[str, str], ids: list[Any]) -> None:
+    effects = count_effects(env, ids)
+    assert effects.problems() == []
+    assert len(effects.paid) == len(effects.reserved) == len(ids)
+    assert sum(effects.payments.values()) == sum(effects.reservations.values()) == len(ids)
+
+
+def status_table(processes: SystemProcesses) -> str:
+    """``esbridge status`` run as a user would, with the same options as the workers."""
+    result = subprocess.run(
+        [
+            *ESBRIDGE_COMMAND,
+            "status",
+            "examples.orders.system:system",
+            "--app-dir",
+            os.getcwd(),
+            "--topic-prefix",
+            processes.prefix,
+            "--partitions",
+            str(processes.partitions),
+            "--mode",
+            processes.mode,
+            "--fail-on-lag",
+        ],
+        env=processes.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_three_processes_prompts_and_status(postgres_db: Any, kafka_broker: Any) -> None:
+    with SystemProcesses(postgres_db.env, kafka_broker.config(), mode="prompts") as processes:
+        assert len(processes.pids()) == 3
+        orders = Orders(env=processes.env)
+        paid = paid_counter(processes.env)
+        try:
+            ids = drive_orders(orders, paid, 100, batch=5, timeout=90, on_tick=processes.poll)
+        finally:
+            paid.close()
+            orders.close()
+        exactly_once(processes.env, ids)
+        table = status_table(processes)
+    lines = table.splitlines()
+    assert lines[0].split()[:2] == ["edge", "upstream"]
+    edges = {line.split("  ")[0].strip(): line.split() for line in lines[2:]}
+    assert set(edges) == {
+        "Orders -> Reservations",
+        "Reservations -> Orders",
+        "Orders -> Payments",
+        "Payments -> Orders",
+    }
+    for row in edges.values():
+        # edge (3 words), upstream max nid, position, lag events, lag s, held gaps, DLQ
+        assert row[3] == row[4], row  # position == upstream max nid
+        assert row[5] == "0", row
+
+
+@pytest.mark.slow
+def test_1000_orders_two_partitions_kill_9_and_restart(postgres_db: Any, kafka_broker: Any) -> None:
+    """3 applications in 3 OS processes, 2 partitions; two workers SIGKILLed mid-run."""
+    kills: list[tuple[str, int]] = []
+    with SystemProcesses(postgres_db.env, kafka_broker.config(), partitions=2) as processes:
+        orders = Orders(env=processes.env)
+        paid = paid_counter(processes.env)
+        lock = threading.Lock()
+
+        def chaos() -> None:
+            # Called about every 0.1 s while orders flow: kill, then let the supervisor restart.
+            with lock:
+                plan = [(100, "Orders[0]"), (450, "Payments[0]")]
+                for threshold, worker in plan[len(kills) :]:
+                    if paid.count >= threshold:
+                        kills.append((worker, processes.kill(worker)))
+                processes.poll()
+
+        try:
+            ids = drive_orders(
+                orders, paid, 1000, rate=200, batch=5, timeout=240, on_tick=chaos
+            )
+        finally:
+            paid.close()
+            orders.close()
+        restarted = processes.pids()
+        assert processes.restarts() == 2
+        exactly_once(processes.env, ids)
+        for worker, pid in kills:
+            assert restarted[worker] != pid
+        table = status_table(processes)
+    assert len(kills) == 2, f"the orders finished before both kills: {kills}"
+    print(table, file=sys.stderr)

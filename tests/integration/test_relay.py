@@ -1,0 +1,263 @@
+"""The relay against a real Postgres and a real Kafka broker (payloads, exactly once)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+
+import pytest
+
+from esbridge.errors import ConfigurationError, RelayError
+from esbridge.partitioning import partition_for_key
+from esbridge.relay import Relay
+from tests.integration.relay_support import (
+    APP_NAME,
+    Account,
+    Record,
+    db_ids,
+    ledger,
+    read_all,
+    rolled_back_insert,
+    write_events,
+)
+
+
+def check_exactly_once_in_order(
+    records: list[Record], expected: list[tuple[int, str, int]], partitions: int
+) -> None:
+    """Each stored event once, on its key's partition, in id order, with an unbroken chain."""
+    nids = [int(r.headers["esb_nid"]) for r in records]
+    assert len(nids) == len(set(nids)), "duplicates"
+    assert sorted(nids) == [e[0] for e in expected], "missing or extra notifications"
+    by_nid = {e[0]: e for e in expected}
+    per_partition: dict[int, list[Record]] = defaultdict(list)
+    for r in records:
+        per_partition[r.partition].append(r)
+    for partition, recs in per_partition.items():
+        recs.sort(key=lambda r: r.offset)
+        prev = 0
+        for r in recs:
+            nid = int(r.headers["esb_nid"])
+            assert nid > prev, f"partition {partition}: {nid} after {prev}"
+            assert int(r.headers["esb_prev_nid"]) == prev, "broken esb_prev_nid chain"
+            _, originator, version = by_nid[nid]
+            assert r.key == originator.encode()
+            assert partition_for_key(r.key, partitions) == partition
+            assert int(r.headers["esb_version"]) == version
+            prev = nid
+
+
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_publishes_every_notification_once_in_order(
+    postgres_db, kafka_config, create_topic, partitions
+):
+    app = ledger(postgres_db.env)
+    write_events(app, 1200, accounts=40)
+    topic = create_topic(partitions=partitions)
+    relay = Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env)
+    try:
+        assert relay.publish_available() == 1200
+        assert relay.publish_available() == 0  # nothing new: nothing again
+        write_events(app, 300)
+        assert relay.publish_available() == 300
+    finally:
+        relay.close()
+    expected = db_ids(postgres_db.dsn)
+    records = read_all(kafka_config, topic, 1500)
+    check_exactly_once_in_order(records, expected, partitions)
+    status = relay.status()
+    assert (status.position, status.published, status.lag) == (expected[-1][0], 1500, 0)
+
+
+def test_headers_and_value_are_the_stored_event(postgres_db, kafka_config, create_topic):
+    app = ledger(postgres_db.env)
+    write_events(app, 20, accounts=5)
+    topic = create_topic(partitions=1)
+    relay = Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env)
+    try:
+        relay.publish_available()
+    finally:
+        relay.close()
+    recorder = app.recorder
+    stored = {n.id: n for n in recorder.select_notifications(start=1, limit=100)}
+    records = read_all(kafka_config, topic, 20)
+    assert len(records) == 20
+    for r in records:
+        nid = int(r.headers["esb_nid"])
+        n = stored[nid]
+        assert r.value == n.state
+        assert r.key == str(n.originator_id).encode()
+        h = r.headers
+        assert h["esb_format"] == "1"
+        assert h["esb_kind"] == "payload"
+        assert h["esb_app"] == APP_NAME
+        assert h["esb_topic"] == n.topic == h["ce_type"]
+        assert h["esb_version"] == str(n.originator_version)
+        assert h["content-type"] == "application/json"
+        assert h["ce_specversion"] == "1.0"
+        assert h["ce_id"] == f"{APP_NAME}:{nid}"
+        assert h["ce_source"] == f"esbridge://{APP_NAME}"
+        assert h["ce_subject"] == str(n.originator_id)
+        assert h["ce_time"].startswith("20") and "T" in h["ce_time"]
+    # The event decodes with the application's own mapper.
+    first = stored[min(stored)]
+    assert app.mapper.to_domain_event(recorder.select_notifications(1, 1)[0]).originator_id == (
+        first.originator_id
+    )
+
+
+def test_gaps_from_rolled_back_inserts_never_stall(postgres_db, kafka_config, create_topic):
+    app = ledger(postgres_db.env)
+    write_events(app, 50)
+    topic = create_topic(partitions=3)
+    relay = Relay(
+        APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env, poll_interval=0.2
+    )
+    thread = threading.Thread(target=relay.run)
+    thread.start()
+    try:
+        for _ in range(5):
+            rolled_back_insert(postgres_db.dsn, rows=3)  # a gap of three ids
+            write_events(app, 40, per_save=7)
+        rolled_back_insert(postgres_db.dsn)  # a gap at the very end
+        expected = db_ids(postgres_db.dsn)
+        assert len(expected) == 250
+        assert expected[-1][0] > 250  # there are gaps
+        deadline = time.monotonic() + 30
+        while relay.status().position < expected[-1][0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert relay.status().position == expected[-1][0]
+        write_events(app, 10)  # after the trailing gap, still going
+        expected = db_ids(postgres_db.dsn)
+        while relay.status().position < expected[-1][0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        relay.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+    check_exactly_once_in_order(read_all(kafka_config, topic, 260), expected, 3)
+
+
+def test_run_wakes_on_commit_and_resumes_after_stop(postgres_db, kafka_config, create_topic):
+    """run() publishes within moments of a commit; a new relay resumes where it stopped."""
+    app = ledger(postgres_db.env)
+    topic = create_topic(partitions=3)
+
+    def run_once(count: int) -> float:
+        relay = Relay(
+            APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env, poll_interval=30
+        )
+        thread = threading.Thread(target=relay.run)
+        thread.start()
+        try:
+            while relay.status().position == 0 and relay.status().upstream_max == 0:
+                time.sleep(0.05)
+                if not relay.status().running:
+                    break
+            time.sleep(1.0)  # started and idle (waiting on NOTIFY, not polling: interval 30 s)
+            start = time.monotonic()
+            write_events(app, count)
+            target = db_ids(postgres_db.dsn)[-1][0]
+            while relay.status().position < target:
+                assert time.monotonic() - start < 10, "the relay did not wake on NOTIFY"
+                time.sleep(0.01)
+            latency = time.monotonic() - start
+        finally:
+            relay.stop()
+            thread.join(10)
+        assert not thread.is_alive()
+        return latency
+
+    write_events(app, 100)
+    assert run_once(200) < 5
+    assert run_once(200) < 5
+    check_exactly_once_in_order(read_all(kafka_config, topic, 500), db_ids(postgres_db.dsn), 3)
+
+
+def test_at_least_once_mode_publishes_in_order(postgres_db, kafka_config, create_topic):
+    app = ledger(postgres_db.env)
+    write_events(app, 800)
+    topic = create_topic(partitions=3)
+    relay = Relay(
+        APP_NAME,
+        kafka_config=kafka_config,
+        topic=topic,
+        env=postgres_db.env,
+        exactly_once=False,
+        relay_id="alo-relay",
+    )
+    try:
+        assert relay.publish_available() == 800
+        write_events(app, 200)
+        assert relay.publish_available() == 200
+    finally:
+        relay.close()
+    again = Relay(
+        APP_NAME,
+        kafka_config=kafka_config,
+        topic=topic,
+        env=postgres_db.env,
+        exactly_once=False,
+        relay_id="alo-relay",
+    )
+    try:
+        assert again.publish_available() == 0  # position was stored
+    finally:
+        again.close()
+    check_exactly_once_in_order(read_all(kafka_config, topic, 1000), db_ids(postgres_db.dsn), 3)
+
+
+def test_wrong_configuration_is_refused_before_publishing(postgres_db, kafka_config, create_topic):
+    ledger(postgres_db.env)  # creates the tables
+    topic = create_topic(partitions=3)
+    env = postgres_db.env
+
+    with pytest.raises(ConfigurationError, match="partitions"):
+        Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=env, partitions=2).close()
+        r = Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=env, partitions=2)
+        r.publish_available()
+    with pytest.raises(ConfigurationError, match="NoSuchApp"):
+        Relay("NoSuchApp", kafka_config=kafka_config, topic=topic, env=env).publish_available()
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        Relay(
+            APP_NAME, kafka_config=kafka_config, topic=topic + "-missing", env=env
+        ).publish_available()
+    with pytest.raises(ConfigurationError, match="mode"):
+        Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=env, mode="everything")
+    with pytest.raises(ConfigurationError, match="unknown relay setting"):
+        Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=env, pagesize=3)
+    assert read_all(kafka_config, topic, timeout=2) == []
+
+
+def test_creates_missing_topic_with_partitions(postgres_db, kafka_config, topic_name):
+    app = ledger(postgres_db.env)
+    write_events(app, 30)
+    relay = Relay(
+        APP_NAME, kafka_config=kafka_config, topic=topic_name, env=postgres_db.env, partitions=2
+    )
+    try:
+        assert relay.publish_available() == 30
+    finally:
+        relay.close()
+    check_exactly_once_in_order(read_all(kafka_config, topic_name, 30), db_ids(postgres_db.dsn), 2)
+
+
+def test_message_too_large_stops_naming_the_notification(postgres_db, kafka_config, create_topic):
+    app = ledger(postgres_db.env)
+    write_events(app, 10)
+    account = Account(owner="big")
+    app.save(account)
+    account.credit(amount=1, note="x" * 5000)  # notification 12: about 5 kB
+    app.save(account)
+    write_events(app, 10)
+    topic = create_topic(partitions=1, config={"max.message.bytes": "3000"})
+    relay = Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env)
+    big_nid = db_ids(postgres_db.dsn)[11][0]
+    try:
+        with pytest.raises(RelayError, match=f"notification {big_nid}\\b.*{APP_NAME}"):
+            relay.publish_available()
+    finally:
+        relay.close()
+    records = read_all(kafka_config, topic, timeout=3)
+    assert all(int(r.headers["esb_nid"]) < big_nid for r in records)

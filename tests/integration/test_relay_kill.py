@@ -1,0 +1,133 @@
+"""kill -9 of ``esbridge relay`` at random moments, plus a broker and a Postgres restart.
+
+A writer subprocess appends events the whole time. At the end a plain
+``read_committed`` consumer must see every stored notification exactly once,
+in notification-id order within each partition, with an unbroken
+``esb_prev_nid`` chain.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.relay_support import db_ids, ledger, read_all
+from tests.integration.test_relay import check_exactly_once_in_order
+
+ROOT = Path(__file__).resolve().parents[2]
+ESBRIDGE = str(Path(sys.executable).parent / "esbridge")
+
+EVENTS = 100_000
+KILLS = 22
+PARTITIONS = 3
+
+
+def _env(postgres_db, kafka_broker) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(postgres_db.env)
+    env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_broker.bootstrap_servers
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def _start_relay(env: dict[str, str], topic: str, log_file) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            ESBRIDGE,
+            "relay",
+            "tests.integration.relay_support:Ledger",
+            "--topic",
+            topic,
+            "--partitions",
+            str(PARTITIONS),
+            "--set",
+            "poll_interval=0.5",
+            "--set",
+            "batch_seconds=0.5",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log_file,
+        stderr=log_file,
+    )
+
+
+def _wait_started(log_path: Path, process: subprocess.Popen[bytes], timeout: float = 30) -> bool:
+    """Wait until the relay logged that it started publishing."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if b"started at notification" in log_path.read_bytes():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(10)
+
+
+@pytest.mark.slow
+def test_kill_9_relay_while_writing_and_restarting_servers(
+    postgres_server, postgres_db, kafka_broker, create_topic, tmp_path
+):
+    ledger(postgres_db.env)  # create the tables
+    topic = create_topic(partitions=PARTITIONS)
+    env = _env(postgres_db, kafka_broker)
+    rng = random.Random(20261123)
+    writer_log = open(tmp_path / "writer.log", "wb")  # noqa: SIM115
+    relay_log = open(tmp_path / "relay.log", "wb")  # noqa: SIM115
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.integration.relay_support",
+            "write",
+            str(EVENTS),
+            "100",
+            "2000",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=writer_log,
+        stderr=writer_log,
+    )
+    relay = None
+    try:
+        killed_running = 0
+        for i in range(KILLS):
+            log_path = tmp_path / f"relay-{i}.log"
+            with open(log_path, "wb") as log_file:
+                relay = _start_relay(env, topic, log_file)
+            # Most kills hit a publishing relay (after start-up), some hit start-up.
+            if i % 4 != 3 and _wait_started(log_path, relay):
+                killed_running += 1
+            if i == KILLS // 3:
+                kafka_broker.restart()  # the relay is publishing: it must recover by itself
+            if i == 2 * KILLS // 3:
+                postgres_server.restart()  # relay and writer both reconnect
+            time.sleep(rng.uniform(0.05, 2.0))
+            assert relay.poll() is None, f"relay exited by itself ({relay.returncode})"
+            _kill(relay)
+        assert killed_running >= KILLS // 2
+        relay = _start_relay(env, topic, relay_log)
+        assert writer.wait(180) == 0
+        expected = db_ids(postgres_db.dsn)
+        assert len(expected) >= EVENTS
+        records = read_all(kafka_broker.config(), topic, len(expected), timeout=90, quiet=3)
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(30) == 0, "SIGTERM should stop the relay gracefully"
+    finally:
+        for p in (relay, writer):
+            if p is not None and p.poll() is None:
+                _kill(p)
+        writer_log.close()
+        relay_log.close()
+    check_exactly_once_in_order(records, expected, PARTITIONS)
