@@ -28,15 +28,15 @@ bytes, headers). Select the format per relay topic by giving one to that
 topic's relay, ``Relay(app, topic=..., encoder=CloudEventsEncoder(app, mapper))``,
 and the same one to a replay of that topic. :class:`AnalyticsPayloadEncoder` is
 the same as a drop-in :class:`~esbridge.relay_messages.PayloadEncoder` (same
-``message()``) for code that builds encoders itself. Keys, partitions and the ``esb_*`` headers stay those of the relay, so
-esbridge tooling (replay, lag, deduplication on ``esb_nid``) works on analytics
-topics too.
+``message()``) for code that builds encoders itself. Keys, partitions and the
+``esb_*`` headers stay those of the relay, so esbridge tooling (replay, lag,
+deduplication on ``esb_nid``) works on analytics topics too.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 

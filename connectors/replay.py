@@ -29,17 +29,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import KafkaError, Message, Producer
 from eventsourcing.persistence import ApplicationRecorder, Notification
 
+from esbridge import wire
 from esbridge.errors import ConfigurationError, EsbridgeError
 from esbridge.notification_log import open_recorder, read_pages, upstream_environment
 from esbridge.relay_messages import Encoder, PayloadEncoder, content_type_for
 from esbridge.topics import admin_client, partition_count
 
 log = logging.getLogger("esbridge.connectors.replay")
+
 
 class ReplayError(EsbridgeError):
     """A replay stopped: Kafka refused or did not acknowledge a message (see the message).
@@ -145,7 +147,7 @@ class Replay:
         return count
 
     def make_encoder(self, num_partitions: int) -> PayloadEncoder:
-        """The encoder the relay of this topic uses (built as :class:`esbridge.relay.Relay` does)."""
+        """The encoder this topic's relay uses (built as :class:`esbridge.relay.Relay` does)."""
         content_type = content_type_for(upstream_environment(self.app, self.env))
         return PayloadEncoder(self.app, num_partitions, content_type, self.encoder_hook)
 
@@ -204,14 +206,15 @@ class Replay:
                 ) from e
             while True:
                 try:
-                    producer.produce(self.topic, value, key, partition, headers=headers)
+                    producer.produce(self.topic, value, key, partition, headers=cast(Any, headers))
                     break
                 except BufferError:
                     producer.poll(0.05)
 
     def _on_delivery(self, error: KafkaError | None, msg: Message) -> None:
         if error is not None and self._error is None:
-            nid = next((int(v) for k, v in msg.headers() or () if k == "esb_nid" and v), None)
+            found = wire.headers_dict(cast(Any, msg.headers())).get(wire.H_NID)
+            nid = int(found) if found else None
             self._error = (error, nid)
 
     def _flush(self, producer: Producer) -> None:
@@ -239,7 +242,7 @@ def replay(
     env: Mapping[str, str] | None = None,
     encoder: Encoder | None = None,
 ) -> ReplayResult:
-    """Republish notifications ``start``..``stop`` of ``app_name`` to ``topic`` (see :class:`Replay`)."""
-    return Replay(
-        app_name, kafka_config=kafka_config, topic=topic, env=env, encoder=encoder
-    ).run(start, stop)
+    """Republish notifications ``start``..``stop`` of ``app_name`` (see :class:`Replay`)."""
+    return Replay(app_name, kafka_config=kafka_config, topic=topic, env=env, encoder=encoder).run(
+        start, stop
+    )

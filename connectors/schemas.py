@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.domain import DomainEvent, Snapshot
+import eventsourcing.domain
+from eventsourcing.domain import CanInitAggregate, DomainEvent, Snapshot
 from eventsourcing.utils import get_topic, resolve_topic
 
 from esbridge.errors import EsbridgeError
@@ -381,13 +382,16 @@ def schema_file_stem(topic: str) -> str:
     return topic.replace(":", ".")
 
 
-def discover_event_classes(targets: Iterable[Any]) -> list[type]:
+def discover_event_classes(targets: Iterable[Any], *, include_bases: bool = False) -> list[type]:
     """Event classes found in ``targets`` (modules, aggregate or event classes, or topics).
 
     A topic string is a module name (``dogschool.domain``) or ``module:Qual.Name``.
     Modules contribute every event class nested in the classes defined in
     them; a class contributes itself (if an event class) and its nested event
     classes. Snapshots are skipped: they are not in the notification log.
+    Base classes of other found event classes (the ``Event`` and ``Created``
+    classes eventsourcing generates for each aggregate, your own abstract
+    bases) are skipped too unless ``include_bases``: they are not recorded.
     """
     found: dict[str, type] = {}
     for target in targets:
@@ -403,19 +407,45 @@ def discover_event_classes(targets: Iterable[Any]) -> list[type]:
             raise SchemaGenerationError(
                 f"cannot find event classes in {target!r}: give modules, classes or topics"
             )
-    return list(found.values())
+    classes = list(found.values())
+    if include_bases:
+        return classes
+    return [c for c in classes if not any(o is not c and issubclass(o, c) for o in classes)]
 
 
 def _collect(cls: type, found: dict[str, type]) -> None:
     if issubclass(cls, DomainEvent) and not issubclass(cls, Snapshot):
         found.setdefault(get_topic(cls), cls)
+    unused = _unused_created_classes(cls)
     for value in list(vars(cls).values()):
         if (
             isinstance(value, type)
+            and value not in unused
             and value.__qualname__.startswith(cls.__qualname__ + ".")
             and value.__module__ == cls.__module__
         ):
             _collect(value, found)
+
+
+def _unused_created_classes(aggregate_class: type) -> set[type]:
+    """ "Created" classes eventsourcing defined for an aggregate that its ``__init__`` never uses.
+
+    (An ``@event("Registered")`` on ``__init__`` leaves a generated ``Created``
+    class beside ``Registered``.) Reads the library's registry of created-event
+    classes; if that private detail changes, nothing is skipped.
+    """
+    registry = getattr(eventsourcing.domain, "_created_event_classes", None)
+    if not isinstance(registry, dict) or aggregate_class not in registry:
+        return set()
+    used = set(registry[aggregate_class])
+    return {
+        value
+        for value in vars(aggregate_class).values()
+        if isinstance(value, type)
+        and issubclass(value, CanInitAggregate)
+        and used
+        and value not in used
+    }
 
 
 def write_schemas(

@@ -32,7 +32,11 @@ class BackgroundServer:
         self.asgi = asgi
         self.host = host
         self.port = port
-        self.config = {"log_level": "warning", "access_log": False, "lifespan": "off"} | config
+        self.config: dict[str, Any] = {
+            "log_level": "warning",
+            "access_log": False,
+            "lifespan": "off",
+        } | config
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 

@@ -273,16 +273,23 @@ class ProjectionRunner:
     def rebuild(self, *, catch_up: bool = True) -> RunStats | None:
         """Rebuild from scratch: drop and recreate the tables, forget position and dead letters.
 
-        One transaction on databases with transactional DDL (PostgreSQL,
-        SQLite): readers see the old rows until it commits. Other projections
-        (other names) are untouched and keep running. Stop any other runner of
-        *this* projection first: its next commit would fail with
-        :class:`ProjectionConflictError` anyway, and nothing would be applied twice.
+        The reset (tables, position, dead letters) is one transaction, so a
+        crash during it leaves either the old projection or an empty one at
+        position 0, never empty tables with the old position. The tracking
+        row is deleted first: on SQLite the driver only opens the transaction
+        at the first DML statement, and the DDL that follows must be inside it.
+        Then the log is applied again (``catch_up``), in the usual batches:
+        readers see the tables fill up (build a new version under a new name
+        beside the old one to avoid that). Other projections (other names) are
+        untouched and keep running. Stop any other runner of *this* projection
+        first: its next commit would fail with :class:`ProjectionConflictError`
+        anyway, and nothing would be applied twice.
         """
         with self.engine.begin() as conn:
             sql_tracking.create_tracking_tables(conn)
-            self.projection.drop_tables(conn)
+        with self.engine.begin() as conn:
             sql_tracking.reset(conn, self.projection.name)
+            self.projection.drop_tables(conn)
             self.projection.create_tables(conn)
         self._position = None
         self._set_up = True

@@ -27,9 +27,10 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from esbridge_connectors.sql_projection import ProjectionRunner, SqlProjection
 from eventsourcing.persistence import ApplicationRecorder, Mapper, Notification
 from sqlalchemy.engine import Engine
 
@@ -39,7 +40,6 @@ from esbridge.notification_log import open_recorder, read_pages
 from esbridge.reconcile import PartitionOrder
 from esbridge.relay_messages import key_partitioner
 from esbridge.topics import admin_client, partition_count
-from esbridge_connectors.sql_projection import ProjectionRunner, SqlProjection
 
 log = logging.getLogger("esbridge.connectors.projection")
 
@@ -60,7 +60,7 @@ def tracking_name(upstream: str, partition: int, partitions: int) -> str:
 
 def notification_from_message(message: Message) -> Notification:
     """The upstream notification a relay payload message carries (default format only)."""
-    headers = wire.headers_dict(message.headers())
+    headers = wire.headers_dict(cast(Any, message.headers()))
     if wire.message_kind(headers) != wire.KIND_PAYLOAD:
         raise wire_error("a prompt message", message)
     meta = wire.decode_payload_headers(headers, message.key())
@@ -165,7 +165,9 @@ class KafkaProjectionFeed:
         self.runners[0].rebuild(catch_up=False)
         self.setup()
         consumer = self._make_consumer()
-        consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in range(self.partitions)])
+        consumer.assign(
+            [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in range(self.partitions)]
+        )
         self._consumer = consumer
 
     def close(self) -> None:
@@ -193,7 +195,9 @@ class KafkaProjectionFeed:
             wanted = [TopicPartition(self.topic, p) for p in range(self.partitions)]
             committed = consumer.committed(wanted, timeout=30)
             start = [
-                TopicPartition(self.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+                TopicPartition(
+                    self.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                )
                 for tp in committed
             ]
             consumer.assign(start)
@@ -233,7 +237,7 @@ class KafkaProjectionFeed:
             p = m.partition()
             assert p is not None
             n = notification_from_message(m)
-            headers = wire.headers_dict(m.headers())
+            headers = wire.headers_dict(cast(Any, m.headers()))
             prev = int(headers[wire.H_PREV_NID])
             order = self._orders[p]
             offer = order.offer(n.id, prev, n, time.monotonic())

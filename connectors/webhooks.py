@@ -38,11 +38,17 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
+from esbridge_connectors.signatures import HmacSignature, SignatureError
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import IntegrityError, PersistenceError
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client import generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -50,7 +56,6 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from esbridge.errors import ConfigurationError, EsbridgeError
-from esbridge_connectors.signatures import HmacSignature, SignatureError
 
 logger = logging.getLogger(__name__)
 
@@ -372,6 +377,7 @@ class WebhookIntake(Generic[TApp]):
             conn.execute("SELECT 1")
 
     def _receipt(self, receipt_id: uuid.UUID) -> WebhookReceipt | None:
+        receipt: Any
         try:
             receipt = self.app.repository.get(receipt_id)
         except AggregateNotFoundError:

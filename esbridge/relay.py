@@ -48,12 +48,13 @@ from prometheus_client import CollectorRegistry
 from esbridge import wire
 from esbridge.errors import ConfigurationError, EsbridgeError, RelayError
 from esbridge.log_follower import LogWaker
-from esbridge.notification_log import read_pages, upstream_environment
+from esbridge.notification_log import upstream_environment
 from esbridge.partitioning import partition_for_key
 from esbridge.relay_messages import Encoder, PayloadEncoder, content_type_for
 from esbridge.relay_metrics import RelayMetrics
 from esbridge.relay_position import POSITION_TOPIC_CONFIG, default_position_topic
 from esbridge.relay_publisher import KafkaPublisher, TransientPublishError
+from esbridge.relay_reader import read_pages_for_publishing
 from esbridge.topics import admin_client, ensure_topic, topic_setting, wait_for_broker
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,18 @@ class Relay:
         if waker is not None:
             waker.wake()
 
+    def prepare(self, timeout: float | None = 60.0) -> None:
+        """Check the configuration, connect, create topics, read the position.
+
+        :meth:`run` and :meth:`publish_available` do this themselves; call it
+        to fail early (a :class:`ConfigurationError` names what is wrong).
+        """
+        try:
+            self._setup(timeout)
+        except BaseException:
+            self._teardown()
+            raise
+
     def publish_available(self) -> int:
         """Publish everything in the log now and return.
 
@@ -225,11 +238,7 @@ class Relay:
         sent (prompt mode). Sets up the relay on first use; call
         :meth:`close` when done.
         """
-        try:
-            self._setup(self.tuning.connect_timeout or 60.0)
-        except BaseException:
-            self._teardown()
-            raise
+        self.prepare(self.tuning.connect_timeout or 60.0)
         total = 0
         while True:
             count = self._step()
@@ -454,7 +463,9 @@ class Relay:
         total = 0
         started = time.monotonic()
         try:
-            for page in read_pages(recorder, publisher.working_nid, page_size=tuning.page_size):
+            for page in read_pages_for_publishing(
+                recorder, publisher.working_nid, page_size=tuning.page_size
+            ):
                 publisher.add(page)
                 self._upstream_max = max(self._upstream_max, page[-1].id)
                 if (

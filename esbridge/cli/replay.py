@@ -53,10 +53,11 @@ def register(subparsers: Any) -> None:
 
 
 def replay_command(args: argparse.Namespace) -> int:
+    from esbridge_connectors.replay import Replay
+
     from esbridge.errors import ConfigurationError
     from esbridge.kafka_config import load_kafka_config
     from esbridge.relay_messages import Encoder
-    from esbridge_connectors.replay import Replay
 
     env = dict(os.environ)
     kafka_config = load_kafka_config(args.kafka_config, env)
@@ -67,10 +68,9 @@ def replay_command(args: argparse.Namespace) -> int:
                 "--analytics needs --app-class package.module:Class (the application's "
                 "transcodings decode its events)"
             )
-        from eventsourcing.utils import resolve_topic
-
         from esbridge_connectors.analytics import CloudEventsEncoder
         from esbridge_connectors.upstream import application_mapper
+        from eventsourcing.utils import resolve_topic
 
         sys.path.insert(0, os.path.abspath(args.app_dir))
         app_class = resolve_topic(args.app_class)

@@ -136,7 +136,9 @@ class _ServerContainer:
             status = self.status()
             if status not in ("running", "created"):
                 code = self.container.get_wrapped_container().attrs["State"].get("ExitCode")
-                raise self.fail(f"container stopped ({status}, exit code {code}) before it was ready")
+                raise self.fail(
+                    f"container stopped ({status}, exit code {code}) before it was ready"
+                )
             time.sleep(0.1)
         raise self.fail(f"container was not ready within {timeout:.0f} s")
 
@@ -171,7 +173,9 @@ class ContainerPostgresServer(PostgresServer):
         self.port = free_port()
         self.fsync = fsync
         self.max_connections = max_connections
-        self.box = _ServerContainer("postgres", "ESBRIDGE_POSTGRES_IMAGE", DEFAULT_POSTGRES_IMAGE, self.port)
+        self.box = _ServerContainer(
+            "postgres", "ESBRIDGE_POSTGRES_IMAGE", DEFAULT_POSTGRES_IMAGE, self.port
+        )
         self.startup_seconds = 0.0
 
     def _ready(self) -> bool:
@@ -209,7 +213,10 @@ class ContainerPostgresServer(PostgresServer):
             self.box.start_again()
         self.box.wait(self._ready, timeout)
         self.startup_seconds = time.monotonic() - t0
-        record(f"{self.box.kind} {'first start' if first else 'start again'} -> ready", self.startup_seconds)
+        record(
+            f"{self.box.kind} {'first start' if first else 'start again'} -> ready",
+            self.startup_seconds,
+        )
 
     def stop(self, kill: bool = False) -> None:
         self.box.stop(kill)
@@ -272,7 +279,10 @@ class ContainerKafkaBroker(KafkaBroker):
             self.box.start_again()
         self.box.wait(self._ready, timeout)
         self.startup_seconds = time.monotonic() - t0
-        record(f"{self.box.kind} {'first start' if first else 'start again'} -> ready", self.startup_seconds)
+        record(
+            f"{self.box.kind} {'first start' if first else 'start again'} -> ready",
+            self.startup_seconds,
+        )
 
     def stop(self, kill: bool = False) -> None:
         self.box.stop(kill)

@@ -81,7 +81,9 @@ def unavailable_reason() -> str | None:
     if not sys.platform.startswith("linux"):
         return PODMAN_MISSING.format(reason="no Docker engine answers (podman services need Linux)")
     if shutil.which("podman") is None:
-        return PODMAN_MISSING.format(reason="no Docker engine answers and `podman` is not installed")
+        return PODMAN_MISSING.format(
+            reason="no Docker engine answers and `podman` is not installed"
+        )
     if oci_runtime() is None:
         return PODMAN_MISSING.format(reason="no OCI runtime (`runc`) on PATH")
     return None
@@ -126,7 +128,9 @@ class ContainerEngine:
             self.kind = f"podman service at {self.service.docker_host}"
             default_network, default_images = "host", "local"
         self.network = _choice("ESBRIDGE_CONTAINER_NETWORK", ("host", "bridge"), default_network)
-        self.image_mode = _choice("ESBRIDGE_CONTAINER_IMAGES", ("official", "local"), default_images)
+        self.image_mode = _choice(
+            "ESBRIDGE_CONTAINER_IMAGES", ("official", "local"), default_images
+        )
         try:
             self.client: Any = docker.from_env(timeout=120)
         except Exception as e:

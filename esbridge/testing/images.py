@@ -382,7 +382,10 @@ def kafka_image() -> LocalImage:
         _base_layout(root, [("appuser", KAFKA_UID)])
         root.tree(jre, "/opt/java/openjdk", skip)
         # The JRE's own libraries are in /opt/java already; add the system ones they load.
-        objects = [jre / "bin" / "java", *map(Path, glob.glob(f"{jre}/lib/**/*.so", recursive=True))]
+        objects = [
+            jre / "bin" / "java",
+            *map(Path, glob.glob(f"{jre}/lib/**/*.so", recursive=True)),
+        ]
         for obj in objects:
             for dep in ldd(obj):
                 if not os.path.normpath(dep).startswith(f"{jre}/"):

@@ -117,12 +117,14 @@ class PodmanService:
         (self.base / "tmp").mkdir()
         self.containers_conf = self.base / "containers.conf"
         self.storage_conf = self.base / "storage.conf"
-        self.containers_conf.write_text(CONTAINERS_CONF.format(
+        self.containers_conf.write_text(
+            CONTAINERS_CONF.format(
                 runtime=runtime,
                 base=self.base,
                 nofile=ulimit(resource.RLIMIT_NOFILE),
                 nproc=ulimit(resource.RLIMIT_NPROC, 4096),
-            ))
+            )
+        )
         self.storage_conf.write_text(STORAGE_CONF.format(base=self.base))
         self.socket = self.base / "podman.sock"
         self.logfile = self.base / "service.log"

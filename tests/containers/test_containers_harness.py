@@ -4,21 +4,25 @@ in containers, round trips, transactions, and restarts (clean and SIGKILL) that 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
 from esbridge.errors import HarnessError
+from esbridge.testing.processes import pid_alive
 
 CONTAINERS = os.environ.get("ESBRIDGE_TEST_BACKEND") == "containers"
 
 
 def consume(config: dict[str, Any], topic: str, expect: int, group: str | None = None,
             timeout: float = 30.0) -> list[tuple[int, bytes]]:  # fmt: skip
-    """``expect`` committed messages of ``topic`` as (partition, value), then a 1 s check for more."""
+    """``expect`` committed messages of ``topic`` as (partition, value); then 1 s for extras."""
     consumer = Consumer(
         config
         | {
@@ -194,3 +198,44 @@ def test_unreachable_engine_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     with pytest.raises(HarnessError, match=r"no Docker API answers at unix:///nonexistent"):
         ContainerEngine()
+
+
+CRASHING_SESSION = """
+import os, sys
+from esbridge.testing.backends import make_postgres
+from esbridge.testing.engine import current_engine
+server = make_postgres("containers")
+service = current_engine().service
+print(service.process.pid if service else 0, service.base if service else "", flush=True)
+raise RuntimeError("a test session that fails after starting its containers")
+"""
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not CONTAINERS, reason="about the testcontainers backend's own cleanup")
+def test_a_failing_session_leaves_nothing_running(tmp_path):
+    """Containers and the harness's podman service are gone after a session that failed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DOCKER_HOST", "TC_HOST")}
+    result = subprocess.run(
+        [sys.executable, "-c", CRASHING_SESSION],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "a test session that fails" in result.stderr
+    pid_text, _, base = result.stdout.strip().partition(" ")
+    if int(pid_text):  # the harness ran its own podman service (no Docker engine here)
+        assert not pid_alive(int(pid_text))
+        assert not Path(base).exists()
+        assert processes_mentioning(base) == []

@@ -6,12 +6,11 @@ projection resolves the same event topics as the test that checks it.
 
 from __future__ import annotations
 
+from esbridge_connectors.sql_projection import SqlProjection, handles
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 from sqlalchemy import ForeignKey, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-
-from esbridge_connectors.sql_projection import SqlProjection, handles
 
 
 class Dog(Aggregate):
@@ -55,8 +54,8 @@ class TrickRow(Base):
 class FailureSwitch:
     """Tricks named in ``failing`` make the handler raise (``times`` times, -1 = always)."""
 
-    failing: dict[str, int] = {}  # noqa: RUF012
-    calls: dict[str, int] = {}  # noqa: RUF012
+    failing: dict[str, int] = {}
+    calls: dict[str, int] = {}
 
 
 class DogProjection(SqlProjection):
@@ -80,7 +79,9 @@ class DogProjection(SqlProjection):
         assert dog is not None
         dog.trick_count += 1
         session.add(
-            TrickRow(dog_id=str(event.originator_id), version=event.originator_version, trick=event.trick)
+            TrickRow(
+                dog_id=str(event.originator_id), version=event.originator_version, trick=event.trick
+            )
         )
 
 
@@ -124,10 +125,9 @@ def main() -> None:
     import json
     import sys
 
-    from sqlalchemy import create_engine
-
     from esbridge_connectors.sql_projection import ProjectionRunner
     from esbridge_connectors.upstream import application_mapper
+    from sqlalchemy import create_engine
 
     url, env = sys.argv[1], json.loads(sys.argv[2])
     runner = ProjectionRunner(

@@ -24,11 +24,6 @@ from typing import Any
 import jsonschema
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from eventsourcing.application import Application
-from eventsourcing.domain import Aggregate, event
-from eventsourcing.persistence import Transcoder, Transcoding
-
-from esbridge.errors import MessageFormatError
 from esbridge_connectors.analytics import (
     BINARY,
     STRUCTURED,
@@ -36,7 +31,6 @@ from esbridge_connectors.analytics import (
     CloudEventsEncoder,
     read_cloudevent,
 )
-from esbridge.relay import Relay
 from esbridge_connectors.replay import Replay
 from esbridge_connectors.schemas import (
     discover_event_classes,
@@ -44,6 +38,12 @@ from esbridge_connectors.schemas import (
     write_schemas,
 )
 from esbridge_connectors.upstream import application_mapper
+from eventsourcing.application import Application
+from eventsourcing.domain import Aggregate, event
+from eventsourcing.persistence import Transcoder, Transcoding
+
+from esbridge.errors import MessageFormatError
+from esbridge.relay import Relay
 
 
 class Tier(Enum):
@@ -124,7 +124,10 @@ def record_history(app: Shop, customers: int) -> None:
     referrer: uuid.UUID | None = None
     for i in range(customers):
         c = Customer(
-            f"customer-{i}", Tier.BASIC, date(1990, 1, 1 + i % 28), Address(f"{i} Main St", "Oslo"),
+            f"customer-{i}",
+            Tier.BASIC,
+            date(1990, 1, 1 + i % 28),
+            Address(f"{i} Main St", "Oslo"),
             referrer,
         )
         c.charge(Decimal(f"{i}.50"), ["web", f"batch-{i % 3}"], datetime(2026, 11, 23, 12, i % 60))
@@ -250,7 +253,9 @@ def test_reference_reader_gives_the_same_cloudevent_in_both_modes(shop, postgres
     mapper = application_mapper(Shop, postgres_db.env)
     notifications = shop.recorder.select_notifications(start=1, limit=100)
     structured = CloudEventsEncoder(shop.name, mapper, dataschema_base="https://example.com/s/")
-    binary = CloudEventsEncoder(shop.name, mapper, mode=BINARY, dataschema_base="https://example.com/s")
+    binary = CloudEventsEncoder(
+        shop.name, mapper, mode=BINARY, dataschema_base="https://example.com/s"
+    )
     for n in notifications:
         a = read_cloudevent(*structured.encode(n))
         b = read_cloudevent(*binary.encode(n))
@@ -328,9 +333,9 @@ def test_replay_of_an_analytics_topic_repeats_the_relays_messages(
         relay.publish_available()
     finally:
         relay.close()
-    Replay(shop.name, kafka_config=kafka_config, topic=topic, env=postgres_db.env, encoder=encoder).run(
-        1, 10
-    )
+    Replay(
+        shop.name, kafka_config=kafka_config, topic=topic, env=postgres_db.env, encoder=encoder
+    ).run(1, 10)
     messages = plain_consume(kafka_config, topic, 2, total + 10)
     assert len(messages) == total + 10
     first: dict[int, Any] = {}
@@ -339,7 +344,10 @@ def test_replay_of_an_analytics_topic_repeats_the_relays_messages(
         if nid in first:
             original = first[nid]
             assert (m.key(), m.partition(), m.headers(), m.value()) == (
-                original.key(), original.partition(), original.headers(), original.value()
+                original.key(),
+                original.partition(),
+                original.headers(),
+                original.value(),
             )
         else:
             first[nid] = m

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import pytest
+from esbridge_connectors.calling import OutboundRequest, RetryPolicy
+from esbridge_connectors.outbound import OutboundCall, OutboundFollower, OutboundWorker
+from esbridge_connectors.serving import BackgroundServer
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.system import SingleThreadedRunner, System
@@ -37,9 +39,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from esbridge.deadletter import DeadLetterStore
-from esbridge_connectors.calling import OutboundRequest, RetryPolicy
-from esbridge_connectors.outbound import OutboundCall, OutboundFollower, OutboundWorker
-from esbridge_connectors.serving import BackgroundServer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -115,7 +114,9 @@ class PaymentAPI:
         if mode == "flaky" and attempt <= 2:
             return JSONResponse({"error": "internal"}, status_code=500)
         if mode == "ratelimited" and attempt == 1:
-            return JSONResponse({"error": "slow down"}, status_code=429, headers={"Retry-After": "1"})
+            return JSONResponse(
+                {"error": "slow down"}, status_code=429, headers={"Retry-After": "1"}
+            )
         if mode == "unavailable" and attempt == 1:
             return JSONResponse({"error": "maint"}, status_code=503, headers={"Retry-After": "1"})
         if mode == "broken":
@@ -294,12 +295,16 @@ def test_kill_9_mid_stream_still_one_effect_per_event(postgres_db, tmp_path):
     shop = Shop(env=env)
     place(shop, ["ok"] * n_orders)
     with BackgroundServer(payment_api.asgi) as server:
-        child_env = os.environ | env | {
-            "OUTBOUND_BASE_URL": server.url,
-            # pytest imports this module as "test_outbound" (rootdir-relative basename), so
-            # the events' topics name that module: the child must import it the same way.
-            "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
-        }
+        child_env = (
+            os.environ
+            | env
+            | {
+                "OUTBOUND_BASE_URL": server.url,
+                # pytest imports this module as "test_outbound" (rootdir-relative basename), so
+                # the events' topics name that module: the child must import it the same way.
+                "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
+            }
+        )
         command = [
             sys.executable, "-m", "esbridge_connectors.outbound",
             "test_outbound:make_follower", "Shop", "--batch-size", "40",

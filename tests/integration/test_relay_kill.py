@@ -27,6 +27,9 @@ ESBRIDGE = str(Path(sys.executable).parent / "esbridge")
 EVENTS = 100_000
 KILLS = 22
 PARTITIONS = 3
+BROKER_RESTART_AT = 5  # iterations where the relay has started publishing (i % 4 != 3)
+POSTGRES_RESTART_AT = 13
+WRITE_RATE = "1500"  # events/s: the writer runs during most of the kill loop
 
 
 def _env(postgres_db, kafka_broker) -> dict[str, str]:
@@ -109,9 +112,9 @@ def test_kill_9_relay_while_writing_and_restarting_servers(
             # Most kills hit a publishing relay (after start-up), some hit start-up.
             if i % 4 != 3 and _wait_started(log_path, relay):
                 killed_running += 1
-            if i == KILLS // 3:
+            if i == BROKER_RESTART_AT:
                 kafka_broker.restart()  # the relay is publishing: it must recover by itself
-            if i == 2 * KILLS // 3:
+            if i == POSTGRES_RESTART_AT:
                 postgres_server.restart()  # relay and writer both reconnect
             time.sleep(rng.uniform(0.05, 2.0))
             assert relay.poll() is None, f"relay exited by itself ({relay.returncode})"

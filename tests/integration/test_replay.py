@@ -20,16 +20,16 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from sql_projection_domain import DogProjection, DogSchool, table_contents
-from sqlalchemy import create_engine
-
-from esbridge.errors import ConfigurationError
-from esbridge.reconcile import PartitionOrder
-from esbridge.consumer import ConsumerAdapter
-from esbridge.relay import Relay
 from esbridge_connectors.replay import Replay
 from esbridge_connectors.sql_projection_kafka import KafkaProjectionFeed
 from esbridge_connectors.upstream import application_mapper
+from sql_projection_domain import DogProjection, DogSchool, table_contents
+from sqlalchemy import create_engine
+
+from esbridge.consumer import ConsumerAdapter
+from esbridge.errors import ConfigurationError
+from esbridge.reconcile import PartitionOrder
+from esbridge.relay import Relay
 
 HERE = Path(__file__).resolve().parent
 PARTITIONS = 3
@@ -205,9 +205,7 @@ def test_bad_ranges_are_refused(postgres_db, kafka_config):
         replay.run(5, 4)
 
 
-def test_replay_is_deduplicated_by_the_consumer_adapter(
-    postgres_db, kafka_config, create_topic
-):
+def test_replay_is_deduplicated_by_the_consumer_adapter(postgres_db, kafka_config, create_topic):
     """A follower that processed everything records nothing new for a replayed range."""
     from examples.dogschool.application import DogSchool as ExampleSchool
     from tests.integration.consumer_apps import Mirror, populate, verify_mirror
@@ -228,9 +226,7 @@ def test_replay_is_deduplicated_by_the_consumer_adapter(
     try:
         assert consumer.process_available(timeout=30) == total
         recorded = mirror.recorder.max_notification_id()
-        Replay(school.name, kafka_config=kafka_config, topic=topic, env=postgres_db.env).run(
-            10, 40
-        )
+        Replay(school.name, kafka_config=kafka_config, topic=topic, env=postgres_db.env).run(10, 40)
         assert consumer.process_available(timeout=10) == 0
         status = consumer.status()
         assert status.duplicates == 31

@@ -22,6 +22,11 @@ import time
 from pathlib import Path
 
 import pytest
+from esbridge_connectors.replay import Replay
+from esbridge_connectors.sql_projection import ProjectionRunner
+from esbridge_connectors.sql_projection_kafka import KafkaProjectionFeed
+from esbridge_connectors.sql_tracking import ProjectionConflictError
+from esbridge_connectors.upstream import application_mapper
 from sql_projection_domain import (
     DogNameProjection,
     DogProjection,
@@ -33,11 +38,6 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from esbridge.relay_messages import key_partitioner
-from esbridge_connectors.replay import Replay
-from esbridge_connectors.sql_projection import ProjectionRunner
-from esbridge_connectors.sql_projection_kafka import KafkaProjectionFeed
-from esbridge_connectors.sql_tracking import ProjectionConflictError
-from esbridge_connectors.upstream import application_mapper
 
 HERE = Path(__file__).resolve().parent
 
@@ -165,7 +165,9 @@ def _wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def test_projection_killed_mid_stream_equals_a_rebuild(school, postgres_db, postgres_server, tmp_path):
+def test_projection_killed_mid_stream_equals_a_rebuild(
+    school, postgres_db, postgres_server, tmp_path
+):
     db = postgres_server.create_database()
     engine = create_engine(db.url)
     watcher = runner_for(DogProjection(), engine, postgres_db)  # reads the position only
@@ -336,8 +338,29 @@ def test_kafka_feed_fills_a_gap_from_the_log(
         assert feed.process_available(timeout=3) == 30
         partition_of = key_partitioner(2)
         before = school.recorder.select_notifications(start=1, limit=10)
-        assert feed.gaps_filled == len({partition_of(str(n.originator_id).encode()) for n in before})
+        assert feed.gaps_filled == len(
+            {partition_of(str(n.originator_id).encode()) for n in before}
+        )
         assert table_contents(engine) == expected_contents(school)
     finally:
         feed.close()
         engine.dispose()
+
+
+def test_a_rebuild_that_fails_part_way_changes_nothing(school, target, postgres_db):
+    """Reset of tables, position and dead letters is one transaction (also on SQLite)."""
+    for i in range(5):
+        school.register(f"dog-{i}", tricks=2)
+    runner = runner_for(DogProjection(), target, postgres_db)
+    runner.run_once()
+    before = table_contents(target)
+
+    class Broken(DogProjection):
+        def create_tables(self, conn) -> None:
+            raise RuntimeError("disk full")
+
+    broken = runner_for(Broken(), target, postgres_db)
+    with pytest.raises(RuntimeError, match="disk full"):
+        broken.rebuild()
+    assert table_contents(target) == before
+    assert runner.position() == 15

@@ -3,9 +3,11 @@
 50 concurrent senders push 10,000 deliveries: 8,000 distinct delivery ids and
 2,000 duplicates (shuffled, so many arrive while their original is still in
 flight); senders retry on connection errors and 5xx until they get a 2xx.
-Exactly 8,000 payments and 8,000 receipts must be recorded, once each. The
-second test kills the intake with SIGKILL in the middle of the load and
-restarts it; the senders' retries must still leave exactly 8,000.
+Exactly 8,000 payments and 8,000 receipts must be recorded, once each, although
+the intake is killed with SIGKILL in the middle of the load and restarted: the
+senders' retries (same delivery ids) must still leave exactly 8,000.
+Throughput and latency figures: ``bench/webhooks.py`` (same sender, with a
+bare uvicorn endpoint as the baseline in the same run).
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ from typing import Any
 
 import httpx
 import pytest
-from test_webhooks import SIGNATURE, Payments, recorded
-
 from esbridge_connectors.sender import Delivery, SendStats, send_all
+from test_webhooks import SIGNATURE, Payments, recorded
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -47,12 +48,16 @@ class IntakeProcess:
     """``python -m esbridge_connectors.webhooks test_webhooks:make_intake`` on a fixed port."""
 
     def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
-        self.env = os.environ | env | {
-            # pytest imports the test modules by basename; so must the child (event topics).
-            "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
-            "POSTGRES_POOL_SIZE": "16",
-            "INTAKE_CONCURRENCY": "16",
-        }
+        self.env = (
+            os.environ
+            | env
+            | {
+                # pytest imports the test modules by basename; so must the child (event topics).
+                "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
+                "POSTGRES_POOL_SIZE": "16",
+                "INTAKE_CONCURRENCY": "16",
+            }
+        )
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
@@ -130,25 +135,7 @@ def report(name: str, stats: SendStats) -> None:
 
 
 @pytest.mark.slow
-def test_10000_deliveries_50_senders_record_exactly_8000(postgres_db, tmp_path):
-    distinct, sends = make_deliveries()
-    Payments(env=postgres_db.env).close()  # create the tables before the load
-    intake = IntakeProcess(postgres_db.env, free_port(), tmp_path / "intake.log")
-    intake.start()
-    try:
-        stats = asyncio.run(
-            send_all(f"{intake.url}/webhooks", sends, signature=SIGNATURE, concurrency=SENDERS)
-        )
-    finally:
-        intake.stop()
-    report("load", stats)
-    assert stats.statuses.get("recorded") == DISTINCT
-    assert stats.statuses.get("recorded", 0) + stats.statuses.get("duplicate", 0) == len(sends)
-    check_exact(postgres_db.env, distinct)
-
-
-@pytest.mark.slow
-def test_kill_9_mid_load_then_restart_still_exactly_8000(postgres_db, tmp_path):
+def test_10000_deliveries_kill_9_mid_load_then_restart_still_exactly_8000(postgres_db, tmp_path):
     distinct, sends = make_deliveries(seed=11)
     Payments(env=postgres_db.env).close()
     intake = IntakeProcess(postgres_db.env, free_port(), tmp_path / "intake.log")
@@ -182,5 +169,6 @@ def test_kill_9_mid_load_then_restart_still_exactly_8000(postgres_db, tmp_path):
     stats: SendStats = result["stats"]
     report("load with kill -9", stats)
     assert stats.statuses.get("transport_error", 0) > 0  # the kill did cut requests off
-    assert stats.statuses.get("recorded", 0) <= DISTINCT
+    assert stats.statuses.get("recorded", 0) <= DISTINCT  # a lost 2xx comes back "duplicate"
+    assert stats.statuses.get("recorded", 0) + stats.statuses.get("duplicate", 0) == len(sends)
     check_exact(postgres_db.env, distinct)

@@ -1,0 +1,292 @@
+"""Relay throughput, memory and latency, against a bare confluent-kafka producer.
+
+    python bench/relay.py [--events 200000] [--runs 3] [--rss-events 1000000] [--partitions 3]
+
+Starts its own PostgreSQL and Kafka (esbridge.testing; or external servers named
+by ESBRIDGE_POSTGRES_DSN / ESBRIDGE_KAFKA_BOOTSTRAP), stores a backlog of
+200-byte events, then, in the same run:
+
+1. relay events/s (payload mode, exactly once) publishing the backlog, and a bare
+   confluent-kafka producer sending the same messages (same keys, values,
+   headers, partitions) with the same settings (the relay's producer defaults,
+   idempotence, one transaction per 50,000 messages); the ratio; median of runs;
+2. the relay's peak RSS (a subprocess) publishing a backlog of ``--rss-events``;
+3. latency from commit in Postgres to visibility in a read_committed consumer
+   at 1,000 events/s offered load (p50, p99).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, Producer, TopicPartition
+from eventsourcing.application import Application
+from eventsourcing.domain import Aggregate, event
+
+from esbridge.relay import Relay
+from esbridge.relay_messages import PayloadEncoder
+from esbridge.relay_publisher import PRODUCER_DEFAULTS
+
+APP = "BenchLog"
+EVENT_BYTES = 200
+TRANSACTION = 50_000
+
+
+class Account(Aggregate):
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    @event("Noted")
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+class BenchLog(Application):
+    name = APP
+
+
+def store_backlog(env: dict[str, str], dsn: str, events: int) -> None:
+    """``events`` stored events of ~200 bytes each (SQL copies of one real event)."""
+    app = BenchLog(env=env)
+    account = Account()
+    account.note(text="")
+    app.save(account)
+    last = "SELECT topic, state FROM benchlog_events ORDER BY notification_id DESC LIMIT 1"
+    with psycopg.connect(dsn) as conn:
+        _, state = conn.execute(last).fetchone() or ("", b"")
+        account.note(text="x" * max(EVENT_BYTES - len(bytes(state)), 0))
+        app.save(account)
+        topic, state = conn.execute(last).fetchone() or ("", b"")
+        conn.execute("DELETE FROM benchlog_events")
+        conn.commit()
+        done = 0
+        while done < events:  # chunks: one transaction each
+            n = min(200_000, events - done)
+            conn.execute(
+                "INSERT INTO benchlog_events (originator_id, originator_version, topic, state) "
+                "SELECT gen_random_uuid(), 1, %s, %s FROM generate_series(1, %s)",
+                (topic, state, n),
+            )
+            conn.commit()
+            done += n
+    app.close()
+
+
+def relay_run(env: dict[str, str], kafka: dict[str, Any], topic: str, partitions: int) -> float:
+    relay = Relay(APP, kafka_config=kafka, topic=topic, env=env, partitions=partitions)
+    try:
+        relay.prepare()
+        start = time.perf_counter()
+        count = relay.publish_available()
+        return count / (time.perf_counter() - start)
+    finally:
+        relay.close()
+
+
+def bare_run(
+    kafka: dict[str, Any], topic: str, messages: list[tuple[bytes, bytes, Any, int]], total: int
+) -> float:
+    """The same messages, same settings, from a plain transactional producer."""
+    conf = dict(PRODUCER_DEFAULTS)
+    conf.update(kafka)
+    conf.update({"enable.idempotence": True, "transactional.id": f"bare-{uuid.uuid4().hex}"})
+    producer = Producer(conf)
+    producer.init_transactions(60)
+    start = time.perf_counter()
+    sent = 0
+    while sent < total:
+        producer.begin_transaction()
+        in_tx = 0
+        while in_tx < TRANSACTION and sent < total:
+            key, value, headers, partition = messages[sent % len(messages)]
+            while True:
+                try:
+                    producer.produce(topic, value, key, partition, headers=headers)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            sent += 1
+            in_tx += 1
+        producer.commit_transaction(60)
+    return total / (time.perf_counter() - start)
+
+
+def prebuilt_messages(env: dict[str, str], partitions: int, limit: int) -> list[Any]:
+    from esbridge.notification_log import open_recorder
+
+    recorder = open_recorder(APP, env)
+    encoder = PayloadEncoder(APP, partitions)
+    last = [0] * partitions
+    notifications = recorder.select_notifications(start=1, limit=limit)
+    return [encoder.message(n, last) for n in notifications]
+
+
+def create_topic(kafka_broker: Any, partitions: int) -> str:
+    return str(kafka_broker.create_topic(partitions=partitions))
+
+
+def rss_child(args: argparse.Namespace) -> None:
+    """Publish the backlog in this process and print the peak RSS (MB)."""
+    env = json.loads(os.environ["BENCH_ENV"])
+    kafka = {"bootstrap.servers": os.environ["BENCH_BOOTSTRAP"]}
+    rate = relay_run(env, kafka, os.environ["BENCH_TOPIC"], args.partitions)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"rate": rate, "peak_rss_mb": peak_mb}))
+
+
+def latency(
+    env: dict[str, str], kafka: dict[str, Any], topic: str, seconds: float = 10.0
+) -> tuple[float, float, int]:
+    """p50, p99 (ms) from commit in Postgres to visibility at 1,000 events/s offered."""
+    relay = Relay(APP, kafka_config=kafka, topic=topic, env=env, partitions=1)
+    relay.prepare()
+    consumer = Consumer(
+        {
+            **kafka,
+            "group.id": f"lat-{uuid.uuid4().hex}",
+            "isolation.level": "read_committed",
+            "fetch.wait.max.ms": 5,
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    # Skip what the relay published of the backlog before (position starts there).
+    committed: dict[bytes, float] = {}
+    seen: list[float] = []
+    stop = threading.Event()
+
+    def consume() -> None:
+        while not stop.is_set():
+            for m in consumer.consume(1000, 0.05):
+                if m.error() is None:
+                    t = committed.get(m.key())
+                    if t is not None:
+                        seen.append(time.time() - t)
+
+    app = BenchLog(env=env)
+    relay_thread = threading.Thread(target=relay.run)
+    consumer_thread = threading.Thread(target=consume)
+    relay_thread.start()
+    consumer_thread.start()
+    try:
+        start = time.monotonic()
+        sent = 0
+        while time.monotonic() - start < seconds:
+            accounts = [Account() for _ in range(10)]
+            app.save(*accounts)
+            now = time.time()
+            for a in accounts:
+                committed[str(a.id).encode()] = now
+            sent += 10
+            ahead = sent / 1000 - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+        deadline = time.monotonic() + 10
+        while len(seen) < sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        relay.stop()
+        relay_thread.join(10)
+        consumer_thread.join(10)
+        consumer.close()
+        app.close()
+    ordered = sorted(seen)
+    p50 = ordered[len(ordered) // 2] * 1000
+    p99 = ordered[int(len(ordered) * 0.99)] * 1000
+    return p50, p99, len(seen)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rss-events", type=int, default=1_000_000)
+    parser.add_argument("--partitions", type=int, default=3)
+    parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        rss_child(args)
+        return
+
+    from esbridge.testing import make_kafka, make_postgres
+
+    postgres, broker = make_postgres(), make_kafka()
+    try:
+        db = postgres.create_database()
+        env = db.env
+        kafka = broker.config()
+        t = time.perf_counter()
+        store_backlog(env, db.dsn, args.events)
+        print(f"backlog: {args.events} events of {EVENT_BYTES} B ({time.perf_counter() - t:.1f} s)")
+        messages = prebuilt_messages(env, args.partitions, 25_000)
+        relay_rates, bare_rates = [], []
+        for run in range(args.runs):
+            relay_rates.append(
+                relay_run(env, kafka, create_topic(broker, args.partitions), args.partitions)
+            )
+            bare_rates.append(
+                bare_run(kafka, create_topic(broker, args.partitions), messages, args.events)
+            )
+            print(
+                f"run {run + 1}: relay {relay_rates[-1]:,.0f} events/s, "
+                f"bare producer {bare_rates[-1]:,.0f} msg/s"
+            )
+        relay_median, bare_median = statistics.median(relay_rates), statistics.median(bare_rates)
+        print(
+            f"relay (payloads, exactly once, {args.partitions} partitions): "
+            f"{relay_median:,.0f} events/s (median of {args.runs})"
+        )
+        print(
+            f"bare confluent-kafka producer, same messages and settings: {bare_median:,.0f} msg/s"
+        )
+        print(f"ratio relay/bare: {relay_median / bare_median:.2f}")
+
+        if args.rss_events:
+            db2 = postgres.create_database()
+            t = time.perf_counter()
+            store_backlog(db2.env, db2.dsn, args.rss_events)
+            print(f"backlog for RSS: {args.rss_events} events ({time.perf_counter() - t:.1f} s)")
+            out = subprocess.run(
+                [sys.executable, __file__, "--rss-child", "--partitions", str(args.partitions)],
+                env={
+                    **os.environ,
+                    "BENCH_ENV": json.dumps(db2.env),
+                    "BENCH_BOOTSTRAP": broker.bootstrap_servers,
+                    "BENCH_TOPIC": create_topic(broker, args.partitions),
+                },
+                capture_output=True,
+                check=True,
+                text=True,
+            )
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            print(
+                f"relay peak RSS publishing {args.rss_events} events: "
+                f"{result['peak_rss_mb']:.0f} MB ({result['rate']:,.0f} events/s)"
+            )
+
+        db3 = postgres.create_database()
+        BenchLog(env=db3.env).close()
+        p50, p99, n = latency(db3.env, kafka, create_topic(broker, 1))
+        print(
+            f"commit -> read_committed visibility at 1,000 events/s: p50 {p50:.0f} ms, "
+            f"p99 {p99:.0f} ms ({n} events)"
+        )
+    finally:
+        broker.close()
+        postgres.close()
+
+
+if __name__ == "__main__":
+    main()
