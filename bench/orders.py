@@ -28,9 +28,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eventsourcing.system import MultiThreadedRunner  # noqa: E402
+from eventsourcing.system import MultiThreadedRunner
 
-from esbridge.demo import (  # noqa: E402
+from esbridge.demo import (
     SystemProcesses,
     Timings,
     count_effects,
@@ -39,7 +39,7 @@ from esbridge.demo import (  # noqa: E402
     order_timings,
     paid_counter,
 )
-from esbridge.testing import make_kafka, make_postgres  # noqa: E402
+from esbridge.testing import make_kafka, make_postgres
 
 
 def measure(
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=10, help="orders created per transaction")
     parser.add_argument("--partitions", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="processes per application")
     parser.add_argument("--mode", choices=["payloads", "prompts"], default="payloads")
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
@@ -100,13 +101,22 @@ def main(argv: list[str] | None = None) -> int:
         lib_env = dict(postgres.create_database().env)
 
         with SystemProcesses(
-            esb_env, kafka.config(), partitions=args.partitions, mode=args.mode
+            esb_env,
+            kafka.config(),
+            partitions=args.partitions,
+            mode=args.mode,
+            workers=args.workers,
         ) as processes:
             orders = example("application").Orders(env=processes.env)
             try:
                 started = time.monotonic()
                 esb, esb_ids = measure(
-                    orders, processes.env, args.orders, args.runs, args.batch, args.timeout,
+                    orders,
+                    processes.env,
+                    args.orders,
+                    args.runs,
+                    args.batch,
+                    args.timeout,
                     processes.poll,
                 )
                 print(f"  (esbridge runs took {time.monotonic() - started:.1f} s)", flush=True)
@@ -115,22 +125,29 @@ def main(argv: list[str] | None = None) -> int:
         check_exactly_once(processes.env, esb_ids, "esbridge")
 
         system = example("system").system
-        with MultiThreadedRunner(system, env=lib_env) as runner:
+        runner: MultiThreadedRunner[Any] = MultiThreadedRunner(system, env=lib_env)
+        with runner:
             lib_orders = runner.get(example("application").Orders)
             noop: Callable[[], None] = lambda: None  # noqa: E731
             lib, lib_ids = measure(
-                lib_orders, lib_env, args.baseline_orders, args.runs, args.batch, args.timeout,
+                lib_orders,
+                lib_env,
+                args.baseline_orders,
+                args.runs,
+                args.batch,
+                args.timeout,
                 noop,
             )
         check_exactly_once(lib_env, lib_ids, "MultiThreadedRunner")
 
         print()
         print(
-            f"orders system, created -> paid, {args.partitions} partition(s), {args.mode}, "
+            f"orders system, created -> paid, {args.partitions} partition(s), "
+            f"{args.workers} worker(s) per application, {args.mode}, "
             f"orders created {args.batch} per transaction; every order reserved and paid "
             "exactly once in both"
         )
-        esb_rate, _, _ = summary("esbridge, 1 OS process per application ", esb)
+        esb_rate, _, _ = summary("esbridge, OS processes per application  ", esb)
         lib_rate, _, _ = summary("eventsourcing MultiThreadedRunner       ", lib)
         print(f"ratio: {esb_rate / lib_rate:.1f}x")
         return 0

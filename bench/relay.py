@@ -136,13 +136,40 @@ def create_topic(kafka_broker: Any, partitions: int) -> str:
     return str(kafka_broker.create_topic(partitions=partitions))
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmRSS"))
+    return int(line.split()[1]) / 1024
+
+
 def rss_child(args: argparse.Namespace) -> None:
-    """Publish the backlog in this process and print the peak RSS (MB)."""
+    """Publish the backlog in this process; print the rate, peak RSS and RSS over time (MB)."""
     env = json.loads(os.environ["BENCH_ENV"])
     kafka = {"bootstrap.servers": os.environ["BENCH_BOOTSTRAP"]}
-    rate = relay_run(env, kafka, os.environ["BENCH_TOPIC"], args.partitions)
+    relay = Relay(
+        APP,
+        kafka_config=kafka,
+        topic=os.environ["BENCH_TOPIC"],
+        env=env,
+        partitions=args.partitions,
+    )
+    relay.prepare()
+    samples: list[tuple[int, float]] = [(0, _rss_mb())]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(1.0):
+            samples.append((relay.status().position, _rss_mb()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    count = relay.publish_available()
+    rate = count / (time.perf_counter() - start)
+    done.set()
+    relay.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rate": rate, "peak_rss_mb": peak_mb}))
+    print(json.dumps({"rate": rate, "peak_rss_mb": peak_mb, "samples": samples}))
 
 
 def latency(
@@ -274,6 +301,12 @@ def main() -> None:
             print(
                 f"relay peak RSS publishing {args.rss_events} events: "
                 f"{result['peak_rss_mb']:.0f} MB ({result['rate']:,.0f} events/s)"
+            )
+            samples = result["samples"]
+            step = max(1, len(samples) // 8)
+            print(
+                "RSS (MB) by position: "
+                + ", ".join(f"{pos:,}: {mb:.0f}" for pos, mb in samples[::step] + samples[-1:])
             )
 
         db3 = postgres.create_database()

@@ -154,10 +154,13 @@ class CallIdentity:
 
 @dataclass
 class _Prepared:
-    event: Any  # keeps the event alive, so its id() is not reused while prepared
     identity: CallIdentity
     request: OutboundRequest
     outcome: CallOutcome
+
+
+MAX_PREPARED = 100_000
+"""Outcomes kept for unrecorded batches at most (beyond: forgotten, the calls are repeated)."""
 
 
 class OutboundFollower(ProcessApplication[uuid.UUID]):
@@ -205,7 +208,12 @@ class OutboundFollower(ProcessApplication[uuid.UUID]):
             response_part=self.response_part,
             stop=self.stop_calls,
         )
-        self._prepared: dict[int, _Prepared] = {}
+        # Outcomes of calls made for batches not recorded yet, by idempotency key (so a
+        # batch retried after a database failure is not called again), and the events
+        # of the batch being applied (id -> (event, key); the event is kept alive so
+        # that its id() is not reused meanwhile).
+        self._prepared: dict[str, _Prepared] = {}
+        self._batch: dict[int, tuple[Any, str]] = {}
 
     # --- what users override ------------------------------------------------
 
@@ -227,8 +235,11 @@ class OutboundFollower(ProcessApplication[uuid.UUID]):
     def policy(
         self, domain_event: DomainEventProtocol[Any], processing_event: ProcessingEvent[Any]
     ) -> None:
-        prepared = self._prepared.get(id(domain_event))
-        if prepared is not None and prepared.event is domain_event:
+        event_and_key = self._batch.get(id(domain_event))
+        prepared = None
+        if event_and_key is not None and event_and_key[0] is domain_event:
+            prepared = self._prepared.get(event_and_key[1])
+        if prepared is not None:
             identity, request, outcome = prepared.identity, prepared.request, prepared.outcome
         else:
             maybe = self.request(domain_event)
@@ -268,9 +279,11 @@ class OutboundFollower(ProcessApplication[uuid.UUID]):
         Outcomes are kept until :meth:`forget`, so a batch whose transaction
         fails (database down) is recorded later without calling again.
         """
-        groups: dict[str, list[tuple[Any, CallIdentity, OutboundRequest]]] = {}
+        if len(self._prepared) > MAX_PREPARED:
+            self._prepared.clear()
+        groups: dict[str, list[tuple[CallIdentity, OutboundRequest]]] = {}
         for step in steps:
-            if step.event is None or id(step.event) in self._prepared:
+            if step.event is None:
                 continue
             try:
                 request = self.request(step.event)
@@ -279,29 +292,36 @@ class OutboundFollower(ProcessApplication[uuid.UUID]):
             if request is None:
                 continue
             identity = self.identity(*step_identity(step))
-            groups.setdefault(step.key, []).append((step.event, identity, request))
+            self._batch[id(step.event)] = (step.event, identity.key)
+            if identity.key not in self._prepared:
+                groups.setdefault(step.key, []).append((identity, request))
         if not groups:
             return
 
-        def run(calls: list[tuple[Any, CallIdentity, OutboundRequest]]) -> None:
-            for domain_event, identity, request in calls:
+        def run(calls: list[tuple[CallIdentity, OutboundRequest]]) -> None:
+            for identity, request in calls:
                 outcome = self.caller.call(request, identity.key)
-                self._prepared[id(domain_event)] = _Prepared(
-                    domain_event, identity, request, outcome
-                )
+                self._prepared[identity.key] = _Prepared(identity, request, outcome)
 
         with ThreadPoolExecutor(max(1, min(self.concurrency, len(groups)))) as pool:
             for future in [pool.submit(run, calls) for calls in groups.values()]:
                 future.result()
 
     def prepared_outcome(self, step: Step) -> CallOutcome | None:
-        prepared = self._prepared.get(id(step.event)) if step.event is not None else None
+        event_and_key = self._batch.get(id(step.event)) if step.event is not None else None
+        if event_and_key is None or event_and_key[0] is not step.event:
+            return None
+        prepared = self._prepared.get(event_and_key[1])
         return prepared.outcome if prepared is not None else None
 
-    def forget(self, steps: Iterable[Step]) -> None:
+    def forget(self, steps: Iterable[Step], *, recorded: bool) -> None:
+        """The batch of ``steps`` is over; drop its outcomes if they were ``recorded``."""
         for step in steps:
-            if step.event is not None:
-                self._prepared.pop(id(step.event), None)
+            if step.event is None:
+                continue
+            event_and_key = self._batch.pop(id(step.event), None)
+            if recorded and event_and_key is not None:
+                self._prepared.pop(event_and_key[1], None)
 
     def close(self) -> None:
         self.stop_calls.set()
@@ -357,13 +377,17 @@ class OutboundSink:
         return self.inner.position(tracking_name)
 
     def apply(self, steps: Sequence[Step], expected: Mapping[str, int]) -> None:
-        self.follower.prepare(steps)
-        for step in steps:
-            outcome = self.follower.prepared_outcome(step)
-            if outcome is not None and not outcome.succeeded and step.dead_letter is None:
-                step.dead_letter = self._letter(step, outcome)
-        self.inner.apply(steps, expected)
-        self.follower.forget(steps)
+        recorded = False
+        try:
+            self.follower.prepare(steps)
+            for step in steps:
+                outcome = self.follower.prepared_outcome(step)
+                if outcome is not None and not outcome.succeeded and step.dead_letter is None:
+                    step.dead_letter = self._letter(step, outcome)
+            self.inner.apply(steps, expected)
+            recorded = True
+        finally:
+            self.follower.forget(steps, recorded=recorded)
 
     def _letter(self, step: Step, outcome: CallOutcome) -> DeadLetter:
         upstream, nid = step_identity(step)

@@ -144,7 +144,9 @@ class DeadLetterStore:
         )
 
     def create_table(self) -> None:
+        # Serialise concurrent creators: CREATE TABLE IF NOT EXISTS races on pg_type.
         with self.datastore.transaction(commit=True) as curs:
+            curs.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (TABLE,))
             curs.execute(self._ddl)
 
     def insert(self, curs: Any, letters: Iterable[DeadLetter]) -> None:

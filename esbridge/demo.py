@@ -219,8 +219,18 @@ class SystemProcesses:
         self.supervisor.stop()
 
     def poll(self) -> None:
-        """Restart workers that died (call now and then)."""
-        self.supervisor.poll()
+        """Restart workers that died (call now and then).
+
+        Raises :class:`~esbridge.runner.SystemRunnerError` when a worker stopped on a
+        configuration error (restarting it cannot help).
+        """
+        code = self.supervisor.poll()
+        if code is not None:
+            from esbridge.runner import SystemRunnerError
+
+            raise SystemRunnerError(
+                f"a worker process exited with status {code} (its error is printed above)"
+            )
 
     def pids(self) -> dict[str, int]:
         return self.supervisor.pids()

@@ -76,9 +76,7 @@ def read_properties(path: str | Path) -> dict[str, str]:
             continue
         separators = [i for i in (line.find("="), line.find(":")) if i > 0]
         if not separators:
-            raise ConfigurationError(
-                f"{path}:{number}: expected 'name=value', got {raw!r}"
-            )
+            raise ConfigurationError(f"{path}:{number}: expected 'name=value', got {raw!r}")
         i = min(separators)
         config[line[:i].strip()] = line[i + 1 :].strip()
     return config

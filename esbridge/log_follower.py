@@ -91,7 +91,9 @@ class LogWaker:
         delay = 0.2
         while not self._stopped.is_set():
             try:
-                with psycopg.connect(conninfo, autocommit=True, connect_timeout=5, **kwargs) as conn:
+                with psycopg.connect(
+                    conninfo, autocommit=True, connect_timeout=5, **kwargs
+                ) as conn:
                     conn.execute(sql.SQL("LISTEN {0}").format(sql.Identifier(self.channel)))
                     self.connected.set()
                     self.event.set()  # something may have been missed while disconnected

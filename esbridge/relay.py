@@ -48,7 +48,7 @@ from prometheus_client import CollectorRegistry
 from esbridge import wire
 from esbridge.errors import ConfigurationError, EsbridgeError, RelayError
 from esbridge.log_follower import LogWaker
-from esbridge.notification_log import upstream_environment
+from esbridge.notification_log import read_pages, upstream_environment
 from esbridge.partitioning import partition_for_key
 from esbridge.relay_messages import Encoder, PayloadEncoder, content_type_for
 from esbridge.relay_metrics import RelayMetrics
@@ -162,6 +162,8 @@ class Relay:
         self.partitions = partitions
         self.position_topic = self.tuning.position_topic or default_position_topic(topic)
         self.metrics = RelayMetrics(app_name, topic, registry)
+        # An encoder hook may decode events with the mapper: it gets UUID ids.
+        self._reader = read_pages if self.encoder_hook is not None else read_pages_for_publishing
 
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -193,7 +195,11 @@ class Relay:
                 self.app,
                 self.topic,
                 self.mode,
-                "exactly once" if self.exactly_once else "at least once",
+                "may be lost or repeated"
+                if self.mode == PROMPTS
+                else "exactly once"
+                if self.exactly_once
+                else "at least once",
                 self._position,
                 extra={"app": self.app, "topic": self.topic},
             )
@@ -463,9 +469,7 @@ class Relay:
         total = 0
         started = time.monotonic()
         try:
-            for page in read_pages_for_publishing(
-                recorder, publisher.working_nid, page_size=tuning.page_size
-            ):
+            for page in self._reader(recorder, publisher.working_nid, page_size=tuning.page_size):
                 publisher.add(page)
                 self._upstream_max = max(self._upstream_max, page[-1].id)
                 if (

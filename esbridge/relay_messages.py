@@ -104,7 +104,8 @@ def key_partitioner(num_partitions: int) -> Callable[[bytes], int]:
         return _python_partitioner(num_partitions)
     samples = [str(uuid.UUID(int=i * 7919)).encode() for i in range(64)] + [b"", b"a", b"abc"]
     if any(
-        function(None, k, len(k), num_partitions, None, None) != partition_for_key(k, num_partitions)
+        function(None, k, len(k), num_partitions, None, None)
+        != partition_for_key(k, num_partitions)
         for k in samples
     ):
         return _python_partitioner(num_partitions)

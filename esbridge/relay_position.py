@@ -104,7 +104,10 @@ def read_position(
         if not k.startswith(("transactional.", "enable.idempotence", "isolation."))
         and k not in ("linger.ms", "batch.size", "compression.type", "acks", "message.max.bytes")
     }
-    common = base | {"group.id": f"esbridge-position-{uuid.uuid4().hex}", "enable.auto.commit": False}
+    common = base | {
+        "group.id": f"esbridge-position-{uuid.uuid4().hex}",
+        "enable.auto.commit": False,
+    }
     tp = TopicPartition(position_topic, 0)
     probe = Consumer(common | {"isolation.level": "read_uncommitted"})
     try:

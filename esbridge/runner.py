@@ -394,16 +394,18 @@ class KafkaRunner(Runner[Any]):
         return result
 
     def _held_gaps(self, leader: str, follower: str) -> int | None:
+        """Partitions the edge's consumer holds behind a gap (None: not consumed here).
+
+        Reads only the consumer's in-memory gap bookkeeping: its full
+        ``status()`` also asks librdkafka for watermarks, which must not be
+        called from another thread while the consumer thread polls.
+        """
         for running in self.components:
             if running.leader == leader and running.follower == follower:
-                status = running.component.status()
-                held = getattr(status, "held_partitions", None)
-                if held is None and isinstance(status, Mapping):
-                    held = status.get("held_partitions")
-                if isinstance(held, int):
-                    return held
-                if held is not None:
-                    return len(held)
+                held = getattr(running.component, "_held", None)
+                if callable(held):
+                    return len(held())
+                return None
         return None
 
     # -- construction of relays and consumers ----------------------------------

@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger("esbridge.supervisor")
 
+#: Exit status of ``esbridge`` for a configuration error: restarting cannot help.
+CONFIGURATION_ERROR_EXIT = 2
+
 MIN_BACKOFF = 0.2
 MAX_BACKOFF = 10.0
 STABLE_AFTER = 30.0  # a worker that ran this long gets the minimum backoff again
@@ -48,6 +51,8 @@ class Supervisor:
 
     Without ``restart``, the first worker that exits stops the others and
     :meth:`run` returns its exit code: let the platform's supervisor decide.
+    A worker that exits with status 2 (a configuration error: unimportable
+    class, missing table, ...) is never restarted: it would fail the same way.
     """
 
     def __init__(
@@ -97,6 +102,14 @@ class Supervisor:
             worker.process = None
             if self._stopping.is_set():
                 continue
+            if code == CONFIGURATION_ERROR_EXIT:
+                logger.error(
+                    "%s stopped on a configuration error (exit code %d; see its message above): "
+                    "restarting would fail the same way, stopping the others",
+                    worker.name,
+                    code,
+                )
+                return code
             if not self.restart:
                 logger.error("%s exited with code %s: stopping the others", worker.name, code)
                 return code if code != 0 else 1

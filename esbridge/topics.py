@@ -64,7 +64,9 @@ def wait_for_broker(
                 "Kafka broker at %s unreachable (%s); retrying in %.1f s", servers, e, delay
             )
             if stop is not None and stop():
-                raise BrokerUnavailable(f"stopped while waiting for the broker at {servers!r}") from e
+                raise BrokerUnavailable(
+                    f"stopped while waiting for the broker at {servers!r}"
+                ) from e
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
 

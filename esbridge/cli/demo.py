@@ -20,9 +20,7 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--orders", type=int, default=1000, help="orders to submit (default 1000)"
-    )
+    parser.add_argument("--orders", type=int, default=1000, help="orders to submit (default 1000)")
     parser.add_argument(
         "--partitions", type=int, default=1, help="partitions per topic (default 1)"
     )

@@ -79,11 +79,9 @@ def unavailable_reason() -> str | None:
     if engine == "docker":
         return "ESBRIDGE_CONTAINER_ENGINE=docker, but no Docker API answers (DOCKER_HOST?)"
     if not sys.platform.startswith("linux"):
-        return PODMAN_MISSING.format(reason="no Docker engine answers (podman services need Linux)")
+        return PODMAN_MISSING.format(reason="podman services need Linux")
     if shutil.which("podman") is None:
-        return PODMAN_MISSING.format(
-            reason="no Docker engine answers and `podman` is not installed"
-        )
+        return PODMAN_MISSING.format(reason="`podman` is not installed")
     if oci_runtime() is None:
         return PODMAN_MISSING.format(reason="no OCI runtime (`runc`) on PATH")
     return None
@@ -121,7 +119,9 @@ class ContainerEngine:
                 "Docker (or `podman system service`) and set DOCKER_HOST"
             )
         else:
-            self.service = PodmanService()
+            from esbridge.testing.images import image_store_dir
+
+            self.service = PodmanService(image_store=image_store_dir())
             self.service.start()
             record("podman service start", self.service.startup_seconds)
             self._use_service_env(self.service.client_env())
@@ -174,7 +174,10 @@ class ContainerEngine:
                 ) from e
             if local.build_seconds:
                 record(f"{kind} image build", local.build_seconds)
-            seconds = images.load(self.client, local)
+            if self.service is not None and self.service.image_store is not None:
+                seconds = images.load_into_store(self.service, local)
+            else:
+                seconds = images.load(self.client, local)
             if seconds:
                 record(f"{kind} image import", seconds)
             default = local.name

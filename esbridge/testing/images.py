@@ -42,6 +42,7 @@ from typing import Any
 from esbridge.errors import HarnessError
 from esbridge.testing.kafka_dist import cache_dir, java_executable, kafka_libs
 from esbridge.testing.local_postgres import MISSING_POSTGRES, find_pg_bin
+from esbridge.testing.podman import PodmanService
 
 # Bump when the layout or the entrypoints change: it invalidates cached tarballs.
 FORMAT = "3"
@@ -442,6 +443,50 @@ def load(client: Any, image: LocalImage) -> float:
             f"from {image.tarball} failed: {e}"
         ) from e
     return time.monotonic() - t0
+
+
+def image_store_dir() -> Path:
+    """The podman image store that keeps imported images between runs."""
+    return cache_dir() / "podman-store"
+
+
+def load_into_store(service: PodmanService, image: LocalImage) -> float:
+    """Import ``image`` into ``service``'s persistent image store unless it is there.
+
+    The service reads the store as an additional (read-only) image store, so
+    an image is imported once per machine, not once per session. A file lock
+    keeps concurrent sessions from importing at the same time. Returns the
+    seconds the import took (0 when the store already had it).
+    """
+    import fcntl
+
+    store = image_store_dir()
+    store.mkdir(parents=True, exist_ok=True)
+    with (store.parent / "podman-store.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if service.podman_cmd("image", "exists", image.name, store=True).returncode == 0:
+            return 0.0
+        t0 = time.monotonic()
+        changes = [arg for change in image.changes() for arg in ("--change", change)]
+        result = service.podman_cmd(
+            "import", *changes, str(image.tarball), image.name, store=True, timeout=600
+        )
+        if result.returncode != 0:
+            raise HarnessError(
+                f"testcontainers backend (podman): importing the locally built image "
+                f"{image.name} from {image.tarball} into {store} failed:\n"
+                f"{(result.stdout + result.stderr)[-2000:]}"
+            )
+        seconds = time.monotonic() - t0
+        # Older builds of the same image are no longer needed (best effort).
+        repository = image.name.rsplit(":", 1)[0]
+        listed = service.podman_cmd(
+            "images", "--format", "{{.Repository}}:{{.Tag}}", repository, store=True
+        )
+        for name in listed.stdout.split():
+            if name != image.name:
+                service.podman_cmd("rmi", "--force", name, store=True)
+        return seconds
 
 
 def build_all() -> dict[str, LocalImage]:

@@ -15,6 +15,7 @@ short ``exit_command_delay`` so no ``conmon`` lingers after a container exits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 from esbridge.errors import HarnessError
-from esbridge.testing.processes import die_with_parent, tail, wait_pid_gone
+from esbridge.testing.processes import die_with_parent, pid_alive, tail, wait_pid_gone
 
 CONTAINERS_CONF = """\
 [containers]
@@ -47,6 +48,21 @@ STORAGE_CONF = """\
 driver = "overlay"
 graphroot = "{base}/storage"
 runroot = "{base}/run"
+"""
+
+# The persistent, read-only (to the service) image store: imported once, kept between runs.
+IMAGE_STORE_OPTIONS = """
+[storage.options]
+additionalimagestores = ["{store}"]
+"""
+
+# podman records its run and tmp directories in the store's database on first use and
+# reuses them, so the store's must be as permanent as the store itself (not per session).
+STORE_CONF = """\
+[storage]
+driver = "overlay"
+graphroot = "{store}"
+runroot = "{store}-run"
 """
 
 PODMAN_MISSING = """\
@@ -95,6 +111,22 @@ def mounts_under(path: Path) -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
+def processes_using(path: Path) -> list[int]:
+    """PIDs of live processes whose command line mentions ``path`` (its helpers)."""
+    needle = str(path).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline and pid_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
 class PodmanService:
     """``podman system service`` on ``unix://<tmp>/podman.sock`` with private storage.
 
@@ -103,7 +135,7 @@ class PodmanService:
     the service (by its PID) and unmounts and deletes the storage.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, image_store: Path | None = None) -> None:
         if not sys.platform.startswith("linux"):
             raise HarnessError(PODMAN_MISSING.format(reason="podman services need Linux"))
         podman = podman_executable()
@@ -125,7 +157,20 @@ class PodmanService:
                 nproc=ulimit(resource.RLIMIT_NPROC, 4096),
             )
         )
-        self.storage_conf.write_text(STORAGE_CONF.format(base=self.base))
+        storage = STORAGE_CONF.format(base=self.base)
+        self.image_store = image_store
+        self.store_conf = self.base / "store.conf"
+        self.store_containers_conf = self.base / "store-containers.conf"
+        if image_store is not None:
+            image_store.mkdir(parents=True, exist_ok=True)
+            storage += IMAGE_STORE_OPTIONS.format(store=image_store)
+            self.store_conf.write_text(STORE_CONF.format(store=image_store))
+            self.store_containers_conf.write_text(
+                self.containers_conf.read_text().replace(
+                    f'tmp_dir = "{self.base}/tmp"', f'tmp_dir = "{image_store}-tmp"'
+                )
+            )
+        self.storage_conf.write_text(storage)
         self.socket = self.base / "podman.sock"
         self.logfile = self.base / "service.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -200,10 +245,19 @@ class PodmanService:
         finally:
             client.close()
 
-    def podman_cmd(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def podman_cmd(
+        self, *args: str, timeout: float = 120, store: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``podman`` on this service's storage, or (``store=True``) on the image store."""
+        env = self.podman_env()
+        if store:
+            if self.image_store is None:
+                raise HarnessError("this podman service has no image store")
+            env["CONTAINERS_STORAGE_CONF"] = str(self.store_conf)
+            env["CONTAINERS_CONF"] = str(self.store_containers_conf)
         return subprocess.run(
             [self.podman, *args],
-            env=self.podman_env(),
+            env=env,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -229,8 +283,25 @@ class PodmanService:
         if proc is not None:
             wait_pid_gone(proc.pid, 5)
         self.process = None
+        self._wait_for_helpers()
         for point in mounts_under(self.base):
             subprocess.run(["umount", point], capture_output=True)
         for point in mounts_under(self.base):  # busy a moment ago: detach it
             subprocess.run(["umount", "--lazy", point], capture_output=True)
         shutil.rmtree(self.base, ignore_errors=True)
+
+    def _wait_for_helpers(self, timeout: float = 20.0) -> None:
+        """Wait for the ``conmon`` and ``podman container cleanup`` processes of our containers.
+
+        They outlive the service (conmon runs each container's exit command a
+        few seconds after it stops) and would write into the storage again
+        after it is deleted. Any still running after ``timeout`` are killed —
+        they belong to this service's containers, found by its directory.
+        """
+        deadline = time.monotonic() + timeout
+        while (pids := processes_using(self.base)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            wait_pid_gone(pid, 5)

@@ -21,6 +21,7 @@ def check_orders(
         order = orders.get_order(order_id)
         assert order.is_reserved
         assert order.is_paid
+        assert order.reservation_id is not None and order.payment_id is not None
         # The reservation and the payment are in their own applications,
         # and refer back to the order.
         reservation: Reservation = runner.get(Reservations).repository.get(order.reservation_id)

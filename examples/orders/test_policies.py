@@ -7,7 +7,7 @@ in-memory (POPO) persistence, so nothing is started.
 
 from __future__ import annotations
 
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 from eventsourcing.application import ProcessingEvent
 
@@ -23,7 +23,7 @@ def test_payments_policy() -> None:
     assert isinstance(reserved, Order.Reserved)
 
     # Check the policy makes a payment whenever an order is reserved.
-    processing_event = ProcessingEvent()
+    processing_event: ProcessingEvent[UUID] = ProcessingEvent()
     Payments().policy(reserved, processing_event)
     (payment,) = processing_event.aggregates.values()
     assert isinstance(payment, Payment), payment
@@ -35,7 +35,7 @@ def test_reservations_policy() -> None:
     order = Order()
     created = order.collect_events()[0]
 
-    processing_event = ProcessingEvent()
+    processing_event: ProcessingEvent[UUID] = ProcessingEvent()
     Reservations().policy(created, processing_event)
     (reservation,) = processing_event.aggregates.values()
     assert isinstance(reservation, Reservation)
@@ -52,7 +52,7 @@ def test_orders_policy() -> None:
 
     # Check the order is set as reserved when a reservation is created for it.
     reservation = Reservation(order_id=order_id)
-    processing_event = ProcessingEvent()
+    processing_event: ProcessingEvent[UUID] = ProcessingEvent()
     orders.policy(reservation.collect_events()[0], processing_event)
     (order,) = processing_event.aggregates.values()
     assert isinstance(order, Order)
@@ -63,6 +63,6 @@ def test_orders_policy() -> None:
 
 
 def test_other_events_change_nothing() -> None:
-    processing_event = ProcessingEvent()
+    processing_event: ProcessingEvent[UUID] = ProcessingEvent()
     Payments().policy(Order().collect_events()[0], processing_event)
     assert processing_event.events == []

@@ -112,14 +112,22 @@ def test_exactly_once_three_partitions_two_members(
     # Two members of one group share the partitions, each with its own follower object.
     other = Mirror(env=mirror.env)
     consumers = [adapter(mirror, topic, kafka_config), adapter(other, topic, kafka_config)]
-    threads = [threading.Thread(target=c.run) for c in consumers]
+    errors: list[BaseException] = []
+
+    def run(c: ConsumerAdapter) -> None:
+        try:
+            c.run()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in consumers]
     for t in threads:
         t.start()
     names = tracking_names("DogSchool", 3)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            done = sum(mirror.recorder.max_tracking_id(n) or 0 > 0 for n in names)
+        while time.monotonic() < deadline and not errors:
+            done = sum((mirror.recorder.max_tracking_id(n) or 0) > 0 for n in names)
             processed = sum(c.status().processed for c in consumers)
             if processed >= total and done == 3:
                 break
@@ -129,9 +137,10 @@ def test_exactly_once_three_partitions_two_members(
             c.stop()
         for t in threads:
             t.join(30)
+    assert not errors, errors
     verify_mirror(school, mirror, dogs)
     assert sum(c.status().processed for c in consumers) == total
-    assert mirror.recorder.max_tracking_id("DogSchool") is None or 0
+    assert not mirror.recorder.max_tracking_id("DogSchool")
     assert mirror.recorder.max_notification_id() == 60 + 240
     other.close()
 

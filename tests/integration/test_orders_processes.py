@@ -101,9 +101,7 @@ def test_1000_orders_two_partitions_kill_9_and_restart(postgres_db: Any, kafka_b
                 processes.poll()
 
         try:
-            ids = drive_orders(
-                orders, paid, 1000, rate=200, batch=5, timeout=240, on_tick=chaos
-            )
+            ids = drive_orders(orders, paid, 1000, rate=200, batch=5, timeout=240, on_tick=chaos)
         finally:
             paid.close()
             orders.close()

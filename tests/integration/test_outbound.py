@@ -262,6 +262,49 @@ def test_api_down_opens_the_breaker_and_parks_nothing(postgres_db, api):
     shop.close()
 
 
+def test_database_down_mid_stream_waits_and_does_not_call_again(postgres_db, postgres_server):
+    """Calls made for a batch whose commit failed are not repeated once the database is back."""
+    payment_api = PaymentAPI(delay=0.2)  # 60 calls, 8 at a time: ~1.5 s of calls
+    env = postgres_db.env | {"POSTGRES_CONNECT_TIMEOUT": "2"}
+    shop = Shop(env=env)
+    place(shop, ["ok"] * 60)
+    with BackgroundServer(payment_api.asgi) as server:
+        follower = ChargeCards(env=env | {"OUTBOUND_BASE_URL": server.url})
+        worker = OutboundWorker(follower, "Shop", batch_size=40, poll_interval=0.1)
+        thread = threading.Thread(target=worker.run_forever)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 30
+            while sum(payment_api.effects.values()) < 5:
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+            postgres_server.stop()
+            try:
+                stopped_at = sum(payment_api.effects.values())
+                time.sleep(2.0)
+            finally:
+                postgres_server.start()
+            print(f"database stopped after {stopped_at} of 60 calls")
+            assert stopped_at < 60, "the database stopped after the last call: nothing tested"
+            last = shop.recorder.max_notification_id()
+            deadline = time.monotonic() + 90
+            while follower.recorder.max_tracking_id("Shop") != last:
+                assert time.monotonic() < deadline, "the follower did not catch up"
+                time.sleep(0.1)
+        finally:
+            worker.stop()
+            thread.join(30)
+    assert not thread.is_alive()
+    keys = keys_of(shop)
+    assert set(payment_api.effects) == set(keys.values())
+    assert set(payment_api.effects.values()) == {1}
+    assert {len(a) for a in payment_api.attempts.values()} == {1}  # no call made twice
+    recorded = calls_by_key(follower)
+    assert {len(e) for e in recorded.values()} == {2} and set(recorded) == set(keys.values())
+    follower.close()
+    shop.close()
+
+
 def test_library_runner_calls_through_the_policy(postgres_db, api, monkeypatch):
     """The same follower class runs under eventsourcing's own SingleThreadedRunner."""
     for name, value in (postgres_db.env | {"OUTBOUND_BASE_URL": api.url}).items():

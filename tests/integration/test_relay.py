@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import pytest
 
-from esbridge.errors import ConfigurationError, RelayError
+from esbridge.errors import ConfigurationError, RelayError, RelayFencedError
 from esbridge.partitioning import partition_for_key
 from esbridge.relay import Relay
 from tests.integration.relay_support import (
@@ -261,3 +261,23 @@ def test_message_too_large_stops_naming_the_notification(postgres_db, kafka_conf
         relay.close()
     records = read_all(kafka_config, topic, timeout=3)
     assert all(int(r.headers["esb_nid"]) < big_nid for r in records)
+
+
+def test_a_second_relay_with_the_same_id_fences_the_first(postgres_db, kafka_config, create_topic):
+    app = ledger(postgres_db.env)
+    write_events(app, 100)
+    topic = create_topic(partitions=3)
+    first = Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env)
+    second = Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env)
+    try:
+        assert first.publish_available() == 100
+        write_events(app, 50)
+        assert second.publish_available() == 50  # fences the first, resumes at its position
+        write_events(app, 50)
+        with pytest.raises(RelayFencedError, match="fenced"):
+            first.publish_available()
+        assert second.publish_available() == 50
+    finally:
+        first.close()
+        second.close()
+    check_exactly_once_in_order(read_all(kafka_config, topic, 200), db_ids(postgres_db.dsn), 3)

@@ -44,6 +44,8 @@ def _start_relay(env: dict[str, str], topic: str, log_file) -> subprocess.Popen[
     return subprocess.Popen(
         [
             ESBRIDGE,
+            "--log-level",
+            "DEBUG",  # "committed" lines show progress
             "relay",
             "tests.integration.relay_support:Ledger",
             "--topic",
@@ -69,6 +71,18 @@ def _wait_started(log_path: Path, process: subprocess.Popen[bytes], timeout: flo
         if b"started at notification" in log_path.read_bytes():
             return True
         time.sleep(0.02)
+    return False
+
+
+def _wait_committed(
+    log_path: Path, offset: int, process: subprocess.Popen[bytes], timeout: float = 60
+) -> bool:
+    """Wait until the relay logged a committed batch after byte ``offset`` of its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if b"relay Ledger: committed" in log_path.read_bytes()[offset:]:
+            return True
+        time.sleep(0.05)
     return False
 
 
@@ -112,10 +126,14 @@ def test_kill_9_relay_while_writing_and_restarting_servers(
             # Most kills hit a publishing relay (after start-up), some hit start-up.
             if i % 4 != 3 and _wait_started(log_path, relay):
                 killed_running += 1
-            if i == BROKER_RESTART_AT:
-                kafka_broker.restart()  # the relay is publishing: it must recover by itself
-            if i == POSTGRES_RESTART_AT:
-                postgres_server.restart()  # relay and writer both reconnect
+            if i in (BROKER_RESTART_AT, POSTGRES_RESTART_AT):
+                # The relay is publishing: it must recover by itself and go on publishing.
+                if i == BROKER_RESTART_AT:
+                    kafka_broker.restart()
+                else:
+                    postgres_server.restart()  # relay and writer both reconnect
+                restarted_at = len(log_path.read_bytes())
+                assert _wait_committed(log_path, restarted_at, relay), "no progress after restart"
             time.sleep(rng.uniform(0.05, 2.0))
             assert relay.poll() is None, f"relay exited by itself ({relay.returncode})"
             _kill(relay)

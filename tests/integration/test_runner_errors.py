@@ -3,6 +3,7 @@ a leader without a relay, applications that are not in the system."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from typing import Any
 
@@ -32,7 +33,7 @@ def test_bad_system_paths(path: str, message: str) -> None:
 
 def test_unimportable_application_class(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(orders_system.nodes, "Payments", "examples.orders.gone:Payments")
-    with pytest.raises(ConfigurationError, match="application 'Payments' .* cannot be imported"):
+    with pytest.raises(ConfigurationError, match=r"application .Payments. .* cannot be imported"):
         load_system("examples.orders.system:system")
 
 
@@ -60,6 +61,18 @@ def test_leader_without_relay() -> None:
         KafkaRunner(orders_system, kafka_config=KAFKA, relay_modes={"Orders": "none"})
 
 
+def test_every_application_without_relays() -> None:
+    with pytest.raises(ConfigurationError, match=r"leaders \['Orders', .*\] would have no relay"):
+        KafkaRunner(orders_system, kafka_config=KAFKA, run_relays=False)
+
+
+def test_bad_partition_counts() -> None:
+    with pytest.raises(ConfigurationError, match="positive integers"):
+        KafkaRunner(orders_system, kafka_config=KAFKA, partitions=0)
+    with pytest.raises(ConfigurationError, match="not leaders of the system"):
+        KafkaRunner(orders_system, kafka_config=KAFKA, partitions={"Shipping": 2})
+
+
 def test_unknown_names() -> None:
     with pytest.raises(ConfigurationError, match="not in the system"):
         KafkaRunner(orders_system, kafka_config=KAFKA, relay_modes={"Shipping": "payloads"})
@@ -77,3 +90,20 @@ def test_get_of_an_application_run_elsewhere(postgres_db: Any) -> None:
     runner = KafkaRunner(orders_system, env=postgres_db.env, kafka_config=KAFKA, apps=["Orders"])
     with pytest.raises(ConfigurationError, match="'Payments' is not run by this runner"):
         runner.get(type("Payments", (), {"name": "Payments"}))
+
+
+def test_supervised_workers_stop_on_a_configuration_error(
+    postgres_db: Any, kafka_broker: Any
+) -> None:
+    """``--supervise`` restarts crashed workers, but not one that cannot start (exit 2)."""
+    env = {
+        **os.environ,
+        **postgres_db.env,
+        "CREATE_TABLE": "n",  # the tables are missing and may not be created
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
+    }
+    command = [*ESBRIDGE_COMMAND, "run", "examples.orders.system:system", "--supervise"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "stopped on a configuration error" in result.stderr
+    assert "cannot read the notification log of application" in result.stderr

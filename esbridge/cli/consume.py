@@ -1,0 +1,112 @@
+"""``esbridge consume``: run one consumer adapter (a topic -> a process application).
+
+Example::
+
+    esbridge consume myapp.apps:Counters --upstream DogSchool --topic dogschool \\
+        --upstream-log --metrics-port 9108
+
+The follower application is constructed with the process environment
+(``POSTGRES_*``, ``PERSISTENCE_MODULE``, its own settings). Kafka settings come
+from ``--kafka-config FILE`` and ``KAFKA_*`` variables. ``--upstream-log``
+lets the consumer read the upstream application's notification log (with the
+same environment; ``{UPSTREAM}_POSTGRES_*`` win) to fill gaps; prompt mode
+needs it. SIGTERM/SIGINT stop it gracefully after the current batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "consume",
+        help="consume a relay's topic into a process application, exactly once",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("follower", help="the follower class, as package.module:Class")
+    parser.add_argument("--upstream", required=True, help="upstream application name")
+    parser.add_argument("--topic", required=True, help="the relay's topic")
+    parser.add_argument(
+        "--group", help="consumer group id (default esbridge.<follower>.<upstream>)"
+    )
+    parser.add_argument("--mode", default="payloads", choices=["payloads", "prompts"])
+    parser.add_argument(
+        "--upstream-log",
+        action="store_true",
+        help="read the upstream notification log (fills gaps; required for prompts)",
+    )
+    parser.add_argument(
+        "--upstream-class",
+        help="upstream application class (package.module:Class) for its cipher/compressor env",
+    )
+    parser.add_argument("--partitions", type=int, help="expected partition count of the topic")
+    parser.add_argument("--kafka-config", help="librdkafka properties file")
+    parser.add_argument("--app-dir", default=".", help="directory added to the Python path")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here")
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--hold-timeout", type=float, default=60.0)
+    parser.add_argument("--retries", type=int, default=3)
+    parser.set_defaults(func=consume)
+
+
+def load_class(path: str, app_dir: str = ".") -> Any:
+    """``package.module:Class`` -> the class (``app_dir`` is put on the Python path)."""
+    from eventsourcing.utils import resolve_topic
+
+    from esbridge.errors import ConfigurationError
+
+    app_dir = os.path.abspath(app_dir)
+    if app_dir not in sys.path:
+        sys.path.insert(0, app_dir)
+    try:
+        return resolve_topic(path)
+    except Exception as e:
+        raise ConfigurationError(
+            f"cannot import {path!r} ({type(e).__name__}: {e}): write it as "
+            "package.module:Class and check --app-dir"
+        ) from e
+
+
+def consume(args: argparse.Namespace) -> int:
+    from esbridge.consumer import ConsumerAdapter
+    from esbridge.kafka_config import load_kafka_config
+    from esbridge.metrics import serve_metrics
+
+    follower_cls = load_class(args.follower, args.app_dir)
+    upstream_cls = load_class(args.upstream_class, args.app_dir) if args.upstream_class else None
+    env = dict(os.environ)
+    follower = follower_cls(env=env)
+    group = args.group or f"esbridge.{follower.name.lower()}.{args.upstream.lower()}"
+    adapter = ConsumerAdapter(
+        follower,
+        upstream=args.upstream,
+        topic=args.topic,
+        kafka_config=load_kafka_config(file=args.kafka_config),
+        group_id=group,
+        mode=args.mode,
+        upstream_env=env if args.upstream_log or args.mode == "prompts" else None,
+        upstream_class=upstream_cls,
+        partitions=args.partitions,
+        batch_size=args.batch_size,
+        hold_timeout=args.hold_timeout,
+        retries=args.retries,
+    )
+    if args.metrics_port:
+        serve_metrics(args.metrics_port)
+
+    def stop(signum: int, frame: Any) -> None:
+        adapter.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        adapter.run()
+    finally:
+        follower.close()
+    return 0

@@ -1,0 +1,100 @@
+"""The ``esbridge relay`` command: configuration errors, metrics, graceful stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from esbridge.testing.servers import free_port
+from tests.integration.relay_support import db_ids, ledger, read_all, write_events
+
+ROOT = Path(__file__).resolve().parents[2]
+ESBRIDGE = str(Path(sys.executable).parent / "esbridge")
+
+
+def _env(postgres_db, kafka_broker) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(postgres_db.env)
+    env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_broker.bootstrap_servers
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def test_wrong_configuration_exits_2_with_a_clear_message(postgres_db, kafka_broker, create_topic):
+    ledger(postgres_db.env)
+    topic = create_topic(partitions=3)
+    env = _env(postgres_db, kafka_broker)
+    cases = [
+        (["NoSuchApp", "--topic", topic], "nosuchapp_events"),
+        (["no.such.module:App", "--topic", topic], "cannot import application"),
+        (["Ledger", "--topic", topic, "--partitions", "4"], "has 3 partitions"),
+        (["Ledger", "--topic", topic, "--set", "pagesize=3"], "expected NAME=VALUE"),
+    ]
+    for args, message in cases:
+        done = subprocess.run(
+            [ESBRIDGE, "relay", *args], env=env, cwd=ROOT, capture_output=True, timeout=120
+        )
+        assert done.returncode == 2, done.stderr.decode()[-2000:]
+        assert message in done.stderr.decode(), done.stderr.decode()[-2000:]
+    env.pop("KAFKA_BOOTSTRAP_SERVERS")
+    done = subprocess.run(
+        [ESBRIDGE, "relay", "Ledger"], env=env, cwd=ROOT, capture_output=True, timeout=60
+    )
+    assert done.returncode == 2 and b"KAFKA_BOOTSTRAP_SERVERS" in done.stderr
+
+
+def test_serves_metrics_and_stops_on_sigint(postgres_db, kafka_broker, create_topic, tmp_path):
+    app = ledger(postgres_db.env)
+    write_events(app, 500)
+    topic = create_topic(partitions=2)
+    port = free_port()
+    config = tmp_path / "client.properties"
+    config.write_text(
+        f"# librdkafka settings\nbootstrap.servers={kafka_broker.bootstrap_servers}\n"
+    )
+    env = _env(postgres_db, kafka_broker)
+    env.pop("KAFKA_BOOTSTRAP_SERVERS")  # from the properties file instead
+    relay = subprocess.Popen(
+        [
+            ESBRIDGE,
+            "relay",
+            "tests.integration.relay_support:Ledger",
+            "--topic",
+            topic,
+            "--kafka-config",
+            str(config),
+            "--metrics-port",
+            str(port),
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        last = db_ids(postgres_db.dsn)[-1][0]
+        deadline = time.monotonic() + 60
+        text = ""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+            except OSError:
+                text = ""
+            if f'esbridge_relay_position{{app="Ledger",topic="{topic}"}} {float(last)}' in text:
+                break
+            time.sleep(0.2)
+        assert f'esbridge_relay_published_total{{app="Ledger",topic="{topic}"}} 500.0' in text
+        assert f'esbridge_relay_lag{{app="Ledger",topic="{topic}"}} 0.0' in text
+        relay.send_signal(signal.SIGINT)
+        assert relay.wait(30) == 0
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+            relay.wait()
+    assert len(read_all(kafka_broker.config(), topic, 500)) == 500
