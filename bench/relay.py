@@ -190,16 +190,14 @@ def latency(
     consumer.assign([TopicPartition(topic, 0, 0)])
     # Skip what the relay published of the backlog before (position starts there).
     committed: dict[bytes, float] = {}
-    seen: list[float] = []
+    received: list[tuple[bytes, float]] = []
     stop = threading.Event()
 
     def consume() -> None:
         while not stop.is_set():
             for m in consumer.consume(1000, 0.05):
                 if m.error() is None:
-                    t = committed.get(m.key())
-                    if t is not None:
-                        seen.append(time.time() - t)
+                    received.append((m.key(), time.time()))
 
     app = BenchLog(env=env)
     relay_thread = threading.Thread(target=relay.run)
@@ -220,7 +218,7 @@ def latency(
             if ahead > 0:
                 time.sleep(ahead)
         deadline = time.monotonic() + 10
-        while len(seen) < sent and time.monotonic() < deadline:
+        while len(received) < sent and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         stop.set()
@@ -229,6 +227,7 @@ def latency(
         consumer_thread.join(10)
         consumer.close()
         app.close()
+    seen = [t - committed[key] for key, t in received if key in committed]
     ordered = sorted(seen)
     p50 = ordered[len(ordered) // 2] * 1000
     p99 = ordered[int(len(ordered) * 0.99)] * 1000

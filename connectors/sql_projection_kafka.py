@@ -24,6 +24,7 @@ to resume reading; the database position is the truth.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -137,6 +138,7 @@ class KafkaProjectionFeed:
         self._consumer: Consumer | None = None
         self.duplicates = 0
         self.gaps_filled = 0
+        self._stopping = threading.Event()
 
     # -- state -------------------------------------------------------------------------
 
@@ -170,7 +172,12 @@ class KafkaProjectionFeed:
         )
         self._consumer = consumer
 
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current batch (thread-safe)."""
+        self._stopping.set()
+
     def close(self) -> None:
+        """Close the Kafka consumer (after :meth:`run` returned)."""
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             consumer.close()
@@ -217,10 +224,10 @@ class KafkaProjectionFeed:
             applied += self._process(consumer, messages)
 
     def run(self, stop_after: float | None = None) -> None:
-        """Consume until ``stop_after`` seconds passed (None: forever)."""
+        """Consume until :meth:`stop` (or until ``stop_after`` seconds passed)."""
         deadline = None if stop_after is None else time.monotonic() + stop_after
         consumer = self._start()
-        while deadline is None or time.monotonic() < deadline:
+        while not self._stopping.is_set() and (deadline is None or time.monotonic() < deadline):
             messages = consumer.consume(500, timeout=0.5)
             if messages:
                 self._process(consumer, messages)

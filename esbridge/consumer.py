@@ -246,6 +246,7 @@ class ConsumerAdapter:
         self._last_pull = 0.0
         self._partition_of: Callable[[bytes], int] = lambda key: 0
         self._lock = threading.Lock()
+        self._last_lag: tuple[int, float] = (0, 0.0)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -847,6 +848,7 @@ class ConsumerAdapter:
         self.metrics.held_age.set(max((h.age_seconds for h in held), default=0.0))
         self.metrics.dlq.set(self._counts.dead_letters)
         events, seconds = self._lag()
+        self._last_lag = (events, seconds)
         self.metrics.lag_events.set(events)
         self.metrics.lag_seconds.set(seconds)
 
@@ -868,8 +870,11 @@ class ConsumerAdapter:
         return result
 
     def status(self) -> ConsumerStatus:
-        """A snapshot of counters, positions, held partitions and lag."""
-        events, seconds = self._lag()
+        """A snapshot of counters, positions, held partitions and lag (thread-safe).
+
+        Lag is as of the consumer's last round (Kafka is only asked from its thread).
+        """
+        events, seconds = self._last_lag
         counts = self._counts
         return ConsumerStatus(
             follower=self.follower.name,

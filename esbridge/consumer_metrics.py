@@ -60,9 +60,7 @@ def _family(registry: CollectorRegistry) -> _Family:
                 held_age=gauge("held_age_seconds", "Age of the oldest held gap"),
                 dlq=gauge("dead_letters", "Parked messages of this follower"),
                 lag_events=gauge("lag_events", "Messages on the topic not yet consumed"),
-                lag_seconds=gauge(
-                    "lag_seconds", "Age of the last processed message while behind"
-                ),
+                lag_seconds=gauge("lag_seconds", "Age of the last processed message while behind"),
             )
             _families[id(registry)] = family
         return family

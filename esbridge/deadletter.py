@@ -136,7 +136,7 @@ class DeadLetterStore:
         self.datastore = datastore
         schema = Identifier(datastore.schema or "public")
         self._table = SQL("{0}.{1}").format(schema, Identifier(TABLE))
-        self._ddl = SQL(_DDL).format(  # type: ignore[arg-type]
+        self._ddl = SQL(_DDL).format(
             schema=schema,
             table=Identifier(TABLE),
             uniq=Identifier(f"{TABLE}_nid_uniq"),
@@ -217,7 +217,9 @@ class DeadLetterStore:
             where.append("id = ANY(%s)")
             params.append(list(ids))
         query = SQL(
-            "SELECT id, " + _COLUMNS + ", status, parked_at FROM {0} WHERE "
+            "SELECT id, "
+            + _COLUMNS
+            + ", status, parked_at FROM {0} WHERE "
             + " AND ".join(where)
             + " ORDER BY id"
             + (f" LIMIT {int(limit)}" if limit else "")

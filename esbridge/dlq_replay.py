@@ -87,7 +87,9 @@ def replay_dead_letters(
     return result
 
 
-def _replay_one(sink: ProcessApplicationSink, factory: StepFactory, letter: DeadLetter) -> str | None:
+def _replay_one(
+    sink: ProcessApplicationSink, factory: StepFactory, letter: DeadLetter
+) -> str | None:
     """Apply one parked row; the error text when it fails (nothing recorded then)."""
     if letter.event_topic is None or letter.originator_version is None:
         return (

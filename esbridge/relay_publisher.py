@@ -54,8 +54,8 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "batch.size": 1_000_000,
     "batch.num.messages": 10_000,
     "compression.type": "lz4",
-    "queue.buffering.max.kbytes": 32_768,
-    "queue.buffering.max.messages": 50_000,
+    "queue.buffering.max.kbytes": 16_384,
+    "queue.buffering.max.messages": 20_000,
     "delivery.report.only.error": True,
 }
 

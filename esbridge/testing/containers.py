@@ -17,6 +17,7 @@ are built from this machine's files (:mod:`esbridge.testing.images`).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +55,11 @@ class _ServerContainer:
     def __init__(self, kind: str, image_env_var: str, default_image: str, port: int) -> None:
         self.kind = kind
         self.port = port
-        self.engine: ContainerEngine = acquire_engine()
+        try:
+            self.engine: ContainerEngine = acquire_engine()
+        except HarnessError as e:
+            image = os.environ.get(image_env_var) or default_image
+            raise HarnessError(f"cannot run the {kind} container (image {image}): {e}") from e
         try:
             self.image = self.engine.image_for(kind, image_env_var, default_image)
         except BaseException:

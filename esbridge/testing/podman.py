@@ -6,6 +6,9 @@ module starts such a service on a unix socket in a temporary directory, with a
 configuration of its own (so nothing touches ``/var/lib/containers`` and
 several sessions never share state), and tears everything down afterwards:
 its containers, the service process, and the overlay mount of its storage.
+Images are the exception: they live in a persistent image store in the cache
+directory that the service reads as an *additional* (read-only) store, so
+they are imported once per machine (:func:`esbridge.testing.images.load_into_store`).
 
 The configuration encodes what was measured on these machines (see
 ``docs/testcontainers.md``): ``runc`` with ``cgroupfs`` (crun fails on hybrid

@@ -192,12 +192,18 @@ def test_container_that_never_gets_ready_shows_its_log(postgres_server):
 
 @pytest.mark.skipif(not CONTAINERS, reason="about the testcontainers backend's own errors")
 def test_unreachable_engine_is_a_clear_error(monkeypatch):
-    from esbridge.testing.engine import ContainerEngine
+    from esbridge.testing import engine
+    from esbridge.testing.containers import ContainerKafkaBroker
 
+    monkeypatch.setattr(engine, "_engine", None)  # as if this were the first server
     monkeypatch.setenv("ESBRIDGE_CONTAINER_ENGINE", "docker")
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
-    with pytest.raises(HarnessError, match=r"no Docker API answers at unix:///nonexistent"):
-        ContainerEngine()
+    with pytest.raises(HarnessError) as info:
+        ContainerKafkaBroker()
+    text = str(info.value)
+    assert "testcontainers backend" in text
+    assert "no Docker API answers at unix:///nonexistent/docker.sock" in text
+    assert "image apache/kafka:4.1.1" in text
 
 
 CRASHING_SESSION = """

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
+import time
 from typing import Any
 
 import pytest
@@ -89,27 +89,27 @@ def test_1000_orders_two_partitions_kill_9_and_restart(postgres_db: Any, kafka_b
     with SystemProcesses(postgres_db.env, kafka_broker.config(), partitions=2) as processes:
         orders = Orders(env=processes.env)
         paid = paid_counter(processes.env)
-        lock = threading.Lock()
+        started = time.monotonic()
 
         def chaos() -> None:
-            # Called about every 0.1 s while orders flow: kill, then let the supervisor restart.
-            with lock:
-                plan = [(100, "Orders[0]"), (450, "Payments[0]")]
-                for threshold, worker in plan[len(kills) :]:
-                    if paid.count >= threshold:
-                        kills.append((worker, processes.kill(worker)))
-                processes.poll()
+            # Called about every 0.1 s while orders flow (submitted for ~6.7 s at 150/s):
+            # SIGKILL a worker mid-stream, let the supervisor start it again.
+            plan = [(1.5, "Orders[0]"), (3.5, "Payments[0]")]
+            for after, worker in plan[len(kills) :]:
+                if time.monotonic() - started >= after:
+                    kills.append((worker, processes.kill(worker)))
+            processes.poll()
 
         try:
-            ids = drive_orders(orders, paid, 1000, rate=200, batch=5, timeout=240, on_tick=chaos)
+            ids = drive_orders(orders, paid, 1000, rate=150, batch=5, timeout=240, on_tick=chaos)
         finally:
             paid.close()
             orders.close()
         restarted = processes.pids()
-        assert processes.restarts() == 2
+        assert len(kills) == 2, f"the orders finished before both kills: {kills}"
+        assert processes.restarts() == 2, (kills, restarted)
         exactly_once(processes.env, ids)
         for worker, pid in kills:
             assert restarted[worker] != pid
         table = status_table(processes)
-    assert len(kills) == 2, f"the orders finished before both kills: {kills}"
     print(table, file=sys.stderr)

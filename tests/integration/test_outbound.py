@@ -28,7 +28,12 @@ from typing import Any
 import anyio
 import pytest
 from esbridge_connectors.calling import OutboundRequest, RetryPolicy
-from esbridge_connectors.outbound import OutboundCall, OutboundFollower, OutboundWorker
+from esbridge_connectors.outbound import (
+    OutboundCall,
+    OutboundFollower,
+    OutboundSink,
+    OutboundWorker,
+)
 from esbridge_connectors.serving import BackgroundServer
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
@@ -301,6 +306,48 @@ def test_database_down_mid_stream_waits_and_does_not_call_again(postgres_db, pos
     assert {len(a) for a in payment_api.attempts.values()} == {1}  # no call made twice
     recorded = calls_by_key(follower)
     assert {len(e) for e in recorded.values()} == {2} and set(recorded) == set(keys.values())
+    follower.close()
+    shop.close()
+
+
+def test_fed_from_kafka_through_the_consumer_adapter(postgres_db, api, create_topic, kafka_config):
+    """Relay -> 3-partition topic -> ConsumerAdapter with OutboundSink: same keys, same outcomes."""
+    from esbridge.consumer import ConsumerAdapter
+    from esbridge.relay import Relay
+
+    env = postgres_db.env
+    shop = Shop(env=env)
+    modes = ["ok"] * 20 + ["flaky", "invalid"]
+    place(shop, modes)
+    topic = create_topic(partitions=3)
+    relay = Relay("Shop", kafka_config=kafka_config, topic=topic, env=shop.env, partitions=3)
+    try:
+        assert relay.publish_available() == 2 * len(modes)
+    finally:
+        relay.close()
+    follower = ChargeCards(env=env | {"OUTBOUND_BASE_URL": api.url})
+    consumer = ConsumerAdapter(
+        follower,
+        upstream="Shop",
+        topic=topic,
+        kafka_config={**kafka_config, "session.timeout.ms": 6000},
+        group_id=f"{topic}.outbound",
+        upstream_env=env,
+        sink=OutboundSink(follower),
+    )
+    try:
+        assert consumer.process_available(timeout=60) == 2 * len(modes)
+    finally:
+        consumer.close()
+    keys = keys_of(shop)  # "Shop:{nid}": the application's name from the message headers
+    assert set(api.attempts) == set(keys.values())
+    assert sorted(api.effects.values()) == [1] * 21  # 20 ok + flaky, not invalid
+    recorded = calls_by_key(follower)
+    assert set(recorded) == set(keys.values())
+    outcomes = sorted(type(e[-1]).__qualname__ for e in recorded.values())
+    assert outcomes == ["OutboundCall.Failed"] + ["OutboundCall.Succeeded"] * 21
+    parked = DeadLetterStore(follower.recorder.datastore).list(follower.name)
+    assert [d.reason for d in parked] == ["outbound_permanent"]
     follower.close()
     shop.close()
 

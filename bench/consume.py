@@ -1,0 +1,233 @@
+"""Benchmark: one esbridge consumer vs the library's SingleThreadedRunner (dog school + counters).
+
+Workload (the tutorial's, with many distinct counters so replay cost does not
+dominate): dogs are registered and taught tricks drawn from ``--tricks``
+distinct names; ``Counters`` counts each trick. Both sides process the SAME
+upstream log on the SAME Postgres server (fsync on) in this run:
+
+* **esbridge**: the log is published to a Kafka topic by the relay first;
+  then one :class:`~esbridge.consumer.ConsumerAdapter` consumes the topic into
+  a fresh ``Counters`` database, exactly once (events/s = upstream events
+  processed / wall time, from the first poll to the last commit);
+* **library**: ``SingleThreadedRunner`` with the same system; its
+  ``Counters.pull_and_process("DogSchool")`` (what the runner calls on each
+  prompt: one transaction per event) over the first ``--baseline-events``
+  events of the same log, into another fresh database.
+
+Also measured: 2 consumer processes in one group on a 2-partition topic.
+Runs ``--runs`` times (median). Usage: ``python bench/consume.py [--events N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eventsourcing.system import SingleThreadedRunner, System
+
+from esbridge.consumer import ConsumerAdapter
+from esbridge.relay import Relay
+from esbridge.testing import make_kafka, make_postgres
+from examples.dogschool.application import Counters, DogSchool
+from examples.dogschool.domainmodel import Dog
+
+
+def populate(env: dict[str, str], events: int, tricks: int) -> int:
+    """Write about ``events`` dog-school events (1 registration per 4 tricks)."""
+    rng = random.Random(1)
+    school = DogSchool(env=env)
+    written = 0
+    while written < events:
+        dogs = [Dog(f"dog-{written}-{i}") for i in range(200)]
+        for dog in dogs:
+            for _ in range(4):
+                dog.add_trick(trick=f"trick-{rng.randrange(tricks)}")
+        school.save(*dogs)
+        written += 200 * 5
+    total = school.recorder.max_notification_id() or 0
+    school.close()
+    return total
+
+
+def fresh_env(server: Any, upstream: dict[str, str]) -> dict[str, str]:
+    """A new database for Counters; DogSchool's settings point at the upstream one."""
+    db = server.create_database()
+    env = dict(db.env)
+    env.update({f"DOGSCHOOL_{k}": v for k, v in upstream.items() if k.startswith("POSTGRES_")})
+    env["COUNTERS_AGGREGATE_CACHE_MAXSIZE"] = "100000"
+    return env
+
+
+def esbridge_run(
+    env: dict[str, str], topic: str, kafka: dict[str, Any], group: str, expected: int
+) -> tuple[int, float]:
+    counters = Counters(env=env)
+    adapter = ConsumerAdapter(
+        counters,
+        upstream="DogSchool",
+        topic=topic,
+        kafka_config=kafka,
+        group_id=group,
+        batch_size=2000,
+    )
+    try:
+        started = time.perf_counter()  # includes joining the group (~0.1-1 s)
+        processed = 0
+        while processed < expected:
+            got = adapter.process_available(timeout=120)
+            processed += got
+            if got == 0:
+                break
+        seconds = time.perf_counter() - started
+    finally:
+        adapter.close()
+        counters.close()
+    return processed, seconds
+
+
+def _member(env: dict[str, str], topic: str, kafka: dict[str, Any], group: str, q: Any) -> None:
+    counters = Counters(env=env)
+    adapter = ConsumerAdapter(
+        counters, upstream="DogSchool", topic=topic, kafka_config=kafka, group_id=group,
+        batch_size=2000,
+    )  # fmt: skip
+    q.put(("ready", 0, 0.0))
+    processed = 0
+    first = last = 0.0
+    idle_since = time.monotonic()
+    while time.monotonic() - idle_since < 3.0:
+        got = adapter.process_available(timeout=1.0)
+        if got:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            processed += got
+            idle_since = time.monotonic()
+    adapter.close()
+    counters.close()
+    q.put(("done", processed, first, last))
+
+
+def library_run(env: dict[str, str], upstream: dict[str, str], events: int) -> tuple[int, float]:
+    system = System(pipes=[[DogSchool, Counters]])
+    runner_env = dict(env)
+    runner = SingleThreadedRunner(system, env=runner_env)
+    runner.start()
+    try:
+        counters = runner.get(Counters)
+        started = time.perf_counter()
+        counters.pull_and_process("DogSchool", stop=events)
+        seconds = time.perf_counter() - started
+        processed = counters.recorder.max_tracking_id("DogSchool") or 0
+    finally:
+        runner.stop()
+    return processed, seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--baseline-events", type=int, default=1500)
+    parser.add_argument("--tricks", type=int, default=5000, help="distinct counters")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+
+    postgres = make_postgres(fsync=True)
+    kafka_broker = make_kafka()
+    try:
+        upstream_db = postgres.create_database()
+        upstream = dict(upstream_db.env)
+        t0 = time.perf_counter()
+        total = populate(upstream, args.events, args.tricks)
+        print(f"upstream log: {total} events ({time.perf_counter() - t0:.1f} s to write)")
+        kafka = kafka_broker.config()
+        topics = {
+            1: kafka_broker.create_topic(partitions=1),
+            2: kafka_broker.create_topic(partitions=2),
+        }
+        for partitions, topic in topics.items():
+            relay = Relay(
+                "DogSchool", kafka_config=kafka, topic=topic, env=upstream, partitions=partitions
+            )
+            t0 = time.perf_counter()
+            published = relay.publish_available()
+            relay.close()
+            print(f"relay: {published} events to a {partitions}-partition topic "
+                  f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+
+        ours, theirs = [], []
+        for run in range(1, args.runs + 1):
+            env = fresh_env(postgres, upstream)
+            processed, seconds = esbridge_run(env, topics[1], kafka, f"bench-{run}", total)
+            assert processed == total, (processed, total)
+            check_counts(env, upstream)
+            ours.append(processed / seconds)
+            env = fresh_env(postgres, upstream)
+            processed, seconds = library_run(env, upstream, args.baseline_events)
+            theirs.append(processed / seconds)
+            print(
+                f"run {run}: esbridge {ours[-1]:,.0f} events/s ({total} events, "
+                f"{total / ours[-1]:.1f} s); library SingleThreadedRunner "
+                f"{theirs[-1]:,.0f} events/s ({processed} events)"
+            )
+        o, t = statistics.median(ours), statistics.median(theirs)
+        print(f"MEDIAN esbridge consumer: {o:,.0f} events/s")
+        print(f"MEDIAN library SingleThreadedRunner: {t:,.0f} events/s")
+        print(f"RATIO: {o / t:.1f}x")
+
+        env = fresh_env(postgres, upstream)
+        Counters(env=env).close()
+        queue: Any = multiprocessing.get_context("spawn").Queue()
+        procs = [
+            multiprocessing.get_context("spawn").Process(
+                target=_member, args=(env, topics[2], kafka, "bench-pair", queue)
+            )
+            for _ in range(2)
+        ]
+        for p in procs:
+            p.start()
+        results = []
+        while len(results) < 2:
+            item = queue.get(timeout=300)
+            if item[0] == "done":
+                results.append(item)
+        for p in procs:
+            p.join(30)
+        processed = sum(r[1] for r in results)
+        span = max(r[3] for r in results) - min(r[2] for r in results if r[2])
+        print(f"2 processes, 2 partitions: {processed} events, {processed / span:,.0f} events/s")
+        check_counts(env, upstream)
+    finally:
+        kafka_broker.close()
+        postgres.close()
+    return 0
+
+
+def check_counts(env: dict[str, str], upstream: dict[str, str]) -> None:
+    """Every trick counted exactly once."""
+    school = DogSchool(env=upstream)
+    counters = Counters(env=env)
+    expected: dict[str, int] = {}
+    for n in school.recorder.select_notifications(start=1, limit=10**7):
+        if n.topic.endswith("TrickAdded"):
+            event = school.mapper.to_domain_event(n)
+            expected[event.trick] = expected.get(event.trick, 0) + 1  # type: ignore[attr-defined]
+    sample = list(expected.items())[:: max(1, len(expected) // 200)]
+    for trick, count in sample:
+        assert counters.get_count(trick) == count, (trick, counters.get_count(trick), count)
+    school.close()
+    counters.close()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())

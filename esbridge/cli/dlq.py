@@ -1,0 +1,95 @@
+"""``esbridge dlq list|replay FOLLOWER``: inspect and replay parked messages.
+
+Parked messages live in the follower's database (table ``esbridge_dead_letters``),
+so these commands need the follower's ``POSTGRES_*`` settings, like the
+follower itself. ``replay`` re-processes parked rows per key in parking
+order, each in its own transaction; a row that fails again stays parked
+(with its attempt count and latest error) and so do the rows behind it.
+Exit status of ``replay``: 0 when everything selected was replayed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "dlq",
+        help="list or replay parked (dead-letter) messages of a follower",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="dlq_command", required=True)
+    for name, helptext in (("list", "list parked messages"), ("replay", "replay them")):
+        sub = commands.add_parser(name, help=helptext)
+        sub.add_argument("follower", help="the follower class, as package.module:Class")
+        sub.add_argument("--app-dir", default=".", help="directory added to the Python path")
+        sub.add_argument("--id", dest="ids", type=int, action="append", help="only these rows")
+        if name == "list":
+            sub.add_argument("--all", action="store_true", help="also rows already replayed")
+            sub.add_argument("--json", action="store_true", help="one JSON object per row")
+            sub.set_defaults(func=list_letters)
+        else:
+            sub.add_argument(
+                "--upstream-class",
+                action="append",
+                default=[],
+                help="upstream application class (package.module:Class), for its cipher env",
+            )
+            sub.set_defaults(func=replay)
+
+
+def _follower(args: argparse.Namespace) -> Any:
+    from esbridge.cli.consume import load_class
+
+    return load_class(args.follower, args.app_dir)(env=dict(os.environ))
+
+
+def list_letters(args: argparse.Namespace) -> int:
+    from esbridge.deadletter import STATUS_PARKED, DeadLetterStore
+
+    follower = _follower(args)
+    try:
+        store = DeadLetterStore(follower.recorder.datastore)
+        store.create_table()
+        rows = store.list(follower.name, status=None if args.all else STATUS_PARKED, ids=args.ids)
+        for row in rows:
+            summary = row.summary()
+            if args.json:
+                print(json.dumps(summary))
+            else:
+                print(
+                    f"{summary['id']:>6}  {summary['status']:<8} {summary['reason']:<18} "
+                    f"key={summary['key']} nid={summary['nid']} "
+                    f"attempts={summary['attempts']}  {summary['error']}"
+                )
+        if not args.json:
+            print(f"{len(rows)} row(s)")
+    finally:
+        follower.close()
+    return 0
+
+
+def replay(args: argparse.Namespace) -> int:
+    from esbridge.cli.consume import load_class
+    from esbridge.dlq_replay import replay_dead_letters
+
+    follower = _follower(args)
+    classes = {}
+    for path in args.upstream_class:
+        cls = load_class(path, args.app_dir)
+        classes[cls.name] = cls
+    try:
+        result = replay_dead_letters(follower, ids=args.ids, upstream_classes=classes)
+    finally:
+        follower.close()
+    print(f"replayed {len(result.replayed)} row(s): {result.replayed}")
+    for letter_id, error in result.failed.items():
+        print(f"row {letter_id} failed again: {error}")
+    if result.skipped:
+        print(f"left parked behind a failing row: {result.skipped}")
+    return 0 if not result.failed and not result.skipped else 1
