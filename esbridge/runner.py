@@ -332,9 +332,19 @@ class KafkaRunner(Runner[Any]):
         ]
 
     def raise_failures(self) -> None:
+        """Raise if a relay or consumer stopped with an error.
+
+        :class:`ConfigurationError` when one of them refused its configuration
+        (restarting cannot help: ``esbridge run`` exits with status 2), else
+        :class:`SystemRunnerError` (a runtime failure: a restart resumes).
+        """
         failures = self.failures()
-        if failures:
-            raise SystemRunnerError("; ".join(failures))
+        if not failures:
+            return
+        message = "; ".join(failures)
+        if any(isinstance(r.error, ConfigurationError) for r in self.components):
+            raise ConfigurationError(message)
+        raise SystemRunnerError(message)
 
     def is_alive(self) -> bool:
         """True while every relay and consumer thread runs."""

@@ -51,8 +51,9 @@ class Supervisor:
 
     Without ``restart``, the first worker that exits stops the others and
     :meth:`run` returns its exit code: let the platform's supervisor decide.
-    A worker that exits with status 2 (a configuration error: unimportable
-    class, missing table, ...) is never restarted: it would fail the same way.
+    A worker whose *first* start ends with status 2 (a configuration error:
+    unimportable class, missing table, ...) is not restarted: it would fail the
+    same way; the supervisor stops the others and returns 2.
     """
 
     def __init__(
@@ -102,7 +103,10 @@ class Supervisor:
             worker.process = None
             if self._stopping.is_set():
                 continue
-            if code == CONFIGURATION_ERROR_EXIT:
+            if code == CONFIGURATION_ERROR_EXIT and worker.restarts == 0:
+                # Only at the first start: a worker that ran before and now fails to
+                # start (say, the broker is slow to abort its predecessor's transaction)
+                # is restarted like any other.
                 logger.error(
                     "%s stopped on a configuration error (exit code %d; see its message above): "
                     "restarting would fail the same way, stopping the others",

@@ -12,6 +12,7 @@ restarts a worker that dies (kill -9 included).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -161,7 +162,7 @@ def setup(args: argparse.Namespace, system: Any) -> int:
 
 def run_here(args: argparse.Namespace, system: Any) -> int:
     """Run this process's share of the system until SIGTERM/SIGINT."""
-    from esbridge.runner import KafkaRunner, run_until
+    from esbridge.runner import KafkaRunner, SystemRunnerError, run_until
 
     worker_index = args.worker_index or 0
     runner = KafkaRunner(
@@ -196,7 +197,14 @@ def run_here(args: argparse.Namespace, system: Any) -> int:
             file=sys.stderr,
             flush=True,
         )
-        run_until(stopping.is_set, runner)
+        try:
+            run_until(stopping.is_set, runner)
+        except SystemRunnerError as e:
+            # A runtime failure (not a configuration error, which exits with 2):
+            # exit 1, so that a supervisor starts the worker again and it resumes.
+            logging.getLogger("esbridge.run").error("%s", e)
+            print(f"esbridge run: {e}", file=sys.stderr, flush=True)
+            return 1
     return 0
 
 

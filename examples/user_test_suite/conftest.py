@@ -10,7 +10,7 @@ testcontainers for both servers with ``ESBRIDGE_TEST_BACKEND=containers``
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -69,8 +69,8 @@ class Running:
 @pytest.fixture
 def pipeline(
     orders: Orders, stock: Stock, postgres_db: Any, kafka_broker: Any, create_topic: Any
-) -> Iterator[Callable[[], None]]:
-    """Start a relay (Orders -> Kafka) and a consumer (Kafka -> Stock) in threads."""
+) -> Iterator[None]:
+    """A relay (Orders -> Kafka) and a consumer (Kafka -> Stock) running in threads."""
     topic = create_topic(partitions=2)
     config = kafka_broker.config()
     relay = Relay("Orders", kafka_config=config, topic=topic, env=postgres_db.env)
@@ -83,6 +83,6 @@ def pipeline(
         upstream_env=postgres_db.env,
     )
     running = [Running(relay), Running(consumer)]
-    yield lambda: None
+    yield
     for part in running:
         part.close()

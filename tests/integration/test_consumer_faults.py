@@ -7,7 +7,8 @@ broker is restarted once and Postgres once. Afterwards every mirror must
 equal its dog: each upstream event applied exactly once, in per-aggregate
 order, and the follower's log holds exactly one event per upstream event.
 
-``ESBRIDGE_FAULT_EVENTS`` sets the number of upstream events (default 100,000).
+``ESBRIDGE_FAULT_EVENTS`` sets the number of upstream events (default 10,000, so the
+test stays under about 3 minutes on 2 cores; 100,000 takes longer).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from examples.dogschool.domainmodel import Dog
 from tests.integration.consumer_apps import Mirror, verify_mirror
 
 ROOT = Path(__file__).resolve().parents[2]
-EVENTS = int(os.environ.get("ESBRIDGE_FAULT_EVENTS", "100000"))
+EVENTS = int(os.environ.get("ESBRIDGE_FAULT_EVENTS", "10000"))
 PARTITIONS = 3
 KILLS = 20
 
@@ -128,7 +129,7 @@ class Writer(threading.Thread):
 
     def _run(self) -> None:
         rng = random.Random(7)
-        school = DogSchool(env=self.env)
+        school = DogSchool(env={**self.env, "AGGREGATE_CACHE_MAXSIZE": "5000"})
         relay = Relay(
             "DogSchool", kafka_config=self.kafka, topic=self.topic, env=self.env,
             partitions=PARTITIONS,
@@ -151,7 +152,6 @@ class Writer(threading.Thread):
 
                 self.written += self._retry(teach)
             self._retry(relay.publish_available)
-            time.sleep(0.05)
         self._retry(relay.publish_available)
         relay.close()
         school.close()
@@ -192,8 +192,9 @@ def test_kill_consumers_restart_broker_and_postgres(
     try:
         while kills < KILLS or not writer.published_all.is_set():
             assert writer.error is None, writer.error
-            assert time.monotonic() - started < 170, "the stream took too long"
-            time.sleep(rng.uniform(0.3, 2.0))
+            elapsed = time.monotonic() - started
+            assert elapsed < 150, f"stream too slow: {writer.written} events written, {kills} kills"
+            time.sleep(rng.uniform(0.8, 2.5))
             members.check_alive()
             action = rng.random()
             if kills >= KILLS and writer.published_all.is_set():

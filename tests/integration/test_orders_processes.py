@@ -107,7 +107,7 @@ def test_1000_orders_two_partitions_kill_9_and_restart(postgres_db: Any, kafka_b
             orders.close()
         restarted = processes.pids()
         assert len(kills) == 2, f"the orders finished before both kills: {kills}"
-        assert processes.restarts() == 2, (kills, restarted)
+        assert processes.restarts() >= 2, (kills, restarted)
         exactly_once(processes.env, ids)
         for worker, pid in kills:
             assert restarted[worker] != pid
