@@ -10,6 +10,7 @@ last paid), like the seed's multiprocessing example. Several runs each; the
 median is reported, with p50/p99 of the order processing time (created -> paid).
 
     python bench/orders.py [--orders 2000] [--baseline-orders 150] [--runs 3]
+                           [--mode payloads|prompts|both] [--partitions N --workers N]
 
 Servers: started here through ``esbridge.testing.make_postgres/make_kafka`` (fsync
 on), or external ones named by ``ESBRIDGE_POSTGRES_DSN`` / ``ESBRIDGE_KAFKA_BOOTSTRAP``
@@ -88,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=10, help="orders created per transaction")
     parser.add_argument("--partitions", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="processes per application")
-    parser.add_argument("--mode", choices=["payloads", "prompts"], default="payloads")
+    parser.add_argument(
+        "--mode",
+        choices=["payloads", "prompts", "both"],
+        default="both",
+        help="relay mode(s) measured (default both)",
+    )
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
 
@@ -97,33 +103,38 @@ def main(argv: list[str] | None = None) -> int:
     kafka = make_kafka()
     try:
         print(f"  {postgres.describe()}\n  {kafka.describe()}", flush=True)
-        esb_env = dict(postgres.create_database().env)
+        modes = ["payloads", "prompts"] if args.mode == "both" else [args.mode]
+        esb: dict[str, list[Timings]] = {}
+        for mode in modes:
+            esb_env = dict(postgres.create_database().env)
+            with SystemProcesses(
+                esb_env,
+                kafka.config(),
+                partitions=args.partitions,
+                mode=mode,
+                workers=args.workers,
+            ) as processes:
+                orders = example("application").Orders(env=processes.env)
+                try:
+                    started = time.monotonic()
+                    esb[mode], esb_ids = measure(
+                        orders,
+                        processes.env,
+                        args.orders,
+                        args.runs,
+                        args.batch,
+                        args.timeout,
+                        processes.poll,
+                    )
+                    print(
+                        f"  (esbridge {mode} runs took {time.monotonic() - started:.1f} s)",
+                        flush=True,
+                    )
+                finally:
+                    orders.close()
+            check_exactly_once(processes.env, esb_ids, f"esbridge ({mode})")
+
         lib_env = dict(postgres.create_database().env)
-
-        with SystemProcesses(
-            esb_env,
-            kafka.config(),
-            partitions=args.partitions,
-            mode=args.mode,
-            workers=args.workers,
-        ) as processes:
-            orders = example("application").Orders(env=processes.env)
-            try:
-                started = time.monotonic()
-                esb, esb_ids = measure(
-                    orders,
-                    processes.env,
-                    args.orders,
-                    args.runs,
-                    args.batch,
-                    args.timeout,
-                    processes.poll,
-                )
-                print(f"  (esbridge runs took {time.monotonic() - started:.1f} s)", flush=True)
-            finally:
-                orders.close()
-        check_exactly_once(processes.env, esb_ids, "esbridge")
-
         system = example("system").system
         runner: MultiThreadedRunner[Any] = MultiThreadedRunner(system, env=lib_env)
         with runner:
@@ -143,13 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(
             f"orders system, created -> paid, {args.partitions} partition(s), "
-            f"{args.workers} worker(s) per application, {args.mode}, "
-            f"orders created {args.batch} per transaction; every order reserved and paid "
-            "exactly once in both"
+            f"{args.workers} worker process(es) per application, orders created {args.batch} "
+            "per transaction; every order reserved and paid exactly once in every run"
         )
-        esb_rate, _, _ = summary("esbridge, OS processes per application  ", esb)
-        lib_rate, _, _ = summary("eventsourcing MultiThreadedRunner       ", lib)
-        print(f"ratio: {esb_rate / lib_rate:.1f}x")
+        lib_rate, _, _ = summary("eventsourcing MultiThreadedRunner          ", lib)
+        for mode in modes:
+            rate, _, _ = summary(f"esbridge, 1 OS process per app, {mode:9s}  ", esb[mode])
+            print(f"  ratio ({mode}): {rate / lib_rate:.1f}x")
         return 0
     finally:
         kafka.close()
