@@ -1,6 +1,41 @@
-"""esbridge: bridge event-sourced applications and Kafka, exactly once."""
+"""esbridge: bridge event-sourced applications and Kafka, exactly once.
 
-from esbridge.errors import ConfigurationError, EsbridgeError, HarnessError, MessageFormatError
+The public API, one name per step of the data flow: a :class:`Relay` publishes
+an application's notification log to Kafka; a :class:`ConsumerAdapter` feeds a
+topic into a downstream process application; a :class:`KafkaRunner` runs a
+whole ``eventsourcing`` ``System`` that way. The test harness is the pytest
+plugin in :mod:`esbridge.testing`; connectors live in ``esbridge_connectors``.
+"""
 
-__all__ = ["ConfigurationError", "EsbridgeError", "HarnessError", "MessageFormatError"]
+from esbridge.consumer import ConsumerAdapter, ConsumerStatus, tracking_names
+from esbridge.errors import (
+    ConfigurationError,
+    ConsumerError,
+    EsbridgeError,
+    GapNotReconciledError,
+    HarnessError,
+    MessageFormatError,
+    RelayError,
+    RelayFencedError,
+)
+from esbridge.relay import Relay, RelayStatus
+from esbridge.runner import KafkaRunner, SystemRunnerError
+
+__all__ = [
+    "ConfigurationError",
+    "ConsumerAdapter",
+    "ConsumerError",
+    "ConsumerStatus",
+    "EsbridgeError",
+    "GapNotReconciledError",
+    "HarnessError",
+    "KafkaRunner",
+    "MessageFormatError",
+    "Relay",
+    "RelayError",
+    "RelayFencedError",
+    "RelayStatus",
+    "SystemRunnerError",
+    "tracking_names",
+]
 __version__ = "0.1.0"

@@ -138,7 +138,8 @@ class EsbridgeWrite:
         )
         statement = SQL(
             "INSERT INTO {0} AS t (application_name, notification_id) VALUES (%s, %s) "
-            "ON CONFLICT (application_name) DO UPDATE SET notification_id = EXCLUDED.notification_id "
+            "ON CONFLICT (application_name) "
+            "DO UPDATE SET notification_id = EXCLUDED.notification_id "
             "WHERE t.notification_id = %s RETURNING notification_id"
         ).format(table)
         for tracking, expected in self.trackings:
@@ -360,9 +361,7 @@ class StepFactory:
             )
             return Step(tracking=tracking, key=source.key, dead_letter=letter, source=source)
         except Exception as e:
-            letter = self.dead_letter(
-                source, name, REASON_UNDECODABLE, f"{type(e).__name__}: {e}"
-            )
+            letter = self.dead_letter(source, name, REASON_UNDECODABLE, f"{type(e).__name__}: {e}")
             return Step(tracking=tracking, key=source.key, dead_letter=letter, source=source)
         return Step(tracking=tracking, key=source.key, event=event, source=source)
 

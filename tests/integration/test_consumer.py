@@ -305,3 +305,42 @@ def test_poison_messages_are_parked_then_replayed(
     verify_mirror(school, fragile, dogs)
     assert [r.reason for r in store.list("Fragile")] == ["malformed_message"]
     fragile.close()
+
+
+def test_dlq_command_lists_and_replays(
+    school: DogSchool,
+    create_topic: Any,
+    kafka_config: dict[str, Any],
+    postgres_db: Any,
+    monkeypatch: Any,
+    capsys: Any,
+) -> None:
+    from esbridge.cli import main
+
+    Fragile.healed = False
+    fragile = Fragile(env=postgres_db.env)
+    topic = create_topic(partitions=1)
+    dogs = populate(school, 3, 1)
+    victim = school.repository.get(dogs[0])
+    victim.add_trick(trick="poison")
+    victim.add_trick(trick="later")
+    school.save(victim)
+    relay_all(school, topic, kafka_config)
+    consumer = adapter(fragile, topic, kafka_config, retries=1, retry_backoff=0.01)
+    try:
+        consumer.process_available(timeout=30)
+    finally:
+        consumer.close()
+    for key, value in postgres_db.env.items():
+        monkeypatch.setenv(key, value)
+    follower = "tests.integration.consumer_apps:Fragile"
+    capsys.readouterr()
+    assert main(["dlq", "list", follower]) == 0
+    listed = capsys.readouterr().out
+    assert "policy_error" in listed and "held_behind" in listed and "2 row(s)" in listed
+    assert main(["dlq", "replay", follower]) == 1  # still failing: stays parked
+    Fragile.healed = True
+    assert main(["dlq", "replay", follower]) == 0
+    assert "replayed 2 row(s)" in capsys.readouterr().out
+    verify_mirror(school, fragile, dogs)
+    fragile.close()
