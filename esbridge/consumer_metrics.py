@@ -7,12 +7,11 @@ system runner runs several), each consumer using its own labels.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from esbridge.metrics import REGISTRY
+from esbridge.metrics import MetricNamer, PerRegistry
 
 LABELS = ("follower", "upstream", "topic")
 
@@ -32,38 +31,26 @@ class _Family:
     lag_seconds: Gauge
 
 
-_families: dict[int, _Family] = {}
-_lock = threading.Lock()
+def _build(registry: CollectorRegistry) -> _Family:
+    make = MetricNamer("esbridge_consumer_", LABELS, registry)
+    return _Family(
+        processed=make.counter("processed", "Upstream events processed (committed)"),
+        duplicates=make.counter("duplicates", "Messages skipped as already processed"),
+        gaps=make.counter("gaps_reconciled", "Gaps filled from the upstream log"),
+        reconciled=make.counter(
+            "reconciled_events", "Events read from the upstream log to fill gaps"
+        ),
+        batches=make.counter("batches", "Postgres transactions committed"),
+        parked=make.counter("parked", "Messages parked in the dead-letter table"),
+        held=make.gauge("held_partitions", "Partitions held behind a gap"),
+        held_age=make.gauge("held_age_seconds", "Age of the oldest held gap"),
+        dlq=make.gauge("dead_letters", "Parked messages of this follower"),
+        lag_events=make.gauge("lag_events", "Messages on the topic not yet consumed"),
+        lag_seconds=make.gauge("lag_seconds", "Age of the last processed message while behind"),
+    )
 
 
-def _family(registry: CollectorRegistry) -> _Family:
-    with _lock:
-        family = _families.get(id(registry))
-        if family is None:
-
-            def counter(name: str, doc: str) -> Counter:
-                return Counter(f"esbridge_consumer_{name}", doc, LABELS, registry=registry)
-
-            def gauge(name: str, doc: str) -> Gauge:
-                return Gauge(f"esbridge_consumer_{name}", doc, LABELS, registry=registry)
-
-            family = _Family(
-                processed=counter("processed", "Upstream events processed (committed)"),
-                duplicates=counter("duplicates", "Messages skipped as already processed"),
-                gaps=counter("gaps_reconciled", "Gaps filled from the upstream log"),
-                reconciled=counter(
-                    "reconciled_events", "Events read from the upstream log to fill gaps"
-                ),
-                batches=counter("batches", "Postgres transactions committed"),
-                parked=counter("parked", "Messages parked in the dead-letter table"),
-                held=gauge("held_partitions", "Partitions held behind a gap"),
-                held_age=gauge("held_age_seconds", "Age of the oldest held gap"),
-                dlq=gauge("dead_letters", "Parked messages of this follower"),
-                lag_events=gauge("lag_events", "Messages on the topic not yet consumed"),
-                lag_seconds=gauge("lag_seconds", "Age of the last processed message while behind"),
-            )
-            _families[id(registry)] = family
-        return family
+_FAMILIES = PerRegistry(_build)
 
 
 class ConsumerMetrics:
@@ -72,7 +59,7 @@ class ConsumerMetrics:
     def __init__(
         self, follower: str, upstream: str, topic: str, registry: CollectorRegistry | None = None
     ) -> None:
-        family = _family(registry or REGISTRY)
+        family = _FAMILIES.get(registry)
         labels = {"follower": follower, "upstream": upstream, "topic": topic}
         self.processed = family.processed.labels(**labels)
         self.duplicates = family.duplicates.labels(**labels)

@@ -6,12 +6,11 @@ process (the system runner runs several), each relay using its own labels.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from esbridge.metrics import REGISTRY
+from esbridge.metrics import MetricNamer, PerRegistry
 
 LABELS = ("app", "topic")
 
@@ -28,74 +27,38 @@ class _Family:
     prompts: Counter
 
 
-_families: dict[int, _Family] = {}
-_lock = threading.Lock()
+def _build(registry: CollectorRegistry) -> _Family:
+    make = MetricNamer("esbridge_relay_", LABELS, registry)
+    return _Family(
+        published=make.counter("published", "Notifications published (committed) to Kafka"),
+        batches=make.counter(
+            "batches", "Batches (Kafka transactions in exactly-once mode) committed"
+        ),
+        errors=make.counter(
+            "errors", "Errors the relay recovered from (retried)", extra_labels=("kind",)
+        ),
+        position=make.gauge("position", "Last notification id published (committed)"),
+        upstream_max=make.gauge(
+            "upstream_max_nid", "Largest notification id in the upstream log when last read"
+        ),
+        lag=make.gauge("lag", "Upstream max notification id minus the published position"),
+        batch_size=make.histogram(
+            "batch_size",
+            "Messages per committed batch",
+            buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000, 50000),
+        ),
+        prompts=make.counter("prompts", "Prompt messages published (prompt mode)"),
+    )
 
 
-def _family(registry: CollectorRegistry) -> _Family:
-    with _lock:
-        family = _families.get(id(registry))
-        if family is None:
-            family = _Family(
-                published=Counter(
-                    "esbridge_relay_published",
-                    "Notifications published (committed) to Kafka",
-                    LABELS,
-                    registry=registry,
-                ),
-                batches=Counter(
-                    "esbridge_relay_batches",
-                    "Batches (Kafka transactions in exactly-once mode) committed",
-                    LABELS,
-                    registry=registry,
-                ),
-                errors=Counter(
-                    "esbridge_relay_errors",
-                    "Errors the relay recovered from (retried)",
-                    (*LABELS, "kind"),
-                    registry=registry,
-                ),
-                position=Gauge(
-                    "esbridge_relay_position",
-                    "Last notification id published (committed)",
-                    LABELS,
-                    registry=registry,
-                ),
-                upstream_max=Gauge(
-                    "esbridge_relay_upstream_max_nid",
-                    "Largest notification id in the upstream log when last read",
-                    LABELS,
-                    registry=registry,
-                ),
-                lag=Gauge(
-                    "esbridge_relay_lag",
-                    "Upstream max notification id minus the published position",
-                    LABELS,
-                    registry=registry,
-                ),
-                batch_size=Histogram(
-                    "esbridge_relay_batch_size",
-                    "Messages per committed batch",
-                    LABELS,
-                    buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000, 50000),
-                    registry=registry,
-                ),
-                prompts=Counter(
-                    "esbridge_relay_prompts",
-                    "Prompt messages published (prompt mode)",
-                    LABELS,
-                    registry=registry,
-                ),
-            )
-            _families[id(registry)] = family
-        return family
+_FAMILIES = PerRegistry(_build)
 
 
 class RelayMetrics:
     """The metrics of one relay (one application and topic)."""
 
     def __init__(self, app: str, topic: str, registry: CollectorRegistry | None = None) -> None:
-        family = _family(registry or REGISTRY)
+        family = _FAMILIES.get(registry)
         labels = {"app": app, "topic": topic}
         self._errors = family.errors
         self._labels = labels

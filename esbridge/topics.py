@@ -129,6 +129,19 @@ def ensure_topic(
     except KafkaException as e:
         if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise ConfigurationError(f"cannot create topic {topic!r}: {e}") from e
+    if wait_for_leaders(admin, topic, timeout):
+        return ensure_topic(admin, topic, partitions)
+    raise ConfigurationError(f"topic {topic!r} was created but has no leaders after {timeout} s")
+
+
+def wait_for_leaders(
+    admin: AdminClient, topic: str, timeout: float, partitions: int | None = None
+) -> bool:
+    """True once every partition of ``topic`` has a leader, False after ``timeout`` s.
+
+    A topic just created is not usable until metadata shows a leader for each
+    partition; with ``partitions`` given, also until it shows that many.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         metadata = admin.list_topics(topic, timeout=10)
@@ -137,11 +150,12 @@ def ensure_topic(
             info is not None
             and info.error is None
             and len(info.partitions) >= 1
+            and len(info.partitions) == (partitions or len(info.partitions))
             and all(p.leader >= 0 for p in info.partitions.values())
         ):
-            return ensure_topic(admin, topic, partitions)
+            return True
         time.sleep(0.05)
-    raise ConfigurationError(f"topic {topic!r} was created but has no leaders after {timeout} s")
+    return False
 
 
 def topic_setting(admin: AdminClient, topic: str, name: str, timeout: float = 10.0) -> str | None:

@@ -21,13 +21,15 @@ import signal
 import sys
 from typing import Any
 
+from esbridge.cli.common import add_command
+
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "consume",
-        help="consume a relay's topic into a process application, exactly once",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "consume a relay's topic into a process application, exactly once",
+        __doc__,
     )
     parser.add_argument("follower", help="the follower class, as package.module:Class")
     parser.add_argument("--upstream", required=True, help="upstream application name")

@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from esbridge.cli.common import add_command
+
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "demo",
-        help="run the orders/reservations/payments system across OS processes",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "run the orders/reservations/payments system across OS processes",
+        __doc__,
     )
     parser.add_argument("--orders", type=int, default=1000, help="orders to submit (default 1000)")
     parser.add_argument(

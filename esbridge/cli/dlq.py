@@ -15,13 +15,12 @@ import json
 import os
 from typing import Any
 
+from esbridge.cli.common import add_command
+
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "dlq",
-        help="list or replay parked (dead-letter) messages of a follower",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_command(
+        subparsers, "dlq", "list or replay parked (dead-letter) messages of a follower", __doc__
     )
     commands = parser.add_subparsers(dest="dlq_command", required=True)
     for name, helptext in (("list", "list parked messages"), ("replay", "replay them")):

@@ -21,17 +21,18 @@ import signal
 from types import FrameType
 from typing import Any
 
+from esbridge.cli.common import add_command
 from esbridge.errors import ConfigurationError
 
 log = logging.getLogger("esbridge.relay")
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "relay",
-        help="publish an application's notification log to Kafka (payloads or prompts)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "publish an application's notification log to Kafka (payloads or prompts)",
+        __doc__,
     )
     parser.add_argument("app", help="application class (module:Class) or application name")
     parser.add_argument("--topic", help="Kafka topic (default esbridge.<app name, lower case>)")

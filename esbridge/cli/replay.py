@@ -20,13 +20,15 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from esbridge.cli.common import add_command
+
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "replay",
-        help="republish a notification-id range of an application to a topic",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "republish a notification-id range of an application to a topic",
+        __doc__,
     )
     parser.add_argument("app", help="the application's name (as its events table is named)")
     parser.add_argument("--topic", required=True, help="the topic to publish to (must exist)")

@@ -19,6 +19,7 @@ import sys
 import threading
 from typing import Any
 
+from esbridge.cli.common import add_command
 from esbridge.errors import ConfigurationError
 
 #: The ``esbridge`` command run by this interpreter (works without the console script on PATH).
@@ -30,11 +31,8 @@ ESBRIDGE_COMMAND = [
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "run",
-        help="run a System (all applications, or one with --app) over Kafka",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_command(
+        subparsers, "run", "run a System (all applications, or one with --app) over Kafka", __doc__
     )
     add_system_arguments(parser)
     parser.add_argument(

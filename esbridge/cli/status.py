@@ -14,15 +14,13 @@ import os
 from dataclasses import asdict
 from typing import Any
 
+from esbridge.cli.common import add_command
 from esbridge.cli.run import add_system_arguments
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "status",
-        help="lag of every edge (leader -> follower) of a System",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_command(
+        subparsers, "status", "lag of every edge (leader -> follower) of a System", __doc__
     )
     # The same options as ``esbridge run``: the same command line names the same
     # topics and tracking records.

@@ -23,16 +23,9 @@ BACKENDS = ("auto", "local", "containers", "external")
 
 def docker_available() -> bool:
     """True when a Docker API (Docker engine or podman) answers a ping."""
-    try:
-        import docker
+    from esbridge.testing.engine import docker_ping
 
-        client = docker.from_env(timeout=3)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:
-        return False
+    return docker_ping()
 
 
 def chosen_backend(server: str) -> str:

@@ -169,7 +169,51 @@ class _ServerContainer:
             self.engine.release()
 
 
-class ContainerPostgresServer(PostgresServer):
+class _ContainerServer:
+    """Start, stop and close of a server living in one :class:`_ServerContainer`.
+
+    Shared by the PostgreSQL and Kafka servers: the first start creates the
+    container, later ones start the stopped container again in place.
+    """
+
+    box: _ServerContainer
+    startup_seconds: float
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _up(self) -> bool:
+        """True when a later start has nothing to do (the server already serves)."""
+        return self._ready()
+
+    def _create(self) -> None:
+        """Create and start the container (the first start)."""
+        raise NotImplementedError
+
+    def _start(self, timeout: float) -> None:
+        t0 = time.monotonic()
+        first = self.box.container is None
+        if first:
+            self._create()
+        else:
+            if self._up():
+                return
+            self.box.start_again()
+        self.box.wait(self._ready, timeout)
+        self.startup_seconds = time.monotonic() - t0
+        record(
+            f"{self.box.kind} {'first start' if first else 'start again'} -> ready",
+            self.startup_seconds,
+        )
+
+    def stop(self, kill: bool = False) -> None:
+        self.box.stop(kill)
+
+    def close(self) -> None:
+        self.box.close()
+
+
+class ContainerPostgresServer(_ContainerServer, PostgresServer):
     """PostgreSQL in a container (``postgres`` image interface), on 127.0.0.1:<free port>."""
 
     backend = "containers"
@@ -191,11 +235,11 @@ class ContainerPostgresServer(PostgresServer):
             return False
 
     def start(self, timeout: float = 90.0) -> None:
-        t0 = time.monotonic()
-        first = self.box.container is None
-        if first:
-            listen = "127.0.0.1" if self.box.host_network else "*"
-            self.box.run(
+        self._start(timeout)
+
+    def _create(self) -> None:
+        listen = "127.0.0.1" if self.box.host_network else "*"
+        self.box.run(
                 {
                     "POSTGRES_USER": self.user,
                     "POSTGRES_PASSWORD": self.password,
@@ -212,28 +256,12 @@ class ContainerPostgresServer(PostgresServer):
                     "-c", "shared_buffers=128MB",
                 ],
             )  # fmt: skip
-        else:
-            if self._ready():
-                return
-            self.box.start_again()
-        self.box.wait(self._ready, timeout)
-        self.startup_seconds = time.monotonic() - t0
-        record(
-            f"{self.box.kind} {'first start' if first else 'start again'} -> ready",
-            self.startup_seconds,
-        )
-
-    def stop(self, kill: bool = False) -> None:
-        self.box.stop(kill)
-
-    def close(self) -> None:
-        self.box.close()
 
     def describe(self) -> str:
         return f"PostgreSQL on {self.host}:{self.port} ({self.box.describe()})"
 
 
-class ContainerKafkaBroker(KafkaBroker):
+class ContainerKafkaBroker(_ContainerServer, KafkaBroker):
     """Apache Kafka (KRaft, one node, transactions enabled) in a container (``apache/kafka``)."""
 
     backend = "containers"
@@ -274,26 +302,13 @@ class ContainerKafkaBroker(KafkaBroker):
             return False
 
     def start(self, timeout: float = 120.0) -> None:
-        t0 = time.monotonic()
-        first = self.box.container is None
-        if first:
-            self.box.run(self._env(), [])
-        else:
-            if self.box.status() == "running" and self._ready():
-                return
-            self.box.start_again()
-        self.box.wait(self._ready, timeout)
-        self.startup_seconds = time.monotonic() - t0
-        record(
-            f"{self.box.kind} {'first start' if first else 'start again'} -> ready",
-            self.startup_seconds,
-        )
+        self._start(timeout)
 
-    def stop(self, kill: bool = False) -> None:
-        self.box.stop(kill)
+    def _up(self) -> bool:
+        return self.box.status() == "running" and self._ready()
 
-    def close(self) -> None:
-        self.box.close()
+    def _create(self) -> None:
+        self.box.run(self._env(), [])
 
     def describe(self) -> str:
         return f"Apache Kafka {self.version} on {self.bootstrap_servers} ({self.box.describe()})"

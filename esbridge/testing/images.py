@@ -314,6 +314,30 @@ def _cached(name: str, key: str, fill: Callable[[RootfsTar], None]) -> tuple[Pat
     return tarball, _build(tarball, fill)
 
 
+def _cached_image(
+    kind: str,
+    version: str,
+    key: str,
+    fill: Callable[[RootfsTar], None],
+    *,
+    entrypoint: list[str],
+    cmd: list[str],
+    env: dict[str, str],
+    uid: int,
+) -> LocalImage:
+    """The ``esbridge-<kind>`` image of ``version``, its tarball built by ``fill`` unless cached."""
+    tarball, seconds = _cached(f"{kind}-{version}", key, fill)
+    return LocalImage(
+        name=f"localhost/esbridge-{kind}:{version}-{key}",
+        tarball=tarball,
+        entrypoint=entrypoint,
+        cmd=cmd,
+        env=env,
+        user=f"{uid}:{uid}",
+        build_seconds=seconds,
+    )
+
+
 def postgres_image() -> LocalImage:
     """PostgreSQL from the host's server binaries (built once, then cached)."""
     pg_bin = find_pg_bin()
@@ -345,10 +369,11 @@ def postgres_image() -> LocalImage:
         root.mkdir("/var/run/postgresql", 0o2775)
         root.text("/usr/local/bin/docker-entrypoint.sh", POSTGRES_ENTRYPOINT, 0o755)
 
-    tarball, seconds = _cached(f"postgres-{version}", key, fill)
-    return LocalImage(
-        name=f"localhost/esbridge-postgres:{version}-{key}",
-        tarball=tarball,
+    return _cached_image(
+        "postgres",
+        version,
+        key,
+        fill,
         entrypoint=["/usr/local/bin/docker-entrypoint.sh"],
         cmd=["postgres"],
         env={
@@ -357,8 +382,7 @@ def postgres_image() -> LocalImage:
             "TZ": "UTC",
             "LANG": "C",
         },
-        user=f"{POSTGRES_UID}:{POSTGRES_UID}",
-        build_seconds=seconds,
+        uid=POSTGRES_UID,
     )
 
 
@@ -398,10 +422,11 @@ def kafka_image() -> LocalImage:
         root.mkdir("/var/lib/kafka", 0o755)
         root.text("/etc/kafka/docker/run", KAFKA_ENTRYPOINT, 0o755)
 
-    tarball, seconds = _cached(f"kafka-{version}", key, fill)
-    return LocalImage(
-        name=f"localhost/esbridge-kafka:{version}-{key}",
-        tarball=tarball,
+    return _cached_image(
+        "kafka",
+        version,
+        key,
+        fill,
         entrypoint=["/etc/kafka/docker/run"],
         cmd=[],
         env={
@@ -409,8 +434,7 @@ def kafka_image() -> LocalImage:
             "JAVA_HOME": "/opt/java/openjdk",
             "LANG": "C.UTF-8",
         },
-        user=f"{KAFKA_UID}:{KAFKA_UID}",
-        build_seconds=seconds,
+        uid=KAFKA_UID,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -12,10 +13,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import psycopg
+
 from esbridge.errors import HarnessError
 from esbridge.testing.processes import (
     as_user,
     children_of,
+    die_with_parent,
     give_to,
     pid_alive,
     server_user,
@@ -36,7 +40,7 @@ Provide a PostgreSQL server in one of three ways:
 
 
 def find_pg_bin() -> Path | None:
-    """The directory holding ``initdb`` and ``pg_ctl``, or None."""
+    """The directory holding ``initdb`` and ``postgres``, or None."""
     candidates = []
     if os.environ.get("ESBRIDGE_PG_BIN"):
         candidates.append(os.environ["ESBRIDGE_PG_BIN"])
@@ -46,13 +50,13 @@ def find_pg_bin() -> Path | None:
     candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
     for c in candidates:
         p = Path(c)
-        if (p / "initdb").exists() and (p / "pg_ctl").exists():
+        if (p / "initdb").exists() and (p / "postgres").exists():
             return p
     return None
 
 
 class LocalPostgresServer(PostgresServer):
-    """A PostgreSQL cluster of its own: ``initdb`` once, then ``pg_ctl`` start/stop.
+    """A PostgreSQL cluster of its own: ``initdb`` once, then ``postgres`` as a child process.
 
     It listens on 127.0.0.1 only, on a free port chosen once, so a restart
     keeps the address and the data.
@@ -74,6 +78,7 @@ class LocalPostgresServer(PostgresServer):
         self.fsync = fsync
         self.max_connections = max_connections
         self.startup_seconds = 0.0
+        self.process: subprocess.Popen[bytes] | None = None
         self._initdb()
 
     def _run(self, *cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -126,21 +131,47 @@ class LocalPostgresServer(PostgresServer):
         if pid is not None and pid_alive(pid) and port_is_open(self.host, self.port):
             return
         t0 = time.monotonic()
-        result = self._run(
-            str(self.pg_bin / "pg_ctl"),
-            "-D", str(self.data),
-            "-l", str(self.logfile),
-            "-w", "-t", str(int(timeout)),
-            "start",
-            timeout=timeout + 10,
-        )  # fmt: skip
-        if result.returncode != 0 or not port_is_open(self.host, self.port):
-            raise HarnessError(
-                f"PostgreSQL (local) did not start on {self.host}:{self.port} within "
-                f"{timeout:.0f} s: {result.stderr.strip()}\n--- tail of {self.logfile} ---\n"
-                f"{tail(self.logfile)}"
+        # The postmaster runs as a direct child (not daemonised by pg_ctl) with a
+        # parent-death signal, so a test run killed with SIGKILL leaves no server behind.
+        log = self.logfile.open("ab")
+        try:
+            self.process = subprocess.Popen(
+                [str(self.pg_bin / "postgres"), "-D", str(self.data)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.base,
+                user=self.os_user,
+                group=self._os_group(),
+                extra_groups=[] if self.os_user else None,
+                preexec_fn=die_with_parent,
             )
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while not self._accepts_connections():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                self.process.wait()
+                raise HarnessError(
+                    f"PostgreSQL (local) did not start on {self.host}:{self.port} within "
+                    f"{timeout:.0f} s (exit code {self.process.returncode})\n"
+                    f"--- tail of {self.logfile} ---\n{tail(self.logfile)}"
+                )
+            time.sleep(0.05)
         self.startup_seconds = time.monotonic() - t0
+
+    def _os_group(self) -> int | None:
+        return pwd.getpwnam(self.os_user).pw_gid if self.os_user else None
+
+    def _accepts_connections(self) -> bool:
+        if not port_is_open(self.host, self.port):
+            return False
+        try:
+            self.connect(connect_timeout=2).close()
+        except psycopg.OperationalError:
+            return False
+        return True
 
     def stop(self, kill: bool = False) -> None:
         pid = self._postmaster_pid()
@@ -153,16 +184,29 @@ class LocalPostgresServer(PostgresServer):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p, signal.SIGKILL)
             for p in procs:
-                wait_pid_gone(p, 10)
+                if p == pid:
+                    self._wait_exit(p, 10)
+                else:
+                    wait_pid_gone(p, 10)
             # The dead postmaster can linger as a zombie when the machine's init does not
             # reap orphans; PostgreSQL would take the zombie's PID for a live postmaster.
             (self.data / "postmaster.pid").unlink(missing_ok=True)
             (self.base / f".s.PGSQL.{self.port}.lock").unlink(missing_ok=True)
             return
-        self._run(str(self.pg_bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
-        if not wait_pid_gone(pid, 30):
+        os.kill(pid, signal.SIGINT)  # "fast" shutdown: roll back sessions, checkpoint, exit
+        if not self._wait_exit(pid, 30):
             os.kill(pid, signal.SIGKILL)
-            wait_pid_gone(pid, 10)
+            self._wait_exit(pid, 10)
+
+    def _wait_exit(self, pid: int, timeout: float) -> bool:
+        """Wait for the postmaster to exit, reaping it when it is our child."""
+        if self.process is not None and self.process.pid == pid:
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+        return wait_pid_gone(pid, timeout)
 
     def close(self) -> None:
         try:

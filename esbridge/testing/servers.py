@@ -176,25 +176,16 @@ class KafkaBroker(abc.ABC):
         """Create a topic (unique name unless given) and wait until it is usable."""
         from confluent_kafka.admin import AdminClient, NewTopic
 
+        from esbridge.topics import wait_for_leaders
+
         name = name or unique_name("t")
         admin = AdminClient(self.config())
         futures = admin.create_topics(
             [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})]
         )
         futures[name].result(30)
-        # Wait until metadata shows every partition with a leader.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            md = admin.list_topics(name, timeout=10)
-            topic = md.topics.get(name)
-            if (
-                topic is not None
-                and topic.error is None
-                and len(topic.partitions) == partitions
-                and all(p.leader >= 0 for p in topic.partitions.values())
-            ):
-                return name
-            time.sleep(0.05)
+        if wait_for_leaders(admin, name, 30, partitions):
+            return name
         raise HarnessError(f"topic {name!r} did not get leaders within 30 s on {self.describe()}")
 
     def wait_ready(self, timeout: float = 60.0) -> None:

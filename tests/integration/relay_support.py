@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -23,7 +24,11 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
+from esbridge.relay import Relay
+
 APP_NAME = "Ledger"
+ROOT = Path(__file__).resolve().parents[2]
+ESBRIDGE = str(Path(sys.executable).parent / "esbridge")
 
 
 class Account(Aggregate):
@@ -44,6 +49,30 @@ class Ledger(Application):
 
 def ledger(env: Mapping[str, str]) -> Ledger:
     return Ledger(env=dict(env))
+
+
+def ledger_relay(
+    postgres_db: Any, kafka_config: dict[str, Any], topic: str, **options: Any
+) -> Relay:
+    """A relay of the ledger's log in ``postgres_db`` to ``topic`` (``options`` as Relay takes)."""
+    return Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env, **options)
+
+
+def publish_and_close(relay: Relay) -> int:
+    """Publish what the log holds now, then close the relay (also when publishing fails)."""
+    try:
+        return relay.publish_available()
+    finally:
+        relay.close()
+
+
+def subprocess_env(postgres_db: Any, kafka_broker: Any) -> dict[str, str]:
+    """The environment of an ``esbridge`` command run against the test servers."""
+    env = dict(os.environ)
+    env.update(postgres_db.env)
+    env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_broker.bootstrap_servers
+    env["PYTHONPATH"] = str(ROOT)
+    return env
 
 
 def write_events(

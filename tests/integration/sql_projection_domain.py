@@ -96,6 +96,26 @@ def table_contents(engine, names=("proj_dogs", "proj_tricks")) -> dict[str, list
         }
 
 
+def dog_feed(engine, topic: str, kafka_config: dict, env: dict[str, str], log: bool = True):
+    """A :class:`DogProjection` fed from ``topic`` into ``engine``.
+
+    With ``log`` the feed may read the upstream log (``env``) to fill gaps;
+    without it a gap is an error, which proves none occurred.
+    """
+    from esbridge_connectors.sql_projection_kafka import KafkaProjectionFeed
+    from esbridge_connectors.upstream import application_mapper
+
+    return KafkaProjectionFeed(
+        DogProjection(),
+        engine,
+        upstream="DogSchool",
+        topic=topic,
+        kafka_config=kafka_config,
+        mapper=application_mapper(DogSchool, env),
+        **({"env": env} if log else {}),
+    )
+
+
 class DogNameRow(Base):
     __tablename__ = "proj_dog_names"
     name: Mapped[str] = mapped_column(String(200), primary_key=True)

@@ -29,6 +29,7 @@ from tests.integration.consumer_apps import (
     populate,
     verify_mirror,
 )
+from tests.integration.relay_support import publish_and_close
 
 FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 
@@ -62,10 +63,29 @@ def adapter(
 
 def relay_all(school: DogSchool, topic: str, kafka_config: dict[str, Any], **kw: Any) -> int:
     relay = Relay("DogSchool", kafka_config=kafka_config, topic=topic, env=school.env, **kw)
+    return publish_and_close(relay)
+
+
+def consume_all(consumer: ConsumerAdapter, timeout: float = 30) -> tuple[int, Any]:
+    """Process what the topic holds, then close: (messages processed, final status)."""
     try:
-        return relay.publish_available()
+        return consumer.process_available(timeout=timeout), consumer.status()
     finally:
-        relay.close()
+        consumer.close()
+
+
+def teach(school: DogSchool, dog_id: Any, *tricks: str) -> None:
+    """Add ``tricks`` to one dog in one transaction."""
+    dog = school.repository.get(dog_id)
+    for trick in tricks:
+        dog.add_trick(trick=trick)
+    school.save(dog)
+
+
+def fragile_follower(postgres_db: Any) -> Fragile:
+    """A follower whose policy fails on "poison" until ``Fragile.healed`` is set."""
+    Fragile.healed = False
+    return Fragile(env=postgres_db.env)
 
 
 def test_tracking_names() -> None:
@@ -81,11 +101,8 @@ def test_exactly_once_single_partition(
     total = school.recorder.max_notification_id()
     assert relay_all(school, topic, kafka_config, partitions=1) == total == 240
     consumer = adapter(mirror, topic, kafka_config)
-    try:
-        assert consumer.process_available(timeout=30) == total
-        status = consumer.status()
-    finally:
-        consumer.close()
+    processed, status = consume_all(consumer)
+    assert processed == total
     verify_mirror(school, mirror, dogs)
     # The library's own tracking name: the runners can take over without reprocessing.
     assert mirror.recorder.max_tracking_id("DogSchool") == total
@@ -161,11 +178,8 @@ def test_duplicates_have_no_effect(
     publisher.send(duplicated)
     publisher.send(messages[:10])  # and a replay of the start, later
     consumer = adapter(mirror, topic, kafka_config)
-    try:
-        assert consumer.process_available(timeout=30) == len(notes)
-        status = consumer.status()
-    finally:
-        consumer.close()
+    processed, status = consume_all(consumer)
+    assert processed == len(notes)
     verify_mirror(school, mirror, dogs)
     assert status.duplicates == len(duplicated) - len(messages) + 10
     assert mirror.recorder.max_notification_id() == 10 + 30
@@ -189,11 +203,7 @@ def test_reordered_and_missing_are_reconciled_from_the_log(
     del sent[-1]  # the very last one never arrives: only a later message could reveal it
     publisher.send(sent)
     consumer = adapter(mirror, topic, kafka_config, upstream_env=postgres_db.env)
-    try:
-        consumer.process_available(timeout=30)
-        status = consumer.status()
-    finally:
-        consumer.close()
+    _, status = consume_all(consumer)
     missing_last = notes[-1]
     assert status.gaps_reconciled >= 2 and status.reconciled_events >= 5
     assert status.held_partitions == []
@@ -255,30 +265,19 @@ def test_prompt_mode_pulls_from_the_log(
 def test_poison_messages_are_parked_then_replayed(
     school: DogSchool, create_topic: Any, kafka_config: dict[str, Any], postgres_db: Any
 ) -> None:
-    Fragile.healed = False
-    fragile = Fragile(env=postgres_db.env)
+    fragile = fragile_follower(postgres_db)
     topic = create_topic(partitions=1)
     dogs = populate(school, 6, 2)
-    victim = school.repository.get(dogs[2])
-    victim.add_trick(trick="poison")
-    victim.add_trick(trick="after-1")
-    school.save(victim)
-    other = school.repository.get(dogs[3])
-    other.add_trick(trick="unaffected")
-    school.save(other)
-    victim = school.repository.get(dogs[2])
-    victim.add_trick(trick="after-2")
-    school.save(victim)
+    teach(school, dogs[2], "poison", "after-1")
+    teach(school, dogs[3], "unaffected")
+    teach(school, dogs[2], "after-2")
     relay_all(school, topic, kafka_config)
     publisher = ManualPublisher(kafka_config, topic, "DogSchool", 1)
     publisher.send_raw(b"not-esbridge", b"{}", [("x", b"y")])
     total = school.recorder.max_notification_id()
     consumer = adapter(fragile, topic, kafka_config, retries=2, retry_backoff=0.01)
-    try:
-        assert consumer.process_available(timeout=30) == total
-        status = consumer.status()
-    finally:
-        consumer.close()
+    processed, status = consume_all(consumer)
+    assert processed == total
     assert fragile.recorder.max_tracking_id("DogSchool") == total
     assert status.parked == 4
     # The victim's later tricks wait behind the poison; other dogs are unaffected.
@@ -317,20 +316,13 @@ def test_dlq_command_lists_and_replays(
 ) -> None:
     from esbridge.cli import main
 
-    Fragile.healed = False
-    fragile = Fragile(env=postgres_db.env)
+    fragile = fragile_follower(postgres_db)
     topic = create_topic(partitions=1)
     dogs = populate(school, 3, 1)
-    victim = school.repository.get(dogs[0])
-    victim.add_trick(trick="poison")
-    victim.add_trick(trick="later")
-    school.save(victim)
+    teach(school, dogs[0], "poison", "later")
     relay_all(school, topic, kafka_config)
     consumer = adapter(fragile, topic, kafka_config, retries=1, retry_backoff=0.01)
-    try:
-        consumer.process_available(timeout=30)
-    finally:
-        consumer.close()
+    consume_all(consumer)
     for key, value in postgres_db.env.items():
         monkeypatch.setenv(key, value)
     follower = "tests.integration.consumer_apps:Fragile"

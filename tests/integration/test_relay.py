@@ -17,6 +17,8 @@ from tests.integration.relay_support import (
     Record,
     db_ids,
     ledger,
+    ledger_relay,
+    publish_and_close,
     read_all,
     rolled_back_insert,
     write_events,
@@ -55,7 +57,7 @@ def test_publishes_every_notification_once_in_order(
     app = ledger(postgres_db.env)
     write_events(app, 1200, accounts=40)
     topic = create_topic(partitions=partitions)
-    relay = Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env)
+    relay = ledger_relay(postgres_db, kafka_config, topic)
     try:
         assert relay.publish_available() == 1200
         assert relay.publish_available() == 0  # nothing new: nothing again
@@ -74,11 +76,7 @@ def test_headers_and_value_are_the_stored_event(postgres_db, kafka_config, creat
     app = ledger(postgres_db.env)
     write_events(app, 20, accounts=5)
     topic = create_topic(partitions=1)
-    relay = Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env)
-    try:
-        relay.publish_available()
-    finally:
-        relay.close()
+    publish_and_close(ledger_relay(postgres_db, kafka_config, topic))
     recorder = app.recorder
     stored = {n.id: n for n in recorder.select_notifications(start=1, limit=100)}
     records = read_all(kafka_config, topic, 20)
@@ -111,9 +109,7 @@ def test_gaps_from_rolled_back_inserts_never_stall(postgres_db, kafka_config, cr
     app = ledger(postgres_db.env)
     write_events(app, 50)
     topic = create_topic(partitions=3)
-    relay = Relay(
-        APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env, poll_interval=0.2
-    )
+    relay = ledger_relay(postgres_db, kafka_config, topic, poll_interval=0.2)
     thread = threading.Thread(target=relay.run)
     thread.start()
     try:
@@ -145,9 +141,7 @@ def test_run_wakes_on_commit_and_resumes_after_stop(postgres_db, kafka_config, c
     topic = create_topic(partitions=3)
 
     def run_once(count: int) -> float:
-        relay = Relay(
-            APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env, poll_interval=30
-        )
+        relay = ledger_relay(postgres_db, kafka_config, topic, poll_interval=30)
         thread = threading.Thread(target=relay.run)
         thread.start()
         try:
@@ -179,28 +173,15 @@ def test_at_least_once_mode_publishes_in_order(postgres_db, kafka_config, create
     app = ledger(postgres_db.env)
     write_events(app, 800)
     topic = create_topic(partitions=3)
-    relay = Relay(
-        APP_NAME,
-        kafka_config=kafka_config,
-        topic=topic,
-        env=postgres_db.env,
-        exactly_once=False,
-        relay_id="alo-relay",
-    )
+    at_least_once = {"exactly_once": False, "relay_id": "alo-relay"}
+    relay = ledger_relay(postgres_db, kafka_config, topic, **at_least_once)
     try:
         assert relay.publish_available() == 800
         write_events(app, 200)
         assert relay.publish_available() == 200
     finally:
         relay.close()
-    again = Relay(
-        APP_NAME,
-        kafka_config=kafka_config,
-        topic=topic,
-        env=postgres_db.env,
-        exactly_once=False,
-        relay_id="alo-relay",
-    )
+    again = ledger_relay(postgres_db, kafka_config, topic, **at_least_once)
     try:
         assert again.publish_available() == 0  # position was stored
     finally:
@@ -252,7 +233,7 @@ def test_message_too_large_stops_naming_the_notification(postgres_db, kafka_conf
     app.save(account)
     write_events(app, 10)
     topic = create_topic(partitions=1, config={"max.message.bytes": "3000"})
-    relay = Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env)
+    relay = ledger_relay(postgres_db, kafka_config, topic)
     big_nid = db_ids(postgres_db.dsn)[11][0]
     try:
         with pytest.raises(RelayError, match=f"notification {big_nid}\\b.*{APP_NAME}"):
@@ -267,8 +248,8 @@ def test_a_second_relay_with_the_same_id_fences_the_first(postgres_db, kafka_con
     app = ledger(postgres_db.env)
     write_events(app, 100)
     topic = create_topic(partitions=3)
-    first = Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env)
-    second = Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env)
+    first = ledger_relay(postgres_db, kafka_config, topic)
+    second = ledger_relay(postgres_db, kafka_config, topic)
     try:
         assert first.publish_available() == 100
         write_events(app, 50)

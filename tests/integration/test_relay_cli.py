@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 from esbridge.testing.servers import free_port
-from tests.integration.relay_support import db_ids, ledger, read_all, write_events
-
-ROOT = Path(__file__).resolve().parents[2]
-ESBRIDGE = str(Path(sys.executable).parent / "esbridge")
-
-
-def _env(postgres_db, kafka_broker) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(postgres_db.env)
-    env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_broker.bootstrap_servers
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+from tests.integration.relay_support import (
+    ESBRIDGE,
+    ROOT,
+    db_ids,
+    ledger,
+    read_all,
+    subprocess_env,
+    write_events,
+)
 
 
 def test_wrong_configuration_exits_2_with_a_clear_message(postgres_db, kafka_broker, create_topic):
     ledger(postgres_db.env)
     topic = create_topic(partitions=3)
-    env = _env(postgres_db, kafka_broker)
+    env = subprocess_env(postgres_db, kafka_broker)
     cases = [
         (["NoSuchApp", "--topic", topic], "nosuchapp_events"),
         (["no.such.module:App", "--topic", topic], "cannot import application"),
@@ -57,7 +51,7 @@ def test_serves_metrics_and_stops_on_sigint(postgres_db, kafka_broker, create_to
     config.write_text(
         f"# librdkafka settings\nbootstrap.servers={kafka_broker.bootstrap_servers}\n"
     )
-    env = _env(postgres_db, kafka_broker)
+    env = subprocess_env(postgres_db, kafka_broker)
     env.pop("KAFKA_BOOTSTRAP_SERVERS")  # from the properties file instead
     relay = subprocess.Popen(
         [

@@ -16,8 +16,13 @@ from datetime import datetime
 import psycopg
 from confluent_kafka import Consumer, TopicPartition
 
-from esbridge.relay import Relay
-from tests.integration.relay_support import APP_NAME, ledger, write_events
+from tests.integration.relay_support import (
+    APP_NAME,
+    ledger,
+    ledger_relay,
+    publish_and_close,
+    write_events,
+)
 
 HEADER_NAMES = [
     "esb_format",
@@ -64,11 +69,7 @@ def test_payload_messages_follow_the_documented_format(postgres_db, kafka_config
     app = ledger(postgres_db.env)
     write_events(app, 60, accounts=6)
     topic = create_topic(partitions=2)
-    relay = Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env)
-    try:
-        relay.publish_available()
-    finally:
-        relay.close()
+    publish_and_close(ledger_relay(postgres_db, kafka_config, topic))
     with psycopg.connect(postgres_db.dsn) as conn:
         rows = {
             nid: (str(oid), version, topic_, bytes(state))
@@ -115,13 +116,7 @@ def test_prompt_messages_follow_the_documented_format(postgres_db, kafka_config,
     app = ledger(postgres_db.env)
     write_events(app, 7)
     topic = create_topic(partitions=1)
-    relay = Relay(
-        APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env, mode="prompts"
-    )
-    try:
-        relay.publish_available()
-    finally:
-        relay.close()
+    publish_and_close(ledger_relay(postgres_db, kafka_config, topic, mode="prompts"))
     (m,) = plain_read(kafka_config["bootstrap.servers"], topic, 1)
     assert m.key() == APP_NAME.encode()
     assert json.loads(m.value()) == {"app": APP_NAME, "max_nid": 7}

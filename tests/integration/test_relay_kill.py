@@ -18,11 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.relay_support import db_ids, ledger, read_all
+from tests.integration.relay_support import ESBRIDGE, ROOT, db_ids, ledger, read_all, subprocess_env
 from tests.integration.test_relay import check_exactly_once_in_order
-
-ROOT = Path(__file__).resolve().parents[2]
-ESBRIDGE = str(Path(sys.executable).parent / "esbridge")
 
 EVENTS = 100_000
 KILLS = 22
@@ -30,14 +27,6 @@ PARTITIONS = 3
 BROKER_RESTART_AT = 5  # iterations where the relay has started publishing (i % 4 != 3)
 POSTGRES_RESTART_AT = 13
 WRITE_RATE = "1500"  # events/s: the writer runs during most of the kill loop
-
-
-def _env(postgres_db, kafka_broker) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(postgres_db.env)
-    env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_broker.bootstrap_servers
-    env["PYTHONPATH"] = str(ROOT)
-    return env
 
 
 def _start_relay(env: dict[str, str], topic: str, log_file) -> subprocess.Popen[bytes]:
@@ -97,7 +86,7 @@ def test_kill_9_relay_while_writing_and_restarting_servers(
 ):
     ledger(postgres_db.env)  # create the tables
     topic = create_topic(partitions=PARTITIONS)
-    env = _env(postgres_db, kafka_broker)
+    env = subprocess_env(postgres_db, kafka_broker)
     rng = random.Random(20261123)
     writer_log = open(tmp_path / "writer.log", "wb")  # noqa: SIM115
     relay_log = open(tmp_path / "relay.log", "wb")  # noqa: SIM115

@@ -9,8 +9,14 @@ import uuid
 
 from confluent_kafka import Consumer, TopicPartition
 
-from esbridge.relay import Relay
-from tests.integration.relay_support import APP_NAME, db_ids, ledger, read_all, write_events
+from tests.integration.relay_support import (
+    APP_NAME,
+    db_ids,
+    ledger,
+    ledger_relay,
+    read_all,
+    write_events,
+)
 
 
 def test_publish_available_sends_one_prompt_when_the_log_grew(
@@ -19,9 +25,7 @@ def test_publish_available_sends_one_prompt_when_the_log_grew(
     app = ledger(postgres_db.env)
     write_events(app, 30)
     topic = create_topic(partitions=1)
-    relay = Relay(
-        APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env, mode="prompts"
-    )
+    relay = ledger_relay(postgres_db, kafka_config, topic, mode="prompts")
     try:
         assert relay.publish_available() == 1
         assert relay.publish_available() == 0
@@ -48,11 +52,10 @@ def test_prompts_coalesce_bursts_and_wake_a_follower(postgres_db, kafka_config, 
     app = ledger(postgres_db.env)
     write_events(app, 10)
     topic = create_topic(partitions=1)
-    relay = Relay(
-        APP_NAME,
-        kafka_config=kafka_config,
-        topic=topic,
-        env=postgres_db.env,
+    relay = ledger_relay(
+        postgres_db,
+        kafka_config,
+        topic,
         mode="prompts",
         prompt_interval=0.3,
         poll_interval=30,  # only NOTIFY can wake it in time

@@ -21,9 +21,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from esbridge_connectors.replay import Replay
-from esbridge_connectors.sql_projection_kafka import KafkaProjectionFeed
-from esbridge_connectors.upstream import application_mapper
-from sql_projection_domain import DogProjection, DogSchool, table_contents
+from sql_projection_domain import DogSchool, dog_feed, table_contents
 from sqlalchemy import create_engine
 
 from esbridge.consumer import ConsumerAdapter
@@ -129,14 +127,8 @@ def test_replay_is_deduplicated_by_a_projection_fed_from_the_topic(
     topic = create_topic(partitions=PARTITIONS)
     relay_publish(school, kafka_config, topic)
     engine = create_engine(postgres_server.create_database().url)
-    feed = KafkaProjectionFeed(
-        DogProjection(),
-        engine,
-        upstream="DogSchool",
-        topic=topic,
-        kafka_config=kafka_config,
-        mapper=application_mapper(DogSchool, postgres_db.env),
-    )  # no upstream log: a gap would be an error, so none may occur
+    # No upstream log: a gap would be an error, so none may occur.
+    feed = dog_feed(engine, topic, kafka_config, postgres_db.env, log=False)
     try:
         assert feed.process_available(timeout=3) == total
         before = table_contents(engine)

@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 from esbridge_connectors.replay import Replay
 from esbridge_connectors.sql_projection import ProjectionRunner
-from esbridge_connectors.sql_projection_kafka import KafkaProjectionFeed
 from esbridge_connectors.sql_tracking import ProjectionConflictError
 from esbridge_connectors.upstream import application_mapper
 from sql_projection_domain import (
@@ -32,6 +31,7 @@ from sql_projection_domain import (
     DogProjection,
     DogSchool,
     FailureSwitch,
+    dog_feed,
     table_contents,
 )
 from sqlalchemy import create_engine, text
@@ -284,15 +284,7 @@ def test_rebuild_from_kafka_equals_the_log_fed_projection(
     engine = create_engine(db.url)
     names = runner_for(DogNameProjection(), engine, postgres_db)
     names.run_once()
-    feed = KafkaProjectionFeed(
-        DogProjection(),
-        engine,
-        upstream="DogSchool",
-        topic=topic,
-        kafka_config=kafka_config,
-        mapper=application_mapper(DogSchool, postgres_db.env),
-        env=postgres_db.env,
-    )
+    feed = dog_feed(engine, topic, kafka_config, postgres_db.env)
     try:
         assert feed.process_available(timeout=3) == total
         assert sum(feed.positions()) > 0 and max(feed.positions()) == total
@@ -325,15 +317,7 @@ def test_kafka_feed_fills_a_gap_from_the_log(
     Replay("DogSchool", kafka_config=kafka_config, topic=topic, env=postgres_db.env).run(11)
     db = postgres_server.create_database()
     engine = create_engine(db.url)
-    feed = KafkaProjectionFeed(
-        DogProjection(),
-        engine,
-        upstream="DogSchool",
-        topic=topic,
-        kafka_config=kafka_config,
-        mapper=application_mapper(DogSchool, postgres_db.env),
-        env=postgres_db.env,
-    )
+    feed = dog_feed(engine, topic, kafka_config, postgres_db.env)
     try:
         assert feed.process_available(timeout=3) == 30
         partition_of = key_partitioner(2)
