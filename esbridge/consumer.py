@@ -64,6 +64,7 @@ from esbridge.notification_log import DEFAULT_PAGE_SIZE, open_recorder, read_pag
 from esbridge.processing import (
     TRANSIENT_ERRORS,
     BatchSink,
+    PrefetchFunc,
     ProcessApplicationSink,
     Source,
     Step,
@@ -182,7 +183,9 @@ class ConsumerAdapter:
     ``topic_timeout`` (how long to wait for the topic to exist),
     ``upstream_class`` (its ``env`` supplies cipher/compressor defaults),
     ``partitions`` (expected count), ``registry`` (Prometheus), ``sink``
-    (another :class:`~esbridge.processing.BatchSink`).
+    (another :class:`~esbridge.processing.BatchSink`), ``prefetch`` (a function
+    from an upstream event to the ids of the aggregates its policy gets: each
+    batch then reads them in one query; see :data:`~esbridge.processing.PrefetchFunc`).
     """
 
     def __init__(
@@ -199,6 +202,7 @@ class ConsumerAdapter:
         partitions: int | None = None,
         registry: CollectorRegistry | None = None,
         sink: BatchSink | None = None,
+        prefetch: PrefetchFunc | None = None,
         **tuning: Any,
     ) -> None:
         if mode not in MODES:
@@ -224,7 +228,12 @@ class ConsumerAdapter:
                 "upstream_env (read-only POSTGRES_* settings of the upstream application)"
             )
         self.metrics = ConsumerMetrics(follower.name, upstream, topic, registry)
+        if sink is not None and prefetch is not None:
+            raise ConfigurationError(
+                "prefetch is a hint for the default sink: give it to your sink instead"
+            )
         self._sink_arg = sink
+        self._prefetch = prefetch
         self.sink: BatchSink | None = None
         self.steps: StepFactory = StepFactory(
             follower, UpstreamDecoder(follower, upstream, upstream_class)
@@ -303,7 +312,9 @@ class ConsumerAdapter:
         if self._consumer is not None:
             return
         if self.sink is None:
-            self.sink = self._sink_arg or ProcessApplicationSink(self.follower)
+            self.sink = self._sink_arg or ProcessApplicationSink(
+                self.follower, prefetch=self._prefetch
+            )
         if self.upstream_env is not None and self._upstream_log is None:
             self._upstream_log = open_recorder(self.upstream, self.upstream_env)
         config = dict(self.kafka_config)
@@ -487,7 +498,7 @@ class ConsumerAdapter:
         return len(messages)
 
     def _offer(self, part: _Partition, message: Message, steps: list[Step], now: float) -> None:
-        headers = wire.headers_dict(_header_list(message))
+        headers = wire.headers_dict(_raw_headers(message))
         try:
             kind = wire.message_kind(headers)
             if kind == wire.KIND_PROMPT:
@@ -514,7 +525,7 @@ class ConsumerAdapter:
         return Source(
             key=(key or b"").decode("utf-8", "replace"),
             value=message.value(),
-            headers=[(k, v or b"") for k, v in _header_list(message)],
+            headers=[(k, v or b"") for k, v in _raw_headers(message)],
             kafka_topic=message.topic(),
             kafka_partition=message.partition(),
             kafka_offset=message.offset(),
@@ -899,9 +910,10 @@ class ConsumerAdapter:
         )
 
 
-def _header_list(message: Message) -> list[tuple[str, bytes | None]]:
-    headers: Any = message.headers() or ()
-    return [(k, v.encode() if isinstance(v, str) else v) for k, v in headers]
+def _raw_headers(message: Message) -> list[tuple[str, bytes | None]]:
+    """A consumed message's headers (librdkafka gives consumed header values as bytes)."""
+    headers: Any = message.headers()
+    return headers or []
 
 
 class _Abandoned(Exception):

@@ -32,9 +32,10 @@ projection) implements ``position()`` and ``apply()`` the same way.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -69,6 +70,14 @@ log = logging.getLogger("esbridge.processing")
 
 WRITE_KWARG = "esbridge_write"
 """The keyword that carries esbridge's extra writes through ``EventStore.put``."""
+
+PrefetchFunc = Callable[[DomainEventProtocol[Any]], Iterable[Any]]
+"""A hint: the ids of the aggregates the follower's policy will get for an upstream event.
+
+Given to :class:`ProcessApplicationSink` (``ConsumerAdapter(prefetch=...)``), it
+lets a batch read all those aggregates in one query instead of one per
+aggregate. Ids it misses are read as usual; extra ids only cost a little.
+"""
 
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
 """Database errors that are not the message's fault: retry the batch, never park."""
@@ -210,6 +219,27 @@ def install_recorder_hook(follower: Follower[Any]) -> None:
     recorder.__class__ = hooked
 
 
+_ATOMIC_TYPES = frozenset({UUID, datetime, str, int, float, bool, bytes, type(None)})
+
+
+def copy_aggregate(aggregate: Any) -> Any:
+    """``deepcopy(aggregate)``, about 4x faster for typical aggregates.
+
+    ``deepcopy`` rebuilds every ``UUID`` and ``datetime`` through
+    ``__reduce_ex__`` although they are immutable: seeding its memo with the
+    aggregate's immutable attribute values shares them instead. Everything
+    else (lists, dicts, nested objects) is deep-copied exactly as before.
+    """
+    attributes = getattr(aggregate, "__dict__", None)
+    if attributes is None:
+        return deepcopy(aggregate)
+    memo: dict[int, Any] = {}
+    for value in attributes.values():
+        if type(value) in _ATOMIC_TYPES:
+            memo[id(value)] = value
+    return deepcopy(aggregate, memo)
+
+
 class BatchRepository:
     """The follower's repository as seen from inside a batch.
 
@@ -222,6 +252,67 @@ class BatchRepository:
         self.base = base
         self._events: dict[Any, list[DomainEventProtocol[Any]]] = {}
         self._aggregates: dict[Any, Any] = {}
+        self._absent: set[Any] = set()  # prefetched: no stored events (as of the prefetch)
+        self._fetched: dict[Any, Any] = {}  # prefetched aggregates when there is no cache
+
+    def prefetch(self, aggregate_ids: Iterable[Any]) -> int:
+        """Read the stored events of many aggregates in ONE query; returns how many were read.
+
+        Saves one SELECT per aggregate that is not in the repository's cache
+        (typically: aggregates the batch is about to create). Reconstructed
+        aggregates go into the cache exactly as ``Repository.get`` would put
+        them there; ids without stored events are remembered for this batch
+        only, so ``get`` raises ``AggregateNotFoundError`` without a query.
+        Does nothing when the follower takes snapshots (the library then
+        starts from the latest snapshot; ``get`` keeps doing that).
+        """
+        base = self.base
+        if base.snapshot_store is not None:
+            return 0
+        recorder: Any = base.event_store.recorder
+        datastore = getattr(recorder, "datastore", None)
+        if datastore is None or not hasattr(recorder, "events_table_name"):
+            return 0
+        cache = base.cache
+        cached: Any = cache.cache if cache is not None else {}
+        wanted = {str(i): i for i in aggregate_ids if i not in cached and i not in self._events}
+        if not wanted:
+            return 0
+        statement = SQL(
+            "SELECT originator_id, originator_version, topic, state FROM {0}.{1} "
+            "WHERE originator_id = ANY(%s::{2}[]) ORDER BY originator_id, originator_version"
+        ).format(
+            Identifier(datastore.schema or "public"),
+            Identifier(recorder.events_table_name),
+            Identifier(datastore.originator_id_type),
+        )
+        with datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, (list(wanted),), prepare=True)
+            rows = curs.fetchall()
+        stored: dict[str, list[StoredEvent]] = {}
+        for row in rows:
+            stored.setdefault(str(row["originator_id"]), []).append(
+                StoredEvent(
+                    originator_id=row["originator_id"],
+                    originator_version=row["originator_version"],
+                    topic=row["topic"],
+                    state=bytes(row["state"]),
+                )
+            )
+        to_domain_event = base.event_store.mapper.to_domain_event
+        for key, aggregate_id in wanted.items():
+            events = stored.get(key)
+            if not events:
+                self._absent.add(aggregate_id)
+                continue
+            aggregate = project_aggregate(None, map(to_domain_event, events))
+            if aggregate is None:
+                self._absent.add(aggregate_id)
+            elif cache is not None:
+                cache.put(aggregate_id, aggregate)
+            else:
+                self._fetched[aggregate_id] = aggregate
+        return len(wanted)
 
     def collect(self, processing_event: ProcessingEvent[Any]) -> None:
         for event in processing_event.events:
@@ -238,16 +329,32 @@ class BatchRepository:
     ) -> Any:
         pending = self._events.get(aggregate_id)
         if not pending:
-            return self.base.get(
-                aggregate_id, version=version, projector_func=projector_func, **kwargs
+            if aggregate_id in self._absent:
+                raise AggregateNotFoundError(aggregate_id)
+            if (
+                version is None
+                and projector_func is project_aggregate
+                and aggregate_id in self._fetched
+            ):
+                return copy_aggregate(self._fetched[aggregate_id])
+            repo = self.base
+            if not (repo.cache and version is None):
+                return repo.get(
+                    aggregate_id, version=version, projector_func=projector_func, **kwargs
+                )
+            # The library would deepcopy the cached aggregate; copy_aggregate does the same faster.
+            copy = kwargs.pop("deepcopy_from_cache", True) and repo.deepcopy_from_cache
+            cached = repo.get(
+                aggregate_id, projector_func=projector_func, deepcopy_from_cache=False, **kwargs
             )
+            return copy_aggregate(cached) if copy else cached
         first = pending[0].originator_version
         if version is not None and version < first:
             return self.base.get(aggregate_id, version=version, projector_func=projector_func)
         if version is None:
             aggregate = self._aggregates.get(aggregate_id)
             if aggregate is not None and aggregate.version == pending[-1].originator_version:
-                return deepcopy(aggregate)
+                return copy_aggregate(aggregate)
         base = None
         if first > 1:
             base = self.base.get(aggregate_id, version=first - 1, projector_func=projector_func)
@@ -258,7 +365,9 @@ class BatchRepository:
         return aggregate
 
     def __contains__(self, aggregate_id: Any) -> bool:
-        return aggregate_id in self._events or aggregate_id in self.base
+        if aggregate_id in self._events:
+            return True
+        return aggregate_id not in self._absent and aggregate_id in self.base
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.base, name)
@@ -393,9 +502,15 @@ class ProcessApplicationSink:
     library does after recording (``_take_snapshots``, ``notify``, ``_notify``).
     """
 
-    def __init__(self, follower: Follower[Any], dead_letters: DeadLetterStore | None = None):
+    def __init__(
+        self,
+        follower: Follower[Any],
+        dead_letters: DeadLetterStore | None = None,
+        prefetch: PrefetchFunc | None = None,
+    ):
         install_recorder_hook(follower)
         self.follower = follower
+        self.prefetch = prefetch
         self.dead_letters = dead_letters or DeadLetterStore(follower.recorder.datastore)  # type: ignore[attr-defined]
         self.dead_letters.create_table()
 
@@ -407,6 +522,8 @@ class ProcessApplicationSink:
         with follower.processing_lock:
             combined: ProcessingEvent[Any] = ProcessingEvent(tracking=None)
             with _overlay(follower) as overlay:
+                if self.prefetch is not None:
+                    self._prefetch(overlay, steps)
                 for index, step in enumerate(steps):
                     if step.event is None:
                         continue
@@ -426,6 +543,21 @@ class ProcessApplicationSink:
             follower._take_snapshots(combined)
             follower.notify(combined.events)
             follower._notify(recordings)
+
+    def _prefetch(self, overlay: BatchRepository, steps: Sequence[Step]) -> None:
+        """Load the aggregates the hint names for this batch in one query (a hint only)."""
+        hint = self.prefetch
+        assert hint is not None
+        ids: list[Any] = []
+        try:
+            for step in steps:
+                if step.event is not None:
+                    ids.extend(hint(step.event))
+        except Exception as e:  # a wrong hint costs speed, never correctness
+            log.warning("prefetch hint failed (%s: %s); reading aggregates one by one",
+                        type(e).__name__, e)  # fmt: skip
+            return
+        overlay.prefetch(ids)
 
     def _write(self, steps: Sequence[Step], expected: Mapping[str, int]) -> EsbridgeWrite:
         last: dict[str, Tracking] = {}

@@ -17,14 +17,15 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
-from esbridge.relay import Relay
+if TYPE_CHECKING:
+    from esbridge.relay import Relay
 
 APP_NAME = "Ledger"
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +56,8 @@ def ledger_relay(
     postgres_db: Any, kafka_config: dict[str, Any], topic: str, **options: Any
 ) -> Relay:
     """A relay of the ledger's log in ``postgres_db`` to ``topic`` (``options`` as Relay takes)."""
+    from esbridge.relay import Relay  # not at the top: the writer subprocess does not need it
+
     return Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env, **options)
 
 

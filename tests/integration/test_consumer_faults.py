@@ -1,18 +1,25 @@
-"""Consumer processes killed with SIGKILL at random moments while events stream in.
+"""Consumer processes killed with SIGKILL at random moments while 100,000 events stream in.
 
 ``esbridge consume`` subprocesses (a consumer group on a 3-partition topic)
-are killed -9, started, stopped and added (rebalances) at random moments
-while a writer adds dog-school events and the relay publishes them; the
-broker is restarted once and Postgres once. Afterwards every mirror must
-equal its dog: each upstream event applied exactly once, in per-aggregate
-order, and the follower's log holds exactly one event per upstream event.
+are killed -9, and members join and leave (rebalances), at random moments
+spread over the whole run, while a writer adds dog-school events and a relay
+(running concurrently, as in production) publishes them; the broker is
+restarted once and Postgres once. The moments are random points of the
+*downstream* progress, so the faults fall while the consumers are working,
+from the first events to the last. Afterwards:
 
-``ESBRIDGE_FAULT_EVENTS`` sets the number of upstream events (default 10,000, so the
-test stays under about 3 minutes on 2 cores; 100,000 takes longer).
+* every partition's tracking position is the last notification id of that
+  partition (nothing lost, nothing left behind);
+* every mirror equals its dog: each upstream ``TrickAdded`` (each with a
+  unique trick) was applied exactly once, in the dog's order;
+* the follower's log holds exactly one event per upstream event.
+
+``ESBRIDGE_FAULT_EVENTS`` sets the number of upstream events (default 100,000).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -20,22 +27,29 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
+from eventsourcing.application import AggregateNotFoundError
 
 from esbridge.consumer import tracking_names
 from esbridge.partitioning import partition_for_key
 from esbridge.relay import Relay
 from examples.dogschool.application import DogSchool
 from examples.dogschool.domainmodel import Dog
-from tests.integration.consumer_apps import Mirror, verify_mirror
+from tests.integration.consumer_apps import Mirror, verify_logs, verify_mirror
 
 ROOT = Path(__file__).resolve().parents[2]
-EVENTS = int(os.environ.get("ESBRIDGE_FAULT_EVENTS", "10000"))
+EVENTS = int(os.environ.get("ESBRIDGE_FAULT_EVENTS", "100000"))
 PARTITIONS = 3
-KILLS = 20
+KILLS = 22  # at least 20 are required; a couple more in case the last ones fall late
+JOINS = LEAVES = 4
+DOGS = max(20, EVENTS // 50)  # about 50 events per aggregate
+CHUNK = 500  # aggregates per save(): one transaction each, ~10k events/s
+TIME_LIMIT = 300.0  # seconds for the whole stream, faults included
 
 
 class Members:
@@ -70,6 +84,7 @@ class Members:
             str(PARTITIONS),
         ]
         proc = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=log, stderr=log)
+        log.close()
         self.procs.append(proc)
 
     def kill_one(self, rng: random.Random) -> None:
@@ -102,60 +117,117 @@ class Members:
                 raise AssertionError(f"consumer {proc.pid} exited by itself with {code}")
 
 
-class Writer(threading.Thread):
-    """Adds dog-school events in chunks and publishes them with the relay, surviving restarts."""
+class Worker(threading.Thread):
+    """A daemon thread whose failure the test reports."""
 
-    def __init__(self, env: dict[str, str], topic: str, kafka: dict[str, Any]) -> None:
+    def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.env, self.topic, self.kafka = env, topic, kafka
-        self.written = 0
-        self.published_all = threading.Event()
         self.error: BaseException | None = None
-        self.dog_ids: list[Any] = []
 
     def run(self) -> None:
         try:
-            self._run()
+            self.work()
         except BaseException as e:  # reported by the test
             self.error = e
 
-    def _retry(self, action: Any) -> Any:
-        for _ in range(120):
-            try:
-                return action()
-            except Exception:
-                time.sleep(0.5)
-        return action()
+    def work(self) -> None:
+        raise NotImplementedError
 
-    def _run(self) -> None:
+    def check(self) -> None:
+        if self.error is not None:
+            raise AssertionError(f"{type(self).__name__} failed: {self.error!r}") from self.error
+
+
+class Writer(Worker):
+    """Writes ``EVENTS`` dog-school events, ``CHUNK`` aggregates per ``save()``.
+
+    The dogs stay in memory (the writer is the only one changing them), so a
+    step costs one transaction and no reads. Every trick is unique
+    (``t<sequence>``): a lost, repeated or reordered event shows in the mirror.
+    A failed save (Postgres restarting) may or may not have committed, so the
+    dogs of that save are reloaded from the database before going on.
+    """
+
+    def __init__(self, env: dict[str, str]) -> None:
+        super().__init__()
+        self.env = env
+        self.written = 0
+        self.done = threading.Event()
+        self.dogs: dict[UUID, Dog] = {}
+
+    def work(self) -> None:
         rng = random.Random(7)
-        school = DogSchool(env={**self.env, "AGGREGATE_CACHE_MAXSIZE": "5000"})
-        relay = Relay(
-            "DogSchool", kafka_config=self.kafka, topic=self.topic, env=self.env,
-            partitions=PARTITIONS,
-        )  # fmt: skip
+        school = DogSchool(env=self.env)
+        ids: list[UUID] = []
+        sequence = 0
         while self.written < EVENTS:
-            if len(self.dog_ids) < 2000 and rng.random() < 0.5:
-                dogs = [Dog(f"dog-{len(self.dog_ids) + i}") for i in range(200)]
-                self._retry(lambda dogs=dogs: school.save(*dogs))
-                self.dog_ids.extend(d.id for d in dogs)
-                self.written += len(dogs)
+            if len(ids) < DOGS and (len(ids) < CHUNK or rng.random() < 0.3):
+                batch = [Dog(f"dog-{len(ids) + i}") for i in range(CHUNK)]
             else:
-                picked = rng.sample(self.dog_ids, min(300, len(self.dog_ids)))
-
-                def teach(picked: list[Any] = picked) -> int:
-                    dogs = [school.repository.get(i) for i in picked]
-                    for dog in dogs:
-                        dog.add_trick(trick=f"t{rng.randrange(1000)}")
-                    school.save(*dogs)
-                    return len(dogs)
-
-                self.written += self._retry(teach)
-            self._retry(relay.publish_available)
-        self._retry(relay.publish_available)
-        relay.close()
+                batch = [self.dogs[i] for i in rng.sample(ids, min(CHUNK, len(ids)))]
+                for dog in batch:
+                    sequence += 1
+                    dog.add_trick(trick=f"t{sequence}")
+            try:
+                school.save(*batch)
+            except Exception:
+                batch = self._reload(school, batch)
+            else:
+                self.written += len(batch)
+            for dog in batch:
+                if dog.id not in self.dogs:
+                    ids.append(dog.id)
+                self.dogs[dog.id] = dog
         school.close()
-        self.published_all.set()
+        self.done.set()
+
+    def _reload(self, school: DogSchool, batch: list[Dog]) -> list[Dog]:
+        """After an ambiguous failure: the dogs of ``batch`` as the database holds them."""
+        for _ in range(600):
+            try:
+                stored: list[Dog] = []
+                for dog in batch:
+                    # A new dog whose save rolled back is not found.
+                    with contextlib.suppress(AggregateNotFoundError):
+                        stored.append(school.repository.get(dog.id))
+                self.written = school.recorder.max_notification_id() or 0
+                return stored
+            except Exception:
+                time.sleep(0.2)
+        raise AssertionError("Postgres did not come back within 2 minutes")
+
+
+class RelayThread(Worker):
+    """``Relay.run()`` for the dog school: publishes as the writer writes, retrying faults."""
+
+    def __init__(self, env: dict[str, str], topic: str, kafka: dict[str, Any]) -> None:
+        super().__init__()
+        self.relay = Relay(
+            "DogSchool", kafka_config=kafka, topic=topic, env=env, partitions=PARTITIONS,
+            max_retry_delay=1.0,
+        )  # fmt: skip
+
+    def work(self) -> None:
+        self.relay.run()
+
+    def position(self) -> int:
+        return self.relay.status().position
+
+
+def fault_plan(rng: random.Random) -> list[tuple[float, str]]:
+    """The faults, each at a random point of the downstream progress (0..1), in order.
+
+    Each kind of fault is spread evenly (one random point per equal slice of
+    the run), so kills fall from the first events to the last.
+    """
+
+    def spread(count: int, action: str, low: float = 0.02, high: float = 0.95) -> list:
+        width = (high - low) / count
+        return [(low + (i + rng.random()) * width, action) for i in range(count)]
+
+    plan = spread(KILLS, "kill") + spread(JOINS, "join") + spread(LEAVES, "leave")
+    plan += [(rng.uniform(0.25, 0.4), "broker"), (rng.uniform(0.55, 0.7), "postgres")]
+    return sorted(plan)
 
 
 @pytest.mark.slow
@@ -173,76 +245,121 @@ def test_kill_consumers_restart_broker_and_postgres(
     env.update(
         {
             "KAFKA_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
-            "KAFKA_SESSION_TIMEOUT_MS": "6000",
-            "KAFKA_HEARTBEAT_INTERVAL_MS": "500",
-            "MIRROR_AGGREGATE_CACHE_MAXSIZE": "20000",
+            # A killed member holds its partitions until its session times out.
+            "KAFKA_SESSION_TIMEOUT_MS": "3000",
+            "KAFKA_HEARTBEAT_INTERVAL_MS": "300",
+            "MIRROR_AGGREGATE_CACHE_MAXSIZE": str(2 * DOGS),
             "PYTHONPATH": f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}",
         }
     )
-    Mirror(env=postgres_db.env).close()  # create the follower's tables once
-    writer = Writer(postgres_db.env, topic, kafka_config)
+    mirror = Mirror(env=postgres_db.env)  # creates the follower's tables once
+    writer = Writer(postgres_db.env)
+    relay = RelayThread(postgres_db.env, topic, {**kafka_config, "log_level": 2})
     members = Members(env, topic, tmp_path)
     rng = random.Random(42)
-    kills = rebalances = 0
-    broker_restarted = postgres_restarted = False
+    plan = fault_plan(rng)
+    done: dict[str, int] = dict.fromkeys(["kill", "join", "leave", "broker", "postgres"], 0)
+    downstream = 0
     started = time.monotonic()
+
+    def progress() -> int:
+        """Downstream events recorded: one per upstream event processed."""
+        nonlocal downstream
+        with contextlib.suppress(Exception):  # Postgres restarting: keep the last figure
+            downstream = mirror.recorder.max_notification_id() or 0
+        return downstream
+
+    def kill() -> None:
+        members.kill_one(rng)
+        members.start()  # the replacement joins
+
+    actions: dict[str, Callable[[], None]] = {
+        "kill": kill,
+        "join": members.start,
+        "leave": lambda: members.stop_one(rng),
+        "broker": lambda: kafka_broker.restart(),
+        "postgres": lambda: postgres_server.restart(),
+    }
+
+    def report() -> None:
+        """A line of progress (shown with -s, or when the test fails)."""
+        positions = "?"
+        with contextlib.suppress(Exception):
+            positions = str([mirror.recorder.max_tracking_id(n) or 0 for n in names])
+        print(
+            f"{time.monotonic() - started:5.0f} s: written {writer.written}, published "
+            f"{relay.position()}, processed {downstream}, positions {positions}, "
+            f"{len(members.procs)} members, faults {done}",
+            flush=True,
+        )
+
+    names = tracking_names("DogSchool", PARTITIONS)
+    next_report = started + 10
     members.start()
     members.start()
     writer.start()
+    relay.start()
     try:
-        while kills < KILLS or not writer.published_all.is_set():
-            assert writer.error is None, writer.error
-            elapsed = time.monotonic() - started
-            assert elapsed < 150, f"stream too slow: {writer.written} events written, {kills} kills"
-            time.sleep(rng.uniform(0.8, 2.5))
+        while plan:
+            writer.check()
+            relay.check()
             members.check_alive()
-            action = rng.random()
-            if kills >= KILLS and writer.published_all.is_set():
-                break
-            if action < 0.6 and members.procs:
-                members.kill_one(rng)
-                kills += 1
-                members.start()
-            elif action < 0.8 and len(members.procs) < 4:
-                members.start()  # a member joins
-                rebalances += 1
-            elif len(members.procs) > 1:
-                members.stop_one(rng)  # a member leaves
-                rebalances += 1
-            if kills == 7 and not broker_restarted:
-                kafka_broker.restart()
-                broker_restarted = True
-            if kills == 14 and not postgres_restarted:
-                postgres_server.restart()
-                postgres_restarted = True
-        writer.join(120)
-        assert writer.error is None, writer.error
-        assert broker_restarted and postgres_restarted and kills >= KILLS
-        while len(members.procs) < 2:
-            members.start()
+            elapsed = time.monotonic() - started
+            assert elapsed < TIME_LIMIT, (
+                f"stream too slow: {writer.written} events written, {relay.position()} "
+                f"published, {downstream} processed, faults done {done} after {elapsed:.0f} s"
+            )
+            time.sleep(rng.uniform(0.2, 0.8))
+            if time.monotonic() >= next_report:
+                next_report += 10
+                report()
+            if progress() < plan[0][0] * EVENTS:
+                continue
+            _, action = plan.pop(0)
+            if action == "join" and len(members.procs) >= 4:
+                continue
+            if action == "leave" and len(members.procs) <= 2:
+                continue
+            actions[action]()
+            done[action] += 1
+        assert done["kill"] >= 20 and done["broker"] == done["postgres"] == 1, done
+        assert writer.done.wait(TIME_LIMIT - (time.monotonic() - started)), "writer too slow"
+        writer.check()
         school = DogSchool(env=postgres_db.env)
-        mirror = Mirror(env=postgres_db.env)
+        total = school.recorder.max_notification_id() or 0
+        assert total >= EVENTS
+        while relay.position() < total:
+            relay.check()
+            assert time.monotonic() - started < TIME_LIMIT, "relay too slow"
+            time.sleep(0.2)
+        relay.relay.stop()
+        relay.join(60)
+        relay.check()
         targets = partition_targets(school)
-        deadline = time.monotonic() + 120
-        names = tracking_names("DogSchool", PARTITIONS)
-        while time.monotonic() < deadline:
+        while True:
             members.check_alive()
             positions = [mirror.recorder.max_tracking_id(n) or 0 for n in names]
             if positions == targets:
                 break
-            time.sleep(0.5)
-        assert positions == targets
+            elapsed = time.monotonic() - started
+            assert elapsed < TIME_LIMIT, f"consumers too slow: at {positions} of {targets}"
+            if time.monotonic() >= next_report:
+                next_report += 10
+                progress()
+                report()
+            time.sleep(0.3)
     finally:
         members.stop_all()
-    total = school.recorder.max_notification_id()
-    assert total >= EVENTS
-    verify_mirror(school, mirror, writer.dog_ids)
+        relay.relay.stop()
+    streamed = time.monotonic() - started
+    assert verify_logs(school, mirror) == len(writer.dogs)
+    verify_mirror(school, mirror, random.Random(1).sample(sorted(writer.dogs), 100))
     # Exactly one downstream event per upstream event, none more.
     assert mirror.recorder.max_notification_id() == total
     print(
-        f"\n{total} events, {kills} kill -9, {rebalances} joins/leaves, broker and Postgres "
-        f"restarted once, {members.started} consumer processes, "
-        f"{time.monotonic() - started:.0f} s"
+        f"\n{total} events, {done['kill']} kill -9, {done['join']} joins and {done['leave']} "
+        f"leaves, broker and Postgres restarted once, {members.started} consumer processes, "
+        f"streamed in {streamed:.0f} s, verified in {time.monotonic() - started - streamed:.0f} s"
     )
     school.close()
     mirror.close()

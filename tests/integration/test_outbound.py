@@ -179,6 +179,17 @@ def keys_of(shop: Shop) -> dict[uuid.UUID, str]:
     return keys
 
 
+def wait_caught_up(
+    follower: Application[Any], shop: Shop, timeout: float, interval: float = 0.05
+) -> None:
+    """Wait until ``follower`` has processed the whole of ``shop``'s log."""
+    last = shop.recorder.max_notification_id()
+    deadline = time.monotonic() + timeout
+    while follower.recorder.max_tracking_id("Shop") != last:
+        assert time.monotonic() < deadline, "the follower did not catch up"
+        time.sleep(interval)
+
+
 def test_each_event_has_exactly_one_effect_and_its_outcome_recorded(postgres_db, api):
     env = postgres_db.env
     shop = Shop(env=env)
@@ -251,10 +262,7 @@ def test_api_down_opens_the_breaker_and_parks_nothing(postgres_db, api):
         assert follower.breaker.times_opened >= 2
         assert follower.recorder.max_tracking_id("Shop") is None
         api.server.start()
-        deadline = time.monotonic() + 30
-        while follower.recorder.max_tracking_id("Shop") != shop.recorder.max_notification_id():
-            assert time.monotonic() < deadline, "the follower did not catch up"
-            time.sleep(0.05)
+        wait_caught_up(follower, shop, timeout=30)
     finally:
         worker.stop()
         thread.join(10)
@@ -291,11 +299,7 @@ def test_database_down_mid_stream_waits_and_does_not_call_again(postgres_db, pos
                 postgres_server.start()
             print(f"database stopped after {stopped_at} of 60 calls")
             assert stopped_at < 60, "the database stopped after the last call: nothing tested"
-            last = shop.recorder.max_notification_id()
-            deadline = time.monotonic() + 90
-            while follower.recorder.max_tracking_id("Shop") != last:
-                assert time.monotonic() < deadline, "the follower did not catch up"
-                time.sleep(0.1)
+            wait_caught_up(follower, shop, timeout=90, interval=0.1)
         finally:
             worker.stop()
             thread.join(30)
