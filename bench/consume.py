@@ -21,6 +21,7 @@ Runs ``--runs`` times (median). Usage: ``python bench/consume.py [--events N]``.
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
 import os
 import random
@@ -73,7 +74,12 @@ def fresh_env(server: Any, upstream: dict[str, str]) -> dict[str, str]:
 def counters_prefetch(event: Any) -> list[Any]:
     """The prefetch hint: the counter that ``Counters.policy`` gets for ``event``."""
     trick = getattr(event, "trick", None)
-    return [Counter.create_id(trick)] if trick is not None else []
+    return [_counter_id(trick)] if trick is not None else []
+
+
+@functools.lru_cache(maxsize=100_000)
+def _counter_id(trick: str) -> Any:
+    return Counter.create_id(trick)
 
 
 def esbridge_run(

@@ -22,19 +22,6 @@ apps=["Orders"])``. Several worker processes of one application share each
 topic's partitions through the edge's consumer group; only one of them runs
 the application's relay (worker 0), because one log must have one publisher:
 a second relay with the same transactional id would fence the first.
-
-An application that follows several leaders processes them one batch at a
-time by default, like the library's runners (the batches of all its
-consumers share the application's processing lock). With
-``parallel_leaders=True`` (or ``ESBRIDGE_PARALLEL_LEADERS=y``) each consumer
-after the first gets its own instance of the application: batches from
-different leaders are processed concurrently, and a policy's reads from
-Postgres overlap. Their writes still serialise on the recorder's table lock;
-two batches that change the same aggregate at once conflict on its version,
-and the one that loses is refused as a whole and processed again from the
-positions in Postgres (never twice). Do not combine it with
-``AGGREGATE_CACHE_FASTFORWARD=n``: each instance has its own cache, so one
-would read aggregates as it last saw them.
 """
 
 from __future__ import annotations
@@ -65,7 +52,6 @@ PAYLOADS = "payloads"
 PROMPTS = "prompts"
 RELAY_MODES = (PAYLOADS, PROMPTS)
 DEFAULT_PREFIX = "esbridge."
-PARALLEL_LEADERS_ENV = "ESBRIDGE_PARALLEL_LEADERS"
 
 
 class SystemRunnerError(EsbridgeError):
@@ -197,8 +183,6 @@ class KafkaRunner(Runner[Any]):
     ``relay_modes``: ``"payloads"`` or ``"prompts"`` for every leader, or a
     mapping per leader (leaders not named get payloads). ``partitions``: how
     many partitions each topic is created with (existing topics are used as they are).
-    ``parallel_leaders``: process the batches of a follower's leaders concurrently
-    (see the module docstring; default from ``ESBRIDGE_PARALLEL_LEADERS``, else off).
     """
 
     def __init__(
@@ -218,7 +202,6 @@ class KafkaRunner(Runner[Any]):
         worker_id: str | None = None,
         relay_options: Mapping[str, Any] | None = None,
         consumer_options: Mapping[str, Any] | None = None,
-        parallel_leaders: bool | None = None,
     ) -> None:
         super().__init__(system, env=dict(env) if env is not None else None)
         self.full_env = system_env(env)
@@ -237,10 +220,6 @@ class KafkaRunner(Runner[Any]):
         self.worker_id = worker_id
         self.relay_options = dict(relay_options or {})
         self.consumer_options = dict(consumer_options or {})
-        if parallel_leaders is None:
-            parallel_leaders = env_flag(self.full_env, PARALLEL_LEADERS_ENV)
-        self.parallel_leaders = parallel_leaders
-        self._edge_apps: dict[tuple[str, str], Application[Any]] = {}
         self.local = list(apps) if apps is not None else list(system.nodes)
         self.relay_modes = resolve_relay_modes(system, relay_modes)
         check_local_apps(system, self.local)
@@ -296,9 +275,8 @@ class KafkaRunner(Runner[Any]):
         for probe in self._probes or []:
             probe.close()
         self._probes = None
-        for app in [*self._edge_apps.values(), *self.apps.values()]:
+        for app in self.apps.values():
             app.close()
-        self._edge_apps.clear()
         self.apps.clear()
 
     def get(self, cls: type[TApp]) -> TApp:
@@ -311,22 +289,6 @@ class KafkaRunner(Runner[Any]):
             ) from None
         assert isinstance(app, cls)
         return app
-
-    def consumer_app(self, leader: str, follower: str) -> Application[Any]:
-        """The instance of ``follower`` that the consumer of ``leader`` processes into.
-
-        The application run here, except with ``parallel_leaders`` for every
-        leader but the first: a separate instance (own processing lock, own
-        repository), made once and closed by :meth:`stop`.
-        """
-        app = self.apps[follower]
-        leaders = [name for name, f in self.consumed_here() if f == follower]
-        if not self.parallel_leaders or leaders.index(leader) == 0:
-            return app
-        edge = (leader, follower)
-        if edge not in self._edge_apps:
-            self._edge_apps[edge] = type(app)(env=dict(self.full_env))
-        return self._edge_apps[edge]
 
     # -- what runs here --------------------------------------------------------
 
@@ -516,11 +478,6 @@ def resolve_partitions(system: System, partitions: int | Mapping[str, int]) -> d
     return values
 
 
-def env_flag(env: Mapping[str, str], name: str) -> bool:
-    """A yes/no setting (``y``, ``yes``, ``true``, ``1``, ``on``; anything else is no)."""
-    return env.get(name, "").strip().lower() in ("y", "yes", "true", "t", "1", "on")
-
-
 def check_local_apps(system: System, names: Iterable[str]) -> None:
     for name in names:
         if name not in system.nodes:
@@ -536,18 +493,40 @@ def construct_app(system: System, name: str, env: Mapping[str, str]) -> Applicat
     in-process is prompted: the relay follows the log). With table creation
     switched off (``CREATE_TABLE=n``), a missing table is a clear error here.
     """
-    cls = system.get_app_cls(name)
-    try:
-        app = cls(env=dict(env))
-    except Exception as e:
-        raise ConfigurationError(
-            f"cannot construct application {name!r}: {type(e).__name__}: {e}"
-        ) from e
+    app = new_app(system.get_app_cls(name), name, env)
     leaders = system.follows.get(name, [])
     check_tables(name, app, leaders)
     if leaders:
         create_dead_letter_table(name, app)
     return app
+
+
+#: Messages of Postgres errors raised when processes create tables at the same moment
+#: (``CREATE ... IF NOT EXISTS`` is not safe against concurrent creators).
+CATALOG_RACES = ("concurrently updated", "pg_type_typname_nsp_index", "already exists")
+
+
+def new_app(cls: type[Application[Any]], name: str, env: Mapping[str, str]) -> Application[Any]:
+    """``cls(env=env)``, retried when it collided with another process creating tables.
+
+    Worker processes of one system start together and each application
+    creates its tables (and eventsourcing's shared types) on construction; a
+    collision in Postgres's catalog is not a configuration error, and one
+    retry finds what the other process made.
+    """
+    attempts = 5
+    for attempt in range(attempts):
+        try:
+            return cls(env=dict(env))
+        except Exception as e:
+            if attempt + 1 < attempts and any(race in str(e) for race in CATALOG_RACES):
+                logger.info("constructing %s collided with another process: %s", name, e)
+                time.sleep(0.1 * (attempt + 1))
+                continue
+            raise ConfigurationError(
+                f"cannot construct application {name!r}: {type(e).__name__}: {e}"
+            ) from e
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def create_dead_letter_table(name: str, app: Application[Any]) -> None:

@@ -67,7 +67,7 @@ def make_consumer(runner: KafkaRunner, leader: str, follower: str) -> ConsumerAd
     """The consumer adapter that feeds ``leader``'s topic into ``follower`` (run here)."""
     from esbridge.consumer import ConsumerAdapter
 
-    app = runner.consumer_app(leader, follower)
+    app = runner.apps[follower]
     if not isinstance(app, ProcessApplication):
         raise ConfigurationError(
             f"application {follower!r} follows {leader!r} in the system but is a "
