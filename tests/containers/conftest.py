@@ -7,16 +7,18 @@ from typing import Any
 
 import pytest
 
-from esbridge.testing.backends import chosen_backend
 from esbridge.testing.containers import require_container_engine
 from esbridge.testing.engine import TIMINGS
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _container_engine() -> None:
-    """Skip on a laptop with no engine; fail in CI (see ``require_container_engine``)."""
-    if "containers" in (chosen_backend("postgres"), chosen_backend("kafka")):
-        require_container_engine()
+    """These tests are about containers: they need an engine whatever the backend.
+
+    Without one they fail in CI and are skipped with the reason on a laptop
+    (see ``require_container_engine``).
+    """
+    require_container_engine()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

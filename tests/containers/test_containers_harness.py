@@ -154,7 +154,6 @@ def test_postgres_restart_keeps_data(postgres_server, postgres_db, kill):
         assert conn.execute("SELECT count(*), sum(id) FROM t").fetchone() == (100, 5050)
 
 
-@pytest.mark.skipif(not CONTAINERS, reason="about the testcontainers backend's own errors")
 def test_missing_image_is_a_clear_error(monkeypatch):
     from esbridge.testing.containers import ContainerPostgresServer
 
@@ -171,7 +170,6 @@ def test_missing_image_is_a_clear_error(monkeypatch):
     assert "ESBRIDGE_POSTGRES_IMAGE" in text
 
 
-@pytest.mark.skipif(not CONTAINERS, reason="about the testcontainers backend's own errors")
 def test_container_that_never_gets_ready_shows_its_log(postgres_server):
     from esbridge.testing.containers import ContainerPostgresServer
 
@@ -190,7 +188,6 @@ def test_container_that_never_gets_ready_shows_its_log(postgres_server):
     assert container_id not in [c.id for c in client.containers.list(all=True)]
 
 
-@pytest.mark.skipif(not CONTAINERS, reason="about the testcontainers backend's own errors")
 def test_unreachable_engine_is_a_clear_error(monkeypatch):
     from esbridge.testing import engine
     from esbridge.testing.containers import ContainerKafkaBroker
@@ -230,7 +227,6 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-@pytest.mark.skipif(not CONTAINERS, reason="about the testcontainers backend's own cleanup")
 def test_a_failing_session_leaves_nothing_running(tmp_path):
     """Containers and the harness's podman service are gone after a session that failed."""
     env = {k: v for k, v in os.environ.items() if k not in ("DOCKER_HOST", "TC_HOST")}
