@@ -136,7 +136,7 @@ def _member(env: dict[str, str], topic: str, kafka: dict[str, Any], group: str, 
 def library_run(env: dict[str, str], upstream: dict[str, str], events: int) -> tuple[int, float]:
     system = System(pipes=[[DogSchool, Counters]])
     runner_env = dict(env)
-    runner = SingleThreadedRunner(system, env=runner_env)
+    runner: Any = SingleThreadedRunner(system, env=runner_env)
     runner.start()
     try:
         counters = runner.get(Counters)
@@ -212,7 +212,7 @@ def main() -> int:
         ]
         for p in procs:
             p.start()
-        results = []
+        results: list[Any] = []
         while len(results) < 2:
             item = queue.get(timeout=300)
             if item[0] == "done":
