@@ -457,7 +457,13 @@ class ConsumerAdapter:
         """One round: consume a batch of messages, process what is ready. Returns messages seen."""
         consumer = self._consumer
         assert consumer is not None
-        messages = consumer.consume(self.tuning.batch_size, timeout)
+        # consume(n, timeout) waits the whole timeout unless n messages arrive, which
+        # would add the timeout to every hop's latency: wait for the first message
+        # only, then take what librdkafka has already fetched.
+        first = consumer.poll(timeout)
+        messages = [] if first is None else [first]
+        if first is not None and self.tuning.batch_size > 1:
+            messages.extend(consumer.consume(self.tuning.batch_size - 1, 0))
         self._init_assigned(consumer)
         if self.mode == "prompts":
             return self._prompt_round(messages)

@@ -37,14 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
 #: a worker that dies and is *not* restarted gives its partitions to the others this soon.
 WORKER_SESSION_TIMEOUT_MS = "10000"
 
-#: Consumer tuning of a system's edges, unless ``consumer_options`` says otherwise.
-#: librdkafka's ``consume(n, timeout)`` returns only when ``n`` messages arrived or the
-#: whole ``timeout`` passed, so every round of a consumer that is not flooded waits
-#: ``poll_timeout``: in a system each hop adds it to an event's latency, and an
-#: application with two upstreams (Orders) sits idle while both its consumers wait.
-#: A short timeout costs a few cheap empty rounds per second when idle.
-SYSTEM_CONSUMER_DEFAULTS: dict[str, Any] = {"poll_timeout": 0.02}
-
 
 def make_relay(runner: KafkaRunner, leader: str) -> Relay:
     """The relay that publishes ``leader``'s notification log for ``runner``'s system."""
@@ -86,7 +78,7 @@ def make_consumer(runner: KafkaRunner, leader: str, follower: str) -> ConsumerAd
         # The leader's class-level env supplies its cipher/compressor defaults for decoding.
         upstream_class=runner.system.get_app_cls(leader),
         partitions=runner.partitions_of(leader),
-        **{**SYSTEM_CONSUMER_DEFAULTS, **runner.consumer_options},
+        **runner.consumer_options,
     )
 
 
