@@ -336,3 +336,41 @@ def test_dlq_command_lists_and_replays(
     assert "replayed 2 row(s)" in capsys.readouterr().out
     verify_mirror(school, fragile, dogs)
     fragile.close()
+
+
+@pytest.mark.parametrize("hint", ["exact", "partial", "raising"])
+def test_prefetch_hint_never_changes_the_result(
+    hint: str,
+    school: DogSchool,
+    postgres_db: Any,
+    create_topic: Any,
+    kafka_config: dict[str, Any],
+) -> None:
+    """A prefetch hint only saves reads: a right, a half-right or a broken hint, same effect."""
+    from examples.dogschool.domainmodel import Dog
+    from tests.integration.consumer_apps import DogMirror
+
+    def prefetch(event: Any) -> list[Any]:
+        if hint == "raising":
+            raise RuntimeError("a broken hint")
+        if not isinstance(event, Dog.TrickAdded):
+            return []
+        if hint == "partial" and event.originator_version % 2:
+            return []
+        return [DogMirror.create_id(event.originator_id)]
+
+    topic = create_topic(partitions=2)
+    dogs = populate(school, 30, 6)
+    total = school.recorder.max_notification_id()
+    assert relay_all(school, topic, kafka_config, partitions=2) == total
+    # Mirrors changed earlier in a batch must be seen by later events of the batch,
+    # prefetched or not: big batches put many tricks of one dog in the same batch.
+    mirror = Mirror(env={**postgres_db.env, "MIRROR_AGGREGATE_CACHE_MAXSIZE": "1000"})
+    try:
+        consumer = adapter(mirror, topic, kafka_config, prefetch=prefetch, batch_size=500)
+        processed, status = consume_all(consumer)
+        assert processed == total and status.duplicates == 0
+        verify_mirror(school, mirror, dogs)
+        assert mirror.recorder.max_notification_id() == 30 + 180
+    finally:
+        mirror.close()
