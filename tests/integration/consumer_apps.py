@@ -126,6 +126,20 @@ def verify_logs(school: DogSchool, mirror: Mirror) -> int:
     return len(dogs)
 
 
+def count_notifications(app: Any) -> int:
+    """How many notifications ``app``'s log holds.
+
+    Not ``max_notification_id()``: a rolled-back transaction (a consumer killed
+    mid-batch, a batch retried after a conflict, a Postgres restart) burns ids
+    of the sequence and leaves a permanent gap.
+    """
+    count, start = 0, 1
+    while page := app.recorder.select_notifications(start=start, limit=5000):
+        count += len(page)
+        start = page[-1].id + 1
+    return count
+
+
 def _streams(app: Any, created: str, changed: str) -> dict[UUID, tuple[Any, list[str]]]:
     """Each aggregate's creation event and the tricks of its change events, by version.
 
