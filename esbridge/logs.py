@@ -29,9 +29,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record, not as it was at set-up.
+
+    ``sys.stderr`` can be replaced after logging is configured (pytest's output
+    capture, a daemonising wrapper); a handler bound to the old stream would
+    then write to a closed file.
+    """
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        """Ignored: the stream is always the current ``sys.stderr``."""
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Configure the root logger once for an esbridge process."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
