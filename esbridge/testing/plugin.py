@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,6 +29,7 @@ from esbridge.testing.backends import chosen_backend, make_kafka, make_postgres
 from esbridge.testing.servers import KafkaBroker, PostgresDatabase, PostgresServer, unique_name
 
 _started: dict[str, Any] = {}
+_startup_lines: list[str] = []  # kept for the terminal summary, after the servers are closed
 
 
 def _close_all() -> None:
@@ -43,9 +45,12 @@ atexit.register(_close_all)
 def _start(key: str, factory: Callable[[], Any]) -> Any:
     if key not in _started:
         try:
-            _started[key] = factory()
+            t0 = time.monotonic()
+            server = _started[key] = factory()
         except HarnessError as e:
             pytest.fail(str(e), pytrace=False)
+        seconds = getattr(server, "startup_seconds", None) or time.monotonic() - t0
+        _startup_lines.append(f"{key}: {server.describe()}, ready in {seconds:.1f} s")
     return _started[key]
 
 
@@ -60,10 +65,8 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for key, server in _started.items():
-        seconds = getattr(server, "startup_seconds", None)
-        extra = f", started in {seconds:.1f} s" if seconds else ""
-        terminalreporter.write_line(f"esbridge harness: {key}: {server.describe()}{extra}")
+    for line in _startup_lines:
+        terminalreporter.write_line(f"esbridge harness: {line}")
 
 
 @pytest.fixture(scope="session")
