@@ -8,11 +8,13 @@ The topic's partitions are independent streams (notification ids increase
 within a partition, not across), so the projection keeps one position per
 partition: tracking names ``{upstream}`` for a one-partition topic (the same
 row a log-fed runner uses, so the two feeds can be swapped) and
-``{upstream}#{partition}`` otherwise. Each message is checked against its
-partition's position with the relay's ``esb_nid``/``esb_prev_nid`` headers
-(:mod:`esbridge.reconcile`): redeliveries and replays are skipped, a gap (a
-message missing before this one) is filled from the upstream notification log
-when a ``recorder``/``env`` is given and is otherwise a
+``{upstream}#{partition}/{partitions}`` otherwise: the same names an esbridge
+consumer adapter uses (:func:`esbridge.consumer.tracking_names`). Each message
+is checked against its partition's position with the relay's
+``esb_nid``/``esb_prev_nid`` headers (:mod:`esbridge.reconcile`): redeliveries
+and replays are skipped, a gap (a message missing before this one) is filled
+from the upstream notification log when a ``recorder``/``env`` is given and is
+otherwise a
 :class:`ProjectionGapError` (never skipped silently).
 
 Rows and the partition's position commit in one transaction (the
@@ -30,12 +32,20 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, cast
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 from esbridge_connectors.sql_projection import ProjectionRunner, SqlProjection
 from eventsourcing.persistence import ApplicationRecorder, Mapper, Notification
 from sqlalchemy.engine import Engine
 
 from esbridge import wire
+from esbridge.consumer import tracking_names
 from esbridge.errors import ConfigurationError, EsbridgeError
 from esbridge.notification_log import open_recorder, read_pages
 from esbridge.reconcile import PartitionOrder
@@ -55,8 +65,48 @@ class ProjectionGapError(EsbridgeError):
 
 
 def tracking_name(upstream: str, partition: int, partitions: int) -> str:
-    """The tracking row of one partition (the upstream name itself for one partition)."""
-    return upstream if partitions == 1 else f"{upstream}#{partition}"
+    """The tracking row of one partition (the upstream name itself for one partition).
+
+    The consumer adapter's naming (:func:`esbridge.consumer.tracking_names`):
+    the partition count is part of the name because an aggregate's partition
+    depends on it.
+    """
+    return tracking_names(upstream, partitions)[partition]
+
+
+_COORDINATOR_NOT_READY = {
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+}
+
+
+def committed_offsets(
+    consumer: Consumer, wanted: list[TopicPartition], deadline_s: float = 30.0
+) -> list[TopicPartition]:
+    """The group's committed offsets of ``wanted``: only a hint of where to resume reading.
+
+    A broker that has just started answers ``NOT_COORDINATOR`` (or "loading")
+    until its offsets topic is ready: those are retried until ``deadline_s``;
+    after that (or on any other error) reading starts from the beginning of
+    each partition, which is slower but correct, because the positions in the
+    projection's database decide what is applied.
+    """
+    stop = time.monotonic() + deadline_s
+    while True:
+        try:
+            return list(consumer.committed(wanted, timeout=10))
+        except KafkaException as e:
+            error = e.args[0] if e.args else None
+            retriable = isinstance(error, KafkaError) and (
+                error.retriable() or error.code() in _COORDINATOR_NOT_READY
+            )
+            if not retriable or time.monotonic() >= stop:
+                log.warning("reading committed offsets: %s (reading from the beginning)", e)
+                return [TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in wanted]
+            time.sleep(0.2)
 
 
 def notification_from_message(message: Message) -> Notification:
@@ -200,7 +250,7 @@ class KafkaProjectionFeed:
             self.setup()
             consumer = self._make_consumer()
             wanted = [TopicPartition(self.topic, p) for p in range(self.partitions)]
-            committed = consumer.committed(wanted, timeout=30)
+            committed = committed_offsets(consumer, wanted)
             start = [
                 TopicPartition(
                     self.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING

@@ -37,6 +37,7 @@ from sql_projection_domain import (
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
+from esbridge.consumer import tracking_names
 from esbridge.relay_messages import key_partitioner
 
 HERE = Path(__file__).resolve().parent
@@ -289,6 +290,12 @@ def test_rebuild_from_kafka_equals_the_log_fed_projection(
         assert feed.process_available(timeout=3) == total
         assert sum(feed.positions()) > 0 and max(feed.positions()) == total
         assert table_contents(engine) == table_contents(log_fed) == expected_contents(school)
+        with engine.connect() as conn:  # the consumer adapter's tracking names
+            rows = conn.execute(
+                text("SELECT upstream FROM esbridge_projection_tracking WHERE projection = :p"),
+                {"p": DogProjection().name},
+            ).scalars()
+            assert sorted(rows) == tracking_names("DogSchool", 3)
 
         # Redelivered and replayed messages are skipped (positions per partition).
         Replay("DogSchool", kafka_config=kafka_config, topic=topic, env=postgres_db.env).run(5, 60)
