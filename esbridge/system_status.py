@@ -11,7 +11,8 @@ machine that can read the databases, whether or not the system runs:
 * **lag (s)**: the age of the oldest of those, from its event timestamp — how
   long the oldest unprocessed event has been waiting, 0 when caught up;
 * **held gaps**: partitions a consumer holds waiting for a missing message
-  (known only to a runner in the same process, else ``-``);
+  (known only to the consumers' processes: read from their Prometheus
+  ``/metrics`` endpoints when given, by a runner in the same process, else ``-``);
 * **DLQ**: messages of the follower parked in the dead-letter table.
 """
 
@@ -187,10 +188,13 @@ def edge_statuses(
     *,
     partitions: Mapping[str, int] | int = 1,
     edges: Sequence[tuple[str, str]] | None = None,
+    held_gaps: Mapping[tuple[str, str], int] | None = None,
 ) -> list[EdgeStatus]:
     """The status of every edge (or of ``edges``), read from the databases.
 
     ``partitions``: the partition count of each leader's topic (or one for all).
+    ``held_gaps``: held partitions per (leader, follower), from
+    :func:`held_gaps_from_metrics`; edges not in it show ``None`` (unknown).
     """
     apps: dict[str, Application[Any]] = {}
 
@@ -205,13 +209,57 @@ def edge_statuses(
             n = partitions if isinstance(partitions, int) else partitions.get(leader, 1)
             probe = EdgeProbe(leader, follower, app(follower), env, n)
             try:
-                result.append(probe.status(app(leader)))
+                held = None if held_gaps is None else held_gaps.get((leader, follower))
+                result.append(probe.status(app(leader), held))
             finally:
                 probe.close()
         return result
     finally:
         for a in apps.values():
             a.close()
+
+
+HELD_METRIC = "esbridge_consumer_held_partitions"
+
+
+def metrics_url(address: str) -> str:
+    """``host:port`` → ``http://host:port/metrics``; a full URL is kept as given."""
+    if "://" in address:
+        return address
+    return f"http://{address}/metrics"
+
+
+def held_gaps_from_metrics(
+    addresses: Sequence[str], timeout: float = 5.0
+) -> tuple[dict[tuple[str, str], int], list[str]]:
+    """Held partitions per (leader, follower), summed over consumer processes' ``/metrics``.
+
+    Why from the processes: which partition waits for a missing message is
+    known only to the consumer holding it (nothing of it is in Postgres until
+    the gap is filled). Returns the counts and the list of errors (one line
+    per endpoint that could not be read), so a status shows what it knows.
+    """
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    held: dict[tuple[str, str], int] = {}
+    errors: list[str] = []
+    for address in addresses:
+        url = metrics_url(address)
+        try:
+            with urlopen(url, timeout=timeout) as response:
+                text = response.read().decode()
+        except OSError as e:
+            errors.append(f"{url}: {e}")
+            continue
+        for family in text_string_to_metric_families(text):
+            if family.name != HELD_METRIC:
+                continue
+            for sample in family.samples:
+                edge = (sample.labels.get("upstream", ""), sample.labels.get("follower", ""))
+                held[edge] = held.get(edge, 0) + int(sample.value)
+    return held, errors
 
 
 def read_only_app(system: System, name: str, env: Mapping[str, str]) -> Application[Any]:

@@ -2,8 +2,11 @@
 
 Read from the databases (``POSTGRES_*`` and per-application settings, as the
 applications read them), so it works from anywhere that can read them,
-whether the system runs or not. Exit status 0; ``--fail-on-lag`` exits 1
-when any follower is behind (for health checks).
+whether the system runs or not. Held gaps (partitions waiting for a missing
+message) live only in the consumer processes: give their metrics endpoints
+(``--metrics 127.0.0.1:9108`` per process, the ``--metrics-port`` of
+``esbridge run``/``consume``) to see them. Exit status 0; ``--fail-on-lag``
+exits 1 when any follower is behind or holds a gap (for health checks).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -29,24 +33,37 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--fail-on-lag", action="store_true", help="exit 1 when any follower is behind"
     )
+    parser.add_argument(
+        "--metrics",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a consumer process's metrics endpoint, for the held-gaps column (repeatable)",
+    )
     parser.set_defaults(func=status)
 
 
 def status(args: argparse.Namespace) -> int:
     from esbridge.cli.run import load_from_args, relay_modes
     from esbridge.runner import PROMPTS, resolve_relay_modes
-    from esbridge.system_status import edge_statuses, format_table
+    from esbridge.system_status import edge_statuses, format_table, held_gaps_from_metrics
 
     system = load_from_args(args)
     modes = resolve_relay_modes(system, relay_modes(args.mode))
     # Followers of a prompted leader keep one tracking record; of a relayed one, one per partition.
     partitions = {name: 1 if mode == PROMPTS else args.partitions for name, mode in modes.items()}
-    statuses = edge_statuses(system, dict(os.environ), partitions=partitions)
+    held = None
+    if args.metrics:
+        held, errors = held_gaps_from_metrics(args.metrics)
+        for error in errors:
+            print(f"esbridge status: cannot read metrics {error}", file=sys.stderr)
+        held = {edge: held.get(edge, 0) for edge in system.edges} if not errors else held
+    statuses = edge_statuses(system, dict(os.environ), partitions=partitions, held_gaps=held)
     if args.json:
         for s in statuses:
             print(json.dumps({**asdict(s), "position": s.position}))
     else:
         print(format_table(statuses))
-    if args.fail_on_lag and any(not s.caught_up for s in statuses):
+    if args.fail_on_lag and any(not s.caught_up or s.held_gaps for s in statuses):
         return 1
     return 0
