@@ -32,14 +32,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, cast
 
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    TopicPartition,
-)
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka.error import KafkaException
 from esbridge_connectors.sql_projection import ProjectionRunner, SqlProjection
 from eventsourcing.persistence import ApplicationRecorder, Mapper, Notification
 from sqlalchemy.engine import Engine
