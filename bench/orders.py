@@ -20,8 +20,17 @@ updates once per event, and the cache serves the read of an order this process
 wrote last (the "paid" step) from memory. Fast-forward off is sound here because
 each order is changed once by each of two events that are causally ordered (paid
 only after reserved), so a cached order is never stale when it is read; a stale
-read would anyway fail on the version's unique constraint, never record twice.
-``--no-cache`` measures without it.
+read would anyway fail on the version's unique constraint, never record twice
+(esbridge then drops it from the cache and runs the batch again).
+``--no-cache`` measures without it. The "reserved" step reads orders that the
+submitting process created, which no cache holds: esbridge's consumer learns
+that ``Reservation.Created.order_id`` names the order its policy reads and reads
+a whole batch's orders in one query (see ``esbridge.concurrent_batches``).
+
+To see where a worker's time goes, set ``ESBRIDGE_PROFILE_DIR`` in the
+environment: every relay and consumer thread of the worker processes then runs
+under cProfile and writes ``{pid}-{kind}-{leader}-{follower}.prof`` there when it
+stops (read with ``python -m pstats``).
 
 Servers: started here through ``esbridge.testing.make_postgres/make_kafka`` (fsync
 on), or external ones named by ``ESBRIDGE_POSTGRES_DSN`` / ``ESBRIDGE_KAFKA_BOOTSTRAP``

@@ -60,6 +60,7 @@ from esbridge import wire
 from esbridge.consumer_metrics import ConsumerMetrics
 from esbridge.deadletter import REASON_HELD_BEHIND, REASON_MALFORMED, REASON_POLICY
 from esbridge.errors import ConfigurationError, ConsumerError, GapNotReconciledError
+from esbridge.gc_pause import gc_paused
 from esbridge.notification_log import DEFAULT_PAGE_SIZE, open_recorder, read_pages
 from esbridge.processing import (
     TRANSIENT_ERRORS,
@@ -165,6 +166,7 @@ class _Tuning:
     park_behind: bool = True
     topic_timeout: float = 30.0
     dlq_refresh: float = 2.0
+    pause_gc: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -179,7 +181,9 @@ class ConsumerAdapter:
     Tuning keywords: ``batch_size`` (messages per transaction, default 1000),
     ``poll_timeout``, ``hold_timeout`` (60 s), ``retries`` (3) and
     ``retry_backoff`` (0.2 s, doubling) for a failing policy, ``page_size``
-    (log reads), ``prompt_interval`` (1 s), ``park_behind`` (True),
+    (log reads), ``prompt_interval`` (1 s), ``park_behind`` (True), ``pause_gc``
+    (True: Python's cyclic garbage collector waits while a batch is processed,
+    see :func:`~esbridge.gc_pause.gc_paused`),
     ``topic_timeout`` (how long to wait for the topic to exist),
     ``upstream_class`` (its ``env`` supplies cipher/compressor defaults),
     ``partitions`` (expected count), ``registry`` (Prometheus), ``sink``
@@ -461,9 +465,19 @@ class ConsumerAdapter:
         # would add the timeout to every hop's latency: wait for the first message
         # only, then take what librdkafka has already fetched.
         first = consumer.poll(timeout)
-        messages = [] if first is None else [first]
-        if first is not None and self.tuning.batch_size > 1:
-            messages.extend(consumer.consume(self.tuning.batch_size - 1, 0))
+        if first is None:
+            return self._round(consumer, [])
+        with gc_paused(self.tuning.pause_gc):
+            messages = [first]
+            del first
+            if self.tuning.batch_size > 1:
+                messages.extend(consumer.consume(self.tuning.batch_size - 1, 0))
+            seen = self._round(consumer, messages)
+            messages.clear()  # freed before the collector runs again: it has nothing to scan
+        return seen
+
+    def _round(self, consumer: Consumer, messages: list[Message]) -> int:
+        """Process what ``messages`` made ready (and fill gaps); returns messages seen."""
         self._init_assigned(consumer)
         if self.mode == "prompts":
             return self._prompt_round(messages)
@@ -504,12 +518,10 @@ class ConsumerAdapter:
         return len(messages)
 
     def _offer(self, part: _Partition, message: Message, steps: list[Step], now: float) -> None:
-        headers = wire.headers_dict(_raw_headers(message))
         try:
-            kind = wire.message_kind(headers)
-            if kind == wire.KIND_PROMPT:
-                return
-            payload = wire.decode_payload_headers(headers, message.key())
+            payload = wire.decode_payload(_raw_headers(message), message.key())
+            if payload is None:
+                return  # a prompt
             if payload.app != self.upstream:
                 raise ConfigurationError(
                     f"message from application {payload.app!r} on a topic consumed as "
@@ -520,7 +532,11 @@ class ConsumerAdapter:
             letter = self.steps.dead_letter(source, None, REASON_MALFORMED, str(e))
             steps.append(Step(tracking=None, key=source.key, dead_letter=letter, source=source))
             return
-        offer = part.order.offer(payload.nid, payload.prev_nid, (message, payload), now)
+        order = part.order
+        if order.advance(payload.nid, payload.prev_nid):  # the common case, allocation-free
+            steps.append(self._message_step(part, message, payload))
+            return
+        offer = order.offer(payload.nid, payload.prev_nid, (message, payload), now)
         self._counts.duplicates += offer.duplicates
         self.metrics.duplicates.inc(offer.duplicates)
         for _nid, (msg, headers_) in offer.ready:
@@ -531,7 +547,7 @@ class ConsumerAdapter:
         return Source(
             key=(key or b"").decode("utf-8", "replace"),
             value=message.value(),
-            headers=[(k, v or b"") for k, v in _raw_headers(message)],
+            headers=_raw_headers(message),  # None values become b"" in dead letters
             kafka_topic=message.topic(),
             kafka_partition=message.partition(),
             kafka_offset=message.offset(),
@@ -633,9 +649,10 @@ class ConsumerAdapter:
             )
             if not page:
                 break
-            steps = [self.steps.step_from_notification(n, name) for n in page]
-            if not self._commit(steps):
-                break
+            with gc_paused(self.tuning.pause_gc):
+                steps = [self.steps.step_from_notification(n, name) for n in page]
+                if not self._commit(steps):
+                    break
             total += len(page)
             if len(page) < self.tuning.page_size:
                 break
@@ -917,7 +934,11 @@ class ConsumerAdapter:
 
 
 def _raw_headers(message: Message) -> list[tuple[str, bytes | None]]:
-    """A consumed message's headers (librdkafka gives consumed header values as bytes)."""
+    """A consumed message's headers (librdkafka gives consumed header values as bytes).
+
+    confluent-kafka converts them on the first call and keeps the list in the
+    message: later calls are free, and the list must not be changed.
+    """
     headers: Any = message.headers()
     return headers or []
 

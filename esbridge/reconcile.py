@@ -108,6 +108,19 @@ class PartitionOrder(Generic[T]):
         """Items held back, in notification id order."""
         return [self._held[nid].item for nid in sorted(self._held)]
 
+    def advance(self, nid: int, prev_nid: int) -> bool:
+        """The common case, without allocating: True when the message is next in order.
+
+        True (and the position moves to ``nid``) when nothing is held and the
+        message is in order; the caller then processes it. False changes
+        nothing: the caller offers the message with :meth:`offer`, which
+        handles duplicates, gaps and held messages.
+        """
+        if not self._held and prev_nid <= self.position < nid:
+            self.position = nid
+            return True
+        return False
+
     def offer(self, nid: int, prev_nid: int, item: T, now: float) -> Offer[T]:
         """Offer a message; returns what became ready (possibly held items too)."""
         result: Offer[T] = Offer()

@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,8 +162,6 @@ class Relay:
         self.partitions = partitions
         self.position_topic = self.tuning.position_topic or default_position_topic(topic)
         self.metrics = RelayMetrics(app_name, topic, registry)
-        # An encoder hook may decode events with the mapper: it gets UUID ids.
-        self._reader = read_pages if self.encoder_hook is not None else read_pages_for_publishing
 
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -468,10 +466,10 @@ class Relay:
         tuning = self.tuning
         total = 0
         started = time.monotonic()
+        pages = self._pages(recorder, publisher.working_nid)
         try:
-            for page in self._reader(recorder, publisher.working_nid, page_size=tuning.page_size):
-                publisher.add(page)
-                self._upstream_max = max(self._upstream_max, page[-1].id)
+            for last_nid in pages:
+                self._upstream_max = max(self._upstream_max, last_nid)
                 if (
                     publisher.batch_count >= tuning.batch_size
                     or time.monotonic() - started >= tuning.batch_seconds
@@ -487,10 +485,38 @@ class Relay:
         except RelayError:
             publisher.close()
             raise
+        finally:
+            # Closing fetches a page read ahead; a failure there (Postgres gone)
+            # must not hide the error that ended the loop, nor a clean stop.
+            with contextlib.suppress(Exception):
+                pages.close()
         total += self._commit(publisher)
         if total == 0:
             self._refresh_upstream_max(recorder)
         return total
+
+    def _pages(self, recorder: ApplicationRecorder, after: int) -> Generator[int, None, None]:
+        """Add the log after ``after`` to the publisher, page by page; yields each page's last id.
+
+        Without an encoder hook, pages are rows produced by the encoder's fast
+        loop (:meth:`~esbridge.relay_messages.PayloadEncoder.produce_rows`);
+        with a hook, notifications are read and encoded one by one.
+        """
+        publisher = self._publisher
+        assert publisher is not None
+        page_size = self.tuning.page_size
+        if self.encoder_hook is not None:
+            for notifications in read_pages(recorder, after, page_size=page_size):
+                publisher.add(notifications)
+                yield notifications[-1].id
+            return
+        pages = read_pages_for_publishing(recorder, after, page_size=page_size)
+        try:
+            for rows in pages:
+                publisher.add_rows(rows)
+                yield rows[-1][0]
+        finally:
+            pages.close()  # now, not when garbage-collected: it holds a pooled connection
 
     def _commit(self, publisher: KafkaPublisher) -> int:
         count = publisher.commit()

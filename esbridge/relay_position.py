@@ -60,6 +60,10 @@ class RelayPosition:
     def copy(self) -> RelayPosition:
         return RelayPosition(self.nid, list(self.last_per_partition))
 
+    def last_bytes(self) -> list[bytes]:
+        """``last_per_partition`` as ASCII digits: the ``esb_prev_nid`` header values."""
+        return [b"%d" % nid for nid in self.last_per_partition]
+
     def encode(self, relay_id: str, app: str, topic: str) -> bytes:
         return json.dumps(
             {

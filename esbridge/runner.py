@@ -53,6 +53,10 @@ PROMPTS = "prompts"
 RELAY_MODES = (PAYLOADS, PROMPTS)
 DEFAULT_PREFIX = "esbridge."
 
+#: Set to a directory to profile every relay and consumer thread with cProfile (see
+#: :meth:`RunningComponent._run_profiled`): a diagnostic aid, off by default.
+PROFILE_DIR_ENV = "ESBRIDGE_PROFILE_DIR"
+
 
 class SystemRunnerError(EsbridgeError):
     """A relay or consumer of a running system failed; the message names which and why."""
@@ -164,10 +168,33 @@ class RunningComponent:
 
     def _run(self) -> None:
         try:
-            self.component.run()
+            profile_dir = os.environ.get(PROFILE_DIR_ENV)
+            if profile_dir:
+                self._run_profiled(profile_dir)
+            else:
+                self.component.run()
         except BaseException as e:
             self.error = e
             logger.exception("%s failed", self.describe())
+
+    def _run_profiled(self, directory: str) -> None:
+        """``component.run()`` under cProfile; the stats go to ``directory`` when it returns.
+
+        For finding where a worker's time goes: cProfile sees only the thread it
+        runs in, so each relay and consumer thread gets its own profile file
+        (``{pid}-{kind}-{leader}-{follower}.prof``, read with ``pstats``).
+        """
+        import cProfile
+
+        profile = cProfile.Profile()
+        name = f"{os.getpid()}-{self.kind}-{self.leader}-{self.follower or ''}.prof"
+        profile.enable()
+        try:
+            self.component.run()
+        finally:
+            profile.disable()
+            os.makedirs(directory, exist_ok=True)
+            profile.dump_stats(os.path.join(directory, name))
 
 
 def system_env(env: Mapping[str, str] | None) -> dict[str, str]:

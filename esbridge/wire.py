@@ -174,6 +174,48 @@ def decode_payload_headers(headers: dict[str, str], key: bytes | None) -> Payloa
         raise MessageFormatError(f"payload message has a malformed header: {e}") from None
 
 
+_FORMAT_VERSION_B = FORMAT_VERSION.encode()
+_KIND_PAYLOAD_B = KIND_PAYLOAD.encode()
+_new = object.__new__
+
+
+def decode_payload(
+    headers: Sequence[tuple[str, bytes | None]] | None, key: bytes | None
+) -> PayloadHeaders | None:
+    """A message's payload headers, or ``None`` for a prompt: a consumer's hot path.
+
+    The same result and the same :class:`MessageFormatError` as
+    :func:`message_kind` then :func:`decode_payload_headers`, in one pass that
+    decodes only the headers it needs. Anything unusual (a missing, ``None``,
+    non-UTF-8 or non-ASCII value, a prompt, another version) takes the general
+    path, which gives the exact answer or error.
+    """
+    try:
+        h = dict(headers or ())
+        if h[H_FORMAT] == _FORMAT_VERSION_B and h[H_KIND] == _KIND_PAYLOAD_B:
+            content_type = h.get(H_CONTENT_TYPE, b"application/octet-stream")
+            # PayloadHeaders(...) without the frozen dataclass's slow __init__ (one
+            # object.__setattr__ per field): the same object, equal and hashed alike.
+            payload: PayloadHeaders = _new(PayloadHeaders)
+            payload.__dict__.update(
+                app=h[H_APP].decode(),  # type: ignore[union-attr]
+                nid=int(h[H_NID]),  # type: ignore[arg-type]
+                prev_nid=int(h[H_PREV_NID]),  # type: ignore[arg-type]
+                topic=h[H_TOPIC].decode(),  # type: ignore[union-attr]
+                originator_version=int(h[H_VERSION]),  # type: ignore[arg-type]
+                content_type=content_type.decode(),  # type: ignore[union-attr]
+                time=h.get(CE_TIME, b"").decode(),  # type: ignore[union-attr]
+                originator_id=(key or b"").decode(),
+            )
+            return payload
+    except Exception:  # the general path below gives the exact answer or error
+        pass
+    decoded = headers_dict(headers)
+    if message_kind(decoded) == KIND_PROMPT:
+        return None
+    return decode_payload_headers(decoded, key)
+
+
 def decode_prompt(value: bytes | None) -> Prompt:
     """Parse a prompt message's value; raises :class:`MessageFormatError` when malformed."""
     try:

@@ -1,0 +1,327 @@
+"""Two threads applying batches to ONE follower at the same time (one consumer per leader).
+
+The follower ``Tally`` counts pings per counter. Two sinks of one ``Tally``
+(as the runner makes for a follower of two leaders) apply batches from two
+upstream names concurrently, hammering the same counters: every counter must
+end with exactly one increment per ping (its version proves no increment was
+recorded twice or lost), whatever conflicts forced batches to run again. The
+conflict paths are also forced deterministically (a barrier makes both
+threads read the same version before either writes): in one process the
+commit log catches it; between two processes (two ``Tally`` objects) the
+recorder's unique ``(originator_id, version)`` constraint does. Real Postgres.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter as Count
+from collections.abc import Callable, Sequence
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+import pytest
+from eventsourcing.application import AggregateNotFoundError, ProcessingEvent
+from eventsourcing.dispatch import singledispatchmethod
+from eventsourcing.domain import Aggregate, event
+from eventsourcing.persistence import IntegrityError, Tracking
+from eventsourcing.system import ProcessApplication
+
+from esbridge.concurrent_batches import HINT_WINDOW, CommitLog, LearnedHints
+from esbridge.notification_log import read_pages
+from esbridge.processing import ProcessApplicationSink, Step
+
+CACHED = {"AGGREGATE_CACHE_MAXSIZE": "1000", "AGGREGATE_CACHE_FASTFORWARD": "n"}
+
+
+class Ping(Aggregate):
+    @event("Created")
+    def __init__(self, counter: str) -> None:
+        self.counter = counter
+
+
+class Bump(Aggregate):
+    @event("Created")
+    def __init__(self, counter_id: UUID) -> None:
+        self.counter_id = counter_id
+
+
+class Tally(Aggregate):
+    @staticmethod
+    def create_id(name: str) -> UUID:
+        return uuid5(NAMESPACE_URL, f"/tally/{name}")
+
+    @event("Started")
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.count = 0
+
+    @event("Incremented")
+    def increment(self) -> None:
+        self.count += 1
+
+
+class Tallies(ProcessApplication[UUID]):
+    #: Called by the policy after it read the counter, before it changes it (test hook).
+    gate: Callable[[str], None] | None = None
+
+    @singledispatchmethod
+    def policy(self, domain_event: Any, processing_event: ProcessingEvent[UUID]) -> None:
+        """Other events change nothing."""
+
+    @policy.register(Ping.Created)
+    def _(self, domain_event: Any, processing_event: ProcessingEvent[UUID]) -> None:
+        try:
+            tally: Tally = self.repository.get(Tally.create_id(domain_event.counter))
+        except AggregateNotFoundError:
+            tally = Tally(domain_event.counter)
+        if self.gate is not None:
+            self.gate(domain_event.counter)
+        tally.increment()
+        processing_event.collect_events(tally)
+
+    @policy.register(Bump.Created)
+    def _(self, domain_event: Any, processing_event: ProcessingEvent[UUID]) -> None:
+        tally: Tally = self.repository.get(domain_event.counter_id)
+        tally.increment()
+        processing_event.collect_events(tally)
+
+
+def pings(upstream: str, first_nid: int, counters: Sequence[str]) -> list[Step]:
+    steps = []
+    for offset, name in enumerate(counters):
+        (sent,) = Ping(name).collect_events()
+        steps.append(Step(Tracking(upstream, first_nid + offset), str(sent.originator_id), sent))
+    return steps
+
+
+def feed(sink: ProcessApplicationSink, upstream: str, batches: Sequence[Sequence[str]]) -> None:
+    """Apply ``batches`` (counter names) in order, as a consumer of ``upstream`` would."""
+    position = 0
+    for names in batches:
+        steps = pings(upstream, position + 1, names)
+        sink.apply(steps, {upstream: position})
+        position += len(names)
+
+
+def run_threads(*targets: Callable[[], None]) -> None:
+    errors: list[BaseException] = []
+
+    def guarded(target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as e:
+                errors.append(e)
+
+        return run
+
+    threads = [threading.Thread(target=guarded(t)) for t in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+        assert not thread.is_alive(), "a batch thread hung"
+    if errors:
+        raise errors[0]
+
+
+def assert_counts(app: Tallies, expected: Count[str]) -> None:
+    """Read from the database (not through ``app``'s cache, which other writers may outdate)."""
+    reader = Tallies(env={k: v for k, v in app.env.items() if k not in CACHED})
+    try:
+        for name, count in expected.items():
+            tally: Tally = reader.repository.get(Tally.create_id(name))
+            assert tally.count == count, name
+            assert tally.version == count + 1, name  # Started + one Incremented per ping
+        recorded = sum(len(page) for page in read_pages(reader.recorder, 0))
+        assert recorded == len(expected) + sum(expected.values())
+    finally:
+        reader.close()
+
+
+@pytest.fixture(params=["cache", "no-cache"])
+def env(request: Any, postgres_db: Any) -> dict[str, str]:
+    return {**postgres_db.env, **(CACHED if request.param == "cache" else {})}
+
+
+def test_two_consumers_of_one_follower_hammer_the_same_aggregates(env: dict[str, str]) -> None:
+    app = Tallies(env=env)
+    try:
+        left, right = ProcessApplicationSink(app), ProcessApplicationSink(app)
+        names = ["a", "b", "c"]
+        left_batches = [[names[(i + j) % 3] for j in range(15)] for i in range(25)]
+        right_batches = [[names[(i * j) % 3] for j in range(10)] for i in range(30)]
+        run_threads(
+            lambda: feed(left, "Left", left_batches),
+            lambda: feed(right, "Right", right_batches),
+        )
+        expected = Count(n for b in left_batches + right_batches for n in b)
+        assert_counts(app, expected)
+        assert app.recorder.max_tracking_id("Left") == 25 * 15
+        assert app.recorder.max_tracking_id("Right") == 30 * 10
+    finally:
+        app.close()
+
+
+def barrier_gate(parties: int) -> tuple[Callable[[str], None], threading.Barrier]:
+    """A gate where the first call of each thread waits for the others (then never again)."""
+    barrier = threading.Barrier(parties, timeout=20)
+    passed = threading.local()
+
+    def gate(name: str) -> None:
+        if not getattr(passed, "done", False):
+            passed.done = True
+            barrier.wait()
+
+    return gate, barrier
+
+
+def test_conflict_in_one_process_runs_the_batch_again(env: dict[str, str]) -> None:
+    """Both batches read the tally at the same version: the second to write runs again."""
+    app = Tallies(env=env)
+    try:
+        setup, left, right = (ProcessApplicationSink(app) for _ in range(3))
+        feed(setup, "Setup", [["x"]])
+        app.gate, _ = barrier_gate(2)
+        run_threads(lambda: feed(left, "Left", [["x"]]), lambda: feed(right, "Right", [["x"]]))
+        app.gate = None
+        assert left.reruns + right.reruns == 1
+        assert_counts(app, Count({"x": 3}))
+    finally:
+        app.close()
+
+
+def test_conflict_between_processes_is_caught_by_the_version_constraint(
+    env: dict[str, str],
+) -> None:
+    """Two follower objects (as two worker processes) write the same version: one runs again."""
+    first, second = Tallies(env=env), Tallies(env=env)
+    try:
+        feed(ProcessApplicationSink(first), "Setup", [["x", "y"]])
+        second.repository.get(Tally.create_id("x"))  # cached (when caching) at the old version
+        gate, _ = barrier_gate(2)
+        first.gate = second.gate = gate
+        left, right = ProcessApplicationSink(first), ProcessApplicationSink(second)
+        run_threads(lambda: feed(left, "Left", [["x", "y"]]), lambda: feed(right, "Right", [["x"]]))
+        assert left.reruns + right.reruns == 1
+        assert_counts(first, Count({"x": 3, "y": 2}))
+        # The loser dropped its stale cached copy: its next batch builds on the new version.
+        first.gate = second.gate = None
+        loser = right if right.reruns else left
+        feed(loser, "More", [["x"]])
+        assert_counts(first, Count({"x": 4, "y": 2}))
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_moved_tracking_position_is_raised_not_retried(env: dict[str, str]) -> None:
+    """Another consumer recorded first (a zombie's batch): refused at once, nothing recorded."""
+    app = Tallies(env=env)
+    try:
+        sink = ProcessApplicationSink(app)
+        sink.apply(pings("Left", 1, ["a", "a"]), {"Left": 0})
+        with pytest.raises(IntegrityError):
+            sink.apply(pings("Left", 3, ["a"]), {"Left": 0})  # expects 0, the table has 2
+        assert sink.reruns == 0
+        assert_counts(app, Count({"a": 2}))
+        assert app.recorder.max_tracking_id("Left") == 2
+    finally:
+        app.close()
+
+
+def test_other_threads_never_see_a_batch_before_it_commits(env: dict[str, str]) -> None:
+    app = Tallies(env=env)
+    inside, release = threading.Event(), threading.Event()
+    seen: list[Any] = []
+
+    def gate(name: str) -> None:
+        if name == "late":
+            inside.set()
+            release.wait(20)
+
+    try:
+        sink = ProcessApplicationSink(app)
+        app.gate = gate
+        batch = threading.Thread(target=feed, args=(sink, "Left", [["early", "late"]]))
+        batch.start()
+        assert inside.wait(20)
+        try:
+            app.repository.get(Tally.create_id("early"))
+        except AggregateNotFoundError as e:
+            seen.append(e)
+        release.set()
+        batch.join(20)
+        assert len(seen) == 1  # not committed yet: this thread sees the real repository
+        app.gate = None
+        assert_counts(app, Count({"early": 1, "late": 1}))
+    finally:
+        release.set()
+        app.close()
+
+
+def test_learned_hints_prefetch_and_never_change_the_result(env: dict[str, str]) -> None:
+    app = Tallies(env=env)
+    try:
+        sink = ProcessApplicationSink(app)
+        feed(sink, "Setup", [["p", "q", "r"]])
+        ids = [Tally.create_id(n) for n in "pqr"]
+
+        def bumps(first: int, targets: Sequence[UUID]) -> list[Step]:
+            steps = []
+            for offset, target in enumerate(targets):
+                (sent,) = Bump(target).collect_events()
+                steps.append(Step(Tracking("Bumps", first + offset), str(target), sent))
+            return steps
+
+        sink.apply(bumps(1, ids), {"Bumps": 0})
+        (probe,) = Bump(ids[0]).collect_events()
+        assert sink.batches.hints.ids(probe) == [ids[0]]  # learned: Bump.Created.counter_id
+        if app.repository.cache is not None:
+            app.repository.cache.get(ids[1], evict=True)  # not cached: the prefetch reads it
+        sink.apply(bumps(4, ids * 3), {"Bumps": 3})
+        assert_counts(app, Count({"p": 5, "q": 5, "r": 5}))
+    finally:
+        app.close()
+
+
+def test_commit_log_reports_only_newer_versions_and_stays_small() -> None:
+    log = CommitLog()
+    a, b = log.begin(), log.begin()
+    log.committed([_Event("x", 3)])
+    assert log.conflict(a, {"x": 2}) == "x"
+    assert log.conflict(a, {"x": 3}) is None  # read after that commit: fresh
+    assert log.conflict(b, {"y": 0}) is None
+    log.end(a)
+    c = log.begin()
+    assert log.conflict(c, {"x": 2}) is None  # committed before c started
+    log.end(b)
+    log.end(c)
+    assert len(log) == 0
+
+
+def test_learned_hints_ignore_unrelated_and_unhashable_values() -> None:
+    hints = LearnedHints()
+    event = _Event("x", 1)
+    hints.learn(event, ["x", ["unhashable"]])
+    assert hints.ids(_Event("z", 7)) == ["z"]
+    hints.forget([event])
+    assert hints.ids(_Event("z", 7)) == []
+
+
+def test_a_hint_the_policy_mostly_ignores_is_switched_off_then_on_again() -> None:
+    hints = LearnedHints()
+    hints.learn(_Event("a", 1), ["a"])
+    for n in range(HINT_WINDOW):  # the policy reads only one event in ten
+        hints.learn(_Event(f"id{n}", 1), [f"id{n}"] if n % 10 == 0 else [])
+    assert hints.ids(_Event("z", 7)) == []
+    for n in range(HINT_WINDOW * 2):  # now it reads every one
+        hints.learn(_Event(f"id{n}", 1), [f"id{n}"])
+    assert hints.ids(_Event("z", 7)) == ["z"]
+
+
+class _Event:
+    def __init__(self, originator_id: Any, originator_version: int) -> None:
+        self.originator_id = originator_id
+        self.originator_version = originator_version
+        self.tags = ["not", "an", "id"]
