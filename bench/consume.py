@@ -83,8 +83,14 @@ def _counter_id(trick: str) -> Any:
 
 
 def esbridge_run(
-    env: dict[str, str], topic: str, kafka: dict[str, Any], group: str, expected: int
-) -> tuple[int, float]:
+    env: dict[str, str],
+    topic: str,
+    kafka: dict[str, Any],
+    group: str,
+    expected: int,
+    batch_size: int = 2000,
+) -> tuple[int, float, float]:
+    """(events processed, wall seconds, CPU seconds of this process) for one consumer."""
     counters = Counters(env=env)
     adapter = ConsumerAdapter(
         counters,
@@ -92,11 +98,12 @@ def esbridge_run(
         topic=topic,
         kafka_config=kafka,
         group_id=group,
-        batch_size=2000,
+        batch_size=batch_size,
         prefetch=counters_prefetch,
     )
     try:
         started = time.perf_counter()  # includes joining the group (~0.1-1 s)
+        cpu_started = time.process_time()
         processed = 0
         while processed < expected:
             got = adapter.process_available(timeout=120)
@@ -104,17 +111,20 @@ def esbridge_run(
             if got == 0:
                 break
         seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
     finally:
         adapter.close()
         counters.close()
-    return processed, seconds
+    return processed, seconds, cpu
 
 
-def _member(env: dict[str, str], topic: str, kafka: dict[str, Any], group: str, q: Any) -> None:
+def _member(
+    env: dict[str, str], topic: str, kafka: dict[str, Any], group: str, q: Any, batch_size: int
+) -> None:
     counters = Counters(env=env)
     adapter = ConsumerAdapter(
         counters, upstream="DogSchool", topic=topic, kafka_config=kafka, group_id=group,
-        batch_size=2000, prefetch=counters_prefetch,
+        batch_size=batch_size, prefetch=counters_prefetch,
     )  # fmt: skip
     q.put(("ready", 0, 0.0))
     processed = 0
@@ -155,6 +165,7 @@ def main() -> int:
     parser.add_argument("--baseline-events", type=int, default=1500)
     parser.add_argument("--tricks", type=int, default=5000, help="distinct counters")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=2000, help="messages a transaction")
     args = parser.parse_args()
 
     postgres = make_postgres(fsync=True)
@@ -180,23 +191,32 @@ def main() -> int:
             print(f"relay: {published} events to a {partitions}-partition topic "
                   f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
 
-        ours, theirs = [], []
+        ours: list[float] = []
+        theirs: list[float] = []
+        cpus: list[float] = []
         for run in range(1, args.runs + 1):
             env = fresh_env(postgres, upstream)
-            processed, seconds = esbridge_run(env, topics[1], kafka, f"bench-{run}", total)
+            processed, seconds, cpu = esbridge_run(
+                env, topics[1], kafka, f"bench-{run}", total, args.batch_size
+            )
             assert processed == total, (processed, total)
             check_counts(env, upstream)
             ours.append(processed / seconds)
+            cpus.append(cpu / processed * 1e6)
             env = fresh_env(postgres, upstream)
             processed, seconds = library_run(env, upstream, args.baseline_events)
             theirs.append(processed / seconds)
             print(
                 f"run {run}: esbridge {ours[-1]:,.0f} events/s ({total} events, "
-                f"{total / ours[-1]:.1f} s); library SingleThreadedRunner "
+                f"{total / ours[-1]:.1f} s, CPU {cpus[-1]:.0f} us/event); "
+                "library SingleThreadedRunner "
                 f"{theirs[-1]:,.0f} events/s ({processed} events)"
             )
         o, t = statistics.median(ours), statistics.median(theirs)
-        print(f"MEDIAN esbridge consumer: {o:,.0f} events/s")
+        print(
+            f"MEDIAN esbridge consumer: {o:,.0f} events/s "
+            f"(CPU {statistics.median(cpus):.0f} us/event in the consumer's process)"
+        )
         print(f"MEDIAN library SingleThreadedRunner: {t:,.0f} events/s")
         print(f"RATIO: {o / t:.1f}x")
 
@@ -206,7 +226,8 @@ def main() -> int:
         queue: Any = multiprocessing.get_context("spawn").Queue()
         procs = [
             multiprocessing.get_context("spawn").Process(
-                target=_member, args=(env, topics[2], kafka, "bench-pair", queue)
+                target=_member,
+                args=(env, topics[2], kafka, "bench-pair", queue, args.batch_size),
             )
             for _ in range(2)
         ]

@@ -56,11 +56,10 @@ from eventsourcing.persistence import ApplicationRecorder, IntegrityError, Notif
 from eventsourcing.system import Follower
 from prometheus_client import CollectorRegistry
 
-from esbridge import wire
+from esbridge import gc_pause, wire
 from esbridge.consumer_metrics import ConsumerMetrics
 from esbridge.deadletter import REASON_HELD_BEHIND, REASON_MALFORMED, REASON_POLICY
 from esbridge.errors import ConfigurationError, ConsumerError, GapNotReconciledError
-from esbridge.gc_pause import gc_paused
 from esbridge.notification_log import DEFAULT_PAGE_SIZE, open_recorder, read_pages
 from esbridge.processing import (
     TRANSIENT_ERRORS,
@@ -306,7 +305,9 @@ class ConsumerAdapter:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             got = self._poll_once(min(self.tuning.poll_timeout, 0.2))
-            if got == 0 and self._caught_up():
+            # A short round drained what librdkafka had fetched: maybe the end (saves
+            # waiting one more poll timeout for nothing).
+            if got < self.tuning.batch_size and self._caught_up():
                 break
         return self._counts.processed - before
 
@@ -467,7 +468,7 @@ class ConsumerAdapter:
         first = consumer.poll(timeout)
         if first is None:
             return self._round(consumer, [])
-        with gc_paused(self.tuning.pause_gc):
+        with gc_pause.gc_paused(self.tuning.pause_gc):
             messages = [first]
             del first
             if self.tuning.batch_size > 1:
@@ -543,9 +544,12 @@ class ConsumerAdapter:
             steps.append(self._message_step(part, msg, headers_))
 
     def _source(self, message: Message, payload: wire.PayloadHeaders | None) -> Source:
-        key = message.key()
+        if payload is not None:
+            key = payload.originator_id  # the key, decoded already
+        else:
+            key = (message.key() or b"").decode("utf-8", "replace")
         return Source(
-            key=(key or b"").decode("utf-8", "replace"),
+            key=key,
             value=message.value(),
             headers=_raw_headers(message),  # None values become b"" in dead letters
             kafka_topic=message.topic(),
@@ -649,7 +653,7 @@ class ConsumerAdapter:
             )
             if not page:
                 break
-            with gc_paused(self.tuning.pause_gc):
+            with gc_pause.gc_paused(self.tuning.pause_gc):
                 steps = [self.steps.step_from_notification(n, name) for n in page]
                 if not self._commit(steps):
                     break
@@ -699,6 +703,7 @@ class ConsumerAdapter:
                 log.warning(
                     "policy failed on %s (retrying in %.1f s): %s", _describe(step), delay, failure
                 )
+            gc_pause.checkpoint()
             if self._stop.wait(delay):
                 raise _Abandoned("stopped while retrying a failing policy")
             delay = min(delay * 2, 10.0)
@@ -793,6 +798,7 @@ class ConsumerAdapter:
                 if self._stop.is_set():
                     raise ConsumerError(f"stopped while Postgres was unreachable: {e}") from e
                 log.warning("Postgres unreachable (%s); retrying in %.1f s", e, delay)
+                gc_pause.checkpoint()
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

@@ -64,20 +64,30 @@ def _enter() -> None:
 
 
 def _exit() -> None:
-    global _depth, _paused, _since
-    collect = False
+    global _depth, _paused
     with _lock:
         _depth -= 1
-        if not _paused:
-            return
-        if _depth == 0:
+        if _paused and _depth == 0:
             _paused = False
             gc.enable()
-        elif time.monotonic() - _since > MAX_PAUSE:
-            _since = time.monotonic()
-            collect = True
-    if collect:
-        gc.collect()
+            return
+    checkpoint()
+
+
+def checkpoint() -> None:
+    """Collect now if a pause has kept the collector waiting for over :data:`MAX_PAUSE` s.
+
+    For long waits inside a pause (retrying while Postgres restarts, backing
+    off a failing policy) and for pauses of several threads that overlap.
+    """
+    global _since
+    with _lock:
+        if not _paused or time.monotonic() - _since <= MAX_PAUSE:
+            return
+        _since = time.monotonic()
+    gc.collect()
+    with _lock:
+        _since = time.monotonic()  # the wait starts again when the collection is over
 
 
 def paused() -> bool:

@@ -254,25 +254,30 @@ class PayloadEncoder:
         """
         murmur2, partitions = self._murmur2, self.num_partitions
         partition_of = self.partition_of
-        h_format, format_v = self._format
-        h_kind, kind_v = self._kind
-        h_app, app_v = self._app
-        h_content_type, content_type_v = self._content_type
-        ce_specversion, specversion_v = self._specversion
-        ce_source, source_v = self._source
         ce_prefix = self._ce_id_prefix
-        h_nid, h_prev, h_topic, h_version = (
-            wire.H_NID,
-            wire.H_PREV_NID,
-            wire.H_TOPIC,
-            wire.H_VERSION,
-        )
-        ce_id, ce_type, ce_time, ce_subject = (
-            wire.CE_ID,
-            wire.CE_TYPE,
-            wire.CE_TIME,
-            wire.CE_SUBJECT,
-        )
+        h_nid, h_prev, h_topic = wire.H_NID, wire.H_PREV_NID, wire.H_TOPIC
+        h_version, ce_id, ce_type = wire.H_VERSION, wire.CE_ID, wire.CE_TYPE
+        ce_time, ce_subject = wire.CE_TIME, wire.CE_SUBJECT
+        # Copying a template and setting 8 values is ~1/3 cheaper than building
+        # the 14-entry dict; setting an existing key keeps its place (order).
+        new_headers = dict(
+            [
+                self._format,
+                self._kind,
+                self._app,
+                (h_nid, b""),
+                (h_prev, b""),
+                (h_topic, b""),
+                (h_version, b""),
+                self._content_type,
+                self._specversion,
+                (ce_id, b""),
+                self._source,
+                (ce_type, b""),
+                (ce_time, b""),
+                (ce_subject, b""),
+            ]
+        ).copy
         decode_time, publish_time = self._decode_time, self.publish_time
         mark, mark_len = _TIME_MARK, _TIME_MARK_LEN
         for nid, key, version, event_topic, state in rows:
@@ -293,22 +298,15 @@ class PayloadEncoder:
                         time = state[start:end]
                     else:
                         time = event_time(state) or publish_time
-            headers = {
-                h_format: format_v,
-                h_kind: kind_v,
-                h_app: app_v,
-                h_nid: nid_b,
-                h_prev: last[partition],
-                h_topic: event_topic,
-                h_version: b"%d" % version,
-                h_content_type: content_type_v,
-                ce_specversion: specversion_v,
-                ce_id: ce_prefix + nid_b,
-                ce_source: source_v,
-                ce_type: event_topic,
-                ce_time: time,
-                ce_subject: key,
-            }
+            headers = new_headers()  # the constant ones, every name in its place
+            headers[h_nid] = nid_b
+            headers[h_prev] = last[partition]
+            headers[h_topic] = event_topic
+            headers[h_version] = b"%d" % version
+            headers[ce_id] = ce_prefix + nid_b
+            headers[ce_type] = event_topic
+            headers[ce_time] = time
+            headers[ce_subject] = key
             while True:
                 try:
                     produce(topic, state, key, partition, headers=headers)

@@ -264,3 +264,28 @@ def test_overlapping_pauses_of_threads_still_collect(monkeypatch: pytest.MonkeyP
             t.join()
         gc.callbacks.remove(note)
     assert gc.isenabled() and not gc_pause.paused()
+
+
+def test_a_long_pause_collects_at_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retrying inside a pause (Postgres restarting): checkpoints collect now and then."""
+    monkeypatch.setattr(gc_pause, "MAX_PAUSE", 0.05)
+    collections: list[int] = []
+
+    def note(phase: str, info: dict[str, Any]) -> None:
+        if phase == "stop":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(note)
+    try:
+        with gc_pause.gc_paused():
+            gc_pause.checkpoint()
+            assert collections == []  # too early
+            time.sleep(0.06)
+            gc_pause.checkpoint()
+            assert collections == [2]
+            gc_pause.checkpoint()
+            assert collections == [2]  # the wait starts again
+    finally:
+        gc.callbacks.remove(note)
+    gc_pause.checkpoint()  # not paused: nothing to do
+    assert gc.isenabled()

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.relay_support import ESBRIDGE, ROOT, db_ids, ledger, read_all, subprocess_env
+from tests.integration.relay_support import (
+    ESBRIDGE,
+    ROOT,
+    db_ids,
+    ledger,
+    read_all,
+    subprocess_env,
+    write_events,
+)
 from tests.integration.test_relay import check_exactly_once_in_order
 
 EVENTS = 100_000
@@ -122,6 +130,13 @@ def test_kill_9_relay_while_writing_and_restarting_servers(
                 else:
                     postgres_server.restart()  # relay and writer both reconnect
                 restarted_at = len(log_path.read_bytes())
+                # Something to publish after the restart, even if the writer has
+                # finished (a fast relay may have caught up with it by now).
+                extra = ledger(postgres_db.env)
+                try:
+                    write_events(extra, 50, per_save=10)
+                finally:
+                    extra.close()
                 assert _wait_committed(log_path, restarted_at, relay), "no progress after restart"
             time.sleep(rng.uniform(0.05, 2.0))
             assert relay.poll() is None, f"relay exited by itself ({relay.returncode})"
