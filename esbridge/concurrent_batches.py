@@ -174,11 +174,14 @@ class LearnedHints:
         if not wanted:
             return
         known = self._attributes.get(type(event), ())
-        found = [
-            name
-            for name, value in attributes.items()
-            if type(value) in kinds and name not in known and value in wanted
-        ]
+        found = []
+        for name, value in attributes.items():
+            if type(value) in kinds and name not in known:
+                try:
+                    if value in wanted:
+                        found.append(name)
+                except TypeError:  # an unhashable value of a hashable id's type (a tuple)
+                    continue
         if found:
             self._attributes[type(event)] = (*known, *found)
             self._score.setdefault(type(event), [0, 0])

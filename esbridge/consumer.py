@@ -484,19 +484,24 @@ class ConsumerAdapter:
             return self._prompt_round(messages)
         steps: list[Step] = []
         now = time.time()
-        touched: set[int] = set()
+        parts = self._parts
+        last: dict[int, Message] = {}  # the last message of each partition
         for message in messages:
             error = message.error()
             if error is not None:
                 self._kafka_error(error)
                 continue
-            part = self._parts.get(message.partition() or 0)
+            number = message.partition() or 0
+            part = parts.get(number)
             if part is None:
                 continue  # revoked meanwhile
+            last[number] = message
+            self._offer(part, message, steps, now)
+        touched = set(last)
+        for number, message in last.items():
+            part = parts[number]
             part.last_offset = message.offset() or 0
             part.last_timestamp = message.timestamp()[1] / 1000.0
-            touched.add(part.number)
-            self._offer(part, message, steps, now)
         for part in list(self._parts.values()):
             gap = part.order.gap()
             if gap is None:

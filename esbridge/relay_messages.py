@@ -8,6 +8,10 @@ available and agrees with :func:`esbridge.partitioning.partition_for_key`.
 
 The headers produced here are exactly :meth:`esbridge.wire.PayloadHeaders.encode`
 (tests compare them), plus whatever an optional *encoder* hook adds.
+
+:meth:`PayloadEncoder.message` builds one message; the relay, when it has no
+encoder hook, uses :meth:`PayloadEncoder.produce_rows` instead: the same
+messages (tests compare them), produced from a whole page of rows in one loop.
 """
 
 from __future__ import annotations
