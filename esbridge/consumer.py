@@ -305,9 +305,7 @@ class ConsumerAdapter:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             got = self._poll_once(min(self.tuning.poll_timeout, 0.2))
-            # A short round drained what librdkafka had fetched: maybe the end (saves
-            # waiting one more poll timeout for nothing).
-            if got < self.tuning.batch_size and self._caught_up():
+            if got == 0 and self._caught_up():
                 break
         return self._counts.processed - before
 

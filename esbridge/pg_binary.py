@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from eventsourcing.persistence import StoredEvent
 from psycopg.adapt import PyFormat
 from psycopg.types.array import ListBinaryDumper
@@ -46,6 +47,10 @@ def use_binary_stored_events(
         ):
             return False
     adapters = curs.adapters
-    adapters.register_dumper(python_type, adapters.get_dumper(python_type, PyFormat.BINARY))
+    try:
+        binary = adapters.get_dumper(python_type, PyFormat.BINARY)
+    except psycopg.ProgrammingError:  # no binary dumper registered: keep the text path
+        return False
+    adapters.register_dumper(python_type, binary)
     adapters.register_dumper(list, ListBinaryDumper)
     return True
