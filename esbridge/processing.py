@@ -735,6 +735,7 @@ class ProcessApplicationSink:
                 self._prefetch_learned(overlay, steps)
             # Bound once: the library's singledispatchmethod builds a new function per access.
             policy = follower.policy
+            learn = self.prefetch is None
             for index, step in enumerate(steps):
                 event = step.event
                 if event is None:
@@ -750,7 +751,9 @@ class ProcessApplicationSink:
                             if self.batches.log.conflict(ticket, overlay.reads) is not None:
                                 return None  # it may have failed on a stale read: run again
                     raise StepFailed(index, e) from e
-                hints.learn(event, overlay.take_requested())
+                requested = overlay.take_requested()
+                if learn:  # a given hint makes learning one useless work
+                    hints.learn(event, requested)
                 overlay.collect(processing_event)
                 combined.events.extend(processing_event.events)
                 combined.aggregates.update(processing_event.aggregates)
