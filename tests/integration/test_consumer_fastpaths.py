@@ -15,6 +15,8 @@ import copy
 import gc
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -224,6 +226,22 @@ def test_gc_pause_nests_and_always_resumes() -> None:
         assert gc.isenabled()
 
 
+@contextmanager
+def collected_generations() -> Iterator[list[int]]:
+    """The generations of the collections that run inside the block, in order."""
+    collections: list[int] = []
+
+    def note(phase: str, info: dict[str, Any]) -> None:
+        if phase == "stop":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(note)
+    try:
+        yield collections
+    finally:
+        gc.callbacks.remove(note)
+
+
 def test_gc_pause_leaves_a_disabled_collector_alone() -> None:
     gc.disable()
     try:
@@ -237,13 +255,6 @@ def test_gc_pause_leaves_a_disabled_collector_alone() -> None:
 def test_overlapping_pauses_of_threads_still_collect(monkeypatch: pytest.MonkeyPatch) -> None:
     """Threads whose pauses always overlap: a collection runs every MAX_PAUSE seconds."""
     monkeypatch.setattr(gc_pause, "MAX_PAUSE", 0.05)
-    collections: list[int] = []
-
-    def note(phase: str, info: dict[str, Any]) -> None:
-        if phase == "stop":
-            collections.append(info["generation"])
-
-    gc.callbacks.append(note)
     stop = threading.Event()
 
     def busy() -> None:
@@ -252,40 +263,30 @@ def test_overlapping_pauses_of_threads_still_collect(monkeypatch: pytest.MonkeyP
                 time.sleep(0.03)
 
     threads = [threading.Thread(target=busy) for _ in range(3)]
-    try:
-        for t in threads:
-            t.start()
-            time.sleep(0.01)  # staggered: some pause is always in progress
-        time.sleep(0.5)
-        assert 2 in collections  # full collections ran anyway
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-        gc.callbacks.remove(note)
+    with collected_generations() as collections:
+        try:
+            for t in threads:
+                t.start()
+                time.sleep(0.01)  # staggered: some pause is always in progress
+            time.sleep(0.5)
+            assert 2 in collections  # full collections ran anyway
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
     assert gc.isenabled() and not gc_pause.paused()
 
 
 def test_a_long_pause_collects_at_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retrying inside a pause (Postgres restarting): checkpoints collect now and then."""
     monkeypatch.setattr(gc_pause, "MAX_PAUSE", 0.05)
-    collections: list[int] = []
-
-    def note(phase: str, info: dict[str, Any]) -> None:
-        if phase == "stop":
-            collections.append(info["generation"])
-
-    gc.callbacks.append(note)
-    try:
-        with gc_pause.gc_paused():
-            gc_pause.checkpoint()
-            assert collections == []  # too early
-            time.sleep(0.06)
-            gc_pause.checkpoint()
-            assert collections == [2]
-            gc_pause.checkpoint()
-            assert collections == [2]  # the wait starts again
-    finally:
-        gc.callbacks.remove(note)
+    with collected_generations() as collections, gc_pause.gc_paused():
+        gc_pause.checkpoint()
+        assert collections == []  # too early
+        time.sleep(0.06)
+        gc_pause.checkpoint()
+        assert collections == [2]
+        gc_pause.checkpoint()
+        assert collections == [2]  # the wait starts again
     gc_pause.checkpoint()  # not paused: nothing to do
     assert gc.isenabled()
