@@ -340,11 +340,34 @@ class KafkaPublisher:
         )
 
     def _classify(self, error: KafkaError, what: str) -> Exception:
+        if error.code() == KafkaError._FATAL:
+            error = self._fatal_cause() or error
         if error.code() in FENCED_CODES:
             return RelayFencedError(self._fenced_message(error))
         if error.code() in PERMANENT_CODES:
             return self._rejected(error, None)
         return TransientPublishError(f"{what}: {error}")
+
+    def _fatal_cause(self) -> KafkaError | None:
+        """Why the producer failed fatally, when a call said only ``_FATAL``.
+
+        A fatally failed producer answers ``produce()`` with a bare
+        ``_FATAL``; the cause (e.g. ``_FENCED`` by a newer relay with the same
+        ``transactional.id``) came in a delivery report, or is raised again by
+        the transactional calls, so it is read from there.
+        """
+        if self._delivery_error is not None:
+            return self._delivery_error[0]
+        producer = self._producer
+        if producer is None or not self.exactly_once:
+            return None
+        try:
+            producer.abort_transaction(0.1)
+        except KafkaException as e:
+            cause = e.args[0] if e.args else None
+            if isinstance(cause, KafkaError) and cause.code() != KafkaError._FATAL:
+                return cause
+        return None
 
     def _fenced_message(self, error: KafkaError) -> str:
         return (

@@ -7,6 +7,7 @@ import time
 from collections import defaultdict
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from esbridge.errors import ConfigurationError, RelayError, RelayFencedError
 from esbridge.partitioning import partition_for_key
@@ -242,6 +243,41 @@ def test_message_too_large_stops_naming_the_notification(postgres_db, kafka_conf
         relay.close()
     records = read_all(kafka_config, topic, timeout=3)
     assert all(int(r.headers["esb_nid"]) < big_nid for r in records)
+
+
+def test_a_fenced_relay_says_fenced_when_a_call_gets_only_fatal(
+    postgres_db, kafka_config, create_topic
+):
+    """After fencing, librdkafka answers produce() with a bare _FATAL: the cause is found."""
+    app = ledger(postgres_db.env)
+    write_events(app, 10)
+    topic = create_topic(partitions=1)
+    first = ledger_relay(postgres_db, kafka_config, topic)
+    second = ledger_relay(postgres_db, kafka_config, topic)
+    try:
+        assert first.publish_available() == 10
+        write_events(app, 10)
+        assert second.publish_available() == 10  # fences the first
+        publisher = first._publisher
+        assert publisher is not None
+        producer = publisher.producer
+        publisher._begin(producer)
+        codes = []
+        for _ in range(100):  # the first produce after fencing learns it; the next say _FATAL
+            try:
+                producer.produce(topic, b"x", b"k", 0)
+                producer.poll(0.05)
+            except KafkaException as e:
+                codes.append(e.args[0].code())
+                if e.args[0].code() == KafkaError._FATAL:
+                    break
+        assert codes[-1] == KafkaError._FATAL, codes
+        with pytest.raises(RelayFencedError, match="fenced"):
+            publisher._produce_position(producer, b"{}")
+    finally:
+        first.close()
+        second.close()
+    check_exactly_once_in_order(read_all(kafka_config, topic, 20), db_ids(postgres_db.dsn), 1)
 
 
 def test_a_second_relay_with_the_same_id_fences_the_first(postgres_db, kafka_config, create_topic):
