@@ -5,6 +5,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
@@ -245,19 +248,32 @@ def test_message_too_large_stops_naming_the_notification(postgres_db, kafka_conf
     assert all(int(r.headers["esb_nid"]) < big_nid for r in records)
 
 
+@contextmanager
+def fenced_pair(
+    postgres_db: Any, kafka_config: dict[str, Any], topic: str, before: int, after: int
+) -> Iterator[tuple[Any, Relay, Relay]]:
+    """(app, first, second): ``first`` published ``before`` events, then ``second`` (the same
+    relay id) published ``after`` more and so fenced ``first``. Both closed at the end."""
+    app = ledger(postgres_db.env)
+    write_events(app, before)
+    first = ledger_relay(postgres_db, kafka_config, topic)
+    second = ledger_relay(postgres_db, kafka_config, topic)
+    try:
+        assert first.publish_available() == before
+        write_events(app, after)
+        assert second.publish_available() == after  # fences the first, resumes at its position
+        yield app, first, second
+    finally:
+        first.close()
+        second.close()
+
+
 def test_a_fenced_relay_says_fenced_when_a_call_gets_only_fatal(
     postgres_db, kafka_config, create_topic
 ):
     """After fencing, librdkafka answers produce() with a bare _FATAL: the cause is found."""
-    app = ledger(postgres_db.env)
-    write_events(app, 10)
     topic = create_topic(partitions=1)
-    first = ledger_relay(postgres_db, kafka_config, topic)
-    second = ledger_relay(postgres_db, kafka_config, topic)
-    try:
-        assert first.publish_available() == 10
-        write_events(app, 10)
-        assert second.publish_available() == 10  # fences the first
+    with fenced_pair(postgres_db, kafka_config, topic, 10, 10) as (_, first, _):
         publisher = first._publisher
         assert publisher is not None
         producer = publisher.producer
@@ -274,27 +290,14 @@ def test_a_fenced_relay_says_fenced_when_a_call_gets_only_fatal(
         assert codes[-1] == KafkaError._FATAL, codes
         with pytest.raises(RelayFencedError, match="fenced"):
             publisher._produce_position(producer, b"{}")
-    finally:
-        first.close()
-        second.close()
     check_exactly_once_in_order(read_all(kafka_config, topic, 20), db_ids(postgres_db.dsn), 1)
 
 
 def test_a_second_relay_with_the_same_id_fences_the_first(postgres_db, kafka_config, create_topic):
-    app = ledger(postgres_db.env)
-    write_events(app, 100)
     topic = create_topic(partitions=3)
-    first = ledger_relay(postgres_db, kafka_config, topic)
-    second = ledger_relay(postgres_db, kafka_config, topic)
-    try:
-        assert first.publish_available() == 100
-        write_events(app, 50)
-        assert second.publish_available() == 50  # fences the first, resumes at its position
+    with fenced_pair(postgres_db, kafka_config, topic, 100, 50) as (app, first, second):
         write_events(app, 50)
         with pytest.raises(RelayFencedError, match="fenced"):
             first.publish_available()
         assert second.publish_available() == 50
-    finally:
-        first.close()
-        second.close()
     check_exactly_once_in_order(read_all(kafka_config, topic, 200), db_ids(postgres_db.dsn), 3)
