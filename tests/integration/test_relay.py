@@ -173,6 +173,44 @@ def test_run_wakes_on_commit_and_resumes_after_stop(postgres_db, kafka_config, c
     check_exactly_once_in_order(read_all(kafka_config, topic, 500), db_ids(postgres_db.dsn), 3)
 
 
+@pytest.mark.parametrize(("linger", "most", "fewest"), [(3.0, 2, 1), (0.0, 25, 4)])
+def test_linger_gathers_a_trickle_into_few_transactions(
+    postgres_db, kafka_config, create_topic, linger, most, fewest
+):
+    """25 commits 40 ms apart: with a 3 s linger the relay publishes them in at most two
+    transactions (the first commit, then all the rest); with none, as they come."""
+    from prometheus_client import CollectorRegistry
+
+    app = ledger(postgres_db.env)
+    topic = create_topic(partitions=1)
+    registry = CollectorRegistry()
+    labels = {"app": APP_NAME, "topic": topic}
+    relay = ledger_relay(postgres_db, kafka_config, topic, linger=linger, registry=registry)
+    write_events(app, 1)
+    thread = threading.Thread(target=relay.run)
+    thread.start()
+    try:
+        while relay.status().position < 1:
+            assert thread.is_alive()
+            time.sleep(0.02)
+        time.sleep(linger + 1.0)  # idle, waiting on NOTIFY
+        before = registry.get_sample_value("esbridge_relay_batches_total", labels)
+        for _ in range(25):
+            write_events(app, 1)
+            time.sleep(0.04)
+        target = db_ids(postgres_db.dsn)[-1][0]
+        deadline = time.monotonic() + 20
+        while relay.status().position < target:
+            assert time.monotonic() < deadline, relay.status()
+            time.sleep(0.02)
+    finally:
+        relay.stop()
+        thread.join(10)
+    batches = registry.get_sample_value("esbridge_relay_batches_total", labels) - before
+    assert fewest <= batches <= most, f"{batches} transactions for 25 commits (linger {linger})"
+    check_exactly_once_in_order(read_all(kafka_config, topic, 26), db_ids(postgres_db.dsn), 1)
+
+
 def test_at_least_once_mode_publishes_in_order(postgres_db, kafka_config, create_topic):
     app = ledger(postgres_db.env)
     write_events(app, 800)
