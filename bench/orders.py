@@ -11,7 +11,7 @@ median is reported, with p50/p99 of the order processing time (created -> paid).
 
     python bench/orders.py [--orders 2000] [--baseline-orders 150] [--runs 3]
                            [--mode payloads|prompts|both] [--partitions N --workers N]
-                           [--no-cache]
+                           [--no-cache] [--relay-set NAME=VALUE ...]
 
 Both runners get the same application settings. By default that includes the
 library's aggregate cache for Orders (``ORDERS_AGGREGATE_CACHE_MAXSIZE``, with
@@ -123,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument(
+        "--relay-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="relay tuning of the esbridge workers (esbridge run --relay-set), e.g. linger=0.05",
+    )
+    parser.add_argument(
         "--no-cache",
         action="store_true",
         help="no aggregate cache for Orders (in both runners)",
@@ -145,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 partitions=args.partitions,
                 mode=mode,
                 workers=args.workers,
+                relay_settings=args.relay_set,
             ) as processes:
                 orders = example("application").Orders(env=processes.env)
                 try:

@@ -166,6 +166,7 @@ class SystemProcesses:
         system_path: str = SYSTEM_PATH,
         apps: Sequence[str] = APPS,
         log_level: str = "WARNING",
+        relay_settings: Sequence[str] = (),
     ) -> None:
         from esbridge.cli.run import ESBRIDGE_COMMAND
         from esbridge.supervisor import Supervisor
@@ -198,6 +199,7 @@ class SystemProcesses:
                     str(workers),
                     "--worker-index",
                     str(index),
+                    *(arg for item in relay_settings for arg in ("--relay-set", item)),
                 ]
         self.supervisor = Supervisor(commands, restart=True, env=self.env)
 

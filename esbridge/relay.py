@@ -82,7 +82,7 @@ class RelayTuning:
     #: cost the broker (commit markers, transaction log) and the followers (one
     #: Postgres commit per batch) less, for at most this much more latency. 0: publish
     #: as soon as new events are seen.
-    linger: float = 0.02
+    linger: float = 0.05
     #: Fallback polling interval when no NOTIFY arrives.
     poll_interval: float = 1.0
     #: Create missing topics (``partitions`` or 1 partition for prompts).

@@ -89,8 +89,11 @@ def application_name(spec: str) -> str:
     return name
 
 
-def parse_tuning(items: list[str]) -> dict[str, Any]:
-    """``name=value`` pairs, values as int, float, bool or text."""
+def parse_tuning(items: list[str], option: str = "--set") -> dict[str, Any]:
+    """Relay tuning from ``name=value`` pairs (values as int, float, bool or text).
+
+    ``option`` names the command-line option in the error a wrong name gets.
+    """
     from esbridge.relay import RelayTuning
 
     fields = RelayTuning.__dataclass_fields__
@@ -100,7 +103,7 @@ def parse_tuning(items: list[str]) -> dict[str, Any]:
         name = name.strip().replace("-", "_")
         if not sep or name not in fields:
             raise ConfigurationError(
-                f"--set {item!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}"
+                f"{option} {item!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}"
             )
         value: Any = text
         if text.lower() in ("true", "yes", "y"):

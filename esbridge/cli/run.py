@@ -20,6 +20,7 @@ import threading
 from typing import Any
 
 from esbridge.cli.common import add_command
+from esbridge.cli.relay import parse_tuning
 from esbridge.errors import ConfigurationError
 
 #: The ``esbridge`` command run by this interpreter (works without the console script on PATH).
@@ -72,6 +73,13 @@ def register(subparsers: Any) -> None:
         help="relays publish without transactions (brokers without transaction support)",
     )
     parser.add_argument("--metrics-port", type=int, default=None, help="serve /metrics here")
+    parser.add_argument(
+        "--relay-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="tuning of the relays run here, as `esbridge relay --set` (linger, batch_size, ...)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -138,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError("--no-relay and --relay-only exclude each other")
     if args.apps:
         args.apps = [name.strip() for value in args.apps for name in value.split(",") if name]
+    parse_tuning(args.relay_set, "--relay-set")  # a wrong name fails before anything starts
     system = load_from_args(args)
     if args.setup:
         return setup(args, system)
@@ -171,6 +180,7 @@ def run_here(args: argparse.Namespace, system: Any) -> int:
         partitions=args.partitions,
         relay_modes=relay_modes(args.mode),
         exactly_once=not args.at_least_once,
+        relay_options=parse_tuning(args.relay_set, "--relay-set"),
         run_relays=not args.no_relay and worker_index == 0,
         run_consumers=not args.relay_only,
         # A process of named applications is a worker that a supervisor restarts:
@@ -260,4 +270,6 @@ def worker_command(args: argparse.Namespace, app: str, index: int) -> list[str]:
         command.append("--at-least-once")
     if args.metrics_port:
         command += ["--metrics-port", str(args.metrics_port)]
+    for item in args.relay_set:
+        command += ["--relay-set", item]
     return command

@@ -48,6 +48,38 @@ def test_cli_reports_a_bad_system_path_and_exits_2() -> None:
     assert "cannot import module 'examples.nope'" in result.stderr
 
 
+def test_cli_refuses_an_unknown_relay_setting_and_exits_2() -> None:
+    result = subprocess.run(
+        [*ESBRIDGE_COMMAND, "run", "examples.orders.system:system", "--relay-set", "lingr=1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--relay-set 'lingr=1': expected NAME=VALUE with NAME one of" in result.stderr
+
+
+def test_relay_settings_reach_every_worker_and_its_relays() -> None:
+    """``esbridge run --relay-set`` is passed to each supervised worker, whose runner
+    gives it to the relays it makes."""
+    from esbridge.cli import build_parser
+    from esbridge.cli.relay import parse_tuning
+    from esbridge.cli.run import worker_command
+    from esbridge.system_parts import make_relay
+
+    args = build_parser().parse_args(
+        ["run", "examples.orders.system:system", "--workers", "2",
+         "--relay-set", "linger=0.2", "--relay-set", "batch_size=500"]
+    )  # fmt: skip
+    command = worker_command(args, "Orders", 1)
+    assert command[-4:] == ["--relay-set", "linger=0.2", "--relay-set", "batch_size=500"]
+    runner = KafkaRunner(
+        orders_system, kafka_config=KAFKA, relay_options=parse_tuning(args.relay_set)
+    )
+    relay = make_relay(runner, "Orders")
+    assert (relay.tuning.linger, relay.tuning.batch_size) == (0.2, 500)
+
+
 def test_missing_tables_with_table_creation_disabled(postgres_db: Any) -> None:
     env = {**postgres_db.env, "CREATE_TABLE": "n"}
     runner = KafkaRunner(orders_system, env=env, kafka_config=KAFKA, apps=["Reservations"])
