@@ -330,6 +330,7 @@ class BatchRepository:
         self._aggregates: dict[Any, Any] = {}
         self._absent: set[Any] = set()  # prefetched: no stored events (as of the prefetch)
         self._fetched: dict[Any, Any] = {}  # prefetched aggregates when there is no cache
+        self._fresh: set[Any] = set()  # cached aggregates prefetch brought up to date
 
     def _cache_lock(self) -> Any:
         """The lock to fill the cache under (a no-op context when none is needed)."""
@@ -339,15 +340,22 @@ class BatchRepository:
         return self.fill_lock
 
     def prefetch(self, aggregate_ids: Iterable[Any]) -> int:
-        """Read the stored events of many aggregates in ONE query; returns how many were read.
+        """Read the stored events of many aggregates in ONE query; returns how many were asked.
 
         Saves one SELECT per aggregate that is not in the repository's cache
-        (typically: aggregates the batch is about to create). Reconstructed
-        aggregates go into the cache exactly as ``Repository.get`` would put
-        them there; ids without stored events are remembered for this batch
-        only, so ``get`` raises ``AggregateNotFoundError`` without a query.
-        Does nothing when the follower takes snapshots (the library then
-        starts from the latest snapshot; ``get`` keeps doing that).
+        (typically: aggregates the batch is about to create) and, when the cache
+        fast-forwards (``AGGREGATE_CACHE_FASTFORWARD``, the library's default,
+        needed when other processes write the same aggregates), one SELECT per
+        cached aggregate: the query also reads the events stored after each
+        cached version, and the cache gets the aggregates brought up to date,
+        as ``Repository.get`` would leave them. Such aggregates are then not
+        fast-forwarded again by the batch's ``get`` calls (a later write by
+        another process is refused by the version's unique constraint either
+        way, exactly as after the library's own fast-forward). Ids without
+        stored events are remembered for this batch only, so ``get`` raises
+        ``AggregateNotFoundError`` without a query. Does nothing when the
+        follower takes snapshots (the library then starts from the latest
+        snapshot; ``get`` keeps doing that).
         """
         base = self.base
         if base.snapshot_store is not None:
@@ -358,20 +366,31 @@ class BatchRepository:
             return 0
         cache = base.cache
         cached: Any = cache.cache if cache is not None else {}
-        wanted = {str(i): i for i in aggregate_ids if i not in cached and i not in self._events}
-        if not wanted:
+        after: dict[str, tuple[Any, Any]] = {}  # str(id) -> (id, cached aggregate or None)
+        for i in aggregate_ids:
+            if i in self._events or i in self._fresh or str(i) in after:
+                continue
+            if i not in cached:
+                after[str(i)] = (i, None)
+            elif base.fastforward:
+                with suppress(KeyError):  # evicted meanwhile: read by get, as before
+                    after[str(i)] = (i, cache.get(i))  # type: ignore[union-attr]
+        if not after:
             return 0
         statement = SQL(
-            "SELECT originator_id, originator_version, topic, state FROM {0}.{1} "
-            "WHERE originator_id = ANY(%s::{2}[]) ORDER BY originator_id, originator_version"
+            "SELECT e.originator_id, e.originator_version, e.topic, e.state FROM {0}.{1} AS e "
+            "JOIN unnest(%s::{2}[], %s::bigint[]) AS w(id, after) "
+            "ON e.originator_id = w.id AND e.originator_version > w.after "
+            "ORDER BY e.originator_id, e.originator_version"
         ).format(
             Identifier(datastore.schema or "public"),
             Identifier(recorder.events_table_name),
             Identifier(datastore.originator_id_type),
         )
+        versions = [0 if a is None else a.version for _, a in after.values()]
         with self._cache_lock():
             with datastore.get_connection() as conn, conn.cursor() as curs:
-                curs.execute(statement, (list(wanted),), prepare=True)
+                curs.execute(statement, (list(after), versions), prepare=True)
                 rows = curs.fetchall()
             stored: dict[str, list[StoredEvent]] = {}
             for row in rows:
@@ -383,24 +402,38 @@ class BatchRepository:
                         state=bytes(row["state"]),
                     )
                 )
-            to_domain_event = base.event_store.mapper.to_domain_event
-            for key, aggregate_id in wanted.items():
-                events = stored.get(key)
-                if not events:
-                    self._absent.add(aggregate_id)
-                    continue
-                aggregate = None
-                for stored_event in events:  # project_aggregate without its protocol assert
-                    domain_event: Any = to_domain_event(stored_event)
-                    aggregate = domain_event.mutate(aggregate)
-                if aggregate is None:
-                    self._absent.add(aggregate_id)
-                elif cache is not None:
-                    if aggregate_id not in cached:  # a newer one may have been put meanwhile
-                        cache.put(aggregate_id, aggregate)
-                else:
-                    self._fetched[aggregate_id] = aggregate
-        return len(wanted)
+            for key, (aggregate_id, old) in after.items():
+                self._project(aggregate_id, old, stored.get(key, ()))
+        return len(after)
+
+    def _project(self, aggregate_id: Any, old: Any, events: Sequence[StoredEvent]) -> None:
+        """Put what :meth:`prefetch` read where ``get`` finds it (the cache, or this batch)."""
+        cache = self.base.cache
+        if old is not None:
+            self._fresh.add(aggregate_id)
+            if not events:
+                return  # the cached aggregate is current
+            aggregate = copy_aggregate(old)  # others may hold the cached object: never mutate it
+        else:
+            aggregate = None
+        to_domain_event = self.base.event_store.mapper.to_domain_event
+        for stored_event in events:  # project_aggregate without its protocol assert
+            domain_event: Any = to_domain_event(stored_event)
+            aggregate = domain_event.mutate(aggregate)
+        if aggregate is None:
+            self._absent.add(aggregate_id)
+            self._fresh.discard(aggregate_id)
+        elif cache is None:
+            self._fetched[aggregate_id] = aggregate
+        else:
+            with self.fill_lock if old is not None and self.fill_lock else nullcontext():
+                try:
+                    current = cache.get(aggregate_id)
+                except KeyError:
+                    current = None
+                # Put it unless a commit of this process put a newer version meanwhile.
+                if current is None or current.version < aggregate.version:
+                    cache.put(aggregate_id, aggregate)
 
     def collect(self, processing_event: ProcessingEvent[Any]) -> None:
         for event in processing_event.events:
@@ -464,7 +497,7 @@ class BatchRepository:
         # The library would deepcopy the cached aggregate; copy_aggregate does the same faster.
         copy = kwargs.pop("deepcopy_from_cache", True) and repo.deepcopy_from_cache
         try:
-            if repo.fastforward:
+            if repo.fastforward and aggregate_id not in self._fresh:
                 raise KeyError(aggregate_id)  # the library fast-forwards it from the database
             cached = repo.cache.get(aggregate_id)
         except KeyError:

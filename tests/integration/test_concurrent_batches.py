@@ -31,6 +31,8 @@ from esbridge.notification_log import read_pages
 from esbridge.processing import ProcessApplicationSink, Step
 
 CACHED = {"AGGREGATE_CACHE_MAXSIZE": "1000", "AGGREGATE_CACHE_FASTFORWARD": "n"}
+#: The library's default cache: every read of a cached aggregate fast-forwards it.
+FASTFORWARD = {"AGGREGATE_CACHE_MAXSIZE": "1000"}
 
 
 class Ping(Aggregate):
@@ -127,7 +129,7 @@ def run_threads(*targets: Callable[[], None]) -> None:
 
 def assert_counts(app: Tallies, expected: Count[str]) -> None:
     """Read from the database (not through ``app``'s cache, which other writers may outdate)."""
-    reader = Tallies(env={k: v for k, v in app.env.items() if k not in CACHED})
+    reader = Tallies(env={k: v for k, v in app.env.items() if k not in CACHED})  # no cache
     try:
         for name, count in expected.items():
             tally: Tally = reader.repository.get(Tally.create_id(name))
@@ -139,9 +141,10 @@ def assert_counts(app: Tallies, expected: Count[str]) -> None:
         reader.close()
 
 
-@pytest.fixture(params=["cache", "no-cache"])
+@pytest.fixture(params=["cache", "no-cache", "fastforward"])
 def env(request: Any, postgres_db: Any) -> dict[str, str]:
-    return {**postgres_db.env, **(CACHED if request.param == "cache" else {})}
+    settings = {"cache": CACHED, "fastforward": FASTFORWARD}.get(request.param, {})
+    return {**postgres_db.env, **settings}
 
 
 def test_two_consumers_of_one_follower_hammer_the_same_aggregates(env: dict[str, str]) -> None:
@@ -266,23 +269,56 @@ def test_learned_hints_prefetch_and_never_change_the_result(env: dict[str, str])
         sink = ProcessApplicationSink(app)
         feed(sink, "Setup", [["p", "q", "r"]])
         ids = [Tally.create_id(n) for n in "pqr"]
-
-        def bumps(first: int, targets: Sequence[UUID]) -> list[Step]:
-            steps = []
-            for offset, target in enumerate(targets):
-                (sent,) = Bump(target).collect_events()
-                steps.append(Step(Tracking("Bumps", first + offset), str(target), sent))
-            return steps
-
-        sink.apply(bumps(1, ids), {"Bumps": 0})
+        sink.apply(bumps("Bumps", 1, ids), {"Bumps": 0})
         (probe,) = Bump(ids[0]).collect_events()
         assert sink.batches.hints.ids(probe) == [ids[0]]  # learned: Bump.Created.counter_id
         if app.repository.cache is not None:
             app.repository.cache.get(ids[1], evict=True)  # not cached: the prefetch reads it
-        sink.apply(bumps(4, ids * 3), {"Bumps": 3})
+        sink.apply(bumps("Bumps", 4, ids * 3), {"Bumps": 3})
         assert_counts(app, Count({"p": 5, "q": 5, "r": 5}))
     finally:
         app.close()
+
+
+def test_prefetch_fast_forwards_cached_aggregates_in_one_query(postgres_db: Any) -> None:
+    """Two processes (two ``Tallies``) write the same tallies, with the library's
+    fast-forwarding cache: a batch's prefetch brings every cached tally up to date in
+    one query, so its policies see the other process's increments without one
+    fast-forward SELECT per tally, and the batch records without a collision."""
+    env = {**postgres_db.env, **FASTFORWARD}
+    here, there = Tallies(env=env), Tallies(env=env)
+    names = [f"t{n}" for n in range(20)]
+    ids = [Tally.create_id(n) for n in names]
+    try:
+        sink = ProcessApplicationSink(here, prefetch=lambda e: [e.counter_id])
+        feed(ProcessApplicationSink(there), "Setup", [names])
+        sink.apply(bumps("Bumps", 1, ids), {"Bumps": 0})  # caches the 20 tallies here
+        feed(ProcessApplicationSink(there), "More", [names, names[:5]])  # there: +1 or +2 each
+        fast_forwards: list[Any] = []
+        store_get = here.repository.event_store.get
+
+        def counting_get(originator_id: Any, **kwargs: Any) -> Any:
+            fast_forwards.append(originator_id)
+            return store_get(originator_id, **kwargs)
+
+        here.repository.event_store.get = counting_get  # type: ignore[method-assign]
+        sink.apply(bumps("Bumps", 21, ids * 2), {"Bumps": 20})
+        assert fast_forwards == []  # the prefetch brought them all up to date
+        assert sink.reruns == 0  # no stale read, so no collision
+        expected = Count({n: 1 + 1 + 2 + 1 for n in names})  # Setup, first bump, 2 bumps, More
+        expected.update({n: 1 for n in names[:5]})  # More's second batch
+        assert_counts(here, expected)
+    finally:
+        here.close()
+        there.close()
+
+
+def bumps(upstream: str, first: int, targets: Sequence[UUID]) -> list[Step]:
+    steps = []
+    for offset, target in enumerate(targets):
+        (sent,) = Bump(target).collect_events()
+        steps.append(Step(Tracking(upstream, first + offset), str(target), sent))
+    return steps
 
 
 def test_commit_log_reports_only_newer_versions_and_stays_small() -> None:
