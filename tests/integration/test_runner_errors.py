@@ -37,26 +37,22 @@ def test_unimportable_application_class(monkeypatch: pytest.MonkeyPatch) -> None
         load_system("examples.orders.system:system")
 
 
-def test_cli_reports_a_bad_system_path_and_exits_2() -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["examples.nope:system", "--app", "Orders"], "cannot import module 'examples.nope'"),
+        (
+            ["examples.orders.system:system", "--relay-set", "lingr=1"],
+            "--relay-set 'lingr=1': expected NAME=VALUE with NAME one of",
+        ),
+    ],
+)
+def test_cli_reports_a_configuration_error_and_exits_2(args: list[str], message: str) -> None:
     result = subprocess.run(
-        [*ESBRIDGE_COMMAND, "run", "examples.nope:system", "--app", "Orders"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [*ESBRIDGE_COMMAND, "run", *args], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
-    assert "cannot import module 'examples.nope'" in result.stderr
-
-
-def test_cli_refuses_an_unknown_relay_setting_and_exits_2() -> None:
-    result = subprocess.run(
-        [*ESBRIDGE_COMMAND, "run", "examples.orders.system:system", "--relay-set", "lingr=1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert "--relay-set 'lingr=1': expected NAME=VALUE with NAME one of" in result.stderr
+    assert message in result.stderr
 
 
 def test_relay_settings_reach_every_worker_and_its_relays() -> None:
