@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         lib_rate, _, _ = summary("eventsourcing MultiThreadedRunner          ", lib)
         for mode in modes:
-            rate, _, _ = summary(f"esbridge, 1 OS process per app, {mode:9s}  ", esb[mode])
+            label = "1 OS process" if args.workers == 1 else f"{args.workers} OS processes"
+            rate, _, _ = summary(f"esbridge, {label} per app, {mode:9s}  ", esb[mode])
             print(f"  ratio ({mode}): {rate / lib_rate:.1f}x")
         return 0
     finally:
