@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pytest
+from eventsourcing.utils import get_topic
 
 from esbridge import wire
 from esbridge.consumer import ConsumerAdapter, tracking_names
@@ -21,6 +22,7 @@ from esbridge.dlq_replay import replay_dead_letters
 from esbridge.errors import GapNotReconciledError
 from esbridge.relay import Relay
 from examples.dogschool.application import DogSchool
+from examples.dogschool.domainmodel import Dog
 from tests.integration.consumer_apps import (
     Fragile,
     ManualPublisher,
@@ -32,6 +34,12 @@ from tests.integration.consumer_apps import (
 from tests.integration.relay_support import publish_and_close
 
 FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+
+
+class RegistrationsOnly(Mirror):
+    """A mirror that follows only registrations (``topics``): dogs without their tricks."""
+
+    topics = (get_topic(Dog.Registered),)
 
 
 @pytest.fixture
@@ -117,6 +125,36 @@ def test_exactly_once_single_partition(
         again.close()
     verify_mirror(school, mirror, dogs)
     assert mirror.recorder.max_notification_id() == 40 + 200  # 40 created + 200 copied
+
+
+def test_a_follower_s_topics_skip_other_events_without_decoding_them(
+    school: DogSchool, postgres_db: Any, create_topic: Any, kafka_config: dict[str, Any]
+) -> None:
+    """``topics`` (the library's ``ProcessApplication.topics``): events of other types are
+    not decoded and their policy is not called, but the tracking position passes them."""
+    topic = create_topic(partitions=1)
+    dogs = populate(school, 10, 3)
+    total = school.recorder.max_notification_id()
+    relay_all(school, topic, kafka_config, partitions=1)
+    registrations = RegistrationsOnly(env=postgres_db.env)
+    consumer = adapter(registrations, topic, kafka_config)
+    decoded: list[str] = []
+    decode = consumer.steps.decoder.decode
+
+    def counting_decode(stored: Any) -> Any:
+        decoded.append(stored.topic)
+        return decode(stored)
+
+    consumer.steps.decoder.decode = counting_decode  # type: ignore[method-assign]
+    try:
+        processed, status = consume_all(consumer)
+        assert processed == total == 40 and status.processed == 40
+        assert decoded == [get_topic(Dog.Registered)] * 10
+        assert registrations.recorder.max_tracking_id("DogSchool") == total
+        assert registrations.recorder.max_notification_id() == 10  # one mirror a dog, no tricks
+        assert all(registrations.tricks(dog) == [] for dog in dogs)
+    finally:
+        registrations.close()
 
 
 def test_exactly_once_three_partitions_two_members(
