@@ -168,7 +168,8 @@ class SystemProcesses:
         log_level: str = "WARNING",
         relay_settings: Sequence[str] = (),
     ) -> None:
-        from esbridge.cli.run import ESBRIDGE_COMMAND
+        from esbridge.cli import build_parser
+        from esbridge.cli.run import worker_command
         from esbridge.supervisor import Supervisor
 
         self.env = {**os.environ, **env, **kafka_env(kafka_config)}
@@ -176,31 +177,18 @@ class SystemProcesses:
         self.partitions = partitions
         self.mode = mode
         self.prefix = topic_prefix or f"esbridge.demo.{uuid.uuid4().hex[:8]}."
-        commands = {}
-        for app in apps:
-            for index in range(workers):
-                commands[f"{app}[{index}]"] = [
-                    *ESBRIDGE_COMMAND,
-                    "--log-level",
-                    log_level,
-                    "run",
-                    system_path,
-                    "--app",
-                    app,
-                    "--app-dir",
-                    str(source_root()),
-                    "--topic-prefix",
-                    self.prefix,
-                    "--partitions",
-                    str(partitions),
-                    "--mode",
-                    mode,
-                    "--workers",
-                    str(workers),
-                    "--worker-index",
-                    str(index),
-                    *(arg for item in relay_settings for arg in ("--relay-set", item)),
-                ]
+        # The command lines `esbridge run --workers N` would give its workers.
+        args = build_parser().parse_args(
+            ["--log-level", log_level, "run", system_path, "--app-dir", str(source_root()),
+             "--topic-prefix", self.prefix, "--partitions", str(partitions), "--mode", mode,
+             "--workers", str(workers),
+             *(arg for item in relay_settings for arg in ("--relay-set", item))]
+        )  # fmt: skip
+        commands = {
+            f"{app}[{index}]": worker_command(args, app, index)
+            for app in apps
+            for index in range(workers)
+        }
         self.supervisor = Supervisor(commands, restart=True, env=self.env)
 
     def setup(self) -> None:

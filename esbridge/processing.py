@@ -426,7 +426,10 @@ class BatchRepository:
         elif cache is None:
             self._fetched[aggregate_id] = aggregate
         else:
-            with self.fill_lock if old is not None and self.fill_lock else nullcontext():
+            # A new aggregate is put under the lock prefetch holds (_cache_lock, if any);
+            # a fast-forwarded one takes the fill lock here, for the check and the put only.
+            fast_forwarded = old is not None and self.fill_lock is not None
+            with self.fill_lock if fast_forwarded else nullcontext():
                 try:
                     current = cache.get(aggregate_id)
                 except KeyError:

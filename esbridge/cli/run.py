@@ -146,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError("--no-relay and --relay-only exclude each other")
     if args.apps:
         args.apps = [name.strip() for value in args.apps for name in value.split(",") if name]
-    parse_tuning(args.relay_set, "--relay-set")  # a wrong name fails before anything starts
+    # Parsed before anything starts, so that a wrong name fails first.
+    args.relay_options = parse_tuning(args.relay_set, "--relay-set")
     system = load_from_args(args)
     if args.setup:
         return setup(args, system)
@@ -180,7 +181,7 @@ def run_here(args: argparse.Namespace, system: Any) -> int:
         partitions=args.partitions,
         relay_modes=relay_modes(args.mode),
         exactly_once=not args.at_least_once,
-        relay_options=parse_tuning(args.relay_set, "--relay-set"),
+        relay_options=args.relay_options,
         run_relays=not args.no_relay and worker_index == 0,
         run_consumers=not args.relay_only,
         # A process of named applications is a worker that a supervisor restarts:
