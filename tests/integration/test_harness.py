@@ -208,3 +208,13 @@ def test_postgres_restart_keeps_data(postgres_server, postgres_db, kill):
     postgres_server.restart(kill=kill)
     with postgres_server.connect(postgres_db.dbname) as conn:
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (100,)
+
+
+def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One random id in 64 starts with "-", which Kafka's storage tool reads as an option."""
+    from esbridge.testing import local_kafka
+
+    draws = iter([uuid.UUID(bytes=b"\xf8" + b"\x01" * 15), uuid.UUID(bytes=b"\x01" * 16)])
+    monkeypatch.setattr(local_kafka.uuid, "uuid4", lambda: next(draws))
+    cluster_id = local_kafka.random_cluster_id()
+    assert cluster_id == "AQEBAQEBAQEBAQEBAQEBAQ"  # the second draw: the first began with "-"
