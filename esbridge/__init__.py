@@ -15,6 +15,7 @@ from esbridge.errors import (
     GapNotReconciledError,
     HarnessError,
     MessageFormatError,
+    PostgresUnavailableError,
     RelayError,
     RelayFencedError,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "HarnessError",
     "KafkaRunner",
     "MessageFormatError",
+    "PostgresUnavailableError",
     "Relay",
     "RelayError",
     "RelayFencedError",

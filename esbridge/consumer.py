@@ -61,8 +61,8 @@ from esbridge.consumer_metrics import ConsumerMetrics
 from esbridge.deadletter import REASON_HELD_BEHIND, REASON_MALFORMED, REASON_POLICY
 from esbridge.errors import ConfigurationError, ConsumerError, GapNotReconciledError
 from esbridge.notification_log import DEFAULT_PAGE_SIZE, open_recorder, read_pages
+from esbridge.postgres_retry import retry_unreachable
 from esbridge.processing import (
-    TRANSIENT_ERRORS,
     BatchSink,
     PrefetchFunc,
     ProcessApplicationSink,
@@ -165,6 +165,7 @@ class _Tuning:
     park_behind: bool = True
     topic_timeout: float = 30.0
     dlq_refresh: float = 2.0
+    connect_timeout: float | None = None
     pause_gc: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -184,6 +185,8 @@ class ConsumerAdapter:
     (True: Python's cyclic garbage collector waits while a batch is processed,
     see :func:`~esbridge.gc_pause.gc_paused`),
     ``topic_timeout`` (how long to wait for the topic to exist),
+    ``connect_timeout`` (how long to wait for an unreachable upstream Postgres
+    at start-up; None, the default, waits for ever, logging each retry),
     ``upstream_class`` (its ``env`` supplies cipher/compressor defaults),
     ``partitions`` (expected count), ``registry`` (Prometheus), ``sink``
     (another :class:`~esbridge.processing.BatchSink`), ``prefetch`` (a function
@@ -319,7 +322,13 @@ class ConsumerAdapter:
                 self.follower, prefetch=self._prefetch
             )
         if self.upstream_env is not None and self._upstream_log is None:
-            self._upstream_log = open_recorder(self.upstream, self.upstream_env)
+            upstream_env = self.upstream_env
+            self._upstream_log = retry_unreachable(
+                f"opening the notification log of {self.upstream}",
+                lambda: open_recorder(self.upstream, upstream_env),
+                timeout=self.tuning.connect_timeout,
+                stopped=self._stop.is_set,
+            )
         config = dict(self.kafka_config)
         config.update(
             {
@@ -791,19 +800,19 @@ class ConsumerAdapter:
     def _names_in(steps: Sequence[Step]) -> set[str]:
         return {s.tracking.application_name for s in steps if s.tracking is not None}
 
-    def _retry_db(self, call: Callable[[], Any]) -> Any:
+    def _retry_db(self, call: Callable[[], Any], what: str = "consumer") -> Any:
         """``call()``, retried with backoff while Postgres is unreachable (restarts)."""
-        delay = 0.2
-        while True:
-            try:
-                return call()
-            except TRANSIENT_ERRORS as e:
-                if self._stop.is_set():
-                    raise ConsumerError(f"stopped while Postgres was unreachable: {e}") from e
-                log.warning("Postgres unreachable (%s); retrying in %.1f s", e, delay)
-                gc_pause.checkpoint()
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+
+        def sleep(delay: float) -> None:
+            gc_pause.checkpoint()
+            time.sleep(delay)
+
+        return retry_unreachable(
+            f"{what} {self.follower.name} <- {self.upstream}",
+            call,
+            stopped=self._stop.is_set,
+            sleep=sleep,
+        )
 
     def _resync(self) -> None:
         """Positions moved under us (another consumer): restart every partition from Postgres."""

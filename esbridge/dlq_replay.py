@@ -20,8 +20,8 @@ from typing import Any
 from eventsourcing.system import Follower
 
 from esbridge.deadletter import DeadLetter, DeadLetterStore
+from esbridge.postgres_retry import TRANSIENT_ERRORS
 from esbridge.processing import (
-    TRANSIENT_ERRORS,
     ProcessApplicationSink,
     Source,
     StepFactory,

@@ -57,3 +57,12 @@ class GapNotReconciledError(ConsumerError):
     fill the gap. Give the consumer read access to the upstream database
     (``upstream_env`` / ``--upstream-log``) or republish the missing range.
     """
+
+
+class PostgresUnavailableError(EsbridgeError):
+    """Postgres stayed unreachable for longer than allowed (or the process was stopped meanwhile).
+
+    Raised only where a timeout was asked for (``connect_timeout``); by default
+    relays and consumers wait for the database, logging each retry. Check the
+    ``POSTGRES_*`` settings (host, port) and that the server runs.
+    """

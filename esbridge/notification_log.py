@@ -20,6 +20,7 @@ from eventsourcing.persistence import (
 from eventsourcing.utils import Environment
 
 from esbridge.errors import ConfigurationError
+from esbridge.postgres_retry import TRANSIENT_ERRORS
 
 DEFAULT_PAGE_SIZE = 1000
 
@@ -41,7 +42,8 @@ def open_recorder(name: str, env: Mapping[str, str]) -> ApplicationRecorder:
     """The application recorder of application ``name`` (read-only use).
 
     Raises :class:`ConfigurationError` when the application's events table is
-    missing, naming the table and the settings used.
+    missing, naming the table and the settings used, and the library's
+    ``OperationalError`` when Postgres is unreachable (worth retrying).
     """
     environment = upstream_environment(name, env)
     factory = InfrastructureFactory.construct(environment)
@@ -51,10 +53,17 @@ def open_recorder(name: str, env: Mapping[str, str]) -> ApplicationRecorder:
 
 
 def check_readable(name: str, recorder: ApplicationRecorder) -> None:
-    """Raise :class:`ConfigurationError` unless the notification log can be read."""
+    """Raise :class:`ConfigurationError` unless the notification log can be read.
+
+    An unreachable server is not a configuration error: its ``OperationalError``
+    goes up unchanged, for the caller to wait and retry (see
+    :mod:`esbridge.postgres_retry`).
+    """
     try:
         recorder.max_notification_id()
-    except Exception as e:  # the driver's UndefinedTable, OperationalError, ...
+    except TRANSIENT_ERRORS:
+        raise
+    except Exception as e:  # the driver's UndefinedTable, ProgrammingError, ...
         table = getattr(recorder, "events_table_name", f"{name.lower()}_events")
         raise ConfigurationError(
             f"cannot read the notification log of application {name!r} (table {table!r}): "

@@ -49,10 +49,8 @@ from eventsourcing.application import (
 )
 from eventsourcing.domain import CollectEventsProtocol, DomainEventProtocol
 from eventsourcing.persistence import (
-    InterfaceError,
     Mapper,
     Notification,
-    OperationalError,
     StoredEvent,
     Tracking,
 )
@@ -68,6 +66,7 @@ from esbridge.deadletter import (
 )
 from esbridge.errors import ConfigurationError, EsbridgeError
 from esbridge.pg_binary import use_binary_stored_events
+from esbridge.postgres_retry import TRANSIENT_ERRORS
 
 log = logging.getLogger("esbridge.processing")
 
@@ -81,9 +80,6 @@ Given to :class:`ProcessApplicationSink` (``ConsumerAdapter(prefetch=...)``), it
 lets a batch read all those aggregates in one query instead of one per
 aggregate. Ids it misses are read as usual; extra ids only cost a little.
 """
-
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
-"""Database errors that are not the message's fault: retry the batch, never park."""
 
 
 @dataclass

@@ -40,8 +40,6 @@ from confluent_kafka import KafkaException, Producer
 from eventsourcing.persistence import (
     ApplicationRecorder,
     InfrastructureFactory,
-    InterfaceError,
-    OperationalError,
 )
 from prometheus_client import CollectorRegistry
 
@@ -50,6 +48,7 @@ from esbridge.errors import ConfigurationError, EsbridgeError, RelayError
 from esbridge.log_follower import LogWaker
 from esbridge.notification_log import read_pages, upstream_environment
 from esbridge.partitioning import partition_for_key
+from esbridge.postgres_retry import TRANSIENT_ERRORS
 from esbridge.relay_messages import Encoder, PayloadEncoder, content_type_for
 from esbridge.relay_metrics import RelayMetrics
 from esbridge.relay_position import POSITION_TOPIC_CONFIG, default_position_topic
@@ -64,7 +63,6 @@ PROMPTS = "prompts"
 MODES = (PAYLOADS, PROMPTS)
 
 #: Postgres errors worth retrying (server down, restarted, connection lost).
-POSTGRES_TRANSIENT = (OperationalError, InterfaceError)
 
 
 @dataclass(frozen=True)
@@ -307,6 +305,8 @@ class Relay:
         try:
             factory = InfrastructureFactory.construct(environment)
             recorder = factory.application_recorder()
+        except TRANSIENT_ERRORS:
+            raise  # Postgres unreachable (restarting): _setup retries
         except Exception as e:
             raise ConfigurationError(
                 f"cannot open the notification log of application {self.app!r}: "
@@ -314,7 +314,7 @@ class Relay:
             ) from e
         try:
             self._upstream_max = recorder.max_notification_id() or 0
-        except POSTGRES_TRANSIENT:
+        except TRANSIENT_ERRORS:
             raise
         except Exception as e:
             table = getattr(recorder, "events_table_name", f"{self.app.lower()}_events")
@@ -429,7 +429,7 @@ class Relay:
                 self._sleep(delay)
                 delay = min(delay * 2, self.tuning.max_retry_delay)
                 self._recover_publisher()
-            except POSTGRES_TRANSIENT as e:
+            except TRANSIENT_ERRORS as e:
                 self.metrics.error("postgres")
                 log.warning(
                     "relay %s: reading the notification log failed (%s: %s); retrying in %.1f s",
@@ -486,7 +486,7 @@ class Relay:
                     started = time.monotonic()
                 if self._stop.is_set():
                     break
-        except POSTGRES_TRANSIENT:
+        except TRANSIENT_ERRORS:
             # Keep what was read: commit it (consistent: position = last added) first.
             self._commit(publisher)
             raise
@@ -596,7 +596,7 @@ class Relay:
         while True:
             try:
                 return action()
-            except (TransientPublishError, KafkaException, *POSTGRES_TRANSIENT) as e:
+            except (TransientPublishError, KafkaException, *TRANSIENT_ERRORS) as e:
                 if self._stop.is_set() or (
                     timeout is not None and time.monotonic() - start >= timeout
                 ):

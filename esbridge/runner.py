@@ -42,6 +42,7 @@ from eventsourcing.system import Runner, System
 from esbridge.errors import ConfigurationError, EsbridgeError
 from esbridge.kafka_config import kafka_config_from_env
 from esbridge.notification_log import check_readable
+from esbridge.postgres_retry import TRANSIENT_ERRORS, retry_unreachable
 from esbridge.system_status import EdgeProbe, EdgeStatus, read_only_app
 
 logger = logging.getLogger("esbridge.runner")
@@ -513,13 +514,27 @@ def check_local_apps(system: System, names: Iterable[str]) -> None:
             )
 
 
+#: Seconds a runner waits for an unreachable Postgres while it constructs its applications.
+STARTUP_CONNECT_TIMEOUT = 60.0
+
+
 def construct_app(system: System, name: str, env: Mapping[str, str]) -> Application[Any]:
     """The application ``name`` constructed as the library would, with its tables checked.
 
     Leaders are not wrapped in the library's ``Leader`` class (nothing
     in-process is prompted: the relay follows the log). With table creation
     switched off (``CREATE_TABLE=n``), a missing table is a clear error here.
+    While Postgres is unreachable (restarting) this waits, up to
+    :data:`STARTUP_CONNECT_TIMEOUT` seconds.
     """
+    return retry_unreachable(
+        f"constructing application {name}",
+        lambda: _construct_app(system, name, env),
+        timeout=STARTUP_CONNECT_TIMEOUT,
+    )
+
+
+def _construct_app(system: System, name: str, env: Mapping[str, str]) -> Application[Any]:
     app = new_app(system.get_app_cls(name), name, env)
     leaders = system.follows.get(name, [])
     check_tables(name, app, leaders)
@@ -545,6 +560,8 @@ def new_app(cls: type[Application[Any]], name: str, env: Mapping[str, str]) -> A
     for attempt in range(attempts):
         try:
             return cls(env=dict(env))
+        except TRANSIENT_ERRORS:
+            raise  # Postgres unreachable: construct_app waits for it
         except Exception as e:
             if attempt + 1 < attempts and any(race in str(e) for race in CATALOG_RACES):
                 logger.info("constructing %s collided with another process: %s", name, e)
@@ -580,6 +597,9 @@ def create_dead_letter_table(name: str, app: Application[Any]) -> None:
             if attempt == 2:
                 raise
             time.sleep(0.1)
+        except TRANSIENT_ERRORS:
+            app.close()
+            raise
         except Exception as e:
             app.close()
             raise ConfigurationError(
@@ -594,7 +614,7 @@ def check_tables(name: str, app: Application[Any], leaders: Sequence[str]) -> No
         check_readable(name, app.recorder)
         if leaders and isinstance(app.recorder, ProcessRecorder):
             app.recorder.max_tracking_id(leaders[0])
-    except ConfigurationError:
+    except (ConfigurationError, *TRANSIENT_ERRORS):
         app.close()
         raise
     except Exception as e:

@@ -54,6 +54,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--hold-timeout", type=float, default=60.0)
     parser.add_argument("--retries", type=int, default=3)
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        help="seconds to wait for an unreachable Postgres at start-up (default: for ever, "
+        "logging each retry)",
+    )
     parser.set_defaults(func=consume)
 
 
@@ -79,11 +85,16 @@ def consume(args: argparse.Namespace) -> int:
     from esbridge.consumer import ConsumerAdapter
     from esbridge.kafka_config import load_kafka_config
     from esbridge.metrics import serve_metrics
+    from esbridge.postgres_retry import retry_unreachable
 
     follower_cls = load_class(args.follower, args.app_dir)
     upstream_cls = load_class(args.upstream_class, args.app_dir) if args.upstream_class else None
     env = dict(os.environ)
-    follower = follower_cls(env=env)
+    follower = retry_unreachable(
+        f"constructing {args.follower}",
+        lambda: follower_cls(env=env),
+        timeout=args.connect_timeout,
+    )
     group = args.group or f"esbridge.{follower.name.lower()}.{args.upstream.lower()}"
     adapter = ConsumerAdapter(
         follower,
@@ -98,6 +109,7 @@ def consume(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         hold_timeout=args.hold_timeout,
         retries=args.retries,
+        connect_timeout=args.connect_timeout,
     )
     if args.metrics_port:
         serve_metrics(args.metrics_port)

@@ -66,6 +66,7 @@ class Members:
         self.topic = topic
         self.logdir = logdir
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[int, Path] = {}
         self.started = 0
 
     def start(self) -> None:
@@ -92,6 +93,7 @@ class Members:
         proc = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=log, stderr=log)
         log.close()
         self.procs.append(proc)
+        self.logs[proc.pid] = self.logdir / f"consumer-{self.started}.log"
 
     def kill_one(self, rng: random.Random) -> None:
         proc = rng.choice(self.procs)
@@ -120,7 +122,10 @@ class Members:
         for proc in self.procs:
             code = proc.poll()
             if code is not None:
-                raise AssertionError(f"consumer {proc.pid} exited by itself with {code}")
+                tail = self.logs[proc.pid].read_text(errors="replace")[-6000:]
+                raise AssertionError(
+                    f"consumer {proc.pid} exited by itself with {code}; its log ends:\n{tail}"
+                )
 
 
 class Worker(threading.Thread):

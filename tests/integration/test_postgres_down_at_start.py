@@ -1,0 +1,140 @@
+"""Relays, consumers and runners started while Postgres is down wait for it, then work.
+
+Postgres restarts are routine; a process (re)started by its supervisor in the
+middle of one must not exit with a traceback. Both commands are started with
+the server stopped, must stay up, logging why they wait, and after the server
+is back must deliver every event exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from esbridge.consumer import tracking_names
+from esbridge.runner import KafkaRunner
+from examples.dogschool.application import Counters, DogSchool
+from examples.dogschool.system import system
+from tests.integration.consumer_apps import Mirror, count_notifications, verify_mirror
+from tests.integration.relay_support import ESBRIDGE, ROOT, subprocess_env
+
+DOGS = 30
+TRICKS = 4
+
+
+def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=out)
+
+
+def test_relay_and_consumer_wait_for_postgres_at_start(
+    postgres_server: Any, postgres_db: Any, kafka_broker: Any, create_topic: Any, tmp_path: Path
+) -> None:
+    school = DogSchool(env=postgres_db.env)
+    dog_ids = []
+    for i in range(DOGS):
+        dog_ids.append(school.register_dog(f"dog {i}"))
+    for trick in range(TRICKS):
+        for dog_id in dog_ids:
+            school.add_trick(dog_id, f"trick {trick}")
+    school.close()
+    Mirror(env=postgres_db.env).close()  # the follower's tables
+    topic = create_topic(partitions=2)
+    env = subprocess_env(postgres_db, kafka_broker)
+
+    postgres_server.stop()
+    relay_log, consumer_log = tmp_path / "relay.log", tmp_path / "consumer.log"
+    relay = start(
+        [ESBRIDGE, "relay", "examples.dogschool.application:DogSchool", "--topic", topic],
+        env,
+        relay_log,
+    )
+    mirror_cls = "tests.integration.consumer_apps:Mirror"
+    consume = ["consume", mirror_cls, "--upstream", "DogSchool", "--topic", topic]
+    consumer = start([ESBRIDGE, *consume, "--upstream-log"], env, consumer_log)
+    try:
+        deadline = time.monotonic() + 60
+        while "Postgres unreachable" not in consumer_log.read_text() or (
+            "cannot open the notification log yet" not in relay_log.read_text()
+        ):
+            assert relay.poll() is None, relay_log.read_text()[-3000:]
+            assert consumer.poll() is None, consumer_log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "neither said why it waits"
+            time.sleep(0.2)
+        time.sleep(2)  # a few retries, with backoff
+        assert relay.poll() is None, relay_log.read_text()[-3000:]
+        assert consumer.poll() is None, consumer_log.read_text()[-3000:]
+
+        postgres_server.start()
+        mirror = Mirror(env=postgres_db.env)
+        expected = DOGS * (1 + TRICKS)  # one mirror event per upstream event
+        deadline = time.monotonic() + 120
+        while (count := count_notifications(mirror)) < expected:
+            assert relay.poll() is None, relay_log.read_text()[-3000:]
+            assert consumer.poll() is None, consumer_log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{count} of {expected} events processed"
+            time.sleep(0.3)
+        positions = [mirror.recorder.max_tracking_id(n) for n in tracking_names("DogSchool", 2)]
+        assert sum(1 for p in positions if p) == 2, positions  # both partitions were consumed
+        school = DogSchool(env=postgres_db.env)
+        verify_mirror(school, mirror, dog_ids)
+        time.sleep(1)
+        assert count_notifications(mirror) == expected  # nothing applied twice
+        school.close()
+        mirror.close()
+    finally:
+        postgres_server.start()
+        for proc in (relay, consumer):
+            proc.send_signal(signal.SIGTERM)
+        codes = [proc.wait(60) for proc in (relay, consumer)]
+    assert codes == [0, 0], (relay_log.read_text()[-3000:], consumer_log.read_text()[-3000:])
+
+
+def test_runner_waits_for_postgres_while_constructing_its_applications(
+    postgres_server: Any, postgres_db: Any, kafka_broker: Any, caplog: Any
+) -> None:
+    runner = KafkaRunner(
+        system,
+        # The library's pool waits this long for a connection (30 s by default):
+        # shorter, so the runner's own waiting is what bridges the outage.
+        env={**postgres_db.env, "POSTGRES_CONNECT_TIMEOUT": "1"},
+        kafka_config={"bootstrap.servers": kafka_broker.bootstrap_servers},
+    )
+    postgres_server.stop()
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            runner.start()
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    # Postgres is started again from this thread: the harness ties the server's
+    # life to the thread that starts it (a parent-death signal).
+    starting = threading.Thread(target=start)
+    try:
+        with caplog.at_level(logging.WARNING, logger="esbridge.postgres"):
+            starting.start()
+            time.sleep(3)
+            assert starting.is_alive(), errors
+            postgres_server.start()
+            starting.join(120)
+        assert not starting.is_alive() and not errors, errors
+        assert "Postgres unreachable (constructing application" in caplog.text
+        school = runner.get(DogSchool)
+        dog_id = school.register_dog("Fido")
+        school.add_trick(dog_id, "roll over")
+        counters = runner.get(Counters)
+        deadline = time.monotonic() + 60
+        while counters.get_count("roll over") != 1:
+            assert time.monotonic() < deadline, "the trick was not counted"
+            time.sleep(0.2)
+    finally:
+        postgres_server.start()
+        starting.join(120)
+        runner.stop()

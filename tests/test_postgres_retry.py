@@ -1,0 +1,55 @@
+"""Waiting for an unreachable Postgres: what is retried, for how long, and what is not."""
+
+from __future__ import annotations
+
+import pytest
+from eventsourcing.persistence import InterfaceError, OperationalError, ProgrammingError
+
+from esbridge.errors import PostgresUnavailableError
+from esbridge.postgres_retry import retry_unreachable
+
+
+class Flaky:
+    """Fails with ``error`` ``failures`` times, then returns ``"ok"``."""
+
+    def __init__(self, failures: int, error: Exception) -> None:
+        self.failures = failures
+        self.error = error
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return "ok"
+
+
+def test_connection_errors_are_retried_with_doubling_backoff() -> None:
+    sleeps: list[float] = []
+    call = Flaky(5, OperationalError("connection refused"))
+    assert retry_unreachable("reading", call, sleep=sleeps.append, max_delay=1.0) == "ok"
+    assert call.calls == 6
+    assert sleeps == [0.2, 0.4, 0.8, 1.0, 1.0]
+    call = Flaky(1, InterfaceError("connection already closed"))
+    assert retry_unreachable("reading", call, sleep=sleeps.append) == "ok"
+
+
+def test_other_errors_go_up_at_once() -> None:
+    call = Flaky(1, ProgrammingError('relation "dogschool_events" does not exist'))
+    with pytest.raises(ProgrammingError):
+        retry_unreachable("reading", call, sleep=lambda s: None)
+    assert call.calls == 1
+
+
+def test_a_timeout_ends_waiting_with_a_clear_error() -> None:
+    call = Flaky(10**9, OperationalError("connection refused"))
+    with pytest.raises(PostgresUnavailableError, match=r"stayed unreachable .*reading the log"):
+        retry_unreachable("reading the log", call, timeout=0.0, sleep=lambda s: None)
+    assert call.calls == 1
+
+
+def test_stopping_ends_waiting() -> None:
+    call = Flaky(10**9, OperationalError("connection refused"))
+    with pytest.raises(PostgresUnavailableError, match="stopped while Postgres was unreachable"):
+        retry_unreachable("x", call, stopped=lambda: call.calls >= 3, sleep=lambda s: None)
+    assert call.calls == 3
