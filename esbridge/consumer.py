@@ -61,7 +61,7 @@ from esbridge.consumer_metrics import ConsumerMetrics
 from esbridge.deadletter import REASON_HELD_BEHIND, REASON_MALFORMED, REASON_POLICY
 from esbridge.errors import ConfigurationError, ConsumerError, GapNotReconciledError
 from esbridge.notification_log import DEFAULT_PAGE_SIZE, open_recorder, read_pages
-from esbridge.postgres_retry import retry_unreachable
+from esbridge.postgres_retry import connection_diagnosis, retry_unreachable
 from esbridge.processing import (
     BatchSink,
     PrefetchFunc,
@@ -328,6 +328,7 @@ class ConsumerAdapter:
                 lambda: open_recorder(self.upstream, upstream_env),
                 timeout=self.tuning.connect_timeout,
                 stopped=self._stop.is_set,
+                diagnose=connection_diagnosis(self.upstream, upstream_env),
             )
         config = dict(self.kafka_config)
         config.update(

@@ -48,7 +48,7 @@ from esbridge.errors import ConfigurationError, EsbridgeError, RelayError
 from esbridge.log_follower import LogWaker
 from esbridge.notification_log import read_pages, upstream_environment
 from esbridge.partitioning import partition_for_key
-from esbridge.postgres_retry import TRANSIENT_ERRORS
+from esbridge.postgres_retry import TRANSIENT_ERRORS, connection_diagnosis
 from esbridge.relay_messages import Encoder, PayloadEncoder, content_type_for
 from esbridge.relay_metrics import RelayMetrics
 from esbridge.relay_position import POSITION_TOPIC_CONFIG, default_position_topic
@@ -302,6 +302,8 @@ class Relay:
 
     def _open_recorder(self) -> ApplicationRecorder:
         environment = upstream_environment(self.app, self.env)
+        # Settings the server refuses: a ConfigurationError now, not a retried pool timeout.
+        connection_diagnosis(self.app, self.env)()
         try:
             factory = InfrastructureFactory.construct(environment)
             recorder = factory.application_recorder()

@@ -42,7 +42,7 @@ from eventsourcing.system import Runner, System
 from esbridge.errors import ConfigurationError, EsbridgeError
 from esbridge.kafka_config import kafka_config_from_env
 from esbridge.notification_log import check_readable
-from esbridge.postgres_retry import TRANSIENT_ERRORS, retry_unreachable
+from esbridge.postgres_retry import TRANSIENT_ERRORS, connection_diagnosis, retry_unreachable
 from esbridge.system_status import EdgeProbe, EdgeStatus, read_only_app
 
 logger = logging.getLogger("esbridge.runner")
@@ -531,6 +531,7 @@ def construct_app(system: System, name: str, env: Mapping[str, str]) -> Applicat
         f"constructing application {name}",
         lambda: _construct_app(system, name, env),
         timeout=STARTUP_CONNECT_TIMEOUT,
+        diagnose=connection_diagnosis(name, env),
     )
 
 

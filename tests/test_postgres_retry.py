@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from eventsourcing.persistence import InterfaceError, OperationalError, ProgrammingError
 
-from esbridge.errors import PostgresUnavailableError
+from esbridge.errors import ConfigurationError, PostgresUnavailableError
 from esbridge.postgres_retry import retry_unreachable
 
 
@@ -53,3 +53,27 @@ def test_stopping_ends_waiting() -> None:
     with pytest.raises(PostgresUnavailableError, match="stopped while Postgres was unreachable"):
         retry_unreachable("x", call, stopped=lambda: call.calls >= 3, sleep=lambda s: None)
     assert call.calls == 3
+
+
+def test_diagnosis_runs_first_and_its_reason_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    reasons: list[str] = []
+
+    def diagnose() -> str:
+        reasons.append("asked")
+        return "connection refused"
+
+    call = Flaky(1, OperationalError("couldn't get a connection after 30.00 sec"))
+    with caplog.at_level("WARNING", logger="esbridge.postgres"):
+        retry_unreachable("reading", call, diagnose=diagnose, sleep=lambda s: None)
+    assert reasons == ["asked", "asked"]  # before the first attempt, and after the failure
+    assert "couldn't get a connection after 30.00 sec (connection refused)" in caplog.text
+
+
+def test_a_refusal_found_by_the_diagnosis_ends_waiting() -> None:
+    def diagnose() -> None:
+        raise ConfigurationError("Postgres refused the settings")
+
+    call = Flaky(1, OperationalError("couldn't get a connection"))
+    with pytest.raises(ConfigurationError):
+        retry_unreachable("reading", call, diagnose=diagnose, sleep=lambda s: None)
+    assert call.calls == 0

@@ -85,7 +85,7 @@ def consume(args: argparse.Namespace) -> int:
     from esbridge.consumer import ConsumerAdapter
     from esbridge.kafka_config import load_kafka_config
     from esbridge.metrics import serve_metrics
-    from esbridge.postgres_retry import retry_unreachable
+    from esbridge.postgres_retry import connection_diagnosis, retry_unreachable
 
     follower_cls = load_class(args.follower, args.app_dir)
     upstream_cls = load_class(args.upstream_class, args.app_dir) if args.upstream_class else None
@@ -94,6 +94,7 @@ def consume(args: argparse.Namespace) -> int:
         f"constructing {args.follower}",
         lambda: follower_cls(env=env),
         timeout=args.connect_timeout,
+        diagnose=connection_diagnosis(getattr(follower_cls, "name", follower_cls.__name__), env),
     )
     group = args.group or f"esbridge.{follower.name.lower()}.{args.upstream.lower()}"
     adapter = ConsumerAdapter(

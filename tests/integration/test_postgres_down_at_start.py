@@ -16,8 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from esbridge.consumer import tracking_names
+from esbridge.errors import ConfigurationError
+from esbridge.postgres_retry import connection_diagnosis
 from esbridge.runner import KafkaRunner
+from esbridge.testing.servers import free_port
 from examples.dogschool.application import Counters, DogSchool
 from examples.dogschool.system import system
 from tests.integration.consumer_apps import Mirror, count_notifications, verify_mirror
@@ -138,3 +143,41 @@ def test_runner_waits_for_postgres_while_constructing_its_applications(
         postgres_server.start()
         starting.join(120)
         runner.stop()
+
+
+def test_diagnosis_tells_refused_settings_from_a_server_that_is_down(postgres_db: Any) -> None:
+    env = dict(postgres_db.env)
+    assert connection_diagnosis("DogSchool", env)() is None
+    for wrong, message in [
+        ({"POSTGRES_DBNAME": "no_such_db"}, 'database "no_such_db" does not exist'),
+        ({"DOGSCHOOL_POSTGRES_PASSWORD": "wrong"}, "password authentication failed"),
+    ]:
+        with pytest.raises(ConfigurationError, match=message):
+            connection_diagnosis("DogSchool", {**env, **wrong})()
+    down = connection_diagnosis("DogSchool", {**env, "POSTGRES_PORT": str(free_port())})()
+    assert down is not None and "refused" in down
+    sqlite = {**env, "PERSISTENCE_MODULE": "eventsourcing.sqlite", "POSTGRES_PORT": "1"}
+    assert connection_diagnosis("DogSchool", sqlite)() is None  # not a Postgres application
+
+
+def test_commands_exit_2_at_once_when_postgres_refuses_the_settings(
+    postgres_db: Any, kafka_broker: Any, create_topic: Any
+) -> None:
+    """Not after the pool's 30 s connect timeout, and not waiting for ever."""
+    DogSchool(env=postgres_db.env).close()
+    topic = create_topic(partitions=1)
+    env = {**subprocess_env(postgres_db, kafka_broker), "POSTGRES_PASSWORD": "wrong"}
+    mirror_cls = "tests.integration.consumer_apps:Mirror"
+    commands = [
+        ["relay", "examples.dogschool.application:DogSchool", "--topic", topic],
+        ["consume", mirror_cls, "--upstream", "DogSchool", "--topic", topic, "--upstream-log"],
+    ]
+    for command in commands:
+        started = time.monotonic()
+        done = subprocess.run(
+            [ESBRIDGE, *command], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert "password authentication failed" in done.stderr, done.stderr[-3000:]
+        assert "Check its POSTGRES_* settings" in done.stderr
+        assert time.monotonic() - started < 20
