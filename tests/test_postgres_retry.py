@@ -77,3 +77,27 @@ def test_a_refusal_found_by_the_diagnosis_ends_waiting() -> None:
     with pytest.raises(ConfigurationError):
         retry_unreachable("reading", call, diagnose=diagnose, sleep=lambda s: None)
     assert call.calls == 0
+
+
+def test_one_shot_commands_report_an_unreachable_postgres_in_one_line() -> None:
+    import os
+    import subprocess
+
+    from esbridge.cli.run import ESBRIDGE_COMMAND
+    from esbridge.testing.servers import free_port
+
+    env = {
+        **os.environ,
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_HOST": "127.0.0.1",
+        "POSTGRES_PORT": str(free_port()),  # nothing listens there
+        "POSTGRES_USER": "esbridge",
+        "POSTGRES_PASSWORD": "esbridge",
+        "POSTGRES_DBNAME": "esbridge",
+        "POSTGRES_CONNECT_TIMEOUT": "1",
+    }
+    command = [*ESBRIDGE_COMMAND, "dlq", "list", "tests.integration.consumer_apps:Mirror"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "esbridge: error: Postgres unreachable" in done.stderr
+    assert "Traceback" not in done.stderr

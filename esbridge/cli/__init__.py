@@ -51,12 +51,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from esbridge.logs import configure_logging
 
     configure_logging(args.log_level, args.log_format)
+    from esbridge.postgres_retry import TRANSIENT_ERRORS
+
     try:
         return int(args.func(args) or 0)
     except EsbridgeError as e:
         logging.getLogger("esbridge").error("%s: %s", type(e).__name__, e)
         print(f"esbridge: error: {e}", file=sys.stderr)
         return 2
+    except TRANSIENT_ERRORS as e:  # one-shot commands (status, dlq) do not wait for Postgres
+        logging.getLogger("esbridge").error("%s: %s", type(e).__name__, e)
+        print(
+            f"esbridge: error: Postgres unreachable ({e}); check the POSTGRES_* settings "
+            "(host, port) and that the server runs, then try again",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         return 130
 
