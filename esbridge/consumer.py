@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from confluent_kafka import (
@@ -59,9 +60,14 @@ from prometheus_client import CollectorRegistry
 from esbridge import gc_pause, wire
 from esbridge.consumer_metrics import ConsumerMetrics
 from esbridge.deadletter import REASON_HELD_BEHIND, REASON_MALFORMED, REASON_POLICY
-from esbridge.errors import ConfigurationError, ConsumerError, GapNotReconciledError
+from esbridge.errors import (
+    ConfigurationError,
+    ConsumerError,
+    GapNotReconciledError,
+    PostgresUnavailableError,
+)
 from esbridge.notification_log import DEFAULT_PAGE_SIZE, open_recorder, read_pages
-from esbridge.postgres_retry import connection_diagnosis, retry_unreachable
+from esbridge.postgres_retry import Diagnosis, connection_diagnosis, retry_unreachable
 from esbridge.processing import (
     BatchSink,
     PrefetchFunc,
@@ -267,9 +273,9 @@ class ConsumerAdapter:
 
     def run(self) -> None:
         """Consume until :meth:`stop`; raises on a permanent failure (after closing)."""
-        self._start()
         self._running = True
         try:
+            self._start()
             while not self._stop.is_set():
                 self._poll_once(self.tuning.poll_timeout)
         except _Abandoned:
@@ -317,17 +323,18 @@ class ConsumerAdapter:
     def _start(self) -> None:
         if self._consumer is not None:
             return
+        # Started while Postgres is down (restarting): wait for it, up to connect_timeout.
+        wait = partial(self._wait_for_postgres, timeout=self.tuning.connect_timeout)
         if self.sink is None:
-            self.sink = self._sink_arg or ProcessApplicationSink(
-                self.follower, prefetch=self._prefetch
+            self.sink = self._sink_arg or wait(
+                f"creating the dead-letter table of {self.follower.name}",
+                lambda: ProcessApplicationSink(self.follower, prefetch=self._prefetch),
             )
         if self.upstream_env is not None and self._upstream_log is None:
             upstream_env = self.upstream_env
-            self._upstream_log = retry_unreachable(
+            self._upstream_log = wait(
                 f"opening the notification log of {self.upstream}",
                 lambda: open_recorder(self.upstream, upstream_env),
-                timeout=self.tuning.connect_timeout,
-                stopped=self._stop.is_set,
                 diagnose=connection_diagnosis(self.upstream, upstream_env),
             )
         config = dict(self.kafka_config)
@@ -801,19 +808,36 @@ class ConsumerAdapter:
     def _names_in(steps: Sequence[Step]) -> set[str]:
         return {s.tracking.application_name for s in steps if s.tracking is not None}
 
-    def _retry_db(self, call: Callable[[], Any], what: str = "consumer") -> Any:
+    def _retry_db(self, call: Callable[[], Any]) -> Any:
         """``call()``, retried with backoff while Postgres is unreachable (restarts)."""
+        return self._wait_for_postgres(f"consumer {self.follower.name} <- {self.upstream}", call)
+
+    def _wait_for_postgres(
+        self,
+        what: str,
+        call: Callable[[], Any],
+        timeout: float | None = None,
+        diagnose: Diagnosis | None = None,
+    ) -> Any:
+        """``call()``, retried while Postgres is unreachable, up to ``timeout`` (None: for ever).
+
+        Stopping meanwhile ends :meth:`run` quietly: nothing of the batch was
+        recorded, and the next start processes it.
+        """
 
         def sleep(delay: float) -> None:
             gc_pause.checkpoint()
             time.sleep(delay)
 
-        return retry_unreachable(
-            f"{what} {self.follower.name} <- {self.upstream}",
-            call,
-            stopped=self._stop.is_set,
-            sleep=sleep,
-        )
+        try:
+            stopped = self._stop.is_set
+            return retry_unreachable(
+                what, call, timeout=timeout, stopped=stopped, diagnose=diagnose, sleep=sleep
+            )
+        except PostgresUnavailableError as e:
+            if self._stop.is_set():
+                raise _Abandoned(str(e)) from e
+            raise
 
     def _resync(self) -> None:
         """Positions moved under us (another consumer): restart every partition from Postgres."""

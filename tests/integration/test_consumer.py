@@ -243,7 +243,9 @@ def test_reordered_and_missing_are_reconciled_from_the_log(
     consumer = adapter(mirror, topic, kafka_config, upstream_env=postgres_db.env)
     _, status = consume_all(consumer)
     missing_last = notes[-1]
-    assert status.gaps_reconciled >= 2 and status.reconciled_events >= 5
+    # Each partition that lost messages shows a gap (one, when all five fell in one partition).
+    lost_in = {partition for *_, partition in messages[20:25]}
+    assert status.gaps_reconciled >= len(lost_in) and status.reconciled_events >= 5
     assert status.held_partitions == []
     assert status.processed == len(notes) - 1
     # Everything but the never-announced last notification is applied, in order.

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from esbridge.consumer import tracking_names
+from esbridge.consumer import ConsumerAdapter, tracking_names
 from esbridge.errors import ConfigurationError
 from esbridge.postgres_retry import connection_diagnosis
+from esbridge.relay import Relay
 from esbridge.runner import KafkaRunner
 from esbridge.testing.servers import free_port
 from examples.dogschool.application import Counters, DogSchool
@@ -181,3 +182,64 @@ def test_commands_exit_2_at_once_when_postgres_refuses_the_settings(
         assert "password authentication failed" in done.stderr, done.stderr[-3000:]
         assert "Check its POSTGRES_* settings" in done.stderr
         assert time.monotonic() - started < 20
+
+
+def test_a_consumer_stopped_while_postgres_is_down_ends_quietly(
+    postgres_server: Any, postgres_db: Any, kafka_broker: Any, create_topic: Any, caplog: Any
+) -> None:
+    school = DogSchool(env=postgres_db.env)
+    for i in range(DOGS):
+        school.register_dog(f"dog {i}")
+    school.close()
+    topic = create_topic(partitions=1)
+    kafka = {"bootstrap.servers": kafka_broker.bootstrap_servers}
+    relay = Relay("DogSchool", kafka_config=kafka, topic=topic, env=postgres_db.env)
+    try:
+        assert relay.publish_available() == DOGS
+    finally:
+        relay.close()
+    Mirror(env=postgres_db.env).close()  # its tables
+
+    def adapter(mirror: Mirror) -> ConsumerAdapter:
+        return ConsumerAdapter(
+            mirror, upstream="DogSchool", topic=topic, kafka_config=kafka, group_id=topic
+        )
+
+    mirror = Mirror(env={**postgres_db.env, "POSTGRES_CONNECT_TIMEOUT": "1"})
+    consumer = adapter(mirror)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            consumer.run()
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    postgres_server.stop()
+    thread = threading.Thread(target=run)
+    try:
+        with caplog.at_level(logging.WARNING, logger="esbridge.postgres"):
+            thread.start()
+            deadline = time.monotonic() + 60
+            while "Postgres unreachable (creating the dead-letter table" not in caplog.text:
+                assert thread.is_alive() and time.monotonic() < deadline, described(errors)
+                time.sleep(0.1)
+        consumer.stop()
+        thread.join(30)
+        assert not thread.is_alive() and errors == [], described(errors)
+        assert consumer.status().error is None
+    finally:
+        postgres_server.start()
+        mirror.close()
+    mirror = Mirror(env=postgres_db.env)
+    try:  # nothing of the abandoned batch was recorded: a new consumer processes all of it
+        assert adapter(mirror).process_available(timeout=60) == DOGS
+        assert count_notifications(mirror) == DOGS
+    finally:
+        mirror.close()
+
+
+def described(errors: list[BaseException]) -> str:
+    import traceback
+
+    return "\n".join("".join(traceback.format_exception(e)) for e in errors)
