@@ -81,6 +81,7 @@ from esbridge.processing import (
 )
 from esbridge.reconcile import PartitionOrder
 from esbridge.relay_messages import key_partitioner
+from esbridge.topics import BrokerUnavailable
 
 log = logging.getLogger("esbridge.consumer")
 
@@ -191,8 +192,8 @@ class ConsumerAdapter:
     (True: Python's cyclic garbage collector waits while a batch is processed,
     see :func:`~esbridge.gc_pause.gc_paused`),
     ``topic_timeout`` (how long to wait for the topic to exist),
-    ``connect_timeout`` (how long to wait for an unreachable upstream Postgres
-    at start-up; None, the default, waits for ever, logging each retry),
+    ``connect_timeout`` (how long to wait for an unreachable Postgres or
+    broker at start-up; None, the default, waits for ever, logging each retry),
     ``upstream_class`` (its ``env`` supplies cipher/compressor defaults),
     ``partitions`` (expected count), ``registry`` (Prometheus), ``sink``
     (another :class:`~esbridge.processing.BatchSink`), ``prefetch`` (a function
@@ -381,16 +382,22 @@ class ConsumerAdapter:
         )
 
     def _partition_count(self, consumer: Consumer) -> int:
-        deadline = time.monotonic() + self.tuning.topic_timeout
+        """The topic's partition count; waits for the broker (``connect_timeout``), then for
+        the topic to exist (``topic_timeout``)."""
+        started = time.monotonic()
+        deadline: float | None = None  # counted from the broker's first answer
         while True:
             try:
                 metadata = consumer.list_topics(self.topic, timeout=5)
-                info = metadata.topics.get(self.topic)
-                if info is not None and info.error is None and info.partitions:
-                    count = len(info.partitions)
-                    break
             except KafkaException as e:
-                log.warning("reading metadata of topic %s: %s", self.topic, e)
+                self._broker_unreachable(e, time.monotonic() - started)
+                continue
+            info = metadata.topics.get(self.topic)
+            if info is not None and info.error is None and info.partitions:
+                count = len(info.partitions)
+                break
+            if deadline is None:
+                deadline = time.monotonic() + self.tuning.topic_timeout
             if time.monotonic() > deadline or self._stop.is_set():
                 raise ConfigurationError(
                     f"topic {self.topic!r} does not exist (waited "
@@ -404,6 +411,20 @@ class ConsumerAdapter:
                 "were expected: the relay and its consumers must agree on the partition count"
             )
         return count
+
+    def _broker_unreachable(self, error: KafkaException, waited: float) -> None:
+        """Log and wait a little, or raise when ``connect_timeout`` passed or we stop."""
+        servers = self.kafka_config.get("bootstrap.servers")
+        limit = self.tuning.connect_timeout
+        if self._stop.is_set():
+            raise _Abandoned("stopped while waiting for the broker")
+        if limit is not None and waited >= limit:
+            raise BrokerUnavailable(
+                f"no Kafka broker answered at {servers!r} within {waited:.0f} s ({error}); "
+                "check bootstrap.servers (KAFKA_BOOTSTRAP_SERVERS) and that the broker runs"
+            )
+        log.warning("Kafka broker at %s unreachable (%s); retrying", servers, error)
+        self._stop.wait(0.5)
 
     # -- rebalance callbacks (run inside consume()) ----------------------------------
 

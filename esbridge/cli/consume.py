@@ -57,8 +57,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--connect-timeout",
         type=float,
-        help="seconds to wait for an unreachable Postgres at start-up (default: for ever, "
-        "logging each retry)",
+        help="seconds to wait for an unreachable Postgres or broker at start-up "
+        "(default: for ever, logging each retry)",
     )
     parser.set_defaults(func=consume)
 

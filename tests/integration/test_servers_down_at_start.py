@@ -1,4 +1,4 @@
-"""Relays, consumers and runners started while Postgres is down wait for it, then work.
+"""Relays, consumers and runners started while Postgres (or the broker) is down wait, then work.
 
 Postgres restarts are routine; a process (re)started by its supervisor in the
 middle of one must not exit with a traceback. Both commands are started with
@@ -243,3 +243,51 @@ def described(errors: list[BaseException]) -> str:
     import traceback
 
     return "\n".join("".join(traceback.format_exception(e)) for e in errors)
+
+
+def test_a_consumer_started_while_the_broker_is_down_waits_for_it(
+    postgres_db: Any, kafka_broker: Any, create_topic: Any, tmp_path: Path
+) -> None:
+    school = DogSchool(env=postgres_db.env)
+    dog_ids = [school.register_dog(f"dog {i}") for i in range(DOGS)]
+    for dog_id in dog_ids:
+        school.add_trick(dog_id, "sit")
+    school.close()
+    topic = create_topic(partitions=2)
+    kafka = {"bootstrap.servers": kafka_broker.bootstrap_servers}
+    relay = Relay("DogSchool", kafka_config=kafka, topic=topic, env=postgres_db.env)
+    try:
+        assert relay.publish_available() == 2 * DOGS
+    finally:
+        relay.close()
+    Mirror(env=postgres_db.env).close()  # its tables
+    env = subprocess_env(postgres_db, kafka_broker)
+    log = tmp_path / "consumer.log"
+    kafka_broker.stop()
+    mirror_cls = "tests.integration.consumer_apps:Mirror"
+    consumer = start(
+        [ESBRIDGE, "consume", mirror_cls, "--upstream", "DogSchool", "--topic", topic], env, log
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "Kafka broker at" not in log.read_text():
+            assert consumer.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert "unreachable" in log.read_text()
+        time.sleep(40)  # longer than the topic_timeout (30 s) that applies once it answers
+        assert consumer.poll() is None, log.read_text()[-3000:]
+        kafka_broker.start()
+        mirror = Mirror(env=postgres_db.env)
+        deadline = time.monotonic() + 120
+        while (count := count_notifications(mirror)) < 2 * DOGS:
+            assert consumer.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{count} processed"
+            time.sleep(0.3)
+        verify_mirror(DogSchool(env=postgres_db.env), mirror, dog_ids)
+        mirror.close()
+    finally:
+        kafka_broker.start()
+        consumer.send_signal(signal.SIGTERM)
+        code = consumer.wait(60)
+    assert code == 0, log.read_text()[-3000:]
