@@ -545,8 +545,14 @@ def _construct_app(system: System, name: str, env: Mapping[str, str]) -> Applica
 
 
 #: Messages of Postgres errors raised when processes create tables at the same moment
-#: (``CREATE ... IF NOT EXISTS`` is not safe against concurrent creators).
-CATALOG_RACES = ("concurrently updated", "pg_type_typname_nsp_index", "already exists")
+#: (``CREATE ... IF NOT EXISTS`` is not safe against concurrent creators; the library
+#: records its schema migrations as tracking of ``__migration__``, and one creator loses).
+CATALOG_RACES = (
+    "concurrently updated",
+    "pg_type_typname_nsp_index",
+    "already exists",
+    "tracking for __migration__",
+)
 
 
 def new_app(cls: type[Application[Any]], name: str, env: Mapping[str, str]) -> Application[Any]:

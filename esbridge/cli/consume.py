@@ -86,15 +86,18 @@ def consume(args: argparse.Namespace) -> int:
     from esbridge.kafka_config import load_kafka_config
     from esbridge.metrics import serve_metrics
     from esbridge.postgres_retry import connection_diagnosis, retry_unreachable
+    from esbridge.runner import new_app
 
     follower_cls = load_class(args.follower, args.app_dir)
     upstream_cls = load_class(args.upstream_class, args.app_dir) if args.upstream_class else None
     env = dict(os.environ)
-    follower = retry_unreachable(
+    name = getattr(follower_cls, "name", follower_cls.__name__)
+    # new_app: several consumer processes starting at once race to create the tables.
+    follower: Any = retry_unreachable(
         f"constructing {args.follower}",
-        lambda: follower_cls(env=env),
+        lambda: new_app(follower_cls, name, env),
         timeout=args.connect_timeout,
-        diagnose=connection_diagnosis(getattr(follower_cls, "name", follower_cls.__name__), env),
+        diagnose=connection_diagnosis(name, env),
     )
     group = args.group or f"esbridge.{follower.name.lower()}.{args.upstream.lower()}"
     adapter = ConsumerAdapter(

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from typing import Any
 
 import pytest
 
 from esbridge.cli.run import ESBRIDGE_COMMAND
 from esbridge.errors import ConfigurationError
-from esbridge.runner import KafkaRunner, load_system
+from esbridge.runner import KafkaRunner, load_system, new_app
 from examples.orders.system import system as orders_system
 
 KAFKA = {"bootstrap.servers": "127.0.0.1:1"}  # never contacted: these errors come first
@@ -135,3 +136,38 @@ def test_supervised_workers_stop_on_a_configuration_error(
     assert result.returncode == 2, result.stderr
     assert "stopped on a configuration error" in result.stderr
     assert "cannot read the notification log of application" in result.stderr
+
+
+def test_processes_constructing_one_application_at_the_same_moment_all_succeed(
+    postgres_server: Any,
+) -> None:
+    """Several workers (or ``esbridge consume`` processes) start together on a fresh database.
+
+    Constructed directly, most collide in Postgres's catalog or on the library's migration
+    record; :func:`new_app` retries those collisions.
+    """
+    from tests.integration.consumer_apps import Mirror
+
+    def construct_together(make: Any, count: int = 8) -> list[BaseException]:
+        env = postgres_server.create_database().env
+        barrier = threading.Barrier(count)
+        errors: list[BaseException] = []
+
+        def construct() -> None:
+            barrier.wait()
+            try:
+                make(env).close()
+            except Exception as e:  # reported by the test
+                errors.append(e)
+
+        threads = [threading.Thread(target=construct) for _ in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        return errors
+
+    # The collisions are real: plain construction fails in most rounds.
+    assert sum(bool(construct_together(lambda env: Mirror(env=env))) for _ in range(3)) >= 1
+    for _ in range(5):
+        assert construct_together(lambda env: new_app(Mirror, "Mirror", env)) == []
