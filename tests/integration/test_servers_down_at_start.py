@@ -33,6 +33,21 @@ DOGS = 30
 TRICKS = 4
 
 
+class Background(threading.Thread):
+    """Runs ``target`` and keeps what it raised, for the test to report."""
+
+    def __init__(self, target: Any) -> None:
+        super().__init__(daemon=True)
+        self.work = target
+        self.errors: list[BaseException] = []
+
+    def run(self) -> None:
+        try:
+            self.work()
+        except BaseException as e:  # reported by the test
+            self.errors.append(e)
+
+
 def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=out)
@@ -112,17 +127,10 @@ def test_runner_waits_for_postgres_while_constructing_its_applications(
         kafka_config={"bootstrap.servers": kafka_broker.bootstrap_servers},
     )
     postgres_server.stop()
-    errors: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            runner.start()
-        except BaseException as e:  # reported below
-            errors.append(e)
-
     # Postgres is started again from this thread: the harness ties the server's
     # life to the thread that starts it (a parent-death signal).
-    starting = threading.Thread(target=start)
+    starting = Background(runner.start)
+    errors = starting.errors
     try:
         with caplog.at_level(logging.WARNING, logger="esbridge.postgres"):
             starting.start()
@@ -207,26 +215,18 @@ def test_a_consumer_stopped_while_postgres_is_down_ends_quietly(
 
     mirror = Mirror(env={**postgres_db.env, "POSTGRES_CONNECT_TIMEOUT": "1"})
     consumer = adapter(mirror)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            consumer.run()
-        except BaseException as e:  # reported below
-            errors.append(e)
-
     postgres_server.stop()
-    thread = threading.Thread(target=run)
+    thread = Background(consumer.run)
     try:
         with caplog.at_level(logging.WARNING, logger="esbridge.postgres"):
             thread.start()
             deadline = time.monotonic() + 60
             while "Postgres unreachable (creating the dead-letter table" not in caplog.text:
-                assert thread.is_alive() and time.monotonic() < deadline, described(errors)
+                assert thread.is_alive() and time.monotonic() < deadline, described(thread.errors)
                 time.sleep(0.1)
         consumer.stop()
         thread.join(30)
-        assert not thread.is_alive() and errors == [], described(errors)
+        assert not thread.is_alive() and thread.errors == [], described(thread.errors)
         assert consumer.status().error is None
     finally:
         postgres_server.start()
