@@ -46,8 +46,16 @@ def open_recorder(name: str, env: Mapping[str, str]) -> ApplicationRecorder:
     ``OperationalError`` when Postgres is unreachable (worth retrying).
     """
     environment = upstream_environment(name, env)
-    factory = InfrastructureFactory.construct(environment)
-    recorder = factory.application_recorder()
+    try:
+        factory = InfrastructureFactory.construct(environment)
+        recorder = factory.application_recorder()
+    except TRANSIENT_ERRORS:
+        raise
+    except Exception as e:
+        raise ConfigurationError(
+            f"cannot open the notification log of application {name!r}: "
+            f"{type(e).__name__}: {e}. Check PERSISTENCE_MODULE and the POSTGRES_* settings"
+        ) from e
     check_readable(name, recorder)
     return recorder
 

@@ -39,14 +39,13 @@ from typing import Any
 from confluent_kafka import KafkaException, Producer
 from eventsourcing.persistence import (
     ApplicationRecorder,
-    InfrastructureFactory,
 )
 from prometheus_client import CollectorRegistry
 
 from esbridge import wire
 from esbridge.errors import ConfigurationError, EsbridgeError, RelayError
 from esbridge.log_follower import LogWaker
-from esbridge.notification_log import read_pages, upstream_environment
+from esbridge.notification_log import open_recorder, read_pages, upstream_environment
 from esbridge.partitioning import partition_for_key
 from esbridge.postgres_retry import TRANSIENT_ERRORS, connection_diagnosis
 from esbridge.relay_messages import Encoder, PayloadEncoder, content_type_for
@@ -61,8 +60,6 @@ log = logging.getLogger(__name__)
 PAYLOADS = "payloads"
 PROMPTS = "prompts"
 MODES = (PAYLOADS, PROMPTS)
-
-#: Postgres errors worth retrying (server down, restarted, connection lost).
 
 
 @dataclass(frozen=True)
@@ -301,30 +298,11 @@ class Relay:
             self._waker = LogWaker(self._recorder, name=f"esbridge relay waker {self.app}")
 
     def _open_recorder(self) -> ApplicationRecorder:
-        environment = upstream_environment(self.app, self.env)
-        # Settings the server refuses: a ConfigurationError now, not a retried pool timeout.
-        connection_diagnosis(self.app, self.env)()
-        try:
-            factory = InfrastructureFactory.construct(environment)
-            recorder = factory.application_recorder()
-        except TRANSIENT_ERRORS:
-            raise  # Postgres unreachable (restarting): _setup retries
-        except Exception as e:
-            raise ConfigurationError(
-                f"cannot open the notification log of application {self.app!r}: "
-                f"{type(e).__name__}: {e}. Check PERSISTENCE_MODULE and the POSTGRES_* settings"
-            ) from e
-        try:
-            self._upstream_max = recorder.max_notification_id() or 0
-        except TRANSIENT_ERRORS:
-            raise
-        except Exception as e:
-            table = getattr(recorder, "events_table_name", f"{self.app.lower()}_events")
-            raise ConfigurationError(
-                f"cannot read the notification log of application {self.app!r} "
-                f"(table {table!r}): {type(e).__name__}: {e}. Check the application name and "
-                "its POSTGRES_* settings, and that the application has created its tables"
-            ) from e
+        """The application's recorder; Postgres unreachable (restarting) raises for _setup
+        to retry, settings the server refuses and a missing table are ConfigurationErrors."""
+        connection_diagnosis(self.app, self.env)()  # now, not after the pool's timeout
+        recorder = open_recorder(self.app, self.env)
+        self._upstream_max = recorder.max_notification_id() or 0
         return recorder
 
     def _check_topics(self, timeout: float | None) -> int:
