@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eventsourcing.system import SingleThreadedRunner, System
 
-from esbridge.consumer import ConsumerAdapter
+from esbridge.consumer import ConsumerAdapter, tracking_names
+from esbridge.partitioning import partition_for_key
 from esbridge.relay import Relay
 from esbridge.testing import make_kafka, make_postgres
 from examples.dogschool.application import Counters, DogSchool
@@ -119,8 +120,17 @@ def esbridge_run(
 
 
 def _member(
-    env: dict[str, str], topic: str, kafka: dict[str, Any], group: str, q: Any, batch_size: int
+    env: dict[str, str],
+    topic: str,
+    kafka: dict[str, Any],
+    group: str,
+    q: Any,
+    batch_size: int,
+    targets: dict[str, int],
 ) -> None:
+    """One member of the group; it stops when the group has processed every partition
+    (``targets``: each partition's tracking name and last notification id), not when it
+    idles: a rebalance on a busy machine can idle a member for many seconds."""
     counters = Counters(env=env)
     adapter = ConsumerAdapter(
         counters, upstream="DogSchool", topic=topic, kafka_config=kafka, group_id=group,
@@ -129,18 +139,36 @@ def _member(
     q.put(("ready", 0, 0.0))
     processed = 0
     first = last = 0.0
-    idle_since = time.monotonic()
-    while time.monotonic() - idle_since < 10.0:  # a rebalance can idle a member seconds
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
         got = adapter.process_available(timeout=1.0)
         if got:
             now = time.perf_counter()
             first = first or now
             last = now
             processed += got
-            idle_since = time.monotonic()
+        elif all(
+            (counters.recorder.max_tracking_id(name) or 0) >= nid for name, nid in targets.items()
+        ):
+            break
     adapter.close()
     counters.close()
     q.put(("done", processed, first, last))
+
+
+def partition_ends(upstream: dict[str, str], partitions: int) -> dict[str, int]:
+    """Each partition's tracking name and the last notification id the relay put in it."""
+    school = DogSchool(env=upstream)
+    ends = [0] * partitions
+    try:
+        start = 1
+        while page := school.recorder.select_notifications(start=start, limit=10_000):
+            for n in page:
+                ends[partition_for_key(str(n.originator_id).encode(), partitions)] = n.id
+            start = page[-1].id + 1
+    finally:
+        school.close()
+    return dict(zip(tracking_names("DogSchool", partitions), ends, strict=True))
 
 
 def library_run(env: dict[str, str], upstream: dict[str, str], events: int) -> tuple[int, float]:
@@ -220,6 +248,7 @@ def main() -> int:
         print(f"MEDIAN library SingleThreadedRunner: {t:,.0f} events/s")
         print(f"RATIO: {o / t:.1f}x")
 
+        targets = partition_ends(upstream, 2)
         env = fresh_env(postgres, upstream)
         env["COUNTERS_AGGREGATE_CACHE_FASTFORWARD"] = "y"  # two processes write counters
         Counters(env=env).close()
@@ -227,7 +256,7 @@ def main() -> int:
         procs = [
             multiprocessing.get_context("spawn").Process(
                 target=_member,
-                args=(env, topics[2], kafka, "bench-pair", queue, args.batch_size),
+                args=(env, topics[2], kafka, "bench-pair", queue, args.batch_size, targets),
             )
             for _ in range(2)
         ]
