@@ -8,6 +8,7 @@ one process (the system runner) do not collide, and tests can read values.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -49,22 +50,27 @@ class PerRegistry(Generic[F]):
 
     Prometheus refuses to register a metric name twice in one registry, yet a
     process (the system runner) runs several relays or consumers; each uses
-    the shared families with its own labels.
+    the shared families with its own labels. Keyed by the registry itself,
+    weakly: a key of ``id(registry)`` outlives a registry that is gone, and a
+    new registry that gets its address would be handed metrics registered in
+    the dead one (it happened: a test's fresh registry read no samples).
     """
 
     def __init__(self, build: Callable[[CollectorRegistry], F]) -> None:
         self._build = build
-        self._families: dict[int, F] = {}
+        self._families: weakref.WeakKeyDictionary[CollectorRegistry, F] = (
+            weakref.WeakKeyDictionary()
+        )
         self._lock = threading.Lock()
 
     def get(self, registry: CollectorRegistry | None = None) -> F:
         """The families of ``registry`` (default :data:`REGISTRY`), built on first use."""
         registry = registry or REGISTRY
         with self._lock:
-            family = self._families.get(id(registry))
+            family = self._families.get(registry)
             if family is None:
                 family = self._build(registry)
-                self._families[id(registry)] = family
+                self._families[registry] = family
             return family
 
 
