@@ -267,7 +267,9 @@ def read_only_app(system: System, name: str, env: Mapping[str, str]) -> Applicat
     values = dict(env)
     values["CREATE_TABLE"] = "n"
     values[f"{name.upper()}_CREATE_TABLE"] = "n"
-    return system.get_app_cls(name)(env=values)
+    from esbridge.runner import construct_or_close  # the runner imports this module
+
+    return construct_or_close(system.get_app_cls(name), values)
 
 
 COLUMNS = ("edge", "upstream max nid", "position", "lag (events)", "lag (s)", "held gaps", "DLQ")

@@ -44,8 +44,9 @@ def register(subparsers: Any) -> None:
 
 def _follower(args: argparse.Namespace) -> Any:
     from esbridge.cli.consume import load_class
+    from esbridge.runner import construct_or_close
 
-    return load_class(args.follower, args.app_dir)(env=dict(os.environ))
+    return construct_or_close(load_class(args.follower, args.app_dir), os.environ)
 
 
 def list_letters(args: argparse.Namespace) -> int:
