@@ -540,9 +540,13 @@ def construct_app(system: System, name: str, env: Mapping[str, str]) -> Applicat
 def _construct_app(system: System, name: str, env: Mapping[str, str]) -> Application[Any]:
     app = new_app(system.get_app_cls(name), name, env)
     leaders = system.follows.get(name, [])
-    check_tables(name, app, leaders)
-    if leaders:
-        create_dead_letter_table(name, app)
+    try:
+        check_tables(name, app, leaders)
+        if leaders:
+            create_dead_letter_table(name, app)
+    except BaseException:
+        app.close()  # construct_app may retry: leave no pool open behind
+        raise
     return app
 
 
@@ -629,10 +633,8 @@ def create_dead_letter_table(name: str, app: Application[Any]) -> None:
                 raise
             time.sleep(0.1)
         except TRANSIENT_ERRORS:
-            app.close()
             raise
         except Exception as e:
-            app.close()
             raise ConfigurationError(
                 f"cannot create the dead-letter table of application {name!r}: "
                 f"{type(e).__name__}: {e}"
@@ -646,10 +648,8 @@ def check_tables(name: str, app: Application[Any], leaders: Sequence[str]) -> No
         if leaders and isinstance(app.recorder, ProcessRecorder):
             app.recorder.max_tracking_id(leaders[0])
     except (ConfigurationError, *TRANSIENT_ERRORS):
-        app.close()
         raise
     except Exception as e:
-        app.close()
         raise ConfigurationError(
             f"application {name!r} cannot read its tracking table: {type(e).__name__}: {e}. "
             "Create its tables (unset CREATE_TABLE=n once, or run 'esbridge run ... --setup')."
