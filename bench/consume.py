@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eventsourcing.system import SingleThreadedRunner, System
 
 from esbridge.consumer import ConsumerAdapter, tracking_names
+from esbridge.notification_log import read_pages
 from esbridge.partitioning import partition_for_key
 from esbridge.relay import Relay
 from esbridge.testing import make_kafka, make_postgres
@@ -161,11 +162,9 @@ def partition_ends(upstream: dict[str, str], partitions: int) -> dict[str, int]:
     school = DogSchool(env=upstream)
     ends = [0] * partitions
     try:
-        start = 1
-        while page := school.recorder.select_notifications(start=start, limit=10_000):
+        for page in read_pages(school.recorder, 0, page_size=10_000):
             for n in page:
                 ends[partition_for_key(str(n.originator_id).encode(), partitions)] = n.id
-            start = page[-1].id + 1
     finally:
         school.close()
     return dict(zip(tracking_names("DogSchool", partitions), ends, strict=True))
