@@ -347,7 +347,8 @@ class BatchRepository:
         as ``Repository.get`` would leave them. Such aggregates are then not
         fast-forwarded again by the batch's ``get`` calls (a later write by
         another process is refused by the version's unique constraint either
-        way, exactly as after the library's own fast-forward). Ids without
+        way, exactly as after the library's own fast-forward); nor are the
+        aggregates it read in full because they were not cached. Ids without
         stored events are remembered for this batch only, so ``get`` raises
         ``AggregateNotFoundError`` without a query. Does nothing when the
         follower takes snapshots (the library then starts from the latest
@@ -433,6 +434,8 @@ class BatchRepository:
                 # Put it unless a commit of this process put a newer version meanwhile.
                 if current is None or current.version < aggregate.version:
                     cache.put(aggregate_id, aggregate)
+            # Read in full just now (or newer): the batch's get need not fast-forward it.
+            self._fresh.add(aggregate_id)
 
     def collect(self, processing_event: ProcessingEvent[Any]) -> None:
         for event in processing_event.events:

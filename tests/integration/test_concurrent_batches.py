@@ -313,6 +313,36 @@ def test_prefetch_fast_forwards_cached_aggregates_in_one_query(postgres_db: Any)
         there.close()
 
 
+def test_prefetch_reads_uncached_aggregates_once_with_a_fast_forwarding_cache(
+    postgres_db: Any,
+) -> None:
+    """With the library's fast-forwarding cache (its default), tallies that another
+    process wrote and this one has not cached yet are read by the prefetch's one query,
+    and the batch's policies then get them without a fast-forward SELECT each (before:
+    one per tally, on every first read and after every collision's eviction)."""
+    env = {**postgres_db.env, **FASTFORWARD}
+    here, there = Tallies(env=env), Tallies(env=env)
+    names = [f"u{n}" for n in range(20)]
+    ids = [Tally.create_id(n) for n in names]
+    try:
+        feed(ProcessApplicationSink(there), "Setup", [names])  # written there, not cached here
+        sink = ProcessApplicationSink(here, prefetch=lambda e: [e.counter_id])
+        reads: list[Any] = []
+        store_get = here.repository.event_store.get
+
+        def counting_get(originator_id: Any, **kwargs: Any) -> Any:
+            reads.append(originator_id)
+            return store_get(originator_id, **kwargs)
+
+        here.repository.event_store.get = counting_get  # type: ignore[method-assign]
+        sink.apply(bumps("Bumps", 1, ids * 2), {"Bumps": 0})
+        assert reads == []  # the prefetch read each tally; no get read it again
+        assert_counts(here, Count({n: 1 + 2 for n in names}))
+    finally:
+        here.close()
+        there.close()
+
+
 def bumps(upstream: str, first: int, targets: Sequence[UUID]) -> list[Step]:
     steps = []
     for offset, target in enumerate(targets):
