@@ -152,9 +152,11 @@ def _member(
             (counters.recorder.max_tracking_id(name) or 0) >= nid for name, nid in targets.items()
         ):
             break
+    sink: Any = adapter.sink
+    reruns, batches = sink.reruns, adapter.status().batches
     adapter.close()
     counters.close()
-    q.put(("done", processed, first, last))
+    q.put(("done", processed, first, last, reruns, batches))
 
 
 def partition_ends(upstream: dict[str, str], partitions: int) -> dict[str, int]:
@@ -271,7 +273,11 @@ def main() -> int:
         processed = sum(r[1] for r in results)
         assert processed == total, f"the two members processed {processed} of {total} events"
         span = max(r[3] for r in results) - min(r[2] for r in results if r[2])
-        print(f"2 processes, 2 partitions: {processed} events, {processed / span:,.0f} events/s")
+        print(
+            f"2 processes, 2 partitions: {processed} events, {processed / span:,.0f} events/s "
+            f"({sum(r[4] for r in results)} of {sum(r[5] for r in results)} batches ran again "
+            "after colliding with the other member's writes)"
+        )
         check_counts(env, upstream)
     finally:
         kafka_broker.close()
