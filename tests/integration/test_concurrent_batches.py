@@ -294,14 +294,7 @@ def test_prefetch_fast_forwards_cached_aggregates_in_one_query(postgres_db: Any)
         feed(ProcessApplicationSink(there), "Setup", [names])
         sink.apply(bumps("Bumps", 1, ids), {"Bumps": 0})  # caches the 20 tallies here
         feed(ProcessApplicationSink(there), "More", [names, names[:5]])  # there: +1 or +2 each
-        fast_forwards: list[Any] = []
-        store_get = here.repository.event_store.get
-
-        def counting_get(originator_id: Any, **kwargs: Any) -> Any:
-            fast_forwards.append(originator_id)
-            return store_get(originator_id, **kwargs)
-
-        here.repository.event_store.get = counting_get  # type: ignore[method-assign]
+        fast_forwards = note_event_store_reads(here)
         sink.apply(bumps("Bumps", 21, ids * 2), {"Bumps": 20})
         assert fast_forwards == []  # the prefetch brought them all up to date
         assert sink.reruns == 0  # no stale read, so no collision
@@ -327,20 +320,27 @@ def test_prefetch_reads_uncached_aggregates_once_with_a_fast_forwarding_cache(
     try:
         feed(ProcessApplicationSink(there), "Setup", [names])  # written there, not cached here
         sink = ProcessApplicationSink(here, prefetch=lambda e: [e.counter_id])
-        reads: list[Any] = []
-        store_get = here.repository.event_store.get
-
-        def counting_get(originator_id: Any, **kwargs: Any) -> Any:
-            reads.append(originator_id)
-            return store_get(originator_id, **kwargs)
-
-        here.repository.event_store.get = counting_get  # type: ignore[method-assign]
+        reads = note_event_store_reads(here)
         sink.apply(bumps("Bumps", 1, ids * 2), {"Bumps": 0})
         assert reads == []  # the prefetch read each tally; no get read it again
         assert_counts(here, Count({n: 1 + 2 for n in names}))
     finally:
         here.close()
         there.close()
+
+
+def note_event_store_reads(app: Tallies) -> list[Any]:
+    """The ids the repository reads from the event store from now on (a fast-forward or
+    a full read per ``get``; the prefetch's own query does not go through it)."""
+    reads: list[Any] = []
+    store_get = app.repository.event_store.get
+
+    def noting_get(originator_id: Any, **kwargs: Any) -> Any:
+        reads.append(originator_id)
+        return store_get(originator_id, **kwargs)
+
+    app.repository.event_store.get = noting_get  # type: ignore[method-assign]
+    return reads
 
 
 def bumps(upstream: str, first: int, targets: Sequence[UUID]) -> list[Step]:
