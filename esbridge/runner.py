@@ -26,7 +26,6 @@ a second relay with the same transactional id would fence the first.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
@@ -40,6 +39,7 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import ProcessRecorder
 from eventsourcing.system import Runner, System
 
+from esbridge.applications import construct_or_close
 from esbridge.errors import ConfigurationError, EsbridgeError
 from esbridge.kafka_config import kafka_config_from_env
 from esbridge.notification_log import check_readable
@@ -49,7 +49,6 @@ from esbridge.system_status import EdgeProbe, EdgeStatus, read_only_app
 logger = logging.getLogger("esbridge.runner")
 
 TApp = TypeVar("TApp")
-TApplication = TypeVar("TApplication", bound=Application[Any])
 
 PAYLOADS = "payloads"
 PROMPTS = "prompts"
@@ -559,28 +558,6 @@ CATALOG_RACES = (
     "already exists",
     "tracking for __migration__",
 )
-
-
-def construct_or_close(cls: type[TApplication], env: Mapping[str, str]) -> TApplication:
-    """``cls(env=env)``, closing what a construction that failed half-way had opened.
-
-    An application opens its connection pool before it creates its tables; when
-    the creation fails (a collision with another process, Postgres going away)
-    the half-built application is never returned, so nobody would close that
-    pool and its connections would stay open until the garbage collector
-    finds it, which may be never while the pool's threads run. Retried
-    constructions then pile up connections until Postgres refuses new ones.
-    """
-    app = cls.__new__(cls)
-    try:
-        app.__init__(env=dict(env))  # type: ignore[misc]
-    except BaseException:
-        factory = getattr(app, "factory", None)
-        if factory is not None:
-            with contextlib.suppress(Exception):
-                factory.close()
-        raise
-    return app
 
 
 def new_app(cls: type[Application[Any]], name: str, env: Mapping[str, str]) -> Application[Any]:

@@ -28,6 +28,7 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import ApplicationRecorder, Notification, ProcessRecorder
 from eventsourcing.system import System
 
+from esbridge.applications import construct_or_close
 from esbridge.notification_log import open_recorder, read_pages
 from esbridge.partitioning import partition_for_key
 
@@ -267,8 +268,6 @@ def read_only_app(system: System, name: str, env: Mapping[str, str]) -> Applicat
     values = dict(env)
     values["CREATE_TABLE"] = "n"
     values[f"{name.upper()}_CREATE_TABLE"] = "n"
-    from esbridge.runner import construct_or_close  # the runner imports this module
-
     return construct_or_close(system.get_app_cls(name), values)
 
 

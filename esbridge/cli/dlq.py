@@ -43,8 +43,8 @@ def register(subparsers: Any) -> None:
 
 
 def _follower(args: argparse.Namespace) -> Any:
+    from esbridge.applications import construct_or_close
     from esbridge.cli.consume import load_class
-    from esbridge.runner import construct_or_close
 
     return construct_or_close(load_class(args.follower, args.app_dir), os.environ)
 
