@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import signal
 import threading
 import time
 import uuid
@@ -70,6 +69,7 @@ from esbridge.processing import (
     StepFailed,
     UpstreamDecoder,
 )
+from esbridge.stop_signals import stop_on_signals
 from esbridge.wire import H_APP
 
 logger = logging.getLogger(__name__)
@@ -554,8 +554,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     module_name, _, attribute = args.factory.partition(":")
     follower = getattr(importlib.import_module(module_name), attribute)()
     worker = OutboundWorker(follower, args.upstream, batch_size=args.batch_size)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: worker.stop())
+    stop_on_signals(lambda name: worker.stop())
     try:
         worker.run_forever()
     finally:

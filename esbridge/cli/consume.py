@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from typing import Any
 
 from esbridge.cli.common import add_command
+from esbridge.stop_signals import stop_on_signals
 
 
 def register(subparsers: Any) -> None:
@@ -118,11 +118,7 @@ def consume(args: argparse.Namespace) -> int:
     if args.metrics_port:
         serve_metrics(args.metrics_port)
 
-    def stop(signum: int, frame: Any) -> None:
-        adapter.stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop_on_signals(lambda name: adapter.stop())
     try:
         adapter.run()
     finally:

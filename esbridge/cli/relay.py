@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import signal
-from types import FrameType
 from typing import Any
 
 from esbridge.cli.common import add_command
 from esbridge.errors import ConfigurationError
+from esbridge.stop_signals import stop_on_signals
 
 log = logging.getLogger("esbridge.relay")
 
@@ -143,12 +142,11 @@ def relay_command(args: argparse.Namespace) -> int:
         **tuning,
     )
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("relay %s: %s received, stopping", app, signal.Signals(signum).name)
+    def on_signal(name: str) -> None:
+        log.info("relay %s: %s received, stopping", app, name)
         relay.stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(on_signal)
     if args.metrics_port:
         serve_metrics(args.metrics_port, args.metrics_addr)
     relay.run()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from esbridge.cli.common import add_command
 from esbridge.cli.relay import parse_tuning
 from esbridge.errors import ConfigurationError
+from esbridge.stop_signals import stop_on_signals
 
 #: The ``esbridge`` command run by this interpreter (works without the console script on PATH).
 ESBRIDGE_COMMAND = [
@@ -194,11 +194,7 @@ def run_here(args: argparse.Namespace, system: Any) -> int:
         serve_metrics(args.metrics_port + worker_index)
     stopping = threading.Event()
 
-    def on_signal(signum: int, frame: Any) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(lambda name: stopping.set())
     with runner:
         print(
             f"esbridge run: {', '.join(runner.local)} "
@@ -228,11 +224,7 @@ def supervise(args: argparse.Namespace, system: Any) -> int:
             commands[f"{app}[{index}]"] = worker_command(args, app, index)
     supervisor = Supervisor(commands, restart=args.supervise)
 
-    def on_signal(signum: int, frame: Any) -> None:
-        supervisor.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(lambda name: supervisor.request_stop())
     return supervisor.run()
 
 
