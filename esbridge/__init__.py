@@ -18,6 +18,7 @@ from esbridge.errors import (
     PostgresUnavailableError,
     RelayError,
     RelayFencedError,
+    RelayStandbyError,
 )
 from esbridge.relay import Relay, RelayStatus
 from esbridge.runner import KafkaRunner, SystemRunnerError
@@ -36,6 +37,7 @@ __all__ = [
     "Relay",
     "RelayError",
     "RelayFencedError",
+    "RelayStandbyError",
     "RelayStatus",
     "SystemRunnerError",
     "tracking_names",

@@ -41,6 +41,15 @@ class RelayFencedError(RelayError):
     """Another relay with the same ``transactional.id`` took over: this one stopped."""
 
 
+class RelayStandbyError(EsbridgeError):
+    """A relay did not get its lease in time: another relay with its relay id publishes.
+
+    Raised by :meth:`~esbridge.relay.Relay.prepare` and
+    :meth:`~esbridge.relay.Relay.publish_available` when their timeout ends
+    first; :meth:`~esbridge.relay.Relay.run` waits for as long as it takes.
+    """
+
+
 class HarnessError(EsbridgeError):
     """The test harness could not provide a server (missing tool or server failed to start)."""
 

@@ -43,11 +43,18 @@ from eventsourcing.persistence import (
 from prometheus_client import CollectorRegistry
 
 from esbridge import wire
-from esbridge.errors import ConfigurationError, EsbridgeError, RelayError
-from esbridge.log_follower import LogWaker
+from esbridge.errors import (
+    ConfigurationError,
+    EsbridgeError,
+    RelayError,
+    RelayFencedError,
+    RelayStandbyError,
+)
+from esbridge.log_follower import LogWaker, connection_kwargs
 from esbridge.notification_log import open_recorder, read_pages, upstream_environment
 from esbridge.partitioning import partition_for_key
 from esbridge.postgres_retry import TRANSIENT_ERRORS, connection_diagnosis
+from esbridge.relay_lease import RelayLease
 from esbridge.relay_messages import Encoder, PayloadEncoder, content_type_for
 from esbridge.relay_metrics import RelayMetrics
 from esbridge.relay_position import POSITION_TOPIC_CONFIG, default_position_topic
@@ -95,6 +102,13 @@ class RelayTuning:
     commit_timeout: float = 60.0
     #: Seconds to wait for the broker at start-up (None: for ever, retrying).
     connect_timeout: float | None = None
+    #: Publish only while holding this relay id's lease (a Postgres advisory lock,
+    #: see :mod:`esbridge.relay_lease`): a second relay with the same id stands by
+    #: and takes over when the first stops or dies. False: no lease; a second relay
+    #: takes over at once, fencing the first (which stops with RelayFencedError).
+    standby: bool = True
+    #: Seconds between the checks that the lease is still held.
+    lease_check: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,7 @@ class RelayStatus:
     published: int  # messages committed since this relay object was made
     running: bool
     error: str | None
+    standby: bool = False  # waiting for the lease: another relay with this id publishes
 
 
 class Relay:
@@ -172,6 +187,8 @@ class Relay:
         self._position = 0
         self._upstream_max = 0
         self._recorder: ApplicationRecorder | None = None
+        self._lease: RelayLease | None = None
+        self._standing_by = False
         self._waker: LogWaker | None = None
         self._publisher: KafkaPublisher | None = None
         self._prompter: Producer | None = None
@@ -203,10 +220,18 @@ class Relay:
                 extra={"app": self.app, "topic": self.topic},
             )
             while not self._stop.is_set():
+                if not self._keep_lease():
+                    continue  # stopped while standing by
                 waker = self._waker
                 assert waker is not None
                 waker.clear()
-                count = self._step_with_retries()
+                try:
+                    count = self._step_with_retries()
+                except RelayFencedError:
+                    lease = self._lease
+                    if lease is None or lease.check(now=True):
+                        raise  # fenced by a relay that does not take the lease
+                    continue  # it lost its lease and was fenced by the new holder: stand by
                 if 0 < count < self.tuning.batch_size and self.mode == PAYLOADS:
                     self._sleep(self.tuning.linger)
                 if count == 0 and not self._stop.is_set():
@@ -271,6 +296,7 @@ class Relay:
             published=self._published,
             running=self._running,
             error=self._error,
+            standby=self._standing_by,
         )
 
     # -- set-up -----------------------------------------------------------
@@ -281,6 +307,8 @@ class Relay:
             self._recorder = self._retry(
                 "open the notification log", self._open_recorder, timeout=timeout
             )
+        if not self._take_lease(timeout):
+            return  # stopped while standing by
         if self.mode == PAYLOADS and self._publisher is None:
             partitions = self._check_topics(timeout)
             self._publisher = self._make_publisher(partitions)
@@ -372,6 +400,55 @@ class Relay:
         self._position = position.nid
         self.metrics.position.set(position.nid)
 
+    def _take_lease(self, timeout: float | None) -> bool:
+        """Hold the relay's lease (waiting while another relay holds it); False if stopped.
+
+        No lease with ``standby=False``, nor for a log that is not in Postgres.
+        """
+        if not self.tuning.standby:
+            return True
+        lease = self._lease
+        if lease is None:
+            kwargs = connection_kwargs(self._recorder) if self._recorder else None
+            if kwargs is None:
+                return True
+            lease = self._lease = RelayLease(self.relay_id, kwargs, self.tuning.lease_check)
+        if lease.held:
+            return True
+        self._standing_by = True
+        self.metrics.active.set(0)
+        try:
+            held = lease.acquire(self._stop.is_set, timeout)
+        finally:
+            self._standing_by = False
+        if held:
+            self.metrics.active.set(1)
+            return True
+        if self._stop.is_set():
+            return False
+        raise RelayStandbyError(
+            f"relay {self.relay_id!r} did not get its lease within {timeout:.0f} s: "
+            f"{lease.holder() or 'another relay'} publishes application {self.app!r} to "
+            "Kafka with this relay id. Stop that relay or wait for it; or give this relay "
+            "another relay id (it then publishes the log again, to its own position)"
+        )
+
+    def _keep_lease(self) -> bool:
+        """Make sure the lease is still held; if lost, stop publishing and stand by.
+
+        False when stopped while standing by.
+        """
+        lease = self._lease
+        if lease is None or lease.check():
+            return True
+        self.metrics.active.set(0)
+        if self._publisher is not None:
+            self._publisher.close()  # its successor aborts whatever it left open
+        if not self._take_lease(None):
+            return False
+        self._recover_publisher()
+        return not self._stop.is_set()
+
     def _teardown(self) -> None:
         if self._waker is not None:
             self._waker.stop()
@@ -382,6 +459,10 @@ class Relay:
         if self._prompter is not None:
             self._prompter.flush(5)
             self._prompter = None
+        if self._lease is not None:
+            self._lease.release()  # after the producer is gone: a successor may start now
+            self._lease = None
+            self.metrics.active.set(0)
         recorder, self._recorder = self._recorder, None
         datastore = getattr(recorder, "datastore", None)
         if datastore is not None and hasattr(datastore, "close"):

@@ -25,6 +25,7 @@ class _Family:
     lag: Gauge
     batch_size: Histogram
     prompts: Counter
+    active: Gauge
 
 
 def _build(registry: CollectorRegistry) -> _Family:
@@ -48,6 +49,9 @@ def _build(registry: CollectorRegistry) -> _Family:
             buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000, 50000),
         ),
         prompts=make.counter("prompts", "Prompt messages published (prompt mode)"),
+        active=make.gauge(
+            "active", "1 while the relay holds its lease and publishes, 0 while it stands by"
+        ),
     )
 
 
@@ -69,6 +73,7 @@ class RelayMetrics:
         self.lag = family.lag.labels(**labels)
         self.batch_size = family.batch_size.labels(**labels)
         self.prompts = family.prompts.labels(**labels)
+        self.active = family.active.labels(**labels)
 
     def error(self, kind: str) -> None:
         self._errors.labels(kind=kind, **self._labels).inc()

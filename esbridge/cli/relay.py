@@ -56,6 +56,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="no Kafka transactions (for brokers without them): duplicates possible after a crash",
     )
+    parser.add_argument(
+        "--no-standby",
+        action="store_true",
+        help="take no lease: a second relay with this relay id then fences this one at once "
+        "(default: it stands by until this one stops)",
+    )
     parser.add_argument("--kafka-config", metavar="FILE", help="librdkafka properties file")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     parser.add_argument("--metrics-addr", default="127.0.0.1", help="default 127.0.0.1")
@@ -129,6 +135,8 @@ def relay_command(args: argparse.Namespace) -> int:
     topic = args.topic or f"esbridge.{app.lower()}"
     tuning = parse_tuning(args.set)
     tuning["create_topics"] = not args.no_create_topics
+    if args.no_standby:
+        tuning["standby"] = False
     if args.replication_factor:
         tuning["replication_factor"] = args.replication_factor
     relay = Relay(

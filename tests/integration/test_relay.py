@@ -291,11 +291,14 @@ def fenced_pair(
     postgres_db: Any, kafka_config: dict[str, Any], topic: str, before: int, after: int
 ) -> Iterator[tuple[Any, Relay, Relay]]:
     """(app, first, second): ``first`` published ``before`` events, then ``second`` (the same
-    relay id) published ``after`` more and so fenced ``first``. Both closed at the end."""
+    relay id) published ``after`` more and so fenced ``first``. Both closed at the end.
+
+    Both without the lease (``standby=False``): with it, ``second`` would wait for ``first``
+    to stop instead of fencing it (see test_relay_standby.py)."""
     app = ledger(postgres_db.env)
     write_events(app, before)
-    first = ledger_relay(postgres_db, kafka_config, topic)
-    second = ledger_relay(postgres_db, kafka_config, topic)
+    first = ledger_relay(postgres_db, kafka_config, topic, standby=False)
+    second = ledger_relay(postgres_db, kafka_config, topic, standby=False)
     try:
         assert first.publish_available() == before
         write_events(app, after)

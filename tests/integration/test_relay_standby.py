@@ -1,0 +1,252 @@
+"""Standby relays: one relay per relay id publishes, the others wait and take over.
+
+Real Postgres and Kafka. What could fail: a standby that publishes while the
+active relay lives (it would fence it: the active one would log ``fenced`` and
+exit), a takeover that never comes or loses or repeats a notification, a relay
+that keeps publishing after losing its lease to a Postgres restart.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client import CollectorRegistry
+
+from esbridge.errors import RelayStandbyError
+from esbridge.relay import Relay
+from esbridge.relay_lease import lease_key
+from tests.integration.relay_support import (
+    ROOT,
+    db_ids,
+    ledger,
+    ledger_relay,
+    read_all,
+    subprocess_env,
+    write_events,
+)
+from tests.integration.test_relay import check_exactly_once_in_order
+from tests.integration.test_relay_kill import PARTITIONS, _kill, _start_relay
+
+
+def lease_holder(dsn: str, relay_id: str) -> str | None:
+    """The ``application_name`` of the session holding ``relay_id``'s lease, if any."""
+    key = lease_key(relay_id)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.classid = ((%s::bigint >> 32) & 4294967295)::oid "
+            "AND l.objid = (%s::bigint & 4294967295)::oid AND l.objsubid = 1",
+            (key, key),
+        ).fetchone()
+    return row[0] if row else None
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def run_in_thread(relay: Relay) -> threading.Thread:
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_second_relay_stands_by_and_takes_over_when_the_first_stops(
+    postgres_db, kafka_config, create_topic
+):
+    topic = create_topic(partitions=3)
+    app = ledger(postgres_db.env)
+    registries = [CollectorRegistry(), CollectorRegistry()]  # as if in two processes
+    first, second = (
+        ledger_relay(
+            postgres_db, kafka_config, topic, poll_interval=0.2, linger=0, registry=registry
+        )
+        for registry in registries
+    )
+
+    def active(registry: CollectorRegistry) -> float | None:
+        return registry.get_sample_value("esbridge_relay_active", {"app": "Ledger", "topic": topic})
+
+    threads = [run_in_thread(first)]
+    try:
+        write_events(app, 100)
+        wait_for(lambda: first.status().published == 100, 30, "first relay publishes")
+        threads.append(run_in_thread(second))
+        wait_for(lambda: second.status().standby, 30, "second relay stands by")
+        write_events(app, 100)
+        wait_for(lambda: first.status().published == 200, 30, "first relay goes on")
+        time.sleep(1.0)  # the standby had time to do harm, if it could
+        assert second.status().published == 0 and second.status().standby
+        assert [active(registry) for registry in registries] == [1, 0]
+
+        first.stop()
+        threads[0].join(30)
+        assert not threads[0].is_alive() and first.status().error is None
+        write_events(app, 100)
+        wait_for(lambda: second.status().published == 100, 30, "second relay takes over")
+        assert not second.status().standby and second.status().position == 300
+        assert [active(registry) for registry in registries] == [0, 1]
+    finally:
+        for relay in (first, second):
+            relay.stop()
+        for thread in threads:
+            thread.join(30)
+        app.close()
+    assert first.status().error is None and second.status().error is None
+    check_exactly_once_in_order(read_all(kafka_config, topic, 300), db_ids(postgres_db.dsn), 3)
+
+
+def test_a_standby_relay_stops_when_asked(postgres_db, kafka_config, create_topic):
+    topic = create_topic(partitions=1)
+    ledger(postgres_db.env).close()
+    first = ledger_relay(postgres_db, kafka_config, topic)
+    second = ledger_relay(postgres_db, kafka_config, topic)
+    try:
+        first.publish_available()  # holds the lease until closed
+        thread = run_in_thread(second)
+        wait_for(lambda: second.status().standby, 30, "second relay stands by")
+        second.stop()
+        thread.join(5)
+        assert not thread.is_alive(), "a standby relay did not stop within 5 s"
+        assert second.status().error is None and second.status().published == 0
+    finally:
+        first.close()
+        second.close()
+
+
+def test_publish_available_refuses_to_wait_past_its_timeout_for_the_lease(
+    postgres_db, kafka_config, create_topic
+):
+    topic = create_topic(partitions=1)
+    app = ledger(postgres_db.env)
+    write_events(app, 10)
+    first = ledger_relay(postgres_db, kafka_config, topic)
+    second = ledger_relay(postgres_db, kafka_config, topic, connect_timeout=1.5)
+    try:
+        assert first.publish_available() == 10
+        with pytest.raises(RelayStandbyError, match=r"esbridge relay pid \d+ .*publishes"):
+            second.publish_available()
+        first.close()
+        write_events(app, 5)
+        assert second.publish_available() == 5  # the lease is free now
+    finally:
+        first.close()
+        second.close()
+        app.close()
+    check_exactly_once_in_order(read_all(kafka_config, topic, 15), db_ids(postgres_db.dsn), 1)
+
+
+def test_after_a_postgres_restart_one_relay_publishes_each_event_once(
+    postgres_server, postgres_db, kafka_config, create_topic
+):
+    topic = create_topic(partitions=3)
+    app = ledger(postgres_db.env)
+    options: dict[str, Any] = {"poll_interval": 0.2, "linger": 0, "lease_check": 0.2}
+    relays = [ledger_relay(postgres_db, kafka_config, topic, **options) for _ in range(2)]
+    threads = [run_in_thread(relay) for relay in relays]
+    try:
+        write_events(app, 100)
+        wait_for(lambda: sum(r.status().published for r in relays) == 100, 30, "published")
+        postgres_server.restart()
+        app.close()
+        app = ledger(postgres_db.env)
+        write_events(app, 100)
+        wait_for(lambda: sum(r.status().published for r in relays) >= 200, 60, "after restart")
+        wait_for(
+            lambda: sorted(r.status().standby for r in relays) == [False, True],
+            30,
+            "one relay active, one standing by",
+        )
+    finally:
+        for relay in relays:
+            relay.stop()
+        for thread in threads:
+            thread.join(30)
+        app.close()
+    assert [r.status().error for r in relays] == [None, None]
+    check_exactly_once_in_order(read_all(kafka_config, topic, 200), db_ids(postgres_db.dsn), 3)
+
+
+KILLS = 6
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_active_relay_hands_over_to_the_standby(
+    postgres_db, kafka_broker, create_topic, tmp_path
+):
+    """Two ``esbridge relay`` processes; the active one is killed again and again while a
+    writer appends events; each time the other takes over and the killed one is started
+    again (as the standby). No relay is ever fenced; each notification arrives once."""
+    ledger(postgres_db.env).close()  # the tables
+    topic = create_topic(partitions=PARTITIONS)
+    relay_id = f"esbridge-relay.ledger.{topic}"
+    env = subprocess_env(postgres_db, kafka_broker)
+    rng = random.Random(20261201)
+    logs: list[Path] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        path = tmp_path / f"relay-{len(logs)}.log"
+        logs.append(path)
+        with open(path, "wb") as log_file:
+            return _start_relay(env, topic, log_file)
+
+    def holder_pid() -> int | None:
+        name = lease_holder(postgres_db.dsn, relay_id) or ""
+        return int(name.split()[3]) if name.startswith("esbridge relay pid ") else None
+
+    writer_log = open(tmp_path / "writer.log", "wb")  # noqa: SIM115
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.relay_support", "write", "20000", "50", "800"],
+        cwd=ROOT,
+        env=env,
+        stdout=writer_log,
+        stderr=writer_log,
+    )
+    relays = [start(), start()]
+    takeovers: list[float] = []
+    try:
+        for _ in range(KILLS):
+            pid = wait_for(holder_pid, 60, "a relay holds the lease")
+            active = next(p for p in relays if p.pid == pid)
+            other = next(p for p in relays if p.pid != pid)
+            time.sleep(rng.uniform(0.2, 1.5))  # publishing (or starting to)
+            killed = time.monotonic()
+            _kill(active)
+            wait_for(lambda other=other: holder_pid() == other.pid, 30, "the standby takes over")
+            takeovers.append(time.monotonic() - killed)
+            for p in relays:
+                assert p is active or p.poll() is None, f"a relay exited ({p.returncode})"
+            relays = [other, start()]
+        assert writer.wait(180) == 0
+        expected = db_ids(postgres_db.dsn)
+        records = read_all(kafka_broker.config(), topic, len(expected), timeout=90, quiet=3)
+        for p in relays:
+            p.send_signal(signal.SIGTERM)
+        assert [p.wait(30) for p in relays] == [0, 0]
+    finally:
+        for p in [*relays, writer]:
+            if p.poll() is None:
+                _kill(p)
+        writer_log.close()
+    fenced = [path.name for path in logs if b"fenced" in path.read_bytes()]
+    assert not fenced, f"relays were fenced (a standby published): {fenced}"
+    print(f"takeover after kill -9 (s): {', '.join(f'{t:.2f}' for t in takeovers)}")
+    assert max(takeovers) < 10
+    check_exactly_once_in_order(records, expected, PARTITIONS)
