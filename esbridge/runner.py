@@ -19,9 +19,10 @@ Which parts run in *this* process is chosen with ``apps`` (the applications
 whose relays and consumers run here; default all), ``run_relays`` and
 ``run_consumers``: ``esbridge run --app Orders`` is ``KafkaRunner(system,
 apps=["Orders"])``. Several worker processes of one application share each
-topic's partitions through the edge's consumer group; only one of them runs
-the application's relay (worker 0), because one log must have one publisher:
-a second relay with the same transactional id would fence the first.
+topic's partitions through the edge's consumer group; each runs the
+application's relay too, but one log has one publisher: the relay that holds
+the relay id's lease (:mod:`esbridge.relay_lease`) publishes, the others stand
+by and take over when it stops or dies.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Runs an ``eventsourcing`` System with Kafka as the transport (see
 process (threads); with ``--app NAME`` only that application's relay (if it
 leads) and consumers (one per leader it follows). ``--workers N`` starts N
 worker processes of the application that share each topic's partitions
-through one consumer group; worker 0 also runs the relay. ``--supervise``
+through one consumer group; each runs the relay too, one publishing, the
+others standing by (see :mod:`esbridge.relay_lease`). ``--supervise``
 restarts a worker that dies (kill -9 included).
 """
 
@@ -51,7 +52,7 @@ def register(subparsers: Any) -> None:
         "--worker-index",
         type=int,
         default=None,
-        help="run as worker I of --workers N (set by the supervisor; worker 0 runs the relay)",
+        help="run as worker I of --workers N (set by the supervisor)",
     )
     parser.add_argument(
         "--supervise", action="store_true", help="restart worker processes that die"
@@ -182,7 +183,11 @@ def run_here(args: argparse.Namespace, system: Any) -> int:
         relay_modes=relay_modes(args.mode),
         exactly_once=not args.at_least_once,
         relay_options=args.relay_options,
-        run_relays=not args.no_relay and worker_index == 0,
+        # Every worker runs its application's relay: one publishes (it holds the relay's
+        # lease), the others stand by and take over at once when it dies. Without the
+        # lease (--relay-set standby=false) they would fence each other: worker 0 only.
+        run_relays=not args.no_relay
+        and (worker_index == 0 or args.relay_options.get("standby", True) is not False),
         run_consumers=not args.relay_only,
         # A process of named applications is a worker that a supervisor restarts:
         # its consumers join their groups as static members (see esbridge.system_parts).

@@ -14,7 +14,7 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -197,6 +197,38 @@ def read_all(
     finally:
         consumer.close()
     return records
+
+
+def lease_holder(dsn: str, relay_id: str) -> str | None:
+    """The ``application_name`` of the session holding ``relay_id``'s lease, if any."""
+    from esbridge.relay_lease import lease_key
+
+    key = lease_key(relay_id)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.classid = ((%s::bigint >> 32) & 4294967295)::oid "
+            "AND l.objid = (%s::bigint & 4294967295)::oid AND l.objsubid = 1",
+            (key, key),
+        ).fetchone()
+    return row[0] if row else None
+
+
+def lease_holder_pid(dsn: str, relay_id: str) -> int | None:
+    """The PID of the ``esbridge relay`` process holding ``relay_id``'s lease, if any."""
+    name = lease_holder(dsn, relay_id) or ""
+    return int(name.split()[3]) if name.startswith("esbridge relay pid ") else None
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def main(argv: list[str]) -> int:

@@ -113,3 +113,41 @@ def test_1000_orders_two_partitions_kill_9_and_restart(postgres_db: Any, kafka_b
             assert restarted[worker] != pid
         table = status_table(processes)
     print(table, file=sys.stderr)
+
+
+@pytest.mark.slow
+def test_two_workers_the_relay_moves_when_its_worker_is_killed(
+    postgres_db: Any, kafka_broker: Any
+) -> None:
+    """Both workers of each application run its relay; one publishes, one stands by. The
+    worker whose Orders relay publishes is SIGKILLed and NOT restarted: the other worker's
+    relay takes over at once, and orders keep being reserved and paid exactly once."""
+    from esbridge.runner import SystemTopics
+    from tests.integration.relay_support import lease_holder_pid, wait_for
+
+    with SystemProcesses(postgres_db.env, kafka_broker.config(), partitions=2, workers=2) as p:
+        relay_id = SystemTopics(p.prefix).relay_id("Orders")
+        orders = Orders(env=p.env)
+        paid = paid_counter(p.env)
+        try:
+            ids = drive_orders(orders, paid, 50, batch=5, timeout=120, on_tick=p.poll)
+            pids = p.pids()
+            holder = wait_for(lambda: lease_holder_pid(postgres_db.dsn, relay_id), 30, "holder")
+            active = next(name for name, pid in pids.items() if pid == holder)
+            other = "Orders[1]" if active == "Orders[0]" else "Orders[0]"
+            assert active.startswith("Orders["), (active, pids)
+            p.kill(active)  # and no p.poll() from here on: it stays dead
+            killed = time.monotonic()
+            wait_for(
+                lambda: lease_holder_pid(postgres_db.dsn, relay_id) == pids[other],
+                15,
+                "the other worker's relay takes over",
+            )
+            takeover = time.monotonic() - killed
+            ids += drive_orders(orders, paid, 100, batch=5, timeout=120)
+            assert active not in p.pids(), "the killed worker was restarted"
+        finally:
+            paid.close()
+            orders.close()
+        exactly_once(p.env, ids)
+    print(f"relay takeover by the other worker: {takeover:.2f} s", file=sys.stderr)

@@ -14,52 +14,27 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
 from esbridge.errors import RelayStandbyError
 from esbridge.relay import Relay
-from esbridge.relay_lease import lease_key
 from tests.integration.relay_support import (
     ROOT,
     db_ids,
+    lease_holder_pid,
     ledger,
     ledger_relay,
     read_all,
     subprocess_env,
+    wait_for,
     write_events,
 )
 from tests.integration.test_relay import check_exactly_once_in_order
 from tests.integration.test_relay_kill import PARTITIONS, _kill, _start_relay
-
-
-def lease_holder(dsn: str, relay_id: str) -> str | None:
-    """The ``application_name`` of the session holding ``relay_id``'s lease, if any."""
-    key = lease_key(relay_id)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted "
-            "AND l.classid = ((%s::bigint >> 32) & 4294967295)::oid "
-            "AND l.objid = (%s::bigint & 4294967295)::oid AND l.objsubid = 1",
-            (key, key),
-        ).fetchone()
-    return row[0] if row else None
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def run_in_thread(relay: Relay) -> threading.Thread:
@@ -208,8 +183,7 @@ def test_kill_9_of_the_active_relay_hands_over_to_the_standby(
             return _start_relay(env, topic, log_file)
 
     def holder_pid() -> int | None:
-        name = lease_holder(postgres_db.dsn, relay_id) or ""
-        return int(name.split()[3]) if name.startswith("esbridge relay pid ") else None
+        return lease_holder_pid(postgres_db.dsn, relay_id)
 
     writer_log = open(tmp_path / "writer.log", "wb")  # noqa: SIM115
     writer = subprocess.Popen(
