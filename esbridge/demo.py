@@ -236,10 +236,14 @@ class SystemProcesses:
 
     def edge_statuses(self) -> list[Any]:
         """The lag of every edge (see :mod:`esbridge.system_status`)."""
+        from esbridge.runner import SystemTopics
         from esbridge.system_status import edge_statuses
 
+        system = example("system").system
         tracked = self.partitions if self.mode == "payloads" else 1
-        return edge_statuses(example("system").system, self.env, partitions=tracked)
+        names = SystemTopics(self.prefix)
+        relay_ids = {name: names.relay_id(name) for name in system.leaders}
+        return edge_statuses(system, self.env, partitions=tracked, relay_ids=relay_ids)
 
 
 def submit_orders(

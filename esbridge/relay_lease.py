@@ -38,6 +38,7 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.rows import tuple_row
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,31 @@ def lease_key(relay_id: str) -> int:
     """The advisory lock key (a signed 64-bit int) of ``relay_id``."""
     digest = hashlib.blake2b(f"esbridge.relay:{relay_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+#: The session holding an advisory lock on a bigint key (Postgres shows it as two oids).
+_HOLDER = (
+    "SELECT a.application_name, a.client_addr::text, a.pid FROM pg_locks l "
+    "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+    "AND l.classid = ((%(key)s::bigint >> 32) & 4294967295)::oid "
+    "AND l.objid = (%(key)s::bigint & 4294967295)::oid AND l.objsubid = 1"
+)
+
+
+def lease_holder(conn: psycopg.Connection[Any], relay_id: str) -> str | None:
+    """Who holds ``relay_id``'s lease, or ``None`` when no relay does.
+
+    The holder's ``application_name`` (a relay's is ``esbridge relay pid N on
+    HOST``), its address, and its server process id, as far as the role of
+    ``conn`` may see them.
+    """
+    cursor = conn.cursor(row_factory=tuple_row)
+    row = cursor.execute(_HOLDER, {"key": lease_key(relay_id)}).fetchone()
+    if row is None:
+        return None
+    name, address, pid = row
+    where = f" at {address}" if address else ""
+    return f"{name or 'a session'}{where} (server pid {pid})"
 
 
 class RelayLease:
@@ -161,26 +187,11 @@ class RelayLease:
         self._close()
 
     def holder(self) -> str | None:
-        """Who holds the lease, as far as this role may see (application name, address)."""
+        """Who holds the lease (see :func:`lease_holder`); ``None`` if that cannot be read."""
         try:
-            row = (
-                self._connection()
-                .execute(
-                    "SELECT a.application_name, a.client_addr::text, a.pid FROM pg_locks l "
-                    "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-                    "AND l.granted AND l.classid = ((%s::bigint >> 32) & 4294967295)::oid "
-                    "AND l.objid = (%s::bigint & 4294967295)::oid AND l.objsubid = 1",
-                    (self.key, self.key),
-                )
-                .fetchone()
-            )
+            return lease_holder(self._connection(), self.relay_id)
         except psycopg.Error:
             return None
-        if row is None:
-            return None
-        name, address, pid = row
-        where = f" at {address}" if address else ""
-        return f"{name or 'a session'}{where} (server pid {pid})"
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:

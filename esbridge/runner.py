@@ -45,7 +45,7 @@ from esbridge.errors import ConfigurationError, EsbridgeError
 from esbridge.kafka_config import kafka_config_from_env
 from esbridge.notification_log import check_readable
 from esbridge.postgres_retry import TRANSIENT_ERRORS, connection_diagnosis, retry_unreachable
-from esbridge.system_status import EdgeProbe, EdgeStatus, read_only_app
+from esbridge.system_status import EdgeProbe, EdgeStatus, read_only_app, relay_holder
 
 logger = logging.getLogger("esbridge.runner")
 
@@ -425,9 +425,9 @@ class KafkaRunner(Runner[Any]):
                 self.system, probe.leader, self.full_env
             )
             try:
-                result.append(
-                    probe.status(leader_app, self._held_gaps(probe.leader, probe.follower))
-                )
+                status = probe.status(leader_app, self._held_gaps(probe.leader, probe.follower))
+                status.relay = relay_holder(leader_app, self.names.relay_id(probe.leader))
+                result.append(status)
             finally:
                 if probe.leader not in self.apps:
                     leader_app.close()

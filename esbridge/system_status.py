@@ -13,7 +13,10 @@ machine that can read the databases, whether or not the system runs:
 * **held gaps**: partitions a consumer holds waiting for a missing message
   (known only to the consumers' processes: read from their Prometheus
   ``/metrics`` endpoints when given, by a runner in the same process, else ``-``);
-* **DLQ**: messages of the follower parked in the dead-letter table.
+* **DLQ**: messages of the follower parked in the dead-letter table;
+* **relay**: who publishes the leader's log: the process holding its relay's
+  lease (:mod:`esbridge.relay_lease`), ``none`` when no relay does (nothing
+  reaches the followers), ``-`` when not asked.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class EdgeStatus:
     lag_seconds: float
     held_gaps: int | None
     dlq: int | None
+    relay: str | None = None  # the leader relay's lease holder; "" none; None: not asked
 
     @property
     def position(self) -> int:
@@ -119,6 +123,20 @@ def event_age(app: Application[Any], notification: Notification | None) -> float
         return max(0.0, time.time() - timestamp.timestamp())
     except Exception:
         return float("nan")
+
+
+def relay_holder(app: Application[Any], relay_id: str) -> str | None:
+    """Who holds the lease of relay ``relay_id`` of ``app`` ("" when nobody); None: unknown."""
+    from esbridge.relay_lease import lease_holder
+
+    datastore = getattr(app.recorder, "datastore", None)
+    if datastore is None or not hasattr(datastore, "get_connection"):
+        return None
+    try:
+        with datastore.get_connection() as conn:
+            return lease_holder(conn, relay_id) or ""
+    except Exception:  # pg_locks not readable: say nothing rather than fail the status
+        return None
 
 
 def dlq_size(app: Application[Any], follower: str) -> int | None:
@@ -190,12 +208,14 @@ def edge_statuses(
     partitions: Mapping[str, int] | int = 1,
     edges: Sequence[tuple[str, str]] | None = None,
     held_gaps: Mapping[tuple[str, str], int] | None = None,
+    relay_ids: Mapping[str, str] | None = None,
 ) -> list[EdgeStatus]:
     """The status of every edge (or of ``edges``), read from the databases.
 
     ``partitions``: the partition count of each leader's topic (or one for all).
     ``held_gaps``: held partitions per (leader, follower), from
     :func:`held_gaps_from_metrics`; edges not in it show ``None`` (unknown).
+    ``relay_ids``: the relay id of each leader, to show who publishes its log.
     """
     apps: dict[str, Application[Any]] = {}
 
@@ -211,7 +231,10 @@ def edge_statuses(
             probe = EdgeProbe(leader, follower, app(follower), env, n)
             try:
                 held = None if held_gaps is None else held_gaps.get((leader, follower))
-                result.append(probe.status(app(leader), held))
+                status = probe.status(app(leader), held)
+                if relay_ids is not None and leader in relay_ids:
+                    status.relay = relay_holder(app(leader), relay_ids[leader])
+                result.append(status)
             finally:
                 probe.close()
         return result
@@ -271,7 +294,16 @@ def read_only_app(system: System, name: str, env: Mapping[str, str]) -> Applicat
     return construct_or_close(system.get_app_cls(name), values)
 
 
-COLUMNS = ("edge", "upstream max nid", "position", "lag (events)", "lag (s)", "held gaps", "DLQ")
+COLUMNS = (
+    "edge",
+    "upstream max nid",
+    "position",
+    "lag (events)",
+    "lag (s)",
+    "held gaps",
+    "DLQ",
+    "relay",
+)
 
 
 def format_table(statuses: Sequence[EdgeStatus]) -> str:
@@ -289,6 +321,7 @@ def format_table(statuses: Sequence[EdgeStatus]) -> str:
                 f"{s.lag_seconds:.1f}",
                 "-" if s.held_gaps is None else str(s.held_gaps),
                 "-" if s.dlq is None else str(s.dlq),
+                "-" if s.relay is None else s.relay or "none",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]

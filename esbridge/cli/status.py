@@ -5,8 +5,10 @@ applications read them), so it works from anywhere that can read them,
 whether the system runs or not. Held gaps (partitions waiting for a missing
 message) live only in the consumer processes: give their metrics endpoints
 (``--metrics 127.0.0.1:9108`` per process, the ``--metrics-port`` of
-``esbridge run``/``consume``) to see them. Exit status 0; ``--fail-on-lag``
-exits 1 when any follower is behind or holds a gap (for health checks).
+``esbridge run``/``consume``) to see them. The relay column names the process
+whose relay publishes the leader's log (its lease holder), or ``none``. Exit
+status 0; ``--fail-on-lag`` exits 1 when any follower is behind or holds a gap
+(for health checks).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def register(subparsers: Any) -> None:
 
 def status(args: argparse.Namespace) -> int:
     from esbridge.cli.run import load_from_args, relay_modes
-    from esbridge.runner import PROMPTS, resolve_relay_modes
+    from esbridge.runner import PROMPTS, SystemTopics, resolve_relay_modes
     from esbridge.system_status import edge_statuses, format_table, held_gaps_from_metrics
 
     system = load_from_args(args)
@@ -58,7 +60,11 @@ def status(args: argparse.Namespace) -> int:
         for error in errors:
             print(f"esbridge status: cannot read metrics {error}", file=sys.stderr)
         held = {edge: held.get(edge, 0) for edge in system.edges} if not errors else held
-    statuses = edge_statuses(system, dict(os.environ), partitions=partitions, held_gaps=held)
+    names = SystemTopics(args.topic_prefix)
+    relay_ids = {name: names.relay_id(name) for name in system.leaders}
+    statuses = edge_statuses(
+        system, dict(os.environ), partitions=partitions, held_gaps=held, relay_ids=relay_ids
+    )
     if args.json:
         for s in statuses:
             print(json.dumps({**asdict(s), "position": s.position}))

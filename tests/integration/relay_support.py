@@ -200,19 +200,11 @@ def read_all(
 
 
 def lease_holder(dsn: str, relay_id: str) -> str | None:
-    """The ``application_name`` of the session holding ``relay_id``'s lease, if any."""
-    from esbridge.relay_lease import lease_key
+    """Who holds ``relay_id``'s lease (:func:`esbridge.relay_lease.lease_holder`), if any."""
+    from esbridge.relay_lease import lease_holder as holder
 
-    key = lease_key(relay_id)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted "
-            "AND l.classid = ((%s::bigint >> 32) & 4294967295)::oid "
-            "AND l.objid = (%s::bigint & 4294967295)::oid AND l.objsubid = 1",
-            (key, key),
-        ).fetchone()
-    return row[0] if row else None
+        return holder(conn, relay_id)
 
 
 def lease_holder_pid(dsn: str, relay_id: str) -> int | None:

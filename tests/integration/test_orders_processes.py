@@ -77,9 +77,11 @@ def test_three_processes_prompts_and_status(postgres_db: Any, kafka_broker: Any)
         "Payments -> Orders",
     }
     for row in edges.values():
-        # edge (3 words), upstream max nid, position, lag events, lag s, held gaps, DLQ
+        # edge (3 words), upstream max nid, position, lag events, lag s, held gaps, DLQ, relay
         assert row[3] == row[4], row  # position == upstream max nid
         assert row[5] == "0", row
+        # Who published the leader's log: a worker's relay, still holding its lease.
+        assert " ".join(row[9:]).startswith("esbridge relay pid "), row
 
 
 @pytest.mark.slow
