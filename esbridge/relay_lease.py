@@ -106,13 +106,14 @@ class RelayLease:
         self.check_interval = check_interval
         self._kwargs = dict(connect_kwargs)
         self._conn: psycopg.Connection[Any] | None = None
-        self._checked = 0.0
+        self._held = False  # the lock was granted on self._conn
+        self._checked = 0.0  # monotonic time of the last confirmation
         self.me = f"esbridge relay pid {os.getpid()} on {socket.gethostname()}"[:63]
 
     @property
     def held(self) -> bool:
         """True after :meth:`acquire` succeeded, until the lease is released or found lost."""
-        return self._conn is not None and self._checked > 0
+        return self._held
 
     def acquire(self, stopped: Callable[[], bool], timeout: float | None = None) -> bool:
         """Wait until this relay holds the lease; False if ``stopped()`` or ``timeout`` first.
@@ -148,9 +149,10 @@ class RelayLease:
                     " ".join(str(e).split()),
                     delay,
                 )
-                time.sleep(delay)
+                _sleep_unless(stopped, delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            self._held = True
             self._checked = time.monotonic()
             if waiting_logged:
                 log.info("relay %s took over: it holds the lease now", self.relay_id)
@@ -206,12 +208,19 @@ class RelayLease:
             )
             conn.execute(_SESSION_SETTINGS)
             self._conn = conn
-            self._checked = 0.0
+            self._held = False  # a new session holds nothing yet
         return self._conn
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
-        self._checked = 0.0
+        self._held = False
         if conn is not None:
             with contextlib.suppress(psycopg.Error):  # closing a broken connection
                 conn.close()
+
+
+def _sleep_unless(stopped: Callable[[], bool], seconds: float) -> None:
+    """Sleep ``seconds``, returning early (within 0.1 s) once ``stopped()`` is true."""
+    deadline = time.monotonic() + seconds
+    while not stopped() and (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.1))
