@@ -241,8 +241,7 @@ class SystemProcesses:
 
         system = example("system").system
         tracked = self.partitions if self.mode == "payloads" else 1
-        names = SystemTopics(self.prefix)
-        relay_ids = {name: names.relay_id(name) for name in system.leaders}
+        relay_ids = SystemTopics(self.prefix).relay_ids(system)
         return edge_statuses(system, self.env, partitions=tracked, relay_ids=relay_ids)
 
 

@@ -136,6 +136,10 @@ class SystemTopics:
     def relay_id(self, leader: str) -> str:
         return f"{self.prefix}relay.{leader.lower()}"
 
+    def relay_ids(self, system: System) -> dict[str, str]:
+        """The relay id of every leader of ``system`` (for ``edge_statuses``)."""
+        return {leader: self.relay_id(leader) for leader in system.leaders}
+
 
 class Component(Protocol):
     """What the runner needs of a relay or a consumer adapter."""

@@ -60,8 +60,7 @@ def status(args: argparse.Namespace) -> int:
         for error in errors:
             print(f"esbridge status: cannot read metrics {error}", file=sys.stderr)
         held = {edge: held.get(edge, 0) for edge in system.edges} if not errors else held
-    names = SystemTopics(args.topic_prefix)
-    relay_ids = {name: names.relay_id(name) for name in system.leaders}
+    relay_ids = SystemTopics(args.topic_prefix).relay_ids(system)
     statuses = edge_statuses(
         system, dict(os.environ), partitions=partitions, held_gaps=held, relay_ids=relay_ids
     )
