@@ -5,10 +5,14 @@
 _runs = $(shell $(1) -c "" >/dev/null 2>&1 && echo $(1))
 _newest = $(firstword $(foreach v,3.13 3.12,$(foreach p,python$(v) \
 	$(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/$(v).*/bin/python$(v)))),$(call _runs,$(p)))))
-PYTHON ?= $(or $(_newest),python3)
-# The oldest CPython supported, for a quick second pass of the unit tests (when found).
-OLDEST_PYTHON ?= $(firstword $(foreach p,python3.11 \
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(or $(_newest),python3)
+endif
+# The oldest CPython supported, for a second pass of the quick tests (when found).
+ifeq ($(origin OLDEST_PYTHON),undefined)
+OLDEST_PYTHON := $(firstword $(foreach p,python3.11 \
 	$(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/3.11.*/bin/python3.11))),$(call _runs,$(p))))
+endif
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -41,7 +45,8 @@ test: provision lint
 	ESBRIDGE_TEST_BACKEND=containers $(PY) -m pytest $(CONTAINER_TESTS)
 	$(MAKE) test-oldest
 
-# The unit tests (no servers) on the oldest supported CPython too, in .venv-oldest.
+# The quick tests (tests/test_*.py, without the README examples) on the oldest supported
+# CPython too, in .venv-oldest: the integration suite runs on $(PYTHON) only.
 test-oldest:
 ifneq ($(OLDEST_PYTHON),)
 	@if [ "$$($(OLDEST_PYTHON) -c 'import sys; print(sys.version_info[:2])')" = \
