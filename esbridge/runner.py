@@ -424,13 +424,18 @@ class KafkaRunner(Runner[Any]):
     def statuses(self) -> list[EdgeStatus]:
         """The status of every edge consumed here (see :mod:`esbridge.system_status`)."""
         result = []
+        holders: dict[str, str | None] = {}  # one lease lookup per leader, not per edge
         for probe in self.probes():
             leader_app = self.apps.get(probe.leader) or read_only_app(
                 self.system, probe.leader, self.full_env
             )
             try:
                 status = probe.status(leader_app, self._held_gaps(probe.leader, probe.follower))
-                status.relay = relay_holder(leader_app, self.names.relay_id(probe.leader))
+                if probe.leader not in holders:
+                    holders[probe.leader] = relay_holder(
+                        leader_app, self.names.relay_id(probe.leader)
+                    )
+                status.relay = holders[probe.leader]
                 result.append(status)
             finally:
                 if probe.leader not in self.apps:

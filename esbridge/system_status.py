@@ -218,6 +218,7 @@ def edge_statuses(
     ``relay_ids``: the relay id of each leader, to show who publishes its log.
     """
     apps: dict[str, Application[Any]] = {}
+    holders: dict[str, str | None] = {}  # one lease lookup per leader, not per edge
 
     def app(name: str) -> Application[Any]:
         if name not in apps:
@@ -233,7 +234,9 @@ def edge_statuses(
                 held = None if held_gaps is None else held_gaps.get((leader, follower))
                 status = probe.status(app(leader), held)
                 if relay_ids is not None and leader in relay_ids:
-                    status.relay = relay_holder(app(leader), relay_ids[leader])
+                    if leader not in holders:
+                        holders[leader] = relay_holder(app(leader), relay_ids[leader])
+                    status.relay = holders[leader]
                 result.append(status)
             finally:
                 probe.close()
