@@ -54,7 +54,7 @@ from esbridge.log_follower import LogWaker, connection_kwargs
 from esbridge.notification_log import open_recorder, read_pages, upstream_environment
 from esbridge.partitioning import partition_for_key
 from esbridge.postgres_retry import TRANSIENT_ERRORS, connection_diagnosis
-from esbridge.relay_lease import RelayLease
+from esbridge.relay_lease import DEFAULT_EXPIRY, RelayLease, check_expiry
 from esbridge.relay_messages import Encoder, PayloadEncoder, content_type_for
 from esbridge.relay_metrics import RelayMetrics
 from esbridge.relay_position import POSITION_TOPIC_CONFIG, default_position_topic
@@ -109,6 +109,10 @@ class RelayTuning:
     standby: bool = True
     #: Seconds between the checks that the lease is still held.
     lease_check: float = 2.0
+    #: Seconds after which Postgres ends the session of a lease holder that made
+    #: no check: a hung relay (frozen, deadlocked) loses its lease to a standby.
+    #: None: the lease never expires (a hung relay keeps it until killed).
+    lease_expiry: float | None = DEFAULT_EXPIRY
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,8 @@ class Relay:
         except TypeError as e:
             known = ", ".join(RelayTuning.__dataclass_fields__)
             raise ConfigurationError(f"unknown relay setting: {e}; known: {known}") from None
+        if self.tuning.standby:
+            check_expiry(self.tuning.lease_check, self.tuning.lease_expiry)
         self.app = app_name
         self.kafka_config = dict(kafka_config)
         self.topic = topic
@@ -189,6 +195,7 @@ class Relay:
         self._recorder: ApplicationRecorder | None = None
         self._lease: RelayLease | None = None
         self._standing_by = False
+        self._fenced_at = -3600.0  # monotonic time of the last fencing while holding the lease
         self._waker: LogWaker | None = None
         self._publisher: KafkaPublisher | None = None
         self._prompter: Producer | None = None
@@ -227,15 +234,14 @@ class Relay:
                 waker.clear()
                 try:
                     count = self._step_with_retries()
-                except RelayFencedError:
-                    lease = self._lease
-                    if lease is None or lease.check(now=True):
+                except RelayFencedError as e:
+                    if not self._after_fencing(e):
                         raise  # fenced by a relay that does not take the lease
-                    continue  # it lost its lease and was fenced by the new holder: stand by
+                    continue
                 if 0 < count < self.tuning.batch_size and self.mode == PAYLOADS:
                     self._sleep(self.tuning.linger)
                 if count == 0 and not self._stop.is_set():
-                    waker.wait(self._idle_wait())
+                    self._wait_for_events(waker, self._idle_wait())
         except BaseException as e:
             self._error = f"{type(e).__name__}: {e}"
             raise
@@ -311,6 +317,8 @@ class Relay:
             return  # stopped while standing by
         if self.mode == PAYLOADS and self._publisher is None:
             partitions = self._check_topics(timeout)
+            if not self._take_lease(timeout):  # waiting for the broker outlasted the lease
+                return
             self._publisher = self._make_publisher(partitions)
             self._retry(
                 "start the Kafka producer",
@@ -412,8 +420,10 @@ class Relay:
             kwargs = connection_kwargs(self._recorder) if self._recorder else None
             if kwargs is None:
                 return True
-            lease = self._lease = RelayLease(self.relay_id, kwargs, self.tuning.lease_check)
-        if lease.held:
+            lease = self._lease = RelayLease(
+                self.relay_id, kwargs, self.tuning.lease_check, self.tuning.lease_expiry
+            )
+        if lease.check():
             return True
         self._standing_by = True
         self.metrics.active.set(0)
@@ -423,6 +433,7 @@ class Relay:
             self._standing_by = False
         if held:
             self.metrics.active.set(1)
+            self._fenced_at = -3600.0  # a new tenure: fencings of the last one do not count
             return True
         if self._stop.is_set():
             return False
@@ -489,6 +500,8 @@ class Relay:
                 )
                 self._sleep(delay)
                 delay = min(delay * 2, self.tuning.max_retry_delay)
+                if self._lease_lost():
+                    return 0  # the run loop stands by; the new holder publishes
                 self._recover_publisher()
             except TRANSIENT_ERRORS as e:
                 self.metrics.error("postgres")
@@ -501,6 +514,8 @@ class Relay:
                 )
                 self._sleep(delay)
                 delay = min(delay * 2, self.tuning.max_retry_delay)
+                if self._lease_lost():
+                    return 0  # Postgres restarted: the run loop takes the lease again first
         return 0
 
     def _recover_publisher(self) -> None:
@@ -509,6 +524,8 @@ class Relay:
             return
         delay = 0.5
         while not self._stop.is_set():
+            if self._lease_lost():
+                return  # never fence the relay that holds the lease now
             try:
                 self._start_publisher(first=False)
                 log.info("relay %s: reconnected at notification %d", self.app, self._position)
@@ -648,7 +665,66 @@ class Relay:
     # -- helpers ----------------------------------------------------------
 
     def _sleep(self, seconds: float) -> None:
-        self._stop.wait(seconds)
+        """Wait ``seconds`` (less if stopped), keeping the lease's session busy meanwhile."""
+        self._wait_for_events(None, seconds)
+
+    def _wait_for_events(self, waker: LogWaker | None, seconds: float) -> None:
+        """Wait ``seconds``, until ``waker`` wakes (new events) or the relay is stopped.
+
+        In steps of at most ``lease_check`` with a lease check between them: a
+        waiting relay is not a hung one, and its lease must not expire.
+        """
+        lease = self._lease
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if lease is not None and lease.held:
+                lease.check()  # a round trip at most every lease_check seconds
+            step = min(left, self.tuning.lease_check)
+            if waker is None:
+                self._stop.wait(step)
+            elif waker.wait(step):
+                return
+
+    def _lease_lost(self) -> bool:
+        """True when this relay takes a lease and no longer holds it (expired, Postgres gone)."""
+        lease = self._lease
+        return lease is not None and not lease.check()
+
+    def _after_fencing(self, error: RelayFencedError) -> bool:
+        """A newer producer with this relay's ``transactional.id`` fenced this one: go on?
+
+        Lease lost: a standby took over while this relay stalled; it goes on
+        to stand by (the loop's next lease check). Lease held: usually a relay
+        whose lease expired while it hung fenced this one once, waking up,
+        before it saw its lease gone; this relay restarts its producer. Fenced
+        again within a minute, holding the same lease: a relay with this id that
+        takes no lease (``standby=False``) publishes too, and the two would fence
+        each other for ever: raise. No lease at all: False (the caller re-raises).
+        """
+        lease = self._lease
+        if lease is None:
+            return False
+        if not lease.check(now=True):
+            return True
+        now = time.monotonic()
+        if now - self._fenced_at < 60.0:
+            raise RelayFencedError(
+                f"relay {self.relay_id!r} holds its lease but was fenced twice within a "
+                "minute: another relay publishes with this relay id without taking the lease "
+                "(standby=False, --no-standby). Give that relay another relay id, or let it "
+                "take the lease"
+            ) from error
+        self._fenced_at = now
+        log.warning(
+            "relay %s was fenced while it holds its lease (by a relay that lost its lease "
+            "while it hung, waking up); it restarts its producer and goes on",
+            self.relay_id,
+        )
+        self._recover_publisher()
+        return True
 
     def _retry(self, what: str, action: Callable[[], Any], timeout: float | None) -> Any:
         """Run ``action``, retrying transient failures with backoff until ``timeout``."""

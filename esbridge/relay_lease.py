@@ -23,6 +23,15 @@ server: relays that read the log from different servers (a replica) do not see
 each other's lease, and fall back to fencing. The lease's connection asks the
 server to probe it with TCP keepalives, so the lease of a relay whose machine
 vanished without closing its connection is freed within about 30 seconds.
+
+A relay that hangs keeps its process and its connection alive: keepalives
+never free its lease. So the lease also *expires*: its session asks the server
+to end it once it has been idle for ``expiry`` seconds
+(``idle_session_timeout``, Postgres 14 and later), and the relay keeps it busy
+with a ``SELECT 1`` from its own loop, every ``check_interval``. A relay whose
+loop stops (frozen with SIGSTOP, a paused container, a deadlock) stops those
+round trips; the server ends its session after ``expiry`` seconds, which frees
+the lock for a standby. Nothing on the relay's side has to run for that.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.rows import tuple_row
 
+from esbridge.errors import ConfigurationError
+
 log = logging.getLogger(__name__)
 
 #: Longest wait in one ``pg_advisory_lock`` call (then the stop flag is checked).
@@ -50,6 +61,11 @@ _SESSION_SETTINGS = (
     f"SET lock_timeout = '{WAIT_STEP}'; SET tcp_keepalives_idle = 10; "
     "SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3"
 )
+#: Longest silence of a lease holder before the server ends its session (see above).
+#: Above the relay's 60 s Kafka commit and init timeouts, so that a slow broker alone
+#: does not hand the lease over (that would be harmless, but pointless).
+DEFAULT_EXPIRY = 90.0
+
 _CLIENT_KEEPALIVES = {
     "keepalives": 1,
     "keepalives_idle": 10,
@@ -89,21 +105,40 @@ def lease_holder(conn: psycopg.Connection[Any], relay_id: str) -> str | None:
     return f"{name or 'a session'}{where} (server pid {pid})"
 
 
+def check_expiry(check_interval: float, expiry: float | None) -> None:
+    """Refuse an ``expiry`` that a relay checking every ``check_interval`` s could miss."""
+    if expiry is not None and expiry <= 2 * check_interval:
+        raise ConfigurationError(
+            f"lease_expiry ({expiry} s) must be more than twice lease_check "
+            f"({check_interval} s): a relay renews its lease every lease_check seconds, and "
+            "a lease that expires between two renewals would pass from relay to relay"
+        )
+
+
 class RelayLease:
     """The advisory lock that lets one relay with ``relay_id`` publish at a time.
 
     ``connect_kwargs``: how to reach the application's database (the
     recorder's pool settings, see :func:`esbridge.log_follower.connection_kwargs`).
     ``check_interval``: seconds between the round trips :meth:`check` makes
-    to confirm the lease is still held.
+    to confirm the lease is still held (and to keep its session busy).
+    ``expiry``: seconds without such a round trip after which the server ends
+    the session, freeing the lease (``None``: never; must be more than twice
+    ``check_interval``).
     """
 
     def __init__(
-        self, relay_id: str, connect_kwargs: dict[str, Any], check_interval: float = 2.0
+        self,
+        relay_id: str,
+        connect_kwargs: dict[str, Any],
+        check_interval: float = 2.0,
+        expiry: float | None = DEFAULT_EXPIRY,
     ) -> None:
+        check_expiry(check_interval, expiry)
         self.relay_id = relay_id
         self.key = lease_key(relay_id)
         self.check_interval = check_interval
+        self.expiry = expiry
         self._kwargs = dict(connect_kwargs)
         self._conn: psycopg.Connection[Any] | None = None
         self._held = False  # the lock was granted on self._conn
@@ -207,9 +242,25 @@ class RelayLease:
                 **kwargs,
             )
             conn.execute(_SESSION_SETTINGS)
+            self._set_expiry(conn)
             self._conn = conn
             self._held = False  # a new session holds nothing yet
         return self._conn
+
+    def _set_expiry(self, conn: psycopg.Connection[Any]) -> None:
+        """Ask the server to end this session after ``expiry`` idle seconds (if it can)."""
+        if self.expiry is None:
+            return
+        if conn.info.server_version < 140000:
+            log.warning(
+                "relay %s: Postgres %s cannot expire its lease (idle_session_timeout needs "
+                "Postgres 14): a relay that hangs keeps the lease until it is killed",
+                self.relay_id,
+                conn.info.server_version,
+            )
+            return
+        milliseconds = max(1, round(self.expiry * 1000))
+        conn.execute(f"SET idle_session_timeout = {milliseconds}")
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None

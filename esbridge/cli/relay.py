@@ -95,7 +95,7 @@ def application_name(spec: str) -> str:
 
 
 def parse_tuning(items: list[str], option: str = "--set") -> dict[str, Any]:
-    """Relay tuning from ``name=value`` pairs (values as int, float, bool or text).
+    """Relay tuning from ``name=value`` pairs (values as int, float, bool, None or text).
 
     ``option`` names the command-line option in the error a wrong name gets.
     """
@@ -115,6 +115,8 @@ def parse_tuning(items: list[str], option: str = "--set") -> dict[str, Any]:
             value = True
         elif text.lower() in ("false", "no", "n"):
             value = False
+        elif text.lower() == "none":
+            value = None
         else:
             for kind in (int, float):
                 try:

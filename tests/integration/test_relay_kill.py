@@ -37,7 +37,10 @@ POSTGRES_RESTART_AT = 13
 WRITE_RATE = "1500"  # events/s: the writer runs during most of the kill loop
 
 
-def _start_relay(env: dict[str, str], topic: str, log_file) -> subprocess.Popen[bytes]:
+def _start_relay(
+    env: dict[str, str], topic: str, log_file, *settings: str
+) -> subprocess.Popen[bytes]:
+    """``esbridge relay`` for the ledger; ``settings``: more ``NAME=VALUE`` relay tunings."""
     return subprocess.Popen(
         [
             ESBRIDGE,
@@ -53,6 +56,7 @@ def _start_relay(env: dict[str, str], topic: str, log_file) -> subprocess.Popen[
             "poll_interval=0.5",
             "--set",
             "batch_seconds=0.5",
+            *(arg for setting in settings for arg in ("--set", setting)),
         ],
         cwd=ROOT,
         env=env,

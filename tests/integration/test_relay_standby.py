@@ -8,6 +8,7 @@ that keeps publishing after losing its lease to a Postgres restart.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from esbridge.errors import RelayStandbyError
+from esbridge.errors import ConfigurationError, RelayStandbyError
 from esbridge.relay import Relay
 from tests.integration.relay_support import (
     ROOT,
@@ -223,4 +224,115 @@ def test_kill_9_of_the_active_relay_hands_over_to_the_standby(
     assert not fenced, f"relays were fenced (a standby published): {fenced}"
     print(f"takeover after kill -9 (s): {', '.join(f'{t:.2f}' for t in takeovers)}")
     assert max(takeovers) < 10
+    check_exactly_once_in_order(records, expected, PARTITIONS)
+
+
+def test_an_idle_relay_keeps_its_lease_past_its_expiry(postgres_db, kafka_config, create_topic):
+    """The lease expires when the holder stops renewing it; a relay with nothing to
+    publish waits between polls (here 30 s) and must renew it meanwhile."""
+    topic = create_topic(partitions=1)
+    app = ledger(postgres_db.env)
+    options: dict[str, Any] = {"poll_interval": 30, "lease_check": 0.5, "lease_expiry": 2}
+    first, second = (ledger_relay(postgres_db, kafka_config, topic, **options) for _ in range(2))
+    threads = [run_in_thread(first)]
+    try:
+        write_events(app, 10)
+        wait_for(lambda: first.status().published == 10, 30, "first relay publishes")
+        threads.append(run_in_thread(second))
+        wait_for(lambda: second.status().standby, 30, "second relay stands by")
+        time.sleep(6)  # three expiries of an idle first relay
+        assert second.status().standby and not first.status().standby
+        write_events(app, 10)  # NOTIFY wakes the first relay before its next poll
+        wait_for(lambda: first.status().published == 20, 30, "first relay goes on")
+        assert second.status().published == 0
+    finally:
+        for relay in (first, second):
+            relay.stop()
+        for thread in threads:
+            thread.join(30)
+        app.close()
+    assert first.status().error is None and second.status().error is None
+    check_exactly_once_in_order(read_all(kafka_config, topic, 20), db_ids(postgres_db.dsn), 1)
+
+
+def test_a_relay_refuses_a_lease_expiry_it_could_miss(postgres_db, kafka_config):
+    with pytest.raises(ConfigurationError, match=r"lease_expiry \(1 s\) must be more than twice"):
+        ledger_relay(postgres_db, kafka_config, "t", lease_check=2, lease_expiry=1)
+    ledger_relay(postgres_db, kafka_config, "t", lease_check=2, lease_expiry=None).close()
+
+
+FREEZES = 3
+EXPIRY = 4.0
+
+
+@pytest.mark.slow
+def test_a_frozen_relay_loses_its_lease_to_the_standby_and_stands_by_when_it_wakes(
+    postgres_db, kafka_broker, create_topic, tmp_path
+):
+    """Two ``esbridge relay`` processes; the active one is frozen (SIGSTOP: its process and
+    its connections live on, it just stops) while a writer appends events. Its lease
+    expires, the standby takes over; when the frozen one is woken (SIGCONT) it finds its
+    lease gone and stands by, whatever it was doing when frozen. Both keep running;
+    each notification arrives once, in order."""
+    ledger(postgres_db.env).close()  # the tables
+    topic = create_topic(partitions=PARTITIONS)
+    relay_id = f"esbridge-relay.ledger.{topic}"
+    env = subprocess_env(postgres_db, kafka_broker)
+    rng = random.Random(20261202)
+    logs: list[Path] = []
+    settings = ("lease_check=0.5", f"lease_expiry={EXPIRY}")
+
+    def start() -> subprocess.Popen[bytes]:
+        path = tmp_path / f"relay-{len(logs)}.log"
+        logs.append(path)
+        with open(path, "wb") as log_file:
+            return _start_relay(env, topic, log_file, *settings)
+
+    def holder_pid() -> int | None:
+        return lease_holder_pid(postgres_db.dsn, relay_id)
+
+    writer_log = open(tmp_path / "writer.log", "wb")  # noqa: SIM115
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.relay_support", "write", "8000", "20", "400"],
+        cwd=ROOT,
+        env=env,
+        stdout=writer_log,
+        stderr=writer_log,
+    )
+    relays = [start(), start()]
+    takeovers: list[float] = []
+    try:
+        for _ in range(FREEZES):
+            pid = wait_for(holder_pid, 60, "a relay holds the lease")
+            active = next(p for p in relays if p.pid == pid)
+            other = next(p for p in relays if p.pid != pid)
+            time.sleep(rng.uniform(0.5, 2.0))  # publishing
+            frozen = time.monotonic()
+            os.kill(active.pid, signal.SIGSTOP)
+            try:
+                wait_for(lambda other=other: holder_pid() == other.pid, EXPIRY + 30, "takeover")
+                takeovers.append(time.monotonic() - frozen)
+                time.sleep(rng.uniform(0.0, 2.0))  # the new holder publishes
+            finally:
+                os.kill(active.pid, signal.SIGCONT)
+            log_path = logs[relays.index(active)]
+            wait_for(lambda p=log_path: b"lost its lease" in p.read_bytes(), 30, "woken relay")
+            time.sleep(1.0)  # what a woken relay might do wrong, it has done by now
+            assert holder_pid() == other.pid, "the woken relay took the lease back"
+            for p in relays:
+                assert p.poll() is None, f"a relay exited ({p.returncode})"
+        assert writer.wait(180) == 0
+        expected = db_ids(postgres_db.dsn)
+        records = read_all(kafka_broker.config(), topic, len(expected), timeout=90, quiet=3)
+        for p in relays:
+            p.send_signal(signal.SIGTERM)
+        assert [p.wait(30) for p in relays] == [0, 0]
+    finally:
+        for p in [*relays, writer]:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                _kill(p)
+        writer_log.close()
+    print(f"takeover after SIGSTOP (s): {', '.join(f'{t:.2f}' for t in takeovers)}")
+    assert min(takeovers) > EXPIRY - 1 and max(takeovers) < EXPIRY + 10
     check_exactly_once_in_order(records, expected, PARTITIONS)
