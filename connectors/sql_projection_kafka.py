@@ -40,7 +40,7 @@ from sqlalchemy.engine import Engine
 
 from esbridge import wire
 from esbridge.consumer import tracking_names
-from esbridge.errors import ConfigurationError, EsbridgeError
+from esbridge.errors import ConfigurationError, EsbridgeError, MessageFormatError
 from esbridge.notification_log import open_recorder, read_pages
 from esbridge.reconcile import PartitionOrder
 from esbridge.relay_messages import key_partitioner
@@ -103,12 +103,38 @@ def committed_offsets(
             time.sleep(0.2)
 
 
+class UnreadableMessageError(MessageFormatError):
+    """A message on the topic that carries no notification the feed can read.
+
+    Not an esbridge message at all (no ``esb_format`` header), or an esbridge
+    payload whose headers are missing or malformed. The feed skips it (and
+    counts it in ``skipped``): no notification of the log is lost by that,
+    since the next message of the partition names its predecessor
+    (``esb_prev_nid``), so a notification the skipped message carried is a gap,
+    filled from the upstream log or a :class:`ProjectionGapError`.
+    """
+
+
 def notification_from_message(message: Message) -> Notification:
-    """The upstream notification a relay payload message carries (default format only)."""
+    """The upstream notification a relay payload message carries (default format only).
+
+    Raises :class:`UnreadableMessageError` for a message that carries no
+    readable notification, and :class:`MessageFormatError` for a topic that is
+    not a payload topic in the default format (prompts, CloudEvents, a newer
+    format): the feed was pointed at the wrong topic, or must be upgraded.
+    """
     headers = wire.headers_dict(cast(Any, message.headers()))
+    if wire.H_FORMAT not in headers:
+        raise UnreadableMessageError(
+            f"the message at {_where(message)} has no 'esb_format' header: it was not "
+            "published by an esbridge relay"
+        )
     if wire.message_kind(headers) != wire.KIND_PAYLOAD:
         raise wire_error("a prompt message", message)
-    meta = wire.decode_payload_headers(headers, message.key())
+    try:
+        meta = wire.decode_payload_headers(headers, message.key())
+    except MessageFormatError as e:
+        raise UnreadableMessageError(f"the message at {_where(message)}: {e}") from None
     if meta.content_type.startswith("application/cloudevents"):
         raise wire_error("an analytics (CloudEvents) message", message)
     try:
@@ -125,12 +151,14 @@ def notification_from_message(message: Message) -> Notification:
 
 
 def wire_error(what: str, message: Message) -> EsbridgeError:
-    from esbridge.errors import MessageFormatError
-
     return MessageFormatError(
-        f"{what} at {message.topic()}[{message.partition()}]@{message.offset()}: a projection "
-        "reads the relay's payload topic in the default format"
+        f"{what} at {_where(message)}: a projection reads the relay's payload topic in the "
+        "default format"
     )
+
+
+def _where(message: Message) -> str:
+    return f"{message.topic()}[{message.partition()}]@{message.offset()}"
 
 
 class KafkaProjectionFeed:
@@ -182,6 +210,7 @@ class KafkaProjectionFeed:
         self._consumer: Consumer | None = None
         self.duplicates = 0
         self.gaps_filled = 0
+        self.skipped = 0  # messages that carried no readable notification
         self._stopping = threading.Event()
 
     # -- state -------------------------------------------------------------------------
@@ -287,7 +316,12 @@ class KafkaProjectionFeed:
                 raise EsbridgeError(f"Kafka error while feeding projection: {error}")
             p = m.partition()
             assert p is not None
-            n = notification_from_message(m)
+            offsets[p] = (m.offset() or 0) + 1
+            try:
+                n = notification_from_message(m)
+            except UnreadableMessageError as e:
+                self._skip(e)
+                continue
             headers = wire.headers_dict(cast(Any, m.headers()))
             prev = int(headers[wire.H_PREV_NID])
             order = self._orders[p]
@@ -296,7 +330,6 @@ class KafkaProjectionFeed:
             ready.setdefault(p, []).extend(item for _, item in offer.ready)
             if order.gap() is not None:
                 ready[p].extend(self._fill_gap(p, order))
-            offsets[p] = (m.offset() or 0) + 1
         applied = 0
         for p, notifications in ready.items():
             if notifications:
@@ -308,6 +341,16 @@ class KafkaProjectionFeed:
                 asynchronous=False,
             )
         return applied
+
+    def _skip(self, error: UnreadableMessageError) -> None:
+        self.skipped += 1
+        log.error(
+            "projection %s: skipped %s. No notification is lost by that: one it carried is "
+            "found missing when the next message of its partition arrives (and read from the "
+            "upstream log, or a ProjectionGapError)",
+            self.projection.name,
+            error,
+        )
 
     def _fill_gap(self, partition: int, order: PartitionOrder[Notification]) -> list[Notification]:
         """Read the missing notifications of ``partition`` from the log; they and the released."""

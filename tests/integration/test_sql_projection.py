@@ -355,3 +355,53 @@ def test_a_rebuild_that_fails_part_way_changes_nothing(school, target, postgres_
         broken.rebuild()
     assert table_contents(target) == before
     assert runner.position() == 15
+
+
+def test_kafka_feed_skips_messages_that_carry_no_notification_and_loses_none(
+    school, postgres_db, postgres_server, kafka_config, create_topic
+):
+    """A foreign message and a relay message with a broken header land between the relay's
+    messages: both are skipped and counted; every notification is applied (no upstream log
+    given: a notification missing from the topic would be a ProjectionGapError)."""
+    from confluent_kafka import Producer
+    from esbridge_connectors.sql_projection_kafka import ProjectionGapError
+
+    for i in range(10):
+        school.register(f"dog-{i}", tricks=2)
+    topic = create_topic(partitions=2)
+    replay = Replay("DogSchool", kafka_config=kafka_config, topic=topic, env=postgres_db.env)
+    replay.run(1, 15)
+    producer = Producer(kafka_config)
+    producer.produce(topic, b"{}", key=b"k", partition=0)  # no headers at all
+    broken = [("esb_format", b"1"), ("esb_kind", b"payload"), ("esb_nid", b"seven")]
+    producer.produce(topic, b"{}", key=b"k", headers=broken, partition=1)
+    assert producer.flush(10) == 0
+    replay.run(16)
+    db = postgres_server.create_database()
+    engine = create_engine(db.url)
+    feed = dog_feed(engine, topic, kafka_config, postgres_db.env, log=False)
+    try:
+        assert feed.process_available(timeout=3) == 30
+        assert feed.skipped == 2 and feed.gaps_filled == 0
+        assert table_contents(engine) == expected_contents(school)
+        assert feed.process_available(timeout=1) == 0  # their offsets were committed too
+    finally:
+        feed.close()
+        engine.dispose()
+
+    # A skipped message that carried a notification is a gap: never a silent loss.
+    topic = create_topic(partitions=1)
+    replay = Replay("DogSchool", kafka_config=kafka_config, topic=topic, env=postgres_db.env)
+    replay.run(1, 5)
+    producer.produce(topic, b"{}", key=b"k", headers=broken)  # in place of notification 6
+    assert producer.flush(10) == 0
+    replay.run(7, 10)
+    engine = create_engine(postgres_server.create_database().url)
+    feed = dog_feed(engine, topic, kafka_config, postgres_db.env, log=False)
+    try:
+        with pytest.raises(ProjectionGapError, match="missing from partition 0"):
+            feed.process_available(timeout=3)
+        assert feed.skipped == 1 and feed.positions()[0] <= 5  # nothing applied past the gap
+    finally:
+        feed.close()
+        engine.dispose()
