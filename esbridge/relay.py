@@ -60,7 +60,13 @@ from esbridge.relay_metrics import RelayMetrics
 from esbridge.relay_position import POSITION_TOPIC_CONFIG, default_position_topic
 from esbridge.relay_publisher import KafkaPublisher, TransientPublishError
 from esbridge.relay_reader import read_pages_for_publishing
-from esbridge.topics import admin_client, ensure_topic, topic_setting, wait_for_broker
+from esbridge.topics import (
+    BrokerUnavailable,
+    admin_client,
+    ensure_topic,
+    topic_setting,
+    wait_for_broker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +119,10 @@ class RelayTuning:
     #: no check: a hung relay (frozen, deadlocked) loses its lease to a standby.
     #: None: the lease never expires (a hung relay keeps it until killed).
     lease_expiry: float | None = DEFAULT_EXPIRY
+    #: Seconds a lease holder may keep failing to reach Kafka before it gives its
+    #: lease up, so that a standby that can reach Kafka publishes (it then stands
+    #: by itself). None: it keeps the lease, retrying, for as long as it takes.
+    lease_yield: float | None = 60.0
 
 
 @dataclass(frozen=True)
@@ -196,6 +206,7 @@ class Relay:
         self._lease: RelayLease | None = None
         self._standing_by = False
         self._fenced_at = -3600.0  # monotonic time of the last fencing while holding the lease
+        self._kafka_down_since: float | None = None  # first of the current Kafka failures
         self._waker: LogWaker | None = None
         self._publisher: KafkaPublisher | None = None
         self._prompter: Producer | None = None
@@ -210,9 +221,13 @@ class Relay:
         with self._lock:
             self._running = True
         try:
-            self._setup(self.tuning.connect_timeout)
+            try:
+                self._setup(self.tuning.connect_timeout)
+            except BrokerUnavailable:
+                if not self._stop.is_set():
+                    raise
             if self._stop.is_set():
-                return
+                return  # stopped while waiting for the broker or the lease
             log.info(
                 "relay %s -> %s (%s, %s) started at notification %d",
                 self.app,
@@ -313,20 +328,24 @@ class Relay:
             self._recorder = self._retry(
                 "open the notification log", self._open_recorder, timeout=timeout
             )
+        partitions = None
+        if self._publisher is None and self._prompter is None:
+            # Before the lease: a relay that cannot reach Kafka (a wrong bootstrap.servers,
+            # a host cut off from the brokers) never keeps a standby that can from publishing.
+            partitions = self._check_topics(timeout)
         if not self._take_lease(timeout):
             return  # stopped while standing by
-        if self.mode == PAYLOADS and self._publisher is None:
-            partitions = self._check_topics(timeout)
-            if not self._take_lease(timeout):  # waiting for the broker outlasted the lease
-                return
+        if partitions is not None and self.mode == PAYLOADS:
             self._publisher = self._make_publisher(partitions)
+            # After standing by, the relay before this one used the broker's transactions:
+            # a timeout now is an outage, not a broker unfit for them.
+            took_over = self._lease is not None and self._lease.waited
             self._retry(
                 "start the Kafka producer",
-                lambda: self._start_publisher(first=True),
+                lambda: self._start_publisher(first=not took_over),
                 timeout=timeout,
             )
-        elif self.mode == PROMPTS and self._prompter is None:
-            partitions = self._check_topics(timeout)
+        elif partitions is not None:
             self._prompt_partition = partition_for_key(self.app.encode(), partitions)
             conf = {**self.kafka_config, "enable.idempotence": True, "linger.ms": 0}
             self._prompter = Producer(conf)
@@ -492,15 +511,18 @@ class Relay:
         delay = 0.2
         while not self._stop.is_set():
             try:
-                return self._step()
+                count = self._step()
+                self._kafka_down_since = None
+                return count
             except TransientPublishError as e:
                 self.metrics.error("kafka")
+                self._kafka_failed()
                 log.warning(
                     "relay %s: Kafka failed (%s); reconnecting in %.1f s", self.app, e, delay
                 )
                 self._sleep(delay)
                 delay = min(delay * 2, self.tuning.max_retry_delay)
-                if self._lease_lost():
+                if self._lease_lost() or self._yield_lease():
                     return 0  # the run loop stands by; the new holder publishes
                 self._recover_publisher()
             except TRANSIENT_ERRORS as e:
@@ -524,18 +546,21 @@ class Relay:
             return
         delay = 0.5
         while not self._stop.is_set():
-            if self._lease_lost():
+            if self._lease_lost() or self._yield_lease():
                 return  # never fence the relay that holds the lease now
             try:
                 self._start_publisher(first=False)
+                self._kafka_down_since = None
                 log.info("relay %s: reconnected at notification %d", self.app, self._position)
                 return
             except TransientPublishError as e:
                 self.metrics.error("kafka")
+                self._kafka_failed()
                 log.warning(
                     "relay %s: still cannot reach Kafka (%s); retry in %.1f s", self.app, e, delay
                 )
             except KafkaException as e:
+                self._kafka_failed()
                 log.warning("relay %s: %s; retry in %.1f s", self.app, e, delay)
             self._sleep(delay)
             delay = min(delay * 2, self.tuning.max_retry_delay)
@@ -687,6 +712,37 @@ class Relay:
                 self._stop.wait(step)
             elif waker.wait(step):
                 return
+
+    def _kafka_failed(self) -> None:
+        if self._kafka_down_since is None:
+            self._kafka_down_since = time.monotonic()
+
+    def _yield_lease(self) -> bool:
+        """Give the lease up after failing to reach Kafka for ``lease_yield`` s; True if it did.
+
+        A standby that can reach Kafka (another host, another network path)
+        then publishes; this relay stands by (the run loop's next lease check)
+        and, if no standby was waiting, takes its lease back a moment later.
+        """
+        lease, since, limit = self._lease, self._kafka_down_since, self.tuning.lease_yield
+        if lease is None or not lease.held or since is None or limit is None:
+            return False
+        failing = time.monotonic() - since
+        if failing < limit:
+            return False
+        log.warning(
+            "relay %s has not reached Kafka for %.0f s: it gives its lease up so that a "
+            "standby relay that can reach Kafka publishes, and stands by",
+            self.relay_id,
+            failing,
+        )
+        self._kafka_down_since = None
+        if self._publisher is not None:
+            self._publisher.close()
+        lease.release()
+        self.metrics.active.set(0)
+        self._sleep(1.0)  # a standby waiting for the lock gets it first
+        return True
 
     def _lease_lost(self) -> bool:
         """True when this relay takes a lease and no longer holds it (expired, Postgres gone)."""

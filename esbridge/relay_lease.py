@@ -142,6 +142,7 @@ class RelayLease:
         self._kwargs = dict(connect_kwargs)
         self._conn: psycopg.Connection[Any] | None = None
         self._held = False  # the lock was granted on self._conn
+        self.waited = False  # the last acquire() waited for another holder
         self._checked = 0.0  # monotonic time of the last confirmation
         self.me = f"esbridge relay pid {os.getpid()} on {socket.gethostname()}"[:63]
 
@@ -189,6 +190,7 @@ class RelayLease:
                 continue
             self._held = True
             self._checked = time.monotonic()
+            self.waited = waiting_logged
             if waiting_logged:
                 log.info("relay %s took over: it holds the lease now", self.relay_id)
             return True

@@ -122,8 +122,10 @@ class KafkaPublisher:
     def start(self, first: bool = True) -> RelayPosition:
         """Make the producer (fencing predecessors) and read the committed position.
 
-        On the ``first`` start a broker that cannot do transactions is a
-        :class:`ConfigurationError`; later (recovery) it is transient.
+        On the ``first`` start a broker that answers but does not set up the
+        transactional id is a :class:`ConfigurationError` (it cannot do
+        transactions); later (recovery), or when no broker answers, it is
+        transient.
         """
         self.close()
         producer = Producer(self.producer_config())
@@ -134,7 +136,9 @@ class KafkaPublisher:
                 error = e.args[0]
                 if error.code() in FENCED_CODES:
                     raise RelayFencedError(self._fenced_message(error)) from e
-                if not first and error.retriable():
+                if error.retriable() and (not first or not _answers(producer)):
+                    # Later starts, and a first one whose broker is gone meanwhile (a
+                    # standby taking over during an outage): Kafka is down, not unfit.
                     raise TransientPublishError(f"init_transactions: {error}") from e
                 raise ConfigurationError(
                     f"the Kafka broker did not set up transactional.id "
@@ -375,3 +379,12 @@ class KafkaPublisher:
             f"transactional.id {self.transactional_id!r} started ({error}). This one stopped; "
             "run one relay per application and topic"
         )
+
+
+def _answers(producer: Producer) -> bool:
+    """Whether a broker answers ``producer`` (a metadata request) within a few seconds."""
+    try:
+        producer.list_topics(timeout=5)
+    except KafkaException:
+        return False
+    return True

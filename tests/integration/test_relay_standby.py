@@ -336,3 +336,83 @@ def test_a_frozen_relay_loses_its_lease_to_the_standby_and_stands_by_when_it_wak
     print(f"takeover after SIGSTOP (s): {', '.join(f'{t:.2f}' for t in takeovers)}")
     assert min(takeovers) > EXPIRY - 1 and max(takeovers) < EXPIRY + 10
     check_exactly_once_in_order(records, expected, PARTITIONS)
+
+
+def test_a_relay_that_cannot_reach_kafka_never_takes_the_lease(
+    postgres_db, kafka_config, create_topic
+):
+    """A relay with a wrong ``bootstrap.servers`` (started first) must not keep a correct
+    one standing by: it waits for its broker before it takes the lease."""
+    topic = create_topic(partitions=1)
+    app = ledger(postgres_db.env)
+    cut_off = {**kafka_config, "bootstrap.servers": "127.0.0.1:9"}  # nothing listens there
+    wrong = ledger_relay(postgres_db, cut_off, topic, poll_interval=0.2)
+    right = ledger_relay(postgres_db, kafka_config, topic, poll_interval=0.2, linger=0)
+    threads = [run_in_thread(wrong)]
+    try:
+        time.sleep(2)  # it tries its broker
+        threads.append(run_in_thread(right))
+        write_events(app, 20)
+        wait_for(lambda: right.status().published == 20, 30, "the relay that reaches Kafka")
+        assert wrong.status().published == 0
+    finally:
+        for relay in (wrong, right):
+            relay.stop()
+        for thread in threads:
+            thread.join(30)
+        app.close()
+    assert right.status().error is None
+    assert wrong.status().error is None  # stopped while waiting for its broker: no error
+    check_exactly_once_in_order(read_all(kafka_config, topic, 20), db_ids(postgres_db.dsn), 1)
+
+
+def test_a_holder_that_cannot_reach_kafka_gives_its_lease_to_the_standby(
+    postgres_db, kafka_broker, create_topic
+):
+    """While Kafka is down the holder retries; after ``lease_yield`` seconds it gives its
+    lease up and stands by, and the standby takes it (here it cannot reach Kafka either,
+    so they take turns). When Kafka is back one relay publishes; each event once."""
+    kafka_config = kafka_broker.config()
+    topic = create_topic(partitions=2)
+    app = ledger(postgres_db.env)
+    options: dict[str, Any] = {
+        "poll_interval": 0.2,
+        "linger": 0,
+        "lease_check": 0.5,
+        "lease_yield": 3,
+        "commit_timeout": 3,
+        "init_timeout": 3,
+        "max_retry_delay": 1,
+    }
+    relays = [ledger_relay(postgres_db, kafka_config, topic, **options) for _ in range(2)]
+    threads = [run_in_thread(relays[0])]
+    holders: set[int] = set()
+    try:
+        write_events(app, 50)
+        wait_for(lambda: relays[0].status().published == 50, 30, "first relay publishes")
+        threads.append(run_in_thread(relays[1]))
+        wait_for(lambda: relays[1].status().standby, 30, "second relay stands by")
+        kafka_broker.stop()
+        try:
+            write_events(app, 50)  # the holder fails to publish these
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len(holders) < 2:
+                holders.update(i for i, r in enumerate(relays) if not r.status().standby)
+                time.sleep(0.05)
+        finally:
+            kafka_broker.start()
+        assert holders == {0, 1}, "the lease never passed to the standby"
+        wait_for(lambda: sum(r.status().published for r in relays) == 100, 90, "published")
+        wait_for(
+            lambda: sorted(r.status().standby for r in relays) == [False, True],
+            30,
+            "one relay active, one standing by",
+        )
+    finally:
+        for relay in relays:
+            relay.stop()
+        for thread in threads:
+            thread.join(30)
+        app.close()
+    assert [r.status().error for r in relays] == [None, None]
+    check_exactly_once_in_order(read_all(kafka_config, topic, 100), db_ids(postgres_db.dsn), 2)
