@@ -1,12 +1,14 @@
 """Consumer processes killed with SIGKILL at random moments while 100,000 events stream in.
 
 ``esbridge consume`` subprocesses (a consumer group on a 3-partition topic)
-are killed -9, and members join and leave (rebalances), at random moments
-spread over the whole run, while a writer adds dog-school events and a relay
-(running concurrently, as in production) publishes them; the broker is
-restarted once and Postgres once. The moments are random points of the
-*downstream* progress, so the faults fall while the consumers are working,
-from the first events to the last. Afterwards:
+are killed -9, frozen (SIGSTOP for longer than their session timeout: the
+group hands their partitions to the others, and they wake up as zombies in
+the middle of whatever they were doing), and members join and leave
+(rebalances), at random moments spread over the whole run, while a writer
+adds dog-school events and a relay (running concurrently, as in production)
+publishes them; the broker is restarted once and Postgres once. The moments
+are random points of the *downstream* progress, so the faults fall while the
+consumers are working, from the first events to the last. Afterwards:
 
 * every partition's tracking position is the last notification id of that
   partition (nothing lost, nothing left behind);
@@ -53,6 +55,8 @@ EVENTS = int(os.environ.get("ESBRIDGE_FAULT_EVENTS", "100000"))
 PARTITIONS = 3
 KILLS = 22  # at least 20 are required; a couple more in case the last ones fall late
 JOINS = LEAVES = 4
+FREEZES = 4  # SIGSTOP for FREEZE_SECONDS, then SIGCONT
+FREEZE_SECONDS = (4.0, 7.0)  # longer than the session timeout (3 s)
 DOGS = max(20, EVENTS // 50)  # about 50 events per aggregate
 CHUNK = 500  # aggregates per save(): one transaction each, ~10k events/s
 TIME_LIMIT = 300.0  # seconds for the whole stream, faults included
@@ -100,6 +104,15 @@ class Members:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         self.procs.remove(proc)
+
+    def freeze_one(self, rng: random.Random) -> None:
+        """Stop a member (SIGSTOP) until its partitions went to others, then let it go on."""
+        proc = rng.choice(self.procs)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(rng.uniform(*FREEZE_SECONDS))
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
 
     def stop_one(self, rng: random.Random) -> None:
         proc = rng.choice(self.procs)
@@ -237,6 +250,7 @@ def fault_plan(rng: random.Random) -> list[tuple[float, str]]:
         return [(low + (i + rng.random()) * width, action) for i in range(count)]
 
     plan = spread(KILLS, "kill") + spread(JOINS, "join") + spread(LEAVES, "leave")
+    plan += spread(FREEZES, "freeze")
     plan += [(rng.uniform(0.25, 0.4), "broker"), (rng.uniform(0.55, 0.7), "postgres")]
     return sorted(plan)
 
@@ -275,7 +289,9 @@ def test_kill_consumers_restart_broker_and_postgres(
     members = Members(env, topic, tmp_path)
     rng = random.Random(42)
     plan = fault_plan(rng)
-    done: dict[str, int] = dict.fromkeys(["kill", "join", "leave", "broker", "postgres"], 0)
+    done: dict[str, int] = dict.fromkeys(
+        ["kill", "freeze", "join", "leave", "broker", "postgres"], 0
+    )
     downstream = 0
     started = time.monotonic()
 
@@ -294,6 +310,7 @@ def test_kill_consumers_restart_broker_and_postgres(
         "kill": kill,
         "join": members.start,
         "leave": lambda: members.stop_one(rng),
+        "freeze": lambda: members.freeze_one(rng),
         "broker": lambda: kafka_broker.restart(),
         "postgres": lambda: postgres_server.restart(),
     }
@@ -339,7 +356,8 @@ def test_kill_consumers_restart_broker_and_postgres(
                 continue
             actions[action]()
             done[action] += 1
-        assert done["kill"] >= 20 and done["broker"] == done["postgres"] == 1, done
+        assert done["kill"] >= 20 and done["freeze"] == FREEZES, done
+        assert done["broker"] == done["postgres"] == 1, done
         assert writer.done.wait(TIME_LIMIT - (time.monotonic() - started)), "writer too slow"
         writer.check()
         school = DogSchool(env=postgres_db.env)
@@ -376,7 +394,8 @@ def test_kill_consumers_restart_broker_and_postgres(
     assert count_notifications(mirror) == count_notifications(school)
     own, children = (getrusage(who) for who in (RUSAGE_SELF, RUSAGE_CHILDREN))
     print(
-        f"\n{total} events, {done['kill']} kill -9, {done['join']} joins and {done['leave']} "
+        f"\n{total} events, {done['kill']} kill -9, {done['freeze']} freezes, "
+        f"{done['join']} joins and {done['leave']} "
         f"leaves, broker and Postgres restarted once, {members.started} consumer processes, "
         f"streamed in {streamed:.0f} s, verified in {time.monotonic() - started - streamed:.0f} s"
         f"; CPU: this process {own.ru_utime + own.ru_stime:.0f} s, its finished children "
