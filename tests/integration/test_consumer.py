@@ -20,6 +20,7 @@ from esbridge.consumer import ConsumerAdapter, tracking_names
 from esbridge.deadletter import DeadLetterStore
 from esbridge.dlq_replay import replay_dead_letters
 from esbridge.errors import GapNotReconciledError
+from esbridge.processing import ProcessApplicationSink
 from esbridge.relay import Relay
 from examples.dogschool.application import DogSchool
 from examples.dogschool.domainmodel import Dog
@@ -27,6 +28,7 @@ from tests.integration.consumer_apps import (
     Fragile,
     ManualPublisher,
     Mirror,
+    count_notifications,
     notifications,
     populate,
     verify_mirror,
@@ -414,3 +416,65 @@ def test_prefetch_hint_never_changes_the_result(
         assert mirror.recorder.max_notification_id() == 30 + 180
     finally:
         mirror.close()
+
+
+class StallingSink(ProcessApplicationSink):
+    """The default sink, whose first batch waits for ``release`` before it is applied.
+
+    A member that stalls in the middle of a batch (a long GC pause, a frozen VM)
+    for longer than its ``max.poll.interval.ms``: the group hands its partition
+    to another member meanwhile, and it wakes up as a zombie with a batch to
+    record.
+    """
+
+    def __init__(self, follower: Any) -> None:
+        super().__init__(follower)
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+
+    def apply(self, steps: Any, expected: Any) -> None:
+        if not self.stalled.is_set():
+            self.stalled.set()
+            assert self.release.wait(120)
+        super().apply(steps, expected)
+
+
+def test_a_zombie_member_that_wakes_mid_batch_records_nothing(
+    school: DogSchool, mirror: Mirror, create_topic: Any, kafka_config: dict[str, Any]
+) -> None:
+    topic = create_topic(partitions=1)
+    dogs = populate(school, 40, 5)
+    total = school.recorder.max_notification_id()
+    relay_all(school, topic, kafka_config, partitions=1)
+    zombie_app = Mirror(env=mirror.env)  # another process's follower object
+    sink = StallingSink(zombie_app)
+    zombie = adapter(zombie_app, topic, {**kafka_config, "max.poll.interval.ms": 7000}, sink=sink)
+    zombie_result: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: zombie_result.append(zombie.process_available(timeout=30))
+    )
+    thread.start()
+    healthy = adapter(mirror, topic, kafka_config)
+    try:
+        assert sink.stalled.wait(60), "the first member never got its batch"
+        # The stalled member leaves the group after its poll interval; this one gets
+        # the partition and records everything.
+        deadline = time.monotonic() + 90
+        while healthy.status().processed < total and time.monotonic() < deadline:
+            healthy.process_available(timeout=5)
+        assert healthy.status().processed == total
+        verify_mirror(school, mirror, dogs)
+        sink.release.set()  # the zombie wakes up and records its batch
+        thread.join(90)
+        assert not thread.is_alive()
+        healthy.process_available(timeout=5)
+    finally:
+        sink.release.set()
+        thread.join(30)
+        zombie.close()
+        healthy.close()
+    assert zombie_result and zombie.status().processed == 0  # its batch was refused whole
+    verify_mirror(school, mirror, dogs)
+    assert mirror.recorder.max_tracking_id("DogSchool") == total
+    assert count_notifications(mirror) == 40 + 200  # one follower event per upstream event
+    zombie_app.close()
