@@ -76,6 +76,16 @@ def relay_all(school: DogSchool, topic: str, kafka_config: dict[str, Any], **kw:
     return publish_and_close(relay)
 
 
+def published(
+    school: DogSchool, topic: str, kafka_config: dict[str, Any], dogs: int, tricks: int
+) -> tuple[list[Any], int]:
+    """``dogs`` dogs with ``tricks`` tricks each, published to ``topic``: (dog ids, events)."""
+    dog_ids = populate(school, dogs, tricks)
+    total = school.recorder.max_notification_id() or 0
+    assert relay_all(school, topic, kafka_config) == total
+    return dog_ids, total
+
+
 def consume_all(consumer: ConsumerAdapter, timeout: float = 30) -> tuple[int, Any]:
     """Process what the topic holds, then close: (messages processed, final status)."""
     try:
@@ -163,9 +173,7 @@ def test_exactly_once_three_partitions_two_members(
     school: DogSchool, mirror: Mirror, create_topic: Any, kafka_config: dict[str, Any]
 ) -> None:
     topic = create_topic(partitions=3)
-    dogs = populate(school, 60, 4)
-    total = school.recorder.max_notification_id()
-    relay_all(school, topic, kafka_config, partitions=3)
+    dogs, total = published(school, topic, kafka_config, 60, 4)
     # Two members of one group share the partitions, each with its own follower object.
     other = Mirror(env=mirror.env)
     consumers = [adapter(mirror, topic, kafka_config), adapter(other, topic, kafka_config)]
@@ -443,9 +451,7 @@ def test_a_zombie_member_that_wakes_mid_batch_records_nothing(
     school: DogSchool, mirror: Mirror, create_topic: Any, kafka_config: dict[str, Any]
 ) -> None:
     topic = create_topic(partitions=1)
-    dogs = populate(school, 40, 5)
-    total = school.recorder.max_notification_id()
-    relay_all(school, topic, kafka_config, partitions=1)
+    dogs, total = published(school, topic, kafka_config, 40, 5)
     zombie_app = Mirror(env=mirror.env)  # another process's follower object
     sink = StallingSink(zombie_app)
     zombie = adapter(zombie_app, topic, {**kafka_config, "max.poll.interval.ms": 7000}, sink=sink)

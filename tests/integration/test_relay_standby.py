@@ -44,6 +44,34 @@ def run_in_thread(relay: Relay) -> threading.Thread:
     return thread
 
 
+def stop_relays(relays: Any, threads: list[threading.Thread]) -> None:
+    for relay in relays:
+        relay.stop()
+    for thread in threads:
+        thread.join(30)
+
+
+def start_pair(
+    app: Any, first: Relay, second: Relay, events: int, threads: list[threading.Thread]
+) -> None:
+    """Run ``first`` until it published ``events`` new events, then ``second`` (standing by)."""
+    threads.append(run_in_thread(first))
+    write_events(app, events)
+    wait_for(lambda: first.status().published == events, 30, "first relay publishes")
+    threads.append(run_in_thread(second))
+    wait_for(lambda: second.status().standby, 30, "second relay stands by")
+
+
+def settle(relays: list[Relay], published: int, timeout: float) -> None:
+    """Wait until ``relays`` published ``published`` events in all, one active, one standing by."""
+    wait_for(lambda: sum(r.status().published for r in relays) >= published, timeout, "published")
+    wait_for(
+        lambda: sorted(r.status().standby for r in relays) == [False, True],
+        30,
+        "one relay active, one standing by",
+    )
+
+
 def test_a_second_relay_stands_by_and_takes_over_when_the_first_stops(
     postgres_db, kafka_config, create_topic
 ):
@@ -60,12 +88,9 @@ def test_a_second_relay_stands_by_and_takes_over_when_the_first_stops(
     def active(registry: CollectorRegistry) -> float | None:
         return registry.get_sample_value("esbridge_relay_active", {"app": "Ledger", "topic": topic})
 
-    threads = [run_in_thread(first)]
+    threads: list[threading.Thread] = []
     try:
-        write_events(app, 100)
-        wait_for(lambda: first.status().published == 100, 30, "first relay publishes")
-        threads.append(run_in_thread(second))
-        wait_for(lambda: second.status().standby, 30, "second relay stands by")
+        start_pair(app, first, second, 100, threads)
         write_events(app, 100)
         wait_for(lambda: first.status().published == 200, 30, "first relay goes on")
         time.sleep(1.0)  # the standby had time to do harm, if it could
@@ -80,10 +105,7 @@ def test_a_second_relay_stands_by_and_takes_over_when_the_first_stops(
         assert not second.status().standby and second.status().position == 300
         assert [active(registry) for registry in registries] == [0, 1]
     finally:
-        for relay in (first, second):
-            relay.stop()
-        for thread in threads:
-            thread.join(30)
+        stop_relays((first, second), threads)
         app.close()
     assert first.status().error is None and second.status().error is None
     check_exactly_once_in_order(read_all(kafka_config, topic, 300), db_ids(postgres_db.dsn), 3)
@@ -144,20 +166,84 @@ def test_after_a_postgres_restart_one_relay_publishes_each_event_once(
         app.close()
         app = ledger(postgres_db.env)
         write_events(app, 100)
-        wait_for(lambda: sum(r.status().published for r in relays) >= 200, 60, "after restart")
-        wait_for(
-            lambda: sorted(r.status().standby for r in relays) == [False, True],
-            30,
-            "one relay active, one standing by",
-        )
+        settle(relays, 200, 60)
     finally:
-        for relay in relays:
-            relay.stop()
-        for thread in threads:
-            thread.join(30)
+        stop_relays(relays, threads)
         app.close()
     assert [r.status().error for r in relays] == [None, None]
     check_exactly_once_in_order(read_all(kafka_config, topic, 200), db_ids(postgres_db.dsn), 3)
+
+
+class RelayPair:
+    """Two ``esbridge relay`` processes of one relay id while a writer appends events.
+
+    ``writer``: the arguments of ``relay_support write`` (events, per save,
+    rate); ``settings``: relay tunings (``NAME=VALUE``) of both relays.
+    """
+
+    def __init__(
+        self, postgres_db, kafka_broker, topic, tmp_path, writer: list[str], *settings: str
+    ) -> None:
+        self.dsn = postgres_db.dsn
+        self.kafka_broker = kafka_broker
+        self.topic = topic
+        self.tmp_path = tmp_path
+        self.settings = settings
+        self.relay_id = f"esbridge-relay.ledger.{topic}"
+        self.env = subprocess_env(postgres_db, kafka_broker)
+        self.logs: dict[int, Path] = {}
+        self._writer_log = open(tmp_path / "writer.log", "wb")  # noqa: SIM115
+        self.writer = subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.relay_support", "write", *writer],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._writer_log,
+            stderr=self._writer_log,
+        )
+        self.relays = [self.start(), self.start()]
+
+    def start(self) -> subprocess.Popen[bytes]:
+        path = self.tmp_path / f"relay-{len(self.logs)}.log"
+        with open(path, "wb") as log_file:
+            process = _start_relay(self.env, self.topic, log_file, *self.settings)
+        self.logs[process.pid] = path
+        return process
+
+    def holder_pid(self) -> int | None:
+        return lease_holder_pid(self.dsn, self.relay_id)
+
+    def roles(self) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+        """(the relay holding the lease, the other one), once one holds it."""
+        pid = wait_for(self.holder_pid, 60, "a relay holds the lease")
+        active = next(p for p in self.relays if p.pid == pid)
+        return active, next(p for p in self.relays if p is not active)
+
+    def check_running(self) -> None:
+        for p in self.relays:
+            assert p.poll() is None, f"a relay exited ({p.returncode})"
+
+    def finish(self) -> tuple[list[Any], list[Any]]:
+        """Wait for the writer, read the topic, stop both relays: (records, log rows)."""
+        assert self.writer.wait(180) == 0
+        expected = db_ids(self.dsn)
+        records = read_all(
+            self.kafka_broker.config(), self.topic, len(expected), timeout=90, quiet=3
+        )
+        for p in self.relays:
+            p.send_signal(signal.SIGTERM)
+        assert [p.wait(30) for p in self.relays] == [0, 0]
+        return records, expected
+
+    def close(self) -> None:
+        """End what still runs (frozen processes too) and check that no relay was fenced."""
+        for p in [*self.relays, self.writer]:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                _kill(p)
+        self._writer_log.close()
+
+    def fenced(self) -> list[str]:
+        return [path.name for path in self.logs.values() if b"fenced" in path.read_bytes()]
 
 
 KILLS = 6
@@ -172,56 +258,24 @@ def test_kill_9_of_the_active_relay_hands_over_to_the_standby(
     again (as the standby). No relay is ever fenced; each notification arrives once."""
     ledger(postgres_db.env).close()  # the tables
     topic = create_topic(partitions=PARTITIONS)
-    relay_id = f"esbridge-relay.ledger.{topic}"
-    env = subprocess_env(postgres_db, kafka_broker)
     rng = random.Random(20261201)
-    logs: list[Path] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        path = tmp_path / f"relay-{len(logs)}.log"
-        logs.append(path)
-        with open(path, "wb") as log_file:
-            return _start_relay(env, topic, log_file)
-
-    def holder_pid() -> int | None:
-        return lease_holder_pid(postgres_db.dsn, relay_id)
-
-    writer_log = open(tmp_path / "writer.log", "wb")  # noqa: SIM115
-    writer = subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.relay_support", "write", "20000", "50", "800"],
-        cwd=ROOT,
-        env=env,
-        stdout=writer_log,
-        stderr=writer_log,
-    )
-    relays = [start(), start()]
+    pair = RelayPair(postgres_db, kafka_broker, topic, tmp_path, ["20000", "50", "800"])
     takeovers: list[float] = []
     try:
         for _ in range(KILLS):
-            pid = wait_for(holder_pid, 60, "a relay holds the lease")
-            active = next(p for p in relays if p.pid == pid)
-            other = next(p for p in relays if p.pid != pid)
+            active, other = pair.roles()
             time.sleep(rng.uniform(0.2, 1.5))  # publishing (or starting to)
             killed = time.monotonic()
             _kill(active)
-            wait_for(lambda other=other: holder_pid() == other.pid, 30, "the standby takes over")
+            wait_for(lambda o=other: pair.holder_pid() == o.pid, 30, "the standby takes over")
             takeovers.append(time.monotonic() - killed)
-            for p in relays:
-                assert p is active or p.poll() is None, f"a relay exited ({p.returncode})"
-            relays = [other, start()]
-        assert writer.wait(180) == 0
-        expected = db_ids(postgres_db.dsn)
-        records = read_all(kafka_broker.config(), topic, len(expected), timeout=90, quiet=3)
-        for p in relays:
-            p.send_signal(signal.SIGTERM)
-        assert [p.wait(30) for p in relays] == [0, 0]
+            pair.relays = [other]
+            pair.check_running()
+            pair.relays.append(pair.start())
+        records, expected = pair.finish()
     finally:
-        for p in [*relays, writer]:
-            if p.poll() is None:
-                _kill(p)
-        writer_log.close()
-    fenced = [path.name for path in logs if b"fenced" in path.read_bytes()]
-    assert not fenced, f"relays were fenced (a standby published): {fenced}"
+        pair.close()
+    assert not pair.fenced(), f"relays were fenced (a standby published): {pair.fenced()}"
     print(f"takeover after kill -9 (s): {', '.join(f'{t:.2f}' for t in takeovers)}")
     assert max(takeovers) < 10
     check_exactly_once_in_order(records, expected, PARTITIONS)
@@ -234,22 +288,16 @@ def test_an_idle_relay_keeps_its_lease_past_its_expiry(postgres_db, kafka_config
     app = ledger(postgres_db.env)
     options: dict[str, Any] = {"poll_interval": 30, "lease_check": 0.5, "lease_expiry": 2}
     first, second = (ledger_relay(postgres_db, kafka_config, topic, **options) for _ in range(2))
-    threads = [run_in_thread(first)]
+    threads: list[threading.Thread] = []
     try:
-        write_events(app, 10)
-        wait_for(lambda: first.status().published == 10, 30, "first relay publishes")
-        threads.append(run_in_thread(second))
-        wait_for(lambda: second.status().standby, 30, "second relay stands by")
+        start_pair(app, first, second, 10, threads)
         time.sleep(6)  # three expiries of an idle first relay
         assert second.status().standby and not first.status().standby
         write_events(app, 10)  # NOTIFY wakes the first relay before its next poll
         wait_for(lambda: first.status().published == 20, 30, "first relay goes on")
         assert second.status().published == 0
     finally:
-        for relay in (first, second):
-            relay.stop()
-        for thread in threads:
-            thread.join(30)
+        stop_relays((first, second), threads)
         app.close()
     assert first.status().error is None and second.status().error is None
     check_exactly_once_in_order(read_all(kafka_config, topic, 20), db_ids(postgres_db.dsn), 1)
@@ -276,63 +324,30 @@ def test_a_frozen_relay_loses_its_lease_to_the_standby_and_stands_by_when_it_wak
     each notification arrives once, in order."""
     ledger(postgres_db.env).close()  # the tables
     topic = create_topic(partitions=PARTITIONS)
-    relay_id = f"esbridge-relay.ledger.{topic}"
-    env = subprocess_env(postgres_db, kafka_broker)
     rng = random.Random(20261202)
-    logs: list[Path] = []
     settings = ("lease_check=0.5", f"lease_expiry={EXPIRY}")
-
-    def start() -> subprocess.Popen[bytes]:
-        path = tmp_path / f"relay-{len(logs)}.log"
-        logs.append(path)
-        with open(path, "wb") as log_file:
-            return _start_relay(env, topic, log_file, *settings)
-
-    def holder_pid() -> int | None:
-        return lease_holder_pid(postgres_db.dsn, relay_id)
-
-    writer_log = open(tmp_path / "writer.log", "wb")  # noqa: SIM115
-    writer = subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.relay_support", "write", "8000", "20", "400"],
-        cwd=ROOT,
-        env=env,
-        stdout=writer_log,
-        stderr=writer_log,
-    )
-    relays = [start(), start()]
+    pair = RelayPair(postgres_db, kafka_broker, topic, tmp_path, ["8000", "20", "400"], *settings)
     takeovers: list[float] = []
     try:
         for _ in range(FREEZES):
-            pid = wait_for(holder_pid, 60, "a relay holds the lease")
-            active = next(p for p in relays if p.pid == pid)
-            other = next(p for p in relays if p.pid != pid)
+            active, other = pair.roles()
             time.sleep(rng.uniform(0.5, 2.0))  # publishing
             frozen = time.monotonic()
             os.kill(active.pid, signal.SIGSTOP)
             try:
-                wait_for(lambda other=other: holder_pid() == other.pid, EXPIRY + 30, "takeover")
+                wait_for(lambda o=other: pair.holder_pid() == o.pid, EXPIRY + 30, "takeover")
                 takeovers.append(time.monotonic() - frozen)
                 time.sleep(rng.uniform(0.0, 2.0))  # the new holder publishes
             finally:
                 os.kill(active.pid, signal.SIGCONT)
-            log_path = logs[relays.index(active)]
+            log_path = pair.logs[active.pid]
             wait_for(lambda p=log_path: b"lost its lease" in p.read_bytes(), 30, "woken relay")
             time.sleep(1.0)  # what a woken relay might do wrong, it has done by now
-            assert holder_pid() == other.pid, "the woken relay took the lease back"
-            for p in relays:
-                assert p.poll() is None, f"a relay exited ({p.returncode})"
-        assert writer.wait(180) == 0
-        expected = db_ids(postgres_db.dsn)
-        records = read_all(kafka_broker.config(), topic, len(expected), timeout=90, quiet=3)
-        for p in relays:
-            p.send_signal(signal.SIGTERM)
-        assert [p.wait(30) for p in relays] == [0, 0]
+            assert pair.holder_pid() == other.pid, "the woken relay took the lease back"
+            pair.check_running()
+        records, expected = pair.finish()
     finally:
-        for p in [*relays, writer]:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGCONT)
-                _kill(p)
-        writer_log.close()
+        pair.close()
     print(f"takeover after SIGSTOP (s): {', '.join(f'{t:.2f}' for t in takeovers)}")
     assert min(takeovers) > EXPIRY - 1 and max(takeovers) < EXPIRY + 10
     check_exactly_once_in_order(records, expected, PARTITIONS)
@@ -356,10 +371,7 @@ def test_a_relay_that_cannot_reach_kafka_never_takes_the_lease(
         wait_for(lambda: right.status().published == 20, 30, "the relay that reaches Kafka")
         assert wrong.status().published == 0
     finally:
-        for relay in (wrong, right):
-            relay.stop()
-        for thread in threads:
-            thread.join(30)
+        stop_relays((wrong, right), threads)
         app.close()
     assert right.status().error is None
     assert wrong.status().error is None  # stopped while waiting for its broker: no error
@@ -385,13 +397,10 @@ def test_a_holder_that_cannot_reach_kafka_gives_its_lease_to_the_standby(
         "max_retry_delay": 1,
     }
     relays = [ledger_relay(postgres_db, kafka_config, topic, **options) for _ in range(2)]
-    threads = [run_in_thread(relays[0])]
+    threads: list[threading.Thread] = []
     holders: set[int] = set()
     try:
-        write_events(app, 50)
-        wait_for(lambda: relays[0].status().published == 50, 30, "first relay publishes")
-        threads.append(run_in_thread(relays[1]))
-        wait_for(lambda: relays[1].status().standby, 30, "second relay stands by")
+        start_pair(app, relays[0], relays[1], 50, threads)
         kafka_broker.stop()
         try:
             write_events(app, 50)  # the holder fails to publish these
@@ -402,17 +411,9 @@ def test_a_holder_that_cannot_reach_kafka_gives_its_lease_to_the_standby(
         finally:
             kafka_broker.start()
         assert holders == {0, 1}, "the lease never passed to the standby"
-        wait_for(lambda: sum(r.status().published for r in relays) == 100, 90, "published")
-        wait_for(
-            lambda: sorted(r.status().standby for r in relays) == [False, True],
-            30,
-            "one relay active, one standing by",
-        )
+        settle(relays, 100, 90)
     finally:
-        for relay in relays:
-            relay.stop()
-        for thread in threads:
-            thread.join(30)
+        stop_relays(relays, threads)
         app.close()
     assert [r.status().error for r in relays] == [None, None]
     check_exactly_once_in_order(read_all(kafka_config, topic, 100), db_ids(postgres_db.dsn), 2)
