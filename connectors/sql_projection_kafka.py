@@ -115,8 +115,9 @@ class UnreadableMessageError(MessageFormatError):
     """
 
 
-def notification_from_message(message: Message) -> Notification:
-    """The upstream notification a relay payload message carries (default format only).
+def notification_from_message(message: Message) -> tuple[Notification, int]:
+    """The upstream notification a relay payload message carries (default format only),
+    and the id of the notification before it in its partition (``esb_prev_nid``).
 
     Raises :class:`UnreadableMessageError` for a message that carries no
     readable notification, and :class:`MessageFormatError` for a topic that is
@@ -141,13 +142,14 @@ def notification_from_message(message: Message) -> Notification:
         originator_id: Any = uuid.UUID(meta.originator_id)
     except ValueError:
         originator_id = meta.originator_id
-    return Notification(
+    notification = Notification(
         id=meta.nid,
         originator_id=originator_id,
         originator_version=meta.originator_version,
         topic=meta.topic,
         state=message.value() or b"",
     )
+    return notification, meta.prev_nid
 
 
 def wire_error(what: str, message: Message) -> EsbridgeError:
@@ -318,12 +320,10 @@ class KafkaProjectionFeed:
             assert p is not None
             offsets[p] = (m.offset() or 0) + 1
             try:
-                n = notification_from_message(m)
+                n, prev = notification_from_message(m)
             except UnreadableMessageError as e:
                 self._skip(e)
                 continue
-            headers = wire.headers_dict(cast(Any, m.headers()))
-            prev = int(headers[wire.H_PREV_NID])
             order = self._orders[p]
             offer = order.offer(n.id, prev, n, time.monotonic())
             self.duplicates += offer.duplicates
