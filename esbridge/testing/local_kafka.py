@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from esbridge.errors import HarnessError
@@ -62,11 +63,18 @@ class LocalKafkaBroker(KafkaBroker):
 
     Ports are chosen once, so a restart keeps the address and the data
     (``log.dirs`` lives in a temporary directory removed by :meth:`close`).
+    ``properties``: broker settings that replace the harness's (for a test that
+    needs a broker configured otherwise, e.g. one that cannot do transactions).
     """
 
     backend = "local"
 
-    def __init__(self, heap: str = "768m", internal_partitions: int = 4) -> None:
+    def __init__(
+        self,
+        heap: str = "768m",
+        internal_partitions: int = 4,
+        properties: Mapping[str, str] | None = None,
+    ) -> None:
         self.java = java_executable()
         self.libs, self.version = kafka_libs()
         self.port = free_port()
@@ -85,6 +93,7 @@ class LocalKafkaBroker(KafkaBroker):
                 log_dir=self.base / "data",
                 internal_partitions=internal_partitions,
             )
+            + "".join(f"{name}={value}\n" for name, value in (properties or {}).items())
         )
         shutil.copy(Path(__file__).with_name("log4j2.xml"), self.base / "log4j2.xml")
         self._format_storage()

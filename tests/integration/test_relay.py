@@ -342,3 +342,55 @@ def test_a_second_relay_with_the_same_id_fences_the_first(postgres_db, kafka_con
             first.publish_available()
         assert second.publish_available() == 50
     check_exactly_once_in_order(read_all(kafka_config, topic, 200), db_ids(postgres_db.dsn), 3)
+
+
+def test_a_broker_without_transactions_is_refused_before_publishing(postgres_db, topic_name):
+    """A real single broker whose transaction log needs 3 replicas cannot do transactions:
+    exactly-once refuses it with a clear error (nothing published); at-least-once works."""
+    from esbridge.testing.local_kafka import LocalKafkaBroker
+
+    broker = LocalKafkaBroker(
+        heap="256m", properties={"transaction.state.log.replication.factor": "3"}
+    )
+    try:
+        broker.start()
+        kafka = broker.config()
+        write_events(ledger(postgres_db.env), 20)
+        relay = ledger_relay(postgres_db, kafka, topic_name, partitions=1, init_timeout=5)
+        try:
+            with pytest.raises(ConfigurationError, match="may not support transactions"):
+                relay.publish_available()
+        finally:
+            relay.close()
+        assert read_all(kafka, topic_name, timeout=2, isolation="read_uncommitted") == []
+        at_least_once = ledger_relay(
+            postgres_db, kafka, topic_name, partitions=1, exactly_once=False, relay_id="alo"
+        )
+        assert publish_and_close(at_least_once) == 20
+    finally:
+        broker.close()
+
+
+def test_a_first_start_whose_broker_is_gone_is_an_outage_not_a_configuration_error():
+    """init_transactions times out because no broker answers (it went away after the relay
+    checked its topics): retried as an outage, not reported as a broker without transactions."""
+    from esbridge.relay_messages import PayloadEncoder
+    from esbridge.relay_publisher import KafkaPublisher, TransientPublishError
+
+    publisher = KafkaPublisher(
+        {"bootstrap.servers": "127.0.0.1:9"},  # nothing listens there
+        app=APP_NAME,
+        topic="t",
+        position_topic="t.position",
+        relay_id="gone",
+        encoder=PayloadEncoder(APP_NAME, 1),
+        num_partitions=1,
+        exactly_once=True,
+        transactional_id="gone",
+        init_timeout=2,
+    )
+    try:
+        with pytest.raises(TransientPublishError, match="init_transactions"):
+            publisher.start(first=True)
+    finally:
+        publisher.close()

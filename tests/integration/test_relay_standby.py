@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from esbridge.errors import ConfigurationError, RelayStandbyError
+from esbridge.errors import ConfigurationError, RelayFencedError, RelayStandbyError
 from esbridge.relay import Relay
 from tests.integration.relay_support import (
     ROOT,
@@ -417,3 +417,46 @@ def test_a_holder_that_cannot_reach_kafka_gives_its_lease_to_the_standby(
         app.close()
     assert [r.status().error for r in relays] == [None, None]
     check_exactly_once_in_order(read_all(kafka_config, topic, 100), db_ids(postgres_db.dsn), 2)
+
+
+def test_a_holder_fenced_once_goes_on_and_fenced_twice_in_a_minute_stops(
+    postgres_db, kafka_config, create_topic
+):
+    """Fenced while it holds its lease: once (a woken relay that lost its lease does that)
+    the holder restarts its producer; twice within a minute, another relay publishes with
+    its id without a lease, and the holder stops saying so instead of fencing for ever."""
+    topic = create_topic(partitions=1)
+    app = ledger(postgres_db.env)
+    holder = ledger_relay(postgres_db, kafka_config, topic, poll_interval=0.2, linger=0)
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            holder.run()
+        except RelayFencedError as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def intrude() -> None:
+        intruder = ledger_relay(postgres_db, kafka_config, topic, standby=False)
+        intruder.prepare()  # init_transactions with the holder's transactional.id
+        intruder.close()
+
+    try:
+        write_events(app, 10)
+        wait_for(lambda: holder.status().published == 10, 30, "holder publishes")
+        intrude()
+        write_events(app, 10)  # the holder's next transaction finds itself fenced
+        wait_for(lambda: holder.status().published == 20, 30, "holder goes on")
+        intrude()
+        write_events(app, 10)
+        thread.join(30)
+        assert not thread.is_alive()
+        assert raised and "fenced twice within a minute" in str(raised[0])
+    finally:
+        stop_relays([holder], [thread])
+        app.close()
+    records = read_all(kafka_config, topic, 20)
+    check_exactly_once_in_order(records, db_ids(postgres_db.dsn)[:20], 1)
