@@ -8,12 +8,12 @@ attempts reach it (including attempts whose answer was lost to a timeout).
 Classification of an attempt's result:
 
 * 2xx: success.
-* 408, 425, 429, 5xx, timeouts, connection errors: *retryable*, up to
+* 408, 425, 429, 500, 502, 503, 504, timeouts, connection errors: *retryable*, up to
   ``RetryPolicy.max_attempts`` attempts, waiting an exponential backoff with
   full jitter between them, or the server's ``Retry-After`` (seconds or an
   HTTP date) on 429/503 when it says so (capped at ``max_retry_after``).
-* any other status (4xx, 3xx): *permanent*: the request itself is wrong,
-  repeating it cannot help.
+* any other status (4xx, 3xx, and 5xx such as 501 Not Implemented or 505):
+  *permanent*: the request itself is wrong, repeating it cannot help.
 
 Waiting while the circuit breaker is open is not an attempt, and neither is
 an attempt that cannot connect at all (connection refused, connect timeout):

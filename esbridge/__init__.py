@@ -9,6 +9,7 @@ plugin in :mod:`esbridge.testing`; connectors live in ``esbridge_connectors``.
 
 from esbridge.consumer import ConsumerAdapter, ConsumerStatus, tracking_names
 from esbridge.errors import (
+    BrokerUnavailable,
     ConfigurationError,
     ConsumerError,
     EsbridgeError,
@@ -24,6 +25,7 @@ from esbridge.relay import Relay, RelayStatus
 from esbridge.runner import KafkaRunner, SystemRunnerError
 
 __all__ = [
+    "BrokerUnavailable",
     "ConfigurationError",
     "ConsumerAdapter",
     "ConsumerError",

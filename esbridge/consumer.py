@@ -61,6 +61,7 @@ from esbridge import gc_pause, wire
 from esbridge.consumer_metrics import ConsumerMetrics
 from esbridge.deadletter import REASON_HELD_BEHIND, REASON_MALFORMED, REASON_POLICY
 from esbridge.errors import (
+    BrokerUnavailable,
     ConfigurationError,
     ConsumerError,
     GapNotReconciledError,
@@ -81,7 +82,6 @@ from esbridge.processing import (
 )
 from esbridge.reconcile import PartitionOrder
 from esbridge.relay_messages import key_partitioner
-from esbridge.topics import BrokerUnavailable
 
 log = logging.getLogger("esbridge.consumer")
 

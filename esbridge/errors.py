@@ -20,6 +20,15 @@ class ConfigurationError(EsbridgeError):
     """
 
 
+class BrokerUnavailable(ConfigurationError):
+    """No Kafka broker answered within the time allowed (``connect_timeout``).
+
+    A configuration error because, after that long, the usual cause is a wrong
+    ``bootstrap.servers`` (``KAFKA_BOOTSTRAP_SERVERS``) or a broker that was
+    never started; the message names the servers tried.
+    """
+
+
 class MessageFormatError(EsbridgeError):
     """A Kafka message is not in esbridge's message format (or another version).
 

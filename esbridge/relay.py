@@ -44,6 +44,7 @@ from prometheus_client import CollectorRegistry
 
 from esbridge import wire
 from esbridge.errors import (
+    BrokerUnavailable,
     ConfigurationError,
     EsbridgeError,
     RelayError,
@@ -61,7 +62,6 @@ from esbridge.relay_position import POSITION_TOPIC_CONFIG, default_position_topi
 from esbridge.relay_publisher import KafkaPublisher, TransientPublishError
 from esbridge.relay_reader import read_pages_for_publishing
 from esbridge.topics import (
-    BrokerUnavailable,
     admin_client,
     ensure_topic,
     topic_setting,

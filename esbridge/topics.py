@@ -16,13 +16,9 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from esbridge.errors import ConfigurationError
+from esbridge.errors import BrokerUnavailable, ConfigurationError
 
 log = logging.getLogger(__name__)
-
-
-class BrokerUnavailable(ConfigurationError):
-    """No broker answered within the time allowed (check ``bootstrap.servers``)."""
 
 
 def admin_client(config: Mapping[str, Any]) -> AdminClient:

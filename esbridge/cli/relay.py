@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--relay-id",
-        help="transactional.id and position key (default esbridge-relay.<app>.<topic>)",
+        help="transactional.id and position key (default esbridge-relay.<app, lower case>.<topic>)",
     )
     parser.add_argument(
         "--at-least-once",
@@ -136,7 +136,8 @@ def relay_command(args: argparse.Namespace) -> int:
     app = application_name(args.app)
     topic = args.topic or f"esbridge.{app.lower()}"
     tuning = parse_tuning(args.set)
-    tuning["create_topics"] = not args.no_create_topics
+    if args.no_create_topics:
+        tuning["create_topics"] = False
     if args.no_standby:
         tuning["standby"] = False
     if args.replication_factor:
