@@ -9,6 +9,7 @@ skipped (use it only for shell-like fragments that cannot run here).
 
 from __future__ import annotations
 
+import gc
 import re
 import sys
 import types
@@ -37,6 +38,13 @@ def test_doc_examples_run(path, postgres_db, kafka_broker, monkeypatch, tmp_path
     # A real module, so that eventsourcing can resolve the topics of classes defined here.
     module = types.ModuleType(f"esbridge_doc_{path.stem.lower().replace('-', '_')}")
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    for i, block in enumerate(python_blocks(path)):
-        code = compile(block, f"{path.name}[block {i + 1}]", "exec")
-        exec(code, module.__dict__)
+    try:
+        for i, block in enumerate(python_blocks(path)):
+            code = compile(block, f"{path.name}[block {i + 1}]", "exec")
+            exec(code, module.__dict__)
+    finally:
+        # The examples' functions keep their namespace alive, and with it any Kafka client
+        # they made (an AdminClient cannot be closed): those would go on trying to reach
+        # the broker after the harness stops it, filling the log with "Connect failed".
+        module.__dict__.clear()
+        gc.collect()
