@@ -4,7 +4,9 @@
 
 Starts its own PostgreSQL and Kafka (esbridge.testing; or external servers named
 by ESBRIDGE_POSTGRES_DSN / ESBRIDGE_KAFKA_BOOTSTRAP), stores a backlog of
-200-byte events, then, in the same run:
+200-byte events, warms the broker up (one untimed bare-producer pass over the
+same messages: a fresh JVM runs the first ~200,000 messages slower, which
+otherwise fell on the relay's first run only), then, in the same run:
 
 1. relay events/s (payload mode, exactly once) publishing the backlog, and a bare
    confluent-kafka producer sending the same messages (same keys, values,
@@ -268,6 +270,9 @@ def main() -> None:
         store_backlog(env, db.dsn, args.events)
         print(f"backlog: {args.events} events of {EVENT_BYTES} B ({time.perf_counter() - t:.1f} s)")
         messages = prebuilt_messages(env, args.partitions, 25_000)
+        warm_up = bare_run(kafka, create_topic(broker, args.partitions), messages, args.events)
+        CPU["bare"].clear()
+        print(f"broker warm-up (bare producer, untimed): {warm_up:,.0f} msg/s")
         relay_rates, bare_rates = [], []
         for run in range(args.runs):
             relay_rates.append(
