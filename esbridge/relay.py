@@ -61,12 +61,7 @@ from esbridge.relay_metrics import RelayMetrics
 from esbridge.relay_position import POSITION_TOPIC_CONFIG, default_position_topic
 from esbridge.relay_publisher import KafkaPublisher, TransientPublishError
 from esbridge.relay_reader import read_pages_for_publishing
-from esbridge.topics import (
-    admin_client,
-    ensure_topic,
-    topic_setting,
-    wait_for_broker,
-)
+from esbridge.topics import admin_client, ensure_topic, topic_setting, wait_for_broker
 
 log = logging.getLogger(__name__)
 
