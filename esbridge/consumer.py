@@ -19,7 +19,8 @@ upstream event has its effect exactly once:
 * **poison** messages (undecodable, unknown event type, a policy that keeps
   raising) are retried, then parked in the dead-letter table in the same
   transaction that moves the position past them; later messages of the same
-  key are parked behind them (``held_behind``) so per-aggregate order holds.
+  key are parked behind them (``held_behind``) so per-aggregate order holds
+  (:mod:`esbridge.batch_commit`).
 
 Tracking names: a single-partition topic (and prompt mode) records under the
 upstream application's name, exactly like the library's runners, so a system
@@ -53,13 +54,14 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
-from eventsourcing.persistence import ApplicationRecorder, IntegrityError, Notification, Tracking
+from eventsourcing.persistence import ApplicationRecorder, Notification, Tracking
 from eventsourcing.system import Follower
 from prometheus_client import CollectorRegistry
 
 from esbridge import gc_pause, wire
+from esbridge.batch_commit import Abandoned, BatchCommitter, ConsumerCounts
 from esbridge.consumer_metrics import ConsumerMetrics
-from esbridge.deadletter import REASON_HELD_BEHIND, REASON_MALFORMED, REASON_POLICY
+from esbridge.deadletter import REASON_MALFORMED
 from esbridge.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -76,9 +78,7 @@ from esbridge.processing import (
     Source,
     Step,
     StepFactory,
-    StepFailed,
     UpstreamDecoder,
-    iter_batches,
 )
 from esbridge.reconcile import PartitionOrder
 from esbridge.relay_messages import key_partitioner
@@ -147,17 +147,6 @@ class _Partition:
     resume_offset: int  # where reading may safely start again (Kafka offset)
     last_offset: int = -1  # last offset consumed
     last_timestamp: float = 0.0
-
-
-@dataclass
-class _Counts:
-    processed: int = 0
-    duplicates: int = 0
-    gaps: int = 0
-    reconciled: int = 0
-    batches: int = 0
-    parked: int = 0
-    dead_letters: int = 0
 
 
 @dataclass
@@ -258,17 +247,27 @@ class ConsumerAdapter:
         self._parts: dict[int, _Partition] = {}
         self._pending_assign: list[TopicPartition] | None = None
         self._positions: dict[str, int] = {}  # committed positions (the CAS "expected")
-        self._counts = _Counts()
+        self._counts = ConsumerCounts()
         self._stop = threading.Event()
         self._running = False
         self._error: str | None = None
-        self._parked_in_db = 0
-        self._dlq_checked = 0.0
         self._prompted = True
         self._last_pull = 0.0
         self._partition_of: Callable[[bytes], int] = lambda key: 0
         self._lock = threading.Lock()
         self._last_lag: tuple[int, float] = (0, 0.0)
+        self._committer = BatchCommitter(
+            sink=self._sink,
+            steps=self.steps,
+            follower=follower.name,
+            upstream=upstream,
+            tuning=self.tuning,
+            positions=self._positions,
+            counts=self._counts,
+            metrics=self.metrics,
+            retry_db=self._retry_db,
+            stop=self._stop,
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -279,7 +278,7 @@ class ConsumerAdapter:
             self._start()
             while not self._stop.is_set():
                 self._poll_once(self.tuning.poll_timeout)
-        except _Abandoned:
+        except Abandoned:
             pass
         except BaseException as e:
             self._error = f"{type(e).__name__}: {e}"
@@ -417,7 +416,7 @@ class ConsumerAdapter:
         servers = self.kafka_config.get("bootstrap.servers")
         limit = self.tuning.connect_timeout
         if self._stop.is_set():
-            raise _Abandoned("stopped while waiting for the broker")
+            raise Abandoned("stopped while waiting for the broker")
         if limit is not None and waited >= limit:
             raise BrokerUnavailable(
                 f"no Kafka broker answered at {servers!r} within {waited:.0f} s ({error}); "
@@ -706,128 +705,12 @@ class ConsumerAdapter:
     # -- committing batches ----------------------------------------------------------
 
     def _commit(self, steps: Sequence[Step]) -> bool:
-        """Apply ``steps`` in batches; False when another consumer got there first (resynced)."""
-        try:
-            for batch in iter_batches(steps, self.tuning.batch_size):
-                self._apply_parking(list(batch))
-        except IntegrityError as e:
-            log.warning("%s: re-reading positions and resuming from them", e)
-            self._resync()
-            return False
-        return True
-
-    def _apply_parking(self, steps: list[Step]) -> None:
-        """Apply ``steps``, retrying then parking a step whose policy keeps failing."""
-        pending = self._hold_behind(steps)
-        while pending:
-            try:
-                self._apply(pending)
-                return
-            except StepFailed as failure:
-                head = pending[: failure.index]
-                failing = pending[failure.index]
-                rest = pending[failure.index + 1 :]
-            if head:
-                self._apply_parking(head)
-            self._retry_or_park(failing)
-            pending = self._hold_behind(rest)
-
-    def _retry_or_park(self, step: Step) -> None:
-        delay = self.tuning.retry_backoff
-        error: BaseException | None = None
-        for _attempt in range(max(1, self.tuning.retries)):
-            try:
-                self._apply([step])
-                return
-            except StepFailed as failure:
-                error = failure.cause
-                log.warning(
-                    "policy failed on %s (retrying in %.1f s): %s", _describe(step), delay, failure
-                )
-            gc_pause.checkpoint()
-            if self._stop.wait(delay):
-                raise _Abandoned("stopped while retrying a failing policy")
-            delay = min(delay * 2, 10.0)
-        source = step.source if isinstance(step.source, Source) else Source(step.key, None)
-        name = step.tracking.application_name if step.tracking else None
-        letter = self.steps.dead_letter(
-            source,
-            name,
-            REASON_POLICY,
-            f"{type(error).__name__}: {error}",
-        )
-        letter.attempts = max(1, self.tuning.retries) + 1
-        log.error("parking %s: %s", _describe(step), letter.error)
-        self._apply([Step(tracking=step.tracking, key=step.key, dead_letter=letter, source=source)])
-
-    def _hold_behind(self, steps: list[Step]) -> list[Step]:
-        """Park steps whose key already has a parked message (per-aggregate order)."""
-        if not self.tuning.park_behind:
-            return steps
-        parked = self._parked_keys(steps)
-        if not parked and not any(s.dead_letter is not None for s in steps):
-            return steps
-        result: list[Step] = []
-        for step in steps:
-            if step.key in parked and step.event is not None:
-                source = step.source if isinstance(step.source, Source) else Source(step.key, None)
-                name = step.tracking.application_name if step.tracking else None
-                letter = self.steps.dead_letter(
-                    source,
-                    name,
-                    REASON_HELD_BEHIND,
-                    "an earlier message of this key is parked; replay it first "
-                    "('esbridge dlq replay')",
-                )
-                step = Step(tracking=step.tracking, key=step.key, dead_letter=letter, source=source)
-            if step.dead_letter is not None:
-                parked.add(step.key)
-            result.append(step)
-        return result
-
-    def _parked_keys(self, steps: Sequence[Step]) -> set[str]:
-        now = time.monotonic()
-        if now - self._dlq_checked > self.tuning.dlq_refresh:
-            store = getattr(self._sink(), "dead_letters", None)
-            if store is not None:
-                count = store.count
-                name = self.follower.name
-                self._parked_in_db = self._retry_db(lambda: count(name))
-                self._counts.dead_letters = self._parked_in_db
-            self._dlq_checked = now
-        if not self._parked_in_db:
-            return set()
-        store = getattr(self._sink(), "dead_letters", None)
-        if store is None:
-            return set()
-        keys = {s.key for s in steps if s.event is not None}
-        return self._retry_db(lambda: store.parked_keys(self.follower.name, self.upstream, keys))
-
-    def _apply(self, steps: Sequence[Step]) -> None:
-        """One transaction; retries transient database errors until it commits or we stop."""
-        expected = {name: self._positions.get(name, 0) for name in self._names_in(steps)}
-        self._retry_db(lambda: self._sink().apply(steps, expected))
-        processed = 0
-        for step in steps:
-            if step.tracking is not None:
-                name = step.tracking.application_name
-                self._positions[name] = max(
-                    self._positions.get(name, 0), step.tracking.notification_id
-                )
-                processed += 1
-            if step.dead_letter is not None:
-                self._counts.parked += 1
-                self._parked_in_db += 1
-                self._counts.dead_letters += 1
-                self.metrics.parked.inc()
-        self._counts.processed += processed
-        self._counts.batches += 1
-        self.metrics.processed.inc(processed)
-        self.metrics.batches.inc()
-
-    @staticmethod
-    def _names_in(steps: Sequence[Step]) -> set[str]:
-        return {s.tracking.application_name for s in steps if s.tracking is not None}
+        """Record ``steps`` (:mod:`esbridge.batch_commit`); on a collision with another
+        consumer's writes, restart every partition from its Postgres position: False."""
+        if self._committer.commit(steps):
+            return True
+        self._resync()
+        return False
 
     def _retry_db(self, call: Callable[[], Any]) -> Any:
         """``call()``, retried with backoff while Postgres is unreachable (restarts)."""
@@ -857,7 +740,7 @@ class ConsumerAdapter:
             )
         except PostgresUnavailableError as e:
             if self._stop.is_set():
-                raise _Abandoned(str(e)) from e
+                raise Abandoned(str(e)) from e
             raise
 
     def _resync(self) -> None:
@@ -1005,19 +888,3 @@ def _raw_headers(message: Message) -> list[tuple[str, bytes | None]]:
     """
     headers: Any = message.headers()
     return headers or []
-
-
-class _Abandoned(Exception):
-    """Stop was requested in the middle of a batch: nothing of it was recorded."""
-
-
-def _describe(step: Step) -> str:
-    source = step.source
-    if isinstance(source, Source):
-        where = (
-            f" ({source.kafka_topic}[{source.kafka_partition}]@{source.kafka_offset})"
-            if source.kafka_topic
-            else ""
-        )
-        return f"notification {source.nid} of key {source.key}{where}"
-    return f"message of key {step.key}"
