@@ -24,9 +24,10 @@ import pytest
 from eventsourcing.persistence import StoredEvent
 
 from esbridge import gc_pause, wire
+from esbridge.batch_repository import copy_aggregate
 from esbridge.errors import MessageFormatError
 from esbridge.pg_binary import use_binary_stored_events
-from esbridge.processing import copy_aggregate, install_recorder_hook
+from esbridge.processing import install_recorder_hook
 from esbridge.reconcile import PartitionOrder
 from examples.dogschool.application import Counters
 from examples.dogschool.domainmodel import Counter, Dog
