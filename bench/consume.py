@@ -44,7 +44,7 @@ from esbridge.notification_log import read_pages
 from esbridge.partitioning import partition_for_key
 from esbridge.processing import ProcessApplicationSink
 from esbridge.relay import Relay
-from esbridge.runner import new_app
+from esbridge.system_setup import new_app
 from esbridge.testing import make_kafka, make_postgres
 from examples.dogschool.application import Counters, DogSchool
 from examples.dogschool.domainmodel import Counter, Dog

@@ -193,7 +193,8 @@ class SystemProcesses:
 
     def setup(self) -> None:
         """Create every application's tables and every leader's topic."""
-        from esbridge.runner import SystemTopics, ensure_topics, setup_system
+        from esbridge.runner import SystemTopics
+        from esbridge.system_setup import ensure_topics, setup_system
 
         system = example("system").system
         setup_system(system, self.env)

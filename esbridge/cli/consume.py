@@ -86,7 +86,7 @@ def consume(args: argparse.Namespace) -> int:
     from esbridge.kafka_config import load_kafka_config
     from esbridge.metrics import serve_metrics
     from esbridge.postgres_retry import connection_diagnosis, retry_unreachable
-    from esbridge.runner import new_app
+    from esbridge.system_setup import new_app
 
     follower_cls = load_class(args.follower, args.app_dir)
     upstream_cls = load_class(args.upstream_class, args.app_dir) if args.upstream_class else None

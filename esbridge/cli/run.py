@@ -158,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def setup(args: argparse.Namespace, system: Any) -> int:
-    from esbridge.runner import SystemTopics, ensure_topics, setup_system
+    from esbridge.runner import SystemTopics
+    from esbridge.system_setup import ensure_topics, setup_system
 
     setup_system(system)
     names = SystemTopics(args.topic_prefix)

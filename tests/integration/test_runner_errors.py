@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 
+from esbridge.applications import construct_or_close
 from esbridge.cli.run import ESBRIDGE_COMMAND
 from esbridge.errors import ConfigurationError
-from esbridge.runner import KafkaRunner, construct_or_close, load_system, new_app
+from esbridge.runner import KafkaRunner, load_system
+from esbridge.system_setup import new_app
 from examples.orders.system import system as orders_system
 
 KAFKA = {"bootstrap.servers": "127.0.0.1:1"}  # never contacted: these errors come first
