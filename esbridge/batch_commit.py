@@ -96,7 +96,6 @@ class BatchCommitter:
         self._metrics = metrics
         self._retry_db = retry_db
         self._stop = stop
-        self._parked_in_db = 0  # dead letters of this follower, as last counted
         self._dlq_checked = 0.0
 
     def commit(self, steps: Sequence[Step]) -> bool:
@@ -180,18 +179,19 @@ class BatchCommitter:
         return result
 
     def _parked_keys(self, steps: Sequence[Step]) -> set[str]:
-        now = time.monotonic()
-        if now - self._dlq_checked > self._tuning.dlq_refresh:
-            store = getattr(self._sink(), "dead_letters", None)
-            if store is not None:
-                count = store.count
-                self._parked_in_db = self._retry_db(lambda: count(self._follower))
-                self._counts.dead_letters = self._parked_in_db
-            self._dlq_checked = now
-        if not self._parked_in_db:
-            return set()
+        """The keys of ``steps`` that have a parked message (one query, only when any is parked).
+
+        ``counts.dead_letters`` is re-read from the table every ``dlq_refresh``
+        seconds (replays and other consumers change it) and counted up here.
+        """
         store = getattr(self._sink(), "dead_letters", None)
         if store is None:
+            return set()
+        counts, now = self._counts, time.monotonic()
+        if now - self._dlq_checked > self._tuning.dlq_refresh:
+            counts.dead_letters = self._retry_db(lambda: store.count(self._follower))
+            self._dlq_checked = now
+        if not counts.dead_letters:
             return set()
         keys = {s.key for s in steps if s.event is not None}
         return self._retry_db(lambda: store.parked_keys(self._follower, self._upstream, keys))
@@ -211,7 +211,6 @@ class BatchCommitter:
                 processed += 1
             if step.dead_letter is not None:
                 counts.parked += 1
-                self._parked_in_db += 1
                 counts.dead_letters += 1
                 metrics.parked.inc()
         counts.processed += processed
