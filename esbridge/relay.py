@@ -49,18 +49,18 @@ from esbridge.errors import (
     EsbridgeError,
     RelayError,
     RelayFencedError,
-    RelayStandbyError,
 )
 from esbridge.log_follower import LogWaker, connection_kwargs
 from esbridge.notification_log import open_recorder, read_pages, upstream_environment
 from esbridge.partitioning import partition_for_key
 from esbridge.postgres_retry import TRANSIENT_ERRORS, connection_diagnosis
-from esbridge.relay_lease import DEFAULT_EXPIRY, RelayLease, check_expiry
+from esbridge.relay_lease import DEFAULT_EXPIRY, check_expiry
 from esbridge.relay_messages import Encoder, PayloadEncoder, content_type_for
 from esbridge.relay_metrics import RelayMetrics
 from esbridge.relay_position import POSITION_TOPIC_CONFIG, default_position_topic
 from esbridge.relay_publisher import KafkaPublisher, TransientPublishError
 from esbridge.relay_reader import read_pages_for_publishing
+from esbridge.relay_standby import Tenure
 from esbridge.topics import admin_client, ensure_topic, topic_setting, wait_for_broker
 
 log = logging.getLogger(__name__)
@@ -198,10 +198,14 @@ class Relay:
         self._position = 0
         self._upstream_max = 0
         self._recorder: ApplicationRecorder | None = None
-        self._lease: RelayLease | None = None
-        self._standing_by = False
-        self._fenced_at = -3600.0  # monotonic time of the last fencing while holding the lease
-        self._kafka_down_since: float | None = None  # first of the current Kafka failures
+        self._tenure = Tenure(
+            self.relay_id,
+            app_name,
+            self.metrics.active,
+            check=self.tuning.lease_check,
+            expiry=self.tuning.lease_expiry,
+            yield_after=self.tuning.lease_yield,
+        )
         self._waker: LogWaker | None = None
         self._publisher: KafkaPublisher | None = None
         self._prompter: Producer | None = None
@@ -245,8 +249,7 @@ class Relay:
                 try:
                     count = self._step_with_retries()
                 except RelayFencedError as e:
-                    if not self._after_fencing(e):
-                        raise  # fenced by a relay that does not take the lease
+                    self._after_fencing(e)  # raises when neither standing by nor restarting
                     continue
                 if 0 < count < self.tuning.batch_size and self.mode == PAYLOADS:
                     self._sleep(self.tuning.linger)
@@ -312,7 +315,7 @@ class Relay:
             published=self._published,
             running=self._running,
             error=self._error,
-            standby=self._standing_by,
+            standby=self._tenure.standing_by,
         )
 
     # -- set-up -----------------------------------------------------------
@@ -334,7 +337,7 @@ class Relay:
             self._publisher = self._make_publisher(partitions)
             # After standing by, the relay before this one used the broker's transactions:
             # a timeout now is an outage, not a broker unfit for them.
-            took_over = self._lease is not None and self._lease.waited
+            took_over = self._tenure.waited
             self._retry(
                 "start the Kafka producer",
                 lambda: self._start_publisher(first=not took_over),
@@ -427,46 +430,20 @@ class Relay:
 
         No lease with ``standby=False``, nor for a log that is not in Postgres.
         """
-        if not self.tuning.standby:
-            return True
-        lease = self._lease
-        if lease is None:
-            kwargs = connection_kwargs(self._recorder) if self._recorder else None
-            if kwargs is None:
-                return True
-            lease = self._lease = RelayLease(
-                self.relay_id, kwargs, self.tuning.lease_check, self.tuning.lease_expiry
-            )
-        if lease.check():
-            return True
-        self._standing_by = True
-        self.metrics.active.set(0)
-        try:
-            held = lease.acquire(self._stop.is_set, timeout)
-        finally:
-            self._standing_by = False
-        if held:
-            self.metrics.active.set(1)
-            self._fenced_at = -3600.0  # a new tenure: fencings of the last one do not count
-            return True
-        if self._stop.is_set():
-            return False
-        raise RelayStandbyError(
-            f"relay {self.relay_id!r} did not get its lease within {timeout:.0f} s: "
-            f"{lease.holder() or 'another relay'} publishes application {self.app!r} to "
-            "Kafka with this relay id. Stop that relay or wait for it; or give this relay "
-            "another relay id (it then publishes the log again, to its own position)"
-        )
+        tenure = self._tenure
+        if self.tuning.standby and tenure.lease is None and self._recorder is not None:
+            kwargs = connection_kwargs(self._recorder)
+            if kwargs is not None:
+                tenure.attach(kwargs)
+        return tenure.take(self._stop.is_set, timeout)
 
     def _keep_lease(self) -> bool:
         """Make sure the lease is still held; if lost, stop publishing and stand by.
 
         False when stopped while standing by.
         """
-        lease = self._lease
-        if lease is None or lease.check():
+        if self._tenure.held():
             return True
-        self.metrics.active.set(0)
         if self._publisher is not None:
             self._publisher.close()  # its successor aborts whatever it left open
         if not self._take_lease(None):
@@ -484,10 +461,7 @@ class Relay:
         if self._prompter is not None:
             self._prompter.flush(5)
             self._prompter = None
-        if self._lease is not None:
-            self._lease.release()  # after the producer is gone: a successor may start now
-            self._lease = None
-            self.metrics.active.set(0)
+        self._tenure.release()  # after the producer is gone: a successor may start now
         recorder, self._recorder = self._recorder, None
         datastore = getattr(recorder, "datastore", None)
         if datastore is not None and hasattr(datastore, "close"):
@@ -507,11 +481,11 @@ class Relay:
         while not self._stop.is_set():
             try:
                 count = self._step()
-                self._kafka_down_since = None
+                self._tenure.kafka_reached()
                 return count
             except TransientPublishError as e:
                 self.metrics.error("kafka")
-                self._kafka_failed()
+                self._tenure.kafka_failed()
                 log.warning(
                     "relay %s: Kafka failed (%s); reconnecting in %.1f s", self.app, e, delay
                 )
@@ -545,17 +519,17 @@ class Relay:
                 return  # never fence the relay that holds the lease now
             try:
                 self._start_publisher(first=False)
-                self._kafka_down_since = None
+                self._tenure.kafka_reached()
                 log.info("relay %s: reconnected at notification %d", self.app, self._position)
                 return
             except TransientPublishError as e:
                 self.metrics.error("kafka")
-                self._kafka_failed()
+                self._tenure.kafka_failed()
                 log.warning(
                     "relay %s: still cannot reach Kafka (%s); retry in %.1f s", self.app, e, delay
                 )
             except KafkaException as e:
-                self._kafka_failed()
+                self._tenure.kafka_failed()
                 log.warning("relay %s: %s; retry in %.1f s", self.app, e, delay)
             self._sleep(delay)
             delay = min(delay * 2, self.tuning.max_retry_delay)
@@ -694,88 +668,43 @@ class Relay:
         In steps of at most ``lease_check`` with a lease check between them: a
         waiting relay is not a hung one, and its lease must not expire.
         """
-        lease = self._lease
         deadline = time.monotonic() + seconds
         while not self._stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            if lease is not None and lease.held:
-                lease.check()  # a round trip at most every lease_check seconds
+            self._tenure.keep_alive()  # a round trip at most every lease_check seconds
             step = min(left, self.tuning.lease_check)
             if waker is None:
                 self._stop.wait(step)
             elif waker.wait(step):
                 return
 
-    def _kafka_failed(self) -> None:
-        if self._kafka_down_since is None:
-            self._kafka_down_since = time.monotonic()
-
     def _yield_lease(self) -> bool:
         """Give the lease up after failing to reach Kafka for ``lease_yield`` s; True if it did.
 
-        A standby that can reach Kafka (another host, another network path)
-        then publishes; this relay stands by (the run loop's next lease check)
-        and, if no standby was waiting, takes its lease back a moment later.
+        A standby that can reach Kafka then publishes; this relay stands by
+        (the run loop's next lease check).
         """
-        lease, since, limit = self._lease, self._kafka_down_since, self.tuning.lease_yield
-        if lease is None or not lease.held or since is None or limit is None:
+        if not self._tenure.should_yield():
             return False
-        failing = time.monotonic() - since
-        if failing < limit:
-            return False
-        log.warning(
-            "relay %s has not reached Kafka for %.0f s: it gives its lease up so that a "
-            "standby relay that can reach Kafka publishes, and stands by",
-            self.relay_id,
-            failing,
-        )
-        self._kafka_down_since = None
         if self._publisher is not None:
             self._publisher.close()
-        lease.release()
-        self.metrics.active.set(0)
+        self._tenure.give_up()
         self._sleep(1.0)  # a standby waiting for the lock gets it first
         return True
 
     def _lease_lost(self) -> bool:
         """True when this relay takes a lease and no longer holds it (expired, Postgres gone)."""
-        lease = self._lease
-        return lease is not None and not lease.check()
+        return not self._tenure.held()
 
-    def _after_fencing(self, error: RelayFencedError) -> bool:
-        """A newer producer with this relay's ``transactional.id`` fenced this one: go on?
+    def _after_fencing(self, error: RelayFencedError) -> None:
+        """Fenced by a newer producer with this relay id: stand by, or restart the producer.
 
-        Lease lost: a standby took over while this relay stalled; it goes on
-        to stand by (the loop's next lease check). Lease held: usually a relay
-        whose lease expired while it hung fenced this one once, waking up,
-        before it saw its lease gone; this relay restarts its producer. Fenced
-        again within a minute, holding the same lease: a relay with this id that
-        takes no lease (``standby=False``) publishes too, and the two would fence
-        each other for ever: raise. No lease at all: False (the caller re-raises).
+        Raises when that is no answer (see :meth:`~esbridge.relay_standby.Tenure.fenced`).
         """
-        lease = self._lease
-        if lease is None:
-            return False
-        if not lease.check(now=True):
-            return True
-        now = time.monotonic()
-        if now - self._fenced_at < 60.0:
-            raise RelayFencedError(
-                f"relay {self.relay_id!r} holds its lease but was fenced twice within a "
-                "minute: another relay publishes with this relay id without taking the lease "
-                "(standby=False, --no-standby). Give that relay another relay id, or let it "
-                "take the lease"
-            ) from error
-        self._fenced_at = now
-        log.warning(
-            "relay %s was fenced while it holds its lease (by a relay that lost its lease "
-            "while it hung, waking up); it restarts its producer and goes on",
-            self.relay_id,
-        )
-        self._recover_publisher()
-        return True
+        if self._tenure.fenced(error):
+            self._recover_publisher()
 
     def _retry(self, what: str, action: Callable[[], Any], timeout: float | None) -> Any:
         """Run ``action``, retrying transient failures with backoff until ``timeout``."""
