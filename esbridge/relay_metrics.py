@@ -50,7 +50,8 @@ def _build(registry: CollectorRegistry) -> _Family:
         ),
         prompts=make.counter("prompts", "Prompt messages published (prompt mode)"),
         active=make.gauge(
-            "active", "1 while the relay holds its lease and publishes, 0 while it stands by"
+            "active",
+            "1 while the relay publishes (holding its lease, or taking none), 0 while it stands by",
         ),
     )
 

@@ -38,7 +38,8 @@ class Tenure:
 
     Without a lease (``standby=False``, or a log that is not in Postgres) the
     relay always publishes: every question here answers "go on".
-    ``active`` is the relay's gauge, 1 while it holds the lease.
+    ``active`` is the relay's gauge: 1 while it publishes (holding its lease, or
+    with no lease to take), 0 while it stands by or after it stopped.
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class Tenure:
         """
         lease = self.lease
         if lease is None or lease.check():
+            self._active.set(1)  # it publishes: with its lease, or with none to take
             return True
         self.standing_by = True
         self._active.set(0)
@@ -189,4 +191,4 @@ class Tenure:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
-            self._active.set(0)
+        self._active.set(0)

@@ -111,6 +111,27 @@ def test_a_second_relay_stands_by_and_takes_over_when_the_first_stops(
     check_exactly_once_in_order(read_all(kafka_config, topic, 300), db_ids(postgres_db.dsn), 3)
 
 
+def test_a_relay_that_takes_no_lease_reports_itself_active(
+    postgres_db, kafka_config, create_topic
+):
+    topic = create_topic(partitions=1)
+    app = ledger(postgres_db.env)
+    registry = CollectorRegistry()
+    relay = ledger_relay(postgres_db, kafka_config, topic, standby=False, registry=registry)
+
+    def active() -> float | None:
+        return registry.get_sample_value("esbridge_relay_active", {"app": "Ledger", "topic": topic})
+
+    try:
+        write_events(app, 5)
+        assert relay.publish_available() == 5
+        assert active() == 1 and not relay.status().standby
+    finally:
+        relay.close()
+        app.close()
+    assert active() == 0
+
+
 def test_a_standby_relay_stops_when_asked(postgres_db, kafka_config, create_topic):
     topic = create_topic(partitions=1)
     ledger(postgres_db.env).close()
