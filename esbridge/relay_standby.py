@@ -37,7 +37,8 @@ class Tenure:
     """One relay's turn at the lease of ``relay_id`` (no lease until :meth:`attach`).
 
     Without a lease (``standby=False``, or a log that is not in Postgres) the
-    relay always publishes: every question here answers "go on".
+    relay always publishes: every question here answers "go on", and a
+    fencing is raised (nothing else can have taken over).
     ``active`` is the relay's gauge: 1 while it publishes (holding its lease, or
     with no lease to take), 0 while it stands by or after it stopped.
     """
