@@ -491,7 +491,7 @@ class Relay:
                 )
                 self._sleep(delay)
                 delay = min(delay * 2, self.tuning.max_retry_delay)
-                if self._lease_lost() or self._yield_lease():
+                if not self._tenure.held() or self._yield_lease():
                     return 0  # the run loop stands by; the new holder publishes
                 self._recover_publisher()
             except TRANSIENT_ERRORS as e:
@@ -505,7 +505,7 @@ class Relay:
                 )
                 self._sleep(delay)
                 delay = min(delay * 2, self.tuning.max_retry_delay)
-                if self._lease_lost():
+                if not self._tenure.held():
                     return 0  # Postgres restarted: the run loop takes the lease again first
         return 0
 
@@ -515,7 +515,7 @@ class Relay:
             return
         delay = 0.5
         while not self._stop.is_set():
-            if self._lease_lost() or self._yield_lease():
+            if not self._tenure.held() or self._yield_lease():
                 return  # never fence the relay that holds the lease now
             try:
                 self._start_publisher(first=False)
@@ -693,10 +693,6 @@ class Relay:
         self._tenure.give_up()
         self._sleep(1.0)  # a standby waiting for the lock gets it first
         return True
-
-    def _lease_lost(self) -> bool:
-        """True when this relay takes a lease and no longer holds it (expired, Postgres gone)."""
-        return not self._tenure.held()
 
     def _after_fencing(self, error: RelayFencedError) -> None:
         """Fenced by a newer producer with this relay id: stand by, or restart the producer.
