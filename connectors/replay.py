@@ -36,9 +36,10 @@ from eventsourcing.persistence import ApplicationRecorder, Notification
 
 from esbridge import wire
 from esbridge.errors import ConfigurationError, EsbridgeError
+from esbridge.logs import kafka_client_config
 from esbridge.notification_log import open_recorder, read_pages, upstream_environment
 from esbridge.relay_messages import Encoder, PayloadEncoder, content_type_for
-from esbridge.topics import admin_client, partition_count
+from esbridge.topics import kafka_admin, partition_count
 
 log = logging.getLogger("esbridge.connectors.replay")
 
@@ -137,8 +138,8 @@ class Replay:
 
     def partitions(self) -> int:
         """The topic's partition count; :class:`ConfigurationError` when it does not exist."""
-        admin = admin_client(self.kafka_config)
-        count = partition_count(admin, self.topic)
+        with kafka_admin(self.kafka_config) as admin:
+            count = partition_count(admin, self.topic)
         if count is None:
             raise ConfigurationError(
                 f"topic {self.topic!r} does not exist: replay publishes to an existing topic "
@@ -166,7 +167,7 @@ class Replay:
         chain = previous_per_partition(
             self.recorder, start, encoder.partition_of, num_partitions, window=self.page_size
         )
-        producer = Producer(self._producer_config())
+        producer = Producer(kafka_client_config(self._producer_config()))
         count = 0
         first: int | None = None
         last: int | None = None

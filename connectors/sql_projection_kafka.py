@@ -41,10 +41,11 @@ from sqlalchemy.engine import Engine
 from esbridge import wire
 from esbridge.consumer import tracking_names
 from esbridge.errors import ConfigurationError, EsbridgeError, MessageFormatError
+from esbridge.logs import kafka_client_config
 from esbridge.notification_log import open_recorder, read_pages
 from esbridge.reconcile import PartitionOrder
 from esbridge.relay_messages import key_partitioner
-from esbridge.topics import admin_client, partition_count
+from esbridge.topics import kafka_admin, partition_count
 
 log = logging.getLogger("esbridge.connectors.projection")
 
@@ -193,7 +194,8 @@ class KafkaProjectionFeed:
         self.group_id = group_id or f"esbridge-projection.{projection.name}"
         self._env = env
         self._recorder = recorder
-        count = partition_count(admin_client(self.kafka_config), topic)
+        with kafka_admin(self.kafka_config) as admin:
+            count = partition_count(admin, topic)
         if count is None:
             raise ConfigurationError(f"topic {topic!r} does not exist: start its relay first")
         self.partitions = count
@@ -268,7 +270,7 @@ class KafkaProjectionFeed:
                 "auto.offset.reset": "earliest",
             }
         )
-        return Consumer(conf)
+        return Consumer(kafka_client_config(conf))
 
     def _start(self) -> Consumer:
         if self._consumer is None:

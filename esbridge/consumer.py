@@ -69,6 +69,7 @@ from esbridge.errors import (
     GapNotReconciledError,
     PostgresUnavailableError,
 )
+from esbridge.logs import kafka_client_config
 from esbridge.notification_log import DEFAULT_PAGE_SIZE, open_recorder, read_pages
 from esbridge.postgres_retry import Diagnosis, connection_diagnosis, retry_unreachable
 from esbridge.processing import (
@@ -350,7 +351,7 @@ class ConsumerAdapter:
         config.setdefault("auto.offset.reset", "earliest")
         for key in ("transactional.id", "enable.idempotence", "linger.ms", "acks"):
             config.pop(key, None)
-        consumer = Consumer(config)
+        consumer = Consumer(kafka_client_config(config))
         try:
             self.partitions = self._partition_count(consumer)
         except BaseException:

@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Mapping
+from typing import Any
 
 
 class JsonFormatter(logging.Formatter):
@@ -58,3 +60,28 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+#: librdkafka's own log lines (connection failures, configuration warnings) as
+#: records of this logger: timestamped, levelled and formatted (text or JSON)
+#: like esbridge's own. Filter them with ``logging.getLogger("esbridge.librdkafka")``.
+LIBRDKAFKA_LOGGER = logging.getLogger("esbridge.librdkafka")
+
+
+def kafka_client_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` for a confluent-kafka client whose log lines go to :data:`LIBRDKAFKA_LOGGER`.
+
+    Without a ``logger``, librdkafka writes to stderr in its own format
+    (``%3|1796141123.934|FAIL|rdkafka#producer-1| ...``), which neither
+    ``--log-level`` nor a JSON log pipeline understands. With one,
+    confluent-kafka hands the lines over in the client's ``poll()``,
+    ``consume()`` and ``flush()`` calls: a client that is not polled must be
+    polled once before it is dropped (admin clients: :func:`esbridge.topics.kafka_admin`).
+    A ``logger`` already in ``config`` is kept. librdkafka's ``debug`` setting
+    asks for its debug lines, so it lowers this logger's level to DEBUG.
+    """
+    conf = dict(config)
+    conf.setdefault("logger", LIBRDKAFKA_LOGGER)
+    if conf.get("debug") and conf["logger"] is LIBRDKAFKA_LOGGER:
+        LIBRDKAFKA_LOGGER.setLevel(logging.DEBUG)
+    return conf

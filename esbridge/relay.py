@@ -51,6 +51,7 @@ from esbridge.errors import (
     RelayFencedError,
 )
 from esbridge.log_follower import LogWaker, connection_kwargs
+from esbridge.logs import kafka_client_config
 from esbridge.notification_log import open_recorder, read_pages, upstream_environment
 from esbridge.partitioning import partition_for_key
 from esbridge.postgres_retry import TRANSIENT_ERRORS, connection_diagnosis
@@ -61,7 +62,7 @@ from esbridge.relay_position import POSITION_TOPIC_CONFIG, default_position_topi
 from esbridge.relay_publisher import KafkaPublisher, TransientPublishError
 from esbridge.relay_reader import read_pages_for_publishing
 from esbridge.relay_standby import Tenure
-from esbridge.topics import admin_client, ensure_topic, topic_setting, wait_for_broker
+from esbridge.topics import ensure_topic, kafka_admin, topic_setting, wait_for_broker
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +347,7 @@ class Relay:
         elif partitions is not None:
             self._prompt_partition = partition_for_key(self.app.encode(), partitions)
             conf = {**self.kafka_config, "enable.idempotence": True, "linger.ms": 0}
-            self._prompter = Producer(conf)
+            self._prompter = Producer(kafka_client_config(conf))
         if self._waker is None:
             self._waker = LogWaker(self._recorder, name=f"esbridge relay waker {self.app}")
 
@@ -359,24 +360,24 @@ class Relay:
         return recorder
 
     def _check_topics(self, timeout: float | None) -> int:
-        admin = admin_client(self.kafka_config)
-        wait_for_broker(
-            admin, str(self.kafka_config["bootstrap.servers"]), timeout, self._stop.is_set
-        )
-        create = self.tuning.create_topics
-        rf = self.tuning.replication_factor
-        if self.mode == PROMPTS:
-            wanted = self.partitions or 1
-            return ensure_topic(admin, self.topic, wanted if create else None, rf)
-        partitions = ensure_topic(admin, self.topic, self.partitions if create else None, rf)
-        if self.partitions is not None and partitions != self.partitions:
-            raise ConfigurationError(
-                f"topic {self.topic!r} has {partitions} partitions, but {self.partitions} "
-                "were configured"
+        with kafka_admin(self.kafka_config) as admin:
+            wait_for_broker(
+                admin, str(self.kafka_config["bootstrap.servers"]), timeout, self._stop.is_set
             )
-        ensure_topic(admin, self.position_topic, 1, rf, POSITION_TOPIC_CONFIG)
-        self._producer_overrides = self._size_limits(admin)
-        return partitions
+            create = self.tuning.create_topics
+            rf = self.tuning.replication_factor
+            if self.mode == PROMPTS:
+                wanted = self.partitions or 1
+                return ensure_topic(admin, self.topic, wanted if create else None, rf)
+            partitions = ensure_topic(admin, self.topic, self.partitions if create else None, rf)
+            if self.partitions is not None and partitions != self.partitions:
+                raise ConfigurationError(
+                    f"topic {self.topic!r} has {partitions} partitions, but {self.partitions} "
+                    "were configured"
+                )
+            ensure_topic(admin, self.position_topic, 1, rf, POSITION_TOPIC_CONFIG)
+            self._producer_overrides = self._size_limits(admin)
+            return partitions
 
     def _size_limits(self, admin: Any) -> dict[str, Any]:
         """Cap the producer's message size at the topic's ``max.message.bytes``.
@@ -674,6 +675,8 @@ class Relay:
             if left <= 0:
                 return
             self._tenure.keep_alive()  # a round trip at most every lease_check seconds
+            if self._publisher is not None:
+                self._publisher.serve()
             step = min(left, self.tuning.lease_check)
             if waker is None:
                 self._stop.wait(step)

@@ -32,6 +32,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from esbridge.errors import ConfigurationError, EsbridgeError
+from esbridge.logs import kafka_client_config
 
 POSITION_FORMAT = 1
 POSITION_TOPIC_CONFIG = {
@@ -113,10 +114,11 @@ def read_position(
         "enable.auto.commit": False,
     }
     tp = TopicPartition(position_topic, 0)
-    probe = Consumer(common | {"isolation.level": "read_uncommitted"})
+    probe = Consumer(kafka_client_config(common | {"isolation.level": "read_uncommitted"}))
     try:
         low, high = probe.get_watermark_offsets(tp, timeout=timeout, cached=False)
     finally:
+        probe.poll(0)  # librdkafka's log lines (it is assigned nothing: no message comes)
         probe.close()
     found: bytes | None = None
     if high > low:
@@ -138,7 +140,9 @@ def _last_value_for_key(
     config: dict[str, Any], tp: TopicPartition, key: bytes, high: int, timeout: float
 ) -> bytes | None:
     consumer = Consumer(
-        config | {"isolation.level": "read_committed", "enable.partition.eof": True}
+        kafka_client_config(
+            config | {"isolation.level": "read_committed", "enable.partition.eof": True}
+        )
     )
     found: bytes | None = None
     deadline = time.monotonic() + timeout

@@ -30,6 +30,7 @@ from eventsourcing.persistence import Notification
 
 from esbridge import wire
 from esbridge.errors import ConfigurationError, RelayError, RelayFencedError
+from esbridge.logs import kafka_client_config
 from esbridge.relay_messages import PayloadEncoder, Row, RowError
 from esbridge.relay_position import RelayPosition, read_position
 
@@ -128,7 +129,7 @@ class KafkaPublisher:
         transient.
         """
         self.close()
-        producer = Producer(self.producer_config())
+        producer = Producer(kafka_client_config(self.producer_config()))
         if self.exactly_once:
             try:
                 producer.init_transactions(self.init_timeout)
@@ -173,6 +174,16 @@ class KafkaPublisher:
             with contextlib.suppress(KafkaException):
                 producer.flush(0)
         self._in_transaction = False
+
+    def serve(self) -> None:
+        """Hand over what the producer has queued (log lines, delivery reports); never waits.
+
+        An idle relay calls it: otherwise librdkafka's lines about a broker
+        lost meanwhile would wait for the next batch to be logged.
+        """
+        if self._producer is not None:
+            with contextlib.suppress(KafkaException):
+                self._producer.poll(0)
 
     @property
     def producer(self) -> Producer:

@@ -172,20 +172,22 @@ def ensure_topics(kafka_config: Mapping[str, Any], partitions: Mapping[str, int]
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import NewTopic
 
-    from esbridge.topics import admin_client, ensure_topic, wait_for_broker
+    from esbridge.topics import ensure_topic, kafka_admin, wait_for_broker
 
-    admin = admin_client(kafka_config)
-    wait_for_broker(admin, str(kafka_config.get("bootstrap.servers")), timeout=30.0)
-    # Create before asking for a topic's metadata: a broker with
-    # auto.create.topics.enable=true creates a missing topic with its default
-    # partition count as soon as an admin client asks about it by name.
-    wanted = [NewTopic(t, num_partitions=n, replication_factor=-1) for t, n in partitions.items()]
-    if wanted:
-        for topic, future in admin.create_topics(wanted, operation_timeout=30).items():
-            try:
-                future.result(30)
-            except KafkaException as e:
-                if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise ConfigurationError(f"cannot create topic {topic!r}: {e}") from e
-    for topic, count in partitions.items():
-        ensure_topic(admin, topic, count)
+    with kafka_admin(kafka_config) as admin:
+        wait_for_broker(admin, str(kafka_config.get("bootstrap.servers")), timeout=30.0)
+        # Create before asking for a topic's metadata: a broker with
+        # auto.create.topics.enable=true creates a missing topic with its default
+        # partition count as soon as an admin client asks about it by name.
+        wanted = [
+            NewTopic(t, num_partitions=n, replication_factor=-1) for t, n in partitions.items()
+        ]
+        if wanted:
+            for topic, future in admin.create_topics(wanted, operation_timeout=30).items():
+                try:
+                    future.result(30)
+                except KafkaException as e:
+                    if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                        raise ConfigurationError(f"cannot create topic {topic!r}: {e}") from e
+        for topic, count in partitions.items():
+            ensure_topic(admin, topic, count)

@@ -8,21 +8,29 @@ refused before anything is published.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from esbridge.errors import BrokerUnavailable, ConfigurationError
+from esbridge.logs import kafka_client_config
 
 log = logging.getLogger(__name__)
 
 
-def admin_client(config: Mapping[str, Any]) -> AdminClient:
-    """An admin client for ``config`` (producer and consumer settings are left out)."""
+@contextlib.contextmanager
+def kafka_admin(config: Mapping[str, Any]) -> Iterator[AdminClient]:
+    """An admin client for ``config`` (producer and consumer settings are left out).
+
+    For a ``with`` block, whose end logs librdkafka's lines: an admin client
+    hands them over only when polled (:func:`esbridge.logs.kafka_client_config`);
+    unpolled, they would be lost.
+    """
     keep = {
         k: v
         for k, v in config.items()
@@ -32,7 +40,11 @@ def admin_client(config: Mapping[str, Any]) -> AdminClient:
     # A metadata request for a missing topic must not create it with the
     # broker's default partition count (librdkafka producers allow that).
     keep["allow.auto.create.topics"] = False
-    return AdminClient(keep)
+    admin = AdminClient(kafka_client_config(keep))
+    try:
+        yield admin
+    finally:
+        admin.poll(0)
 
 
 def wait_for_broker(
@@ -50,6 +62,7 @@ def wait_for_broker(
             admin.list_topics(timeout=min(5.0, timeout or 5.0))
             return
         except KafkaException as e:
+            admin.poll(0)  # librdkafka's own lines on why, before ours
             waited = time.monotonic() - start
             if timeout is not None and waited >= timeout:
                 raise BrokerUnavailable(

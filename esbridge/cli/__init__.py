@@ -27,7 +27,14 @@ SUBCOMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every available subcommand registered."""
-    parser = argparse.ArgumentParser(prog="esbridge", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="esbridge",
+        description="Bridge event-sourced applications (eventsourcing, PostgreSQL) and Kafka, "
+        "exactly once.",
+        epilog="'esbridge COMMAND --help' gives a command's options. Kafka settings come from "
+        "KAFKA_* variables (KAFKA_BOOTSTRAP_SERVERS=... is bootstrap.servers), Postgres "
+        "settings from the eventsourcing library's POSTGRES_* variables.",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     parser.add_argument(
         "--log-format", default="text", choices=["text", "json"], help="log line format"

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Any
+
+from esbridge.errors import ConfigurationError
 
 
 def add_command(subparsers: Any, name: str, help: str, doc: str | None) -> argparse.ArgumentParser:
@@ -18,3 +22,38 @@ def add_command(subparsers: Any, name: str, help: str, doc: str | None) -> argpa
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return parser
+
+
+def add_app_dir(parser: argparse.ArgumentParser) -> None:
+    """The ``--app-dir`` option of every command that imports the user's code.
+
+    A console script, unlike ``python -m``, does not put the current directory
+    on the Python path: without this, ``esbridge relay myapp:Shop`` run in the
+    project's directory could not import ``myapp``.
+    """
+    parser.add_argument(
+        "--app-dir",
+        default=".",
+        help="directory put first on the Python path to import the application (default: .)",
+    )
+
+
+def use_app_dir(app_dir: str) -> None:
+    """Put ``app_dir`` (made absolute) first on the Python path, once."""
+    app_dir = os.path.abspath(app_dir)
+    if app_dir not in sys.path:
+        sys.path.insert(0, app_dir)
+
+
+def load_class(path: str, app_dir: str = ".") -> Any:
+    """``package.module:Class`` -> the class (``app_dir`` is put on the Python path)."""
+    from eventsourcing.utils import resolve_topic
+
+    use_app_dir(app_dir)
+    try:
+        return resolve_topic(path)
+    except Exception as e:
+        raise ConfigurationError(
+            f"cannot import {path!r} ({type(e).__name__}: {e}): write it as "
+            "package.module:Class and check --app-dir"
+        ) from e

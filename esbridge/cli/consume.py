@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
 
-from esbridge.cli.common import add_command
+from esbridge.cli.common import add_app_dir, add_command, load_class
 from esbridge.stop_signals import stop_on_signals
 
 
@@ -37,7 +36,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--group", help="consumer group id (default esbridge.<follower>.<upstream>)"
     )
-    parser.add_argument("--mode", default="payloads", choices=["payloads", "prompts"])
+    parser.add_argument(
+        "--mode",
+        default="payloads",
+        choices=["payloads", "prompts"],
+        help="the relay's mode: events in the messages, or prompts to pull them from the "
+        "upstream log (default payloads)",
+    )
     parser.add_argument(
         "--upstream-log",
         action="store_true",
@@ -49,11 +54,24 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--partitions", type=int, help="expected partition count of the topic")
     parser.add_argument("--kafka-config", help="librdkafka properties file")
-    parser.add_argument("--app-dir", default=".", help="directory added to the Python path")
+    add_app_dir(parser)
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here")
-    parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--hold-timeout", type=float, default=60.0)
-    parser.add_argument("--retries", type=int, default=3)
+    parser.add_argument(
+        "--batch-size", type=int, default=1000, help="messages a transaction (default 1000)"
+    )
+    parser.add_argument(
+        "--hold-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a partition waits for a missing message it cannot read from the "
+        "upstream log, then the consumer fails naming the gap (default 60)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="attempts more for a failing policy before its message is parked (default 3)",
+    )
     parser.add_argument(
         "--connect-timeout",
         type=float,
@@ -61,24 +79,6 @@ def register(subparsers: Any) -> None:
         "(default: for ever, logging each retry)",
     )
     parser.set_defaults(func=consume)
-
-
-def load_class(path: str, app_dir: str = ".") -> Any:
-    """``package.module:Class`` -> the class (``app_dir`` is put on the Python path)."""
-    from eventsourcing.utils import resolve_topic
-
-    from esbridge.errors import ConfigurationError
-
-    app_dir = os.path.abspath(app_dir)
-    if app_dir not in sys.path:
-        sys.path.insert(0, app_dir)
-    try:
-        return resolve_topic(path)
-    except Exception as e:
-        raise ConfigurationError(
-            f"cannot import {path!r} ({type(e).__name__}: {e}): write it as "
-            "package.module:Class and check --app-dir"
-        ) from e
 
 
 def consume(args: argparse.Namespace) -> int:

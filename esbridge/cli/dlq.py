@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any
 
-from esbridge.cli.common import add_command
+from esbridge.cli.common import add_app_dir, add_command, load_class
 
 
 def register(subparsers: Any) -> None:
@@ -26,7 +26,7 @@ def register(subparsers: Any) -> None:
     for name, helptext in (("list", "list parked messages"), ("replay", "replay them")):
         sub = commands.add_parser(name, help=helptext)
         sub.add_argument("follower", help="the follower class, as package.module:Class")
-        sub.add_argument("--app-dir", default=".", help="directory added to the Python path")
+        add_app_dir(sub)
         sub.add_argument("--id", dest="ids", type=int, action="append", help="only these rows")
         if name == "list":
             sub.add_argument("--all", action="store_true", help="also rows already replayed")
@@ -44,7 +44,6 @@ def register(subparsers: Any) -> None:
 
 def _follower(args: argparse.Namespace) -> Any:
     from esbridge.applications import construct_or_close
-    from esbridge.cli.consume import load_class
 
     return construct_or_close(load_class(args.follower, args.app_dir), os.environ)
 
@@ -75,7 +74,6 @@ def list_letters(args: argparse.Namespace) -> int:
 
 
 def replay(args: argparse.Namespace) -> int:
-    from esbridge.cli.consume import load_class
     from esbridge.dlq_replay import replay_dead_letters
 
     follower = _follower(args)

@@ -19,7 +19,7 @@ import importlib
 import logging
 from typing import Any
 
-from esbridge.cli.common import add_command
+from esbridge.cli.common import add_app_dir, add_command, use_app_dir
 from esbridge.errors import ConfigurationError
 from esbridge.stop_signals import stop_on_signals
 
@@ -62,6 +62,7 @@ def register(subparsers: Any) -> None:
         help="take no lease: a second relay with this relay id then fences this one at once "
         "(default: it stands by until this one stops)",
     )
+    add_app_dir(parser)
     parser.add_argument("--kafka-config", metavar="FILE", help="librdkafka properties file")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     parser.add_argument("--metrics-addr", default="127.0.0.1", help="default 127.0.0.1")
@@ -75,18 +76,23 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=relay_command)
 
 
-def application_name(spec: str) -> str:
-    """The application name of ``module:Class`` / ``module.Class``, or ``spec`` itself."""
+def application_name(spec: str, app_dir: str = ".") -> str:
+    """The application name of ``module:Class`` / ``module.Class``, or ``spec`` itself.
+
+    ``app_dir`` is put on the Python path first.
+    """
     if ":" not in spec and "." not in spec:
         return spec
     module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    use_app_dir(app_dir)
     try:
         module = importlib.import_module(module_name)
         cls = getattr(module, attr)
     except (ImportError, AttributeError) as e:
         raise ConfigurationError(
             f"cannot import application {spec!r}: {type(e).__name__}: {e}. "
-            "Give module:Class (importable from here) or the application's name"
+            "Give module:Class (importable from --app-dir, default the current directory) "
+            "or the application's name"
         ) from e
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
@@ -133,7 +139,7 @@ def relay_command(args: argparse.Namespace) -> int:
     from esbridge.metrics import serve_metrics
     from esbridge.relay import Relay
 
-    app = application_name(args.app)
+    app = application_name(args.app, args.app_dir)
     topic = args.topic or f"esbridge.{app.lower()}"
     tuning = parse_tuning(args.set)
     if args.no_create_topics:

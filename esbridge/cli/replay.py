@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import asdict
 from typing import Any
 
-from esbridge.cli.common import add_command
+from esbridge.cli.common import add_app_dir, add_command, use_app_dir
 
 
 def register(subparsers: Any) -> None:
@@ -50,7 +49,7 @@ def register(subparsers: Any) -> None:
         default=None,
         help="the application class, package.module:Class (needed with --analytics)",
     )
-    parser.add_argument("--app-dir", default=".", help="directory added to the Python path")
+    add_app_dir(parser)
     parser.set_defaults(func=replay_command)
 
 
@@ -74,7 +73,7 @@ def replay_command(args: argparse.Namespace) -> int:
         from esbridge_connectors.upstream import application_mapper
         from eventsourcing.utils import resolve_topic
 
-        sys.path.insert(0, os.path.abspath(args.app_dir))
+        use_app_dir(args.app_dir)
         app_class = resolve_topic(args.app_class)
         encoder = CloudEventsEncoder(
             args.app, application_mapper(app_class, env), mode=args.analytics

@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import Any
 
-from esbridge.cli.common import add_command
+from esbridge.cli.common import add_app_dir, add_command, use_app_dir
 from esbridge.cli.relay import parse_tuning
 from esbridge.errors import ConfigurationError
 from esbridge.stop_signals import stop_on_signals
@@ -87,11 +87,7 @@ def register(subparsers: Any) -> None:
 def add_system_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by ``run`` and ``status``: which system, which names, which broker."""
     parser.add_argument("system", help="the System, as package.module:attribute")
-    parser.add_argument(
-        "--app-dir",
-        default=".",
-        help="directory added to the Python path to import the system (default: .)",
-    )
+    add_app_dir(parser)
     parser.add_argument(
         "--topic-prefix", default="esbridge.", help="prefix of topic and group names"
     )
@@ -128,9 +124,7 @@ def relay_modes(values: list[str]) -> str | dict[str, str]:
 def load_from_args(args: argparse.Namespace) -> Any:
     from esbridge.runner import load_system
 
-    app_dir = os.path.abspath(args.app_dir)
-    if app_dir not in sys.path:
-        sys.path.insert(0, app_dir)
+    use_app_dir(args.app_dir)
     return load_system(args.system)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -97,3 +98,46 @@ def test_serves_metrics_and_stops_on_sigint(postgres_db, kafka_broker, create_to
             relay.kill()
             relay.wait()
     assert len(read_all(kafka_broker.config(), topic, 500)) == 500
+
+
+def test_imports_the_application_from_the_current_directory_and_logs_only_json(
+    postgres_db, kafka_broker, create_topic, tmp_path
+):
+    """The case of a user's own project: ``esbridge relay shop:Ledger`` run in its
+    directory (a console script does not put it on the Python path by itself), with
+    ``--log-format json``: every line on stderr is one JSON object, librdkafka's
+    own lines included (here a configuration warning it always gives)."""
+    write_events(ledger(postgres_db.env), 200)
+    topic = create_topic(partitions=2)
+    (tmp_path / "shop.py").write_text(
+        "from eventsourcing.application import Application\n\n\n"
+        "class Ledger(Application):\n    pass\n"
+    )
+    env = subprocess_env(postgres_db, kafka_broker)
+    env.pop("PYTHONPATH")
+    env["KAFKA_SASL_USERNAME"] = "nobody"  # librdkafka warns: no sasl.mechanism to use it
+    relay = subprocess.Popen(
+        [ESBRIDGE, "--log-format", "json", "relay", "shop:Ledger", "--topic", topic],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert len(read_all(kafka_broker.config(), topic, 200)) == 200
+        relay.send_signal(signal.SIGINT)
+        _, err = relay.communicate(timeout=30)
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+            relay.wait()
+    assert relay.returncode == 0, err.decode()[-2000:]
+    records = [json.loads(line) for line in err.decode().splitlines()]  # each line is JSON
+    confwarn = [
+        r
+        for r in records
+        if r["logger"] == "esbridge.librdkafka" and r["msg"].startswith("CONFWARN")
+    ]
+    assert confwarn and all(r["level"] == "WARNING" for r in confwarn), records
+    assert all("sasl.username" in r["msg"] for r in confwarn), confwarn
+    assert any(r["msg"].startswith("relay Ledger stopped at notification") for r in records)
