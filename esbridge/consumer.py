@@ -287,6 +287,17 @@ class ConsumerAdapter:
         finally:
             self._running = False
             self.close()
+            if self._error is None:
+                counts = self._counts
+                log.info(
+                    "consumer %s <- %s stopped: %d events processed, %d duplicates skipped, "
+                    "%d messages parked by this process",
+                    self.follower.name,
+                    self.upstream,
+                    counts.processed,
+                    counts.duplicates,
+                    counts.parked,
+                )
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the current batch (thread-safe, idempotent)."""

@@ -291,3 +291,4 @@ def test_a_consumer_started_while_the_broker_is_down_waits_for_it(
         consumer.send_signal(signal.SIGTERM)
         code = consumer.wait(60)
     assert code == 0, log.read_text()[-3000:]
+    assert f"stopped: {2 * DOGS} events processed, 0 duplicates skipped" in log.read_text()
