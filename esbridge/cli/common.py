@@ -34,7 +34,7 @@ def add_app_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--app-dir",
         default=".",
-        help="directory put first on the Python path to import the application (default: .)",
+        help="directory put first on the Python path, to import your code from (default: .)",
     )
 
 

@@ -19,7 +19,7 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from esbridge.cli.common import add_app_dir, add_command, use_app_dir
+from esbridge.cli.common import add_app_dir, add_command, load_class
 
 
 def register(subparsers: Any) -> None:
@@ -71,10 +71,8 @@ def replay_command(args: argparse.Namespace) -> int:
             )
         from esbridge_connectors.analytics import CloudEventsEncoder
         from esbridge_connectors.upstream import application_mapper
-        from eventsourcing.utils import resolve_topic
 
-        use_app_dir(args.app_dir)
-        app_class = resolve_topic(args.app_class)
+        app_class = load_class(args.app_class, args.app_dir)
         encoder = CloudEventsEncoder(
             args.app, application_mapper(app_class, env), mode=args.analytics
         )
