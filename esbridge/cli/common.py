@@ -38,6 +38,20 @@ def add_app_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_metrics_options(parser: argparse.ArgumentParser, port_help: str) -> None:
+    """``--metrics-port`` and ``--metrics-addr``, the same for every long-running command.
+
+    The address defaults to loopback; a Prometheus server on another host (or
+    pod) needs ``--metrics-addr 0.0.0.0`` or the address of an interface.
+    """
+    parser.add_argument("--metrics-port", type=int, help=port_help)
+    parser.add_argument(
+        "--metrics-addr",
+        default="127.0.0.1",
+        help="address the metrics endpoint listens on (default 127.0.0.1)",
+    )
+
+
 def use_app_dir(app_dir: str) -> None:
     """Put ``app_dir`` (made absolute) first on the Python path, once."""
     app_dir = os.path.abspath(app_dir)

@@ -19,7 +19,7 @@ import argparse
 import os
 from typing import Any
 
-from esbridge.cli.common import add_app_dir, add_command, load_class
+from esbridge.cli.common import add_app_dir, add_command, add_metrics_options, load_class
 from esbridge.stop_signals import stop_on_signals
 
 
@@ -55,7 +55,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--partitions", type=int, help="expected partition count of the topic")
     parser.add_argument("--kafka-config", help="librdkafka properties file")
     add_app_dir(parser)
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here")
+    add_metrics_options(parser, "serve Prometheus /metrics on this port")
     parser.add_argument(
         "--batch-size", type=int, default=1000, help="messages a transaction (default 1000)"
     )
@@ -116,7 +116,7 @@ def consume(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout,
     )
     if args.metrics_port:
-        serve_metrics(args.metrics_port)
+        serve_metrics(args.metrics_port, args.metrics_addr)
 
     stop_on_signals(lambda name: adapter.stop())
     try:

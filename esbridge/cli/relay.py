@@ -19,7 +19,7 @@ import importlib
 import logging
 from typing import Any
 
-from esbridge.cli.common import add_app_dir, add_command, use_app_dir
+from esbridge.cli.common import add_app_dir, add_command, add_metrics_options, use_app_dir
 from esbridge.errors import ConfigurationError
 from esbridge.stop_signals import stop_on_signals
 
@@ -64,8 +64,7 @@ def register(subparsers: Any) -> None:
     )
     add_app_dir(parser)
     parser.add_argument("--kafka-config", metavar="FILE", help="librdkafka properties file")
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
-    parser.add_argument("--metrics-addr", default="127.0.0.1", help="default 127.0.0.1")
+    add_metrics_options(parser, "serve Prometheus /metrics on this port")
     parser.add_argument(
         "--set",
         action="append",

@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import Any
 
-from esbridge.cli.common import add_app_dir, add_command, use_app_dir
+from esbridge.cli.common import add_app_dir, add_command, add_metrics_options, use_app_dir
 from esbridge.cli.relay import parse_tuning
 from esbridge.errors import ConfigurationError
 from esbridge.stop_signals import stop_on_signals
@@ -73,7 +73,9 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="relays publish without transactions (brokers without transaction support)",
     )
-    parser.add_argument("--metrics-port", type=int, default=None, help="serve /metrics here")
+    add_metrics_options(
+        parser, "serve Prometheus /metrics on this port (worker N of an application: port + N)"
+    )
     parser.add_argument(
         "--relay-set",
         action="append",
@@ -191,7 +193,7 @@ def run_here(args: argparse.Namespace, system: Any) -> int:
     if args.metrics_port:
         from esbridge.metrics import serve_metrics
 
-        serve_metrics(args.metrics_port + worker_index)
+        serve_metrics(args.metrics_port + worker_index, args.metrics_addr)
     stopping = threading.Event()
 
     stop_on_signals(lambda name: stopping.set())
@@ -262,7 +264,7 @@ def worker_command(args: argparse.Namespace, app: str, index: int) -> list[str]:
     if args.at_least_once:
         command.append("--at-least-once")
     if args.metrics_port:
-        command += ["--metrics-port", str(args.metrics_port)]
+        command += ["--metrics-port", str(args.metrics_port), "--metrics-addr", args.metrics_addr]
     for item in args.relay_set:
         command += ["--relay-set", item]
     return command
