@@ -102,7 +102,7 @@ class RelayTuning:
     #: ``init_transactions`` / commit timeouts (seconds).
     init_timeout: float = 60.0
     commit_timeout: float = 60.0
-    #: Seconds to wait for the broker at start-up (None: for ever, retrying).
+    #: Seconds to wait for Postgres and the broker at start-up (None: for ever, retrying).
     connect_timeout: float | None = None
     #: Publish only while holding this relay id's lease (a Postgres advisory lock,
     #: see :mod:`esbridge.relay_lease`): a second relay with the same id stands by

@@ -52,6 +52,16 @@ def add_metrics_options(parser: argparse.ArgumentParser, port_help: str) -> None
     )
 
 
+def add_connect_timeout(parser: argparse.ArgumentParser) -> None:
+    """``--connect-timeout``: how long a long-running command waits for its servers at start."""
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        help="seconds to wait for an unreachable Postgres or broker at start-up "
+        "(default: for ever, logging each retry)",
+    )
+
+
 def use_app_dir(app_dir: str) -> None:
     """Put ``app_dir`` (made absolute) first on the Python path, once."""
     app_dir = os.path.abspath(app_dir)

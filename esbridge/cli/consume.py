@@ -19,7 +19,13 @@ import argparse
 import os
 from typing import Any
 
-from esbridge.cli.common import add_app_dir, add_command, add_metrics_options, load_class
+from esbridge.cli.common import (
+    add_app_dir,
+    add_command,
+    add_connect_timeout,
+    add_metrics_options,
+    load_class,
+)
 from esbridge.stop_signals import stop_on_signals
 
 
@@ -72,12 +78,7 @@ def register(subparsers: Any) -> None:
         default=3,
         help="attempts more for a failing policy before its message is parked (default 3)",
     )
-    parser.add_argument(
-        "--connect-timeout",
-        type=float,
-        help="seconds to wait for an unreachable Postgres or broker at start-up "
-        "(default: for ever, logging each retry)",
-    )
+    add_connect_timeout(parser)
     parser.set_defaults(func=consume)
 
 

@@ -19,7 +19,13 @@ import importlib
 import logging
 from typing import Any
 
-from esbridge.cli.common import add_app_dir, add_command, add_metrics_options, use_app_dir
+from esbridge.cli.common import (
+    add_app_dir,
+    add_command,
+    add_connect_timeout,
+    add_metrics_options,
+    use_app_dir,
+)
 from esbridge.errors import ConfigurationError
 from esbridge.stop_signals import stop_on_signals
 
@@ -65,6 +71,7 @@ def register(subparsers: Any) -> None:
     add_app_dir(parser)
     parser.add_argument("--kafka-config", metavar="FILE", help="librdkafka properties file")
     add_metrics_options(parser, "serve Prometheus /metrics on this port")
+    add_connect_timeout(parser)
     parser.add_argument(
         "--set",
         action="append",
@@ -147,6 +154,8 @@ def relay_command(args: argparse.Namespace) -> int:
         tuning["standby"] = False
     if args.replication_factor:
         tuning["replication_factor"] = args.replication_factor
+    if args.connect_timeout is not None:
+        tuning["connect_timeout"] = args.connect_timeout
     relay = Relay(
         app,
         kafka_config=load_kafka_config(args.kafka_config),

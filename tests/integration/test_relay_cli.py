@@ -46,6 +46,19 @@ def test_wrong_configuration_exits_2_with_a_clear_message(postgres_db, kafka_bro
         [ESBRIDGE, "relay", "Ledger"], env=env, cwd=ROOT, capture_output=True, timeout=60
     )
     assert done.returncode == 2 and b"KAFKA_BOOTSTRAP_SERVERS" in done.stderr
+    # No broker where it is said to be: --connect-timeout bounds the wait (default: for ever).
+    env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    done = subprocess.run(
+        [ESBRIDGE, "relay", "Ledger", "--connect-timeout", "3"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr.decode()[-2000:]
+    assert b"no Kafka broker answered" in done.stderr
+    assert time.monotonic() - started < 30
 
 
 def test_serves_metrics_and_stops_on_sigint(postgres_db, kafka_broker, create_topic, tmp_path):
