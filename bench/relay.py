@@ -37,6 +37,7 @@ from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
 from esbridge import relay_publisher
+from esbridge.logs import kafka_client_config
 from esbridge.relay import Relay
 from esbridge.relay_messages import PayloadEncoder
 from esbridge.relay_publisher import PRODUCER_DEFAULTS
@@ -103,8 +104,8 @@ def relay_run(env: dict[str, str], kafka: dict[str, Any], topic: str, partitions
 def bare_run(
     kafka: dict[str, Any], topic: str, messages: list[tuple[bytes, bytes, Any, int]], total: int
 ) -> float:
-    """The same messages, same settings, from a plain transactional producer."""
-    conf = dict(PRODUCER_DEFAULTS)
+    """The same messages, same settings (log lines too), from a plain transactional producer."""
+    conf = kafka_client_config(PRODUCER_DEFAULTS)
     conf.update(kafka)
     conf.update({"enable.idempotence": True, "transactional.id": f"bare-{uuid.uuid4().hex}"})
     producer = Producer(conf)

@@ -172,14 +172,21 @@ class BatchRepository:
         cache = base.cache
         cached: Any = cache.cache if cache is not None else {}
         after: dict[str, tuple[Any, Any]] = {}  # str(id) -> (id, cached aggregate or None)
+        fastforward = base.fastforward
         for i in aggregate_ids:
-            if i in self._events or i in self._fresh or str(i) in after:
+            # A cached aggregate that is not fast-forwarded needs nothing: the common
+            # case with a warm cache, checked first (str(i) of a UUID is not free).
+            is_cached = i in cached
+            if (is_cached and not fastforward) or i in self._events or i in self._fresh:
                 continue
-            if i not in cached:
-                after[str(i)] = (i, None)
-            elif base.fastforward:
+            key = str(i)
+            if key in after:
+                continue
+            if not is_cached:
+                after[key] = (i, None)
+            else:
                 with suppress(KeyError):  # evicted meanwhile: read by get, as before
-                    after[str(i)] = (i, cache.get(i))  # type: ignore[union-attr]
+                    after[key] = (i, cache.get(i))  # type: ignore[union-attr]
         if not after:
             return 0
         statement = SQL(

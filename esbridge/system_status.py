@@ -309,6 +309,13 @@ COLUMNS = (
 )
 
 
+def _positions_cell(status: EdgeStatus) -> str:
+    """One position, or each partition's labelled (``p0=1503 p1=1500``): which one lags shows."""
+    if len(status.positions) <= 1:
+        return str(status.position)
+    return " ".join(f"p{i}={v}" for i, v in enumerate(status.positions.values()))
+
+
 def format_table(statuses: Sequence[EdgeStatus]) -> str:
     """A plain-text table, one row per edge."""
     rows = [COLUMNS]
@@ -317,9 +324,7 @@ def format_table(statuses: Sequence[EdgeStatus]) -> str:
             (
                 f"{s.leader} -> {s.follower}",
                 str(s.upstream_max_nid),
-                str(s.position)
-                if len(s.positions) <= 1
-                else " ".join(str(v) for v in s.positions.values()),
+                _positions_cell(s),
                 str(s.lag_events),
                 f"{s.lag_seconds:.1f}",
                 "-" if s.held_gaps is None else str(s.held_gaps),
@@ -328,6 +333,8 @@ def format_table(statuses: Sequence[EdgeStatus]) -> str:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in rows]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
