@@ -15,7 +15,6 @@ Exit status: 0 when stopped, 2 on a configuration or permanent error.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 from typing import Any
 
@@ -24,7 +23,7 @@ from esbridge.cli.common import (
     add_command,
     add_connect_timeout,
     add_metrics_options,
-    use_app_dir,
+    load_class,
 )
 from esbridge.errors import ConfigurationError
 from esbridge.stop_signals import stop_on_signals
@@ -90,16 +89,15 @@ def application_name(spec: str, app_dir: str = ".") -> str:
     if ":" not in spec and "." not in spec:
         return spec
     module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
-    use_app_dir(app_dir)
     try:
-        module = importlib.import_module(module_name)
-        cls = getattr(module, attr)
-    except (ImportError, AttributeError) as e:
+        cls = load_class(f"{module_name}:{attr}", app_dir)
+    except ConfigurationError as e:
+        cause = e.__cause__
         raise ConfigurationError(
-            f"cannot import application {spec!r}: {type(e).__name__}: {e}. "
+            f"cannot import application {spec!r}: {type(cause).__name__}: {cause}. "
             "Give module:Class (importable from --app-dir, default the current directory) "
             "or the application's name"
-        ) from e
+        ) from cause
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise ConfigurationError(f"{spec!r} is not an eventsourcing Application class")
