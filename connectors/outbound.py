@@ -60,7 +60,7 @@ from eventsourcing.system import ProcessApplication
 from esbridge.deadletter import REASON_POLICY, DeadLetter, DeadLetterStore
 from esbridge.errors import ConfigurationError
 from esbridge.log_follower import LogWaker
-from esbridge.notification_log import open_recorder, read_pages
+from esbridge.notification_log import close_recorder, open_recorder, read_pages
 from esbridge.processing import (
     TRANSIENT_ERRORS,
     ProcessApplicationSink,
@@ -489,6 +489,10 @@ class OutboundWorker:
         if self._waker is not None:
             self._waker.wake()
 
+    def close(self) -> None:
+        """Close the upstream log's connections (after :meth:`run_forever` returned)."""
+        close_recorder(self.recorder)
+
     def _apply(self, steps: Sequence[Step], position: int) -> None:
         """Apply ``steps``; on a failing policy, record what precedes it, retry, then park."""
         failures = 0
@@ -558,6 +562,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         worker.run_forever()
     finally:
+        worker.close()
         follower.close()
 
 

@@ -37,7 +37,12 @@ from eventsourcing.persistence import ApplicationRecorder, Notification
 from esbridge import wire
 from esbridge.errors import ConfigurationError, EsbridgeError
 from esbridge.logs import kafka_client_config
-from esbridge.notification_log import open_recorder, read_pages, upstream_environment
+from esbridge.notification_log import (
+    close_recorder,
+    open_recorder,
+    read_pages,
+    upstream_environment,
+)
 from esbridge.relay_messages import Encoder, PayloadEncoder, content_type_for
 from esbridge.topics import kafka_admin, partition_count
 
@@ -125,6 +130,7 @@ class Replay:
         self.topic = topic
         self.env = dict(os.environ if env is None else env)
         self._recorder = recorder
+        self._given_recorder = recorder  # the caller's: never closed here
         self.encoder_hook = encoder
         self.page_size = page_size
         self.timeout = timeout
@@ -162,6 +168,14 @@ class Replay:
             raise ConfigurationError(
                 f"invalid range {start}..{stop}: notification ids start at 1 and stop >= start"
             )
+        try:
+            return self._run(start, stop)
+        finally:
+            if self._recorder is not self._given_recorder:  # opened by this run: close it
+                close_recorder(self._recorder)
+                self._recorder = None
+
+    def _run(self, start: int, stop: int | None) -> ReplayResult:
         num_partitions = self.partitions()
         encoder = self.make_encoder(num_partitions)
         chain = previous_per_partition(

@@ -49,7 +49,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, TimeoutError
 from sqlalchemy.orm import Session
 
 from esbridge.errors import ConfigurationError, EsbridgeError
-from esbridge.notification_log import open_recorder, read_pages
+from esbridge.notification_log import close_recorder, open_recorder, read_pages
 
 log = logging.getLogger("esbridge.connectors.projection")
 
@@ -215,6 +215,7 @@ class ProjectionRunner:
         self.upstream = upstream
         self.mapper = mapper
         self._recorder = recorder
+        self._given_recorder = recorder  # the caller's: never closed here
         self._env = env
         self.page_size = page_size
         self.max_attempts = max_attempts
@@ -335,6 +336,16 @@ class ProjectionRunner:
     def stop(self) -> None:
         """Ask :meth:`run_forever` (or a long :meth:`run_once`) to return after this batch."""
         self._stopping.set()
+
+    def close(self) -> None:
+        """Close the upstream log's connections, if this runner opened them (idempotent).
+
+        A recorder given to the constructor is the caller's to close. The runner
+        opens the log again if it is used after this.
+        """
+        if self._recorder is not self._given_recorder:
+            close_recorder(self._recorder)
+            self._recorder = None
 
     def _current(self) -> Position:
         return self._position or Position(0, self.projection.version)

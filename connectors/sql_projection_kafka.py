@@ -42,7 +42,7 @@ from esbridge import wire
 from esbridge.consumer import tracking_names
 from esbridge.errors import ConfigurationError, EsbridgeError, MessageFormatError
 from esbridge.logs import kafka_client_config
-from esbridge.notification_log import open_recorder, read_pages
+from esbridge.notification_log import close_recorder, open_recorder, read_pages
 from esbridge.reconcile import PartitionOrder
 from esbridge.relay_messages import key_partitioner
 from esbridge.topics import kafka_admin, partition_count
@@ -194,6 +194,7 @@ class KafkaProjectionFeed:
         self.group_id = group_id or f"esbridge-projection.{projection.name}"
         self._env = env
         self._recorder = recorder
+        self._given_recorder = recorder  # the caller's: never closed here
         with kafka_admin(self.kafka_config) as admin:
             count = partition_count(admin, topic)
         if count is None:
@@ -254,10 +255,15 @@ class KafkaProjectionFeed:
         self._stopping.set()
 
     def close(self) -> None:
-        """Close the Kafka consumer (after :meth:`run` returned)."""
+        """Close the Kafka consumer and the upstream log, if opened here (after :meth:`run`)."""
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             consumer.close()
+        if self._recorder is not self._given_recorder:
+            close_recorder(self._recorder)
+            self._recorder = None
+        for runner in self.runners:
+            runner.close()
 
     def _make_consumer(self) -> Consumer:
         conf = {k: v for k, v in self.kafka_config.items() if not k.startswith("transactional")}

@@ -70,7 +70,12 @@ from esbridge.errors import (
     PostgresUnavailableError,
 )
 from esbridge.logs import kafka_client_config
-from esbridge.notification_log import DEFAULT_PAGE_SIZE, open_recorder, read_pages
+from esbridge.notification_log import (
+    DEFAULT_PAGE_SIZE,
+    close_recorder,
+    open_recorder,
+    read_pages,
+)
 from esbridge.postgres_retry import Diagnosis, connection_diagnosis, retry_unreachable
 from esbridge.processing import (
     BatchSink,
@@ -313,6 +318,8 @@ class ConsumerAdapter:
                 log.debug("offset commit on close failed: %s", e)
             consumer.close()
         self._parts.clear()
+        upstream_log, self._upstream_log = self._upstream_log, None
+        close_recorder(upstream_log)  # its pool, now: at exit it would hang the process
 
     def process_available(self, timeout: float = 10.0) -> int:
         """Consume until caught up with the topic (or the upstream log); returns events processed.

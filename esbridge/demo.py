@@ -36,7 +36,7 @@ from eventsourcing.persistence import ApplicationRecorder
 from eventsourcing.utils import get_topic
 
 from esbridge.errors import ConfigurationError
-from esbridge.notification_log import open_recorder, read_pages
+from esbridge.notification_log import close_recorder, open_recorder, read_pages
 
 SYSTEM_PATH = "examples.orders.system:system"
 APPS = ("Orders", "Reservations", "Payments")
@@ -235,6 +235,10 @@ class SystemProcesses:
     def restarts(self) -> int:
         return sum(w.restarts for w in self.supervisor.workers)
 
+    def last_exit_codes(self) -> dict[str, int | None]:
+        """Each worker's last exit code (after leaving: 0 = it stopped gracefully on SIGTERM)."""
+        return {w.name: w.exit_codes[-1] if w.exit_codes else None for w in self.supervisor.workers}
+
     def edge_statuses(self) -> list[Any]:
         """The lag of every edge (see :mod:`esbridge.system_status`)."""
         from esbridge.runner import SystemTopics
@@ -283,9 +287,7 @@ class TopicCounter:
         return self.count
 
     def close(self) -> None:
-        datastore = getattr(self.recorder, "datastore", None)
-        if datastore is not None:
-            datastore.close()
+        close_recorder(self.recorder)
 
 
 def paid_counter(env: Mapping[str, str]) -> TopicCounter:

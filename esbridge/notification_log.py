@@ -10,6 +10,7 @@ only read access to the upstream database.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 
 from eventsourcing.persistence import (
@@ -58,6 +59,21 @@ def open_recorder(name: str, env: Mapping[str, str]) -> ApplicationRecorder:
         ) from e
     check_readable(name, recorder)
     return recorder
+
+
+def close_recorder(recorder: ApplicationRecorder | None) -> None:
+    """Close the connection pool behind a recorder from :func:`open_recorder` (idempotent).
+
+    Why explicitly: a pool left to the garbage collector is closed by the
+    datastore's ``__del__`` at interpreter exit, which joins the pool's worker
+    threads after they can no longer run, and the process hangs instead of
+    exiting. A broken pool is ignored: there is nothing more to release.
+    """
+    datastore = getattr(recorder, "datastore", None)
+    close = getattr(datastore, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
 
 
 def check_readable(name: str, recorder: ApplicationRecorder) -> None:

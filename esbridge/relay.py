@@ -52,7 +52,12 @@ from esbridge.errors import (
 )
 from esbridge.log_follower import LogWaker, connection_kwargs
 from esbridge.logs import kafka_client_config
-from esbridge.notification_log import open_recorder, read_pages, upstream_environment
+from esbridge.notification_log import (
+    close_recorder,
+    open_recorder,
+    read_pages,
+    upstream_environment,
+)
 from esbridge.partitioning import partition_for_key
 from esbridge.postgres_retry import TRANSIENT_ERRORS, connection_diagnosis
 from esbridge.relay_lease import DEFAULT_EXPIRY, check_expiry
@@ -464,10 +469,7 @@ class Relay:
             self._prompter = None
         self._tenure.release()  # after the producer is gone: a successor may start now
         recorder, self._recorder = self._recorder, None
-        datastore = getattr(recorder, "datastore", None)
-        if datastore is not None and hasattr(datastore, "close"):
-            with contextlib.suppress(Exception):  # a broken pool: nothing more to do
-                datastore.close()
+        close_recorder(recorder)
 
     # -- the loop ---------------------------------------------------------
 

@@ -150,21 +150,30 @@ class Supervisor:
         self._stopping.set()
 
     def stop(self) -> None:
-        """SIGTERM every worker, wait, then SIGKILL those still running."""
+        """SIGTERM every worker, wait, then SIGKILL those still running.
+
+        Each worker's exit code is appended to its ``exit_codes``: 0 when it
+        stopped gracefully, ``-9`` when it had to be killed.
+        """
         self._stopping.set()
-        running = [w.process for w in self.workers if w.process is not None]
-        for process in running:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+        running = [w for w in self.workers if w.process is not None]
+        for worker in running:
+            assert worker.process is not None
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout
-        for process in running:
+        for worker in running:
+            process, worker.process = worker.process, None
+            assert process is not None
             try:
                 process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 logger.error(
-                    "pid %d did not stop within %.0f s: killing it", process.pid, self.stop_timeout
+                    "%s (pid %d) did not stop within %.0f s: killing it",
+                    worker.name,
+                    process.pid,
+                    self.stop_timeout,
                 )
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait()
-        for worker in self.workers:
-            worker.process = None
+            worker.exit_codes.append(process.returncode)

@@ -32,7 +32,7 @@ from eventsourcing.persistence import ApplicationRecorder, Notification, Process
 from eventsourcing.system import System
 
 from esbridge.applications import construct_or_close
-from esbridge.notification_log import open_recorder, read_pages
+from esbridge.notification_log import close_recorder, open_recorder, read_pages
 from esbridge.partitioning import partition_for_key
 
 MAX_LAG_SCAN = 200_000  # notifications read to count a lag; beyond, the count is a lower bound
@@ -175,9 +175,7 @@ class EdgeProbe:
 
     def close(self) -> None:
         """Close the upstream recorder's connections."""
-        datastore = getattr(self.upstream, "datastore", None)
-        if datastore is not None:
-            datastore.close()
+        close_recorder(self.upstream)
 
     def positions(self) -> dict[int | None, int]:
         return follower_positions(self.recorder, self.leader, self.partitions)

@@ -306,10 +306,14 @@ def test_prompt_mode_pulls_from_the_log(
         populate(school, 5, 1, seed=2)  # more events, then a prompt
         relay_all(school, topic, kafka_config, mode="prompts")
         assert consumer.process_available(timeout=30) == 10
+        upstream_log: Any = consumer._upstream_log
     finally:
         consumer.close()
     verify_mirror(school, mirror, dogs)
     assert mirror.recorder.max_tracking_id("DogSchool") == 210
+    # close() closed the upstream log's pool: left to the garbage collector, it can be
+    # closed at interpreter exit only, which hangs a stopping process for many seconds.
+    assert upstream_log.datastore.pool.closed
 
 
 def test_poison_messages_are_parked_then_replayed(

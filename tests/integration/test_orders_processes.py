@@ -67,6 +67,8 @@ def test_three_processes_prompts_and_status(postgres_db: Any, kafka_broker: Any)
             orders.close()
         exactly_once(processes.env, ids)
         table = status_table(processes)
+    # Leaving sent SIGTERM: every worker stopped by itself (0), none had to be killed (-9).
+    assert processes.last_exit_codes() == {"Orders[0]": 0, "Reservations[0]": 0, "Payments[0]": 0}
     lines = table.splitlines()
     assert lines[0].split()[:2] == ["edge", "upstream"]
     edges = {line.split("  ")[0].strip(): line.split() for line in lines[2:]}

@@ -244,6 +244,8 @@ def test_each_event_has_exactly_one_effect_and_its_outcome_recorded(postgres_db,
     calls_before = sum(len(a) for a in api.attempts.values())
     assert worker.run_once() == 0
     assert sum(len(a) for a in api.attempts.values()) == calls_before
+    worker.close()
+    assert worker.recorder.datastore.pool.closed  # type: ignore[attr-defined]
     follower.close()
     shop.close()
 

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
@@ -79,10 +80,11 @@ def test_replayed_range_has_the_relays_keys_and_headers_and_is_deduplicated(
     topic = create_topic(partitions=PARTITIONS)
     assert relay_publish(school, kafka_config, topic) == total
 
-    result = Replay("DogSchool", kafka_config=kafka_config, topic=topic, env=postgres_db.env).run(
-        17, 61
-    )
+    replay = Replay("DogSchool", kafka_config=kafka_config, topic=topic, env=postgres_db.env)
+    log: Any = replay.recorder  # opened by the replay (from env): closed when run returns
+    result = replay.run(17, 61)
     assert (result.count, result.first, result.last) == (45, 17, 61)
+    assert log.datastore.pool.closed
 
     messages = read_all(kafka_config, topic, total + 45)
     assert len(messages) == total + 45

@@ -111,6 +111,10 @@ def test_rows_and_tracking_commit_in_one_transaction(school, target, postgres_db
         other.run_once()
     assert runner.position() == 90
     assert table_contents(target) == expected_contents(school)
+    log = runner.recorder  # opened by the runner (from env): close() closes it
+    runner.close()
+    other.close()
+    assert log.datastore.pool.closed  # type: ignore[attr-defined]
 
 
 def test_handler_that_raises_is_retried_then_parked_and_position_kept(school, target, postgres_db):
@@ -333,9 +337,11 @@ def test_kafka_feed_fills_a_gap_from_the_log(
             {partition_of(str(n.originator_id).encode()) for n in before}
         )
         assert table_contents(engine) == expected_contents(school)
+        log = feed.recorder  # opened by the feed to fill the gap: close() closes it
     finally:
         feed.close()
         engine.dispose()
+    assert log.datastore.pool.closed  # type: ignore[union-attr]
 
 
 def test_a_rebuild_that_fails_part_way_changes_nothing(school, target, postgres_db):
