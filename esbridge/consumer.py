@@ -319,7 +319,7 @@ class ConsumerAdapter:
             consumer.close()
         self._parts.clear()
         upstream_log, self._upstream_log = self._upstream_log, None
-        close_recorder(upstream_log)  # its pool, now: at exit it would hang the process
+        close_recorder(upstream_log)  # now: closed at exit, its pool would hang the process
 
     def process_available(self, timeout: float = 10.0) -> int:
         """Consume until caught up with the topic (or the upstream log); returns events processed.

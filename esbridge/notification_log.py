@@ -64,10 +64,11 @@ def open_recorder(name: str, env: Mapping[str, str]) -> ApplicationRecorder:
 def close_recorder(recorder: ApplicationRecorder | None) -> None:
     """Close the connection pool behind a recorder from :func:`open_recorder` (idempotent).
 
-    Why explicitly: a pool left to the garbage collector is closed by the
-    datastore's ``__del__`` at interpreter exit, which joins the pool's worker
-    threads after they can no longer run, and the process hangs instead of
-    exiting. A broken pool is ignored: there is nothing more to release.
+    Why explicitly: a pool left to the garbage collector may be closed by the
+    datastore's ``__del__`` only at interpreter exit, which then joins the pool's
+    worker threads after they can no longer run: the process waits for seconds
+    instead of exiting (long enough for a supervisor to kill it). A broken pool
+    is ignored: there is nothing more to release.
     """
     datastore = getattr(recorder, "datastore", None)
     close = getattr(datastore, "close", None)
