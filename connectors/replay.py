@@ -38,9 +38,9 @@ from esbridge import wire
 from esbridge.errors import ConfigurationError, EsbridgeError
 from esbridge.logs import kafka_client_config
 from esbridge.notification_log import (
-    close_recorder,
     open_recorder,
     read_pages,
+    release_recorder,
     upstream_environment,
 )
 from esbridge.relay_messages import Encoder, PayloadEncoder, content_type_for
@@ -171,9 +171,7 @@ class Replay:
         try:
             return self._run(start, stop)
         finally:
-            if self._recorder is not self._given_recorder:  # opened by this run: close it
-                close_recorder(self._recorder)
-                self._recorder = None
+            self._recorder = release_recorder(self._recorder, self._given_recorder)
 
     def _run(self, start: int, stop: int | None) -> ReplayResult:
         num_partitions = self.partitions()

@@ -49,7 +49,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, TimeoutError
 from sqlalchemy.orm import Session
 
 from esbridge.errors import ConfigurationError, EsbridgeError
-from esbridge.notification_log import close_recorder, open_recorder, read_pages
+from esbridge.notification_log import open_recorder, read_pages, release_recorder
 
 log = logging.getLogger("esbridge.connectors.projection")
 
@@ -343,9 +343,7 @@ class ProjectionRunner:
         A recorder given to the constructor is the caller's to close. The runner
         opens the log again if it is used after this.
         """
-        if self._recorder is not self._given_recorder:
-            close_recorder(self._recorder)
-            self._recorder = None
+        self._recorder = release_recorder(self._recorder, self._given_recorder)
 
     def _current(self) -> Position:
         return self._position or Position(0, self.projection.version)

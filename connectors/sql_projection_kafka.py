@@ -42,7 +42,7 @@ from esbridge import wire
 from esbridge.consumer import tracking_names
 from esbridge.errors import ConfigurationError, EsbridgeError, MessageFormatError
 from esbridge.logs import kafka_client_config
-from esbridge.notification_log import close_recorder, open_recorder, read_pages
+from esbridge.notification_log import open_recorder, read_pages, release_recorder
 from esbridge.reconcile import PartitionOrder
 from esbridge.relay_messages import key_partitioner
 from esbridge.topics import kafka_admin, partition_count
@@ -259,9 +259,7 @@ class KafkaProjectionFeed:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             consumer.close()
-        if self._recorder is not self._given_recorder:
-            close_recorder(self._recorder)
-            self._recorder = None
+        self._recorder = release_recorder(self._recorder, self._given_recorder)
         for runner in self.runners:
             runner.close()
 

@@ -77,6 +77,19 @@ def close_recorder(recorder: ApplicationRecorder | None) -> None:
             close()
 
 
+def release_recorder(
+    recorder: ApplicationRecorder | None, given: ApplicationRecorder | None
+) -> ApplicationRecorder | None:
+    """Close ``recorder`` unless it is ``given`` (the caller's, which only the caller closes).
+
+    For components that take an optional recorder and otherwise open their own:
+    returns what they hold afterwards (``given``; ``None`` opens the log again on use).
+    """
+    if recorder is not given:
+        close_recorder(recorder)
+    return given
+
+
 def check_readable(name: str, recorder: ApplicationRecorder) -> None:
     """Raise :class:`ConfigurationError` unless the notification log can be read.
 

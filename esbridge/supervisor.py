@@ -156,15 +156,13 @@ class Supervisor:
         stopped gracefully, ``-9`` when it had to be killed.
         """
         self._stopping.set()
-        running = [w for w in self.workers if w.process is not None]
-        for worker in running:
-            assert worker.process is not None
-            if worker.process.poll() is None:
-                worker.process.send_signal(signal.SIGTERM)
+        running = [(w, w.process) for w in self.workers if w.process is not None]
+        for _worker, process in running:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout
-        for worker in running:
-            process, worker.process = worker.process, None
-            assert process is not None
+        for worker, process in running:
+            worker.process = None
             try:
                 process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
