@@ -233,7 +233,8 @@ class KafkaProjectionFeed:
     def setup(self) -> None:
         for runner in self.runners:
             runner.setup()
-        self._orders = [PartitionOrder(runner.position()) for runner in self.runners]
+        verify = self._env is not None or self._given_recorder is not None
+        self._orders = [PartitionOrder(runner.position(), verify=verify) for runner in self.runners]
 
     def rebuild(self) -> None:
         """Drop and recreate the projection's tables and read the topic from its beginning.
@@ -333,6 +334,8 @@ class KafkaProjectionFeed:
             order = self._orders[p]
             offer = order.offer(n.id, prev, n, time.monotonic())
             self.duplicates += offer.duplicates
+            for _nid, foreign in offer.broken:
+                self._foreign(p, foreign, "its esb_prev_nid does not continue the partition")
             ready.setdefault(p, []).extend(item for _, item in offer.ready)
             if order.gap() is not None:
                 ready[p].extend(self._fill_gap(p, order))
@@ -358,24 +361,60 @@ class KafkaProjectionFeed:
             error,
         )
 
+    def _foreign(self, partition: int, notification: Notification, why: str) -> None:
+        self.skipped += 1
+        log.error(
+            "projection %s: skipped a foreign message on partition %d (notification id %d, "
+            "key %s): %s. It moved no position",
+            self.projection.name,
+            partition,
+            notification.id,
+            notification.originator_id,
+            why,
+        )
+
     def _fill_gap(self, partition: int, order: PartitionOrder[Notification]) -> list[Notification]:
-        """Read the missing notifications of ``partition`` from the log; they and the released."""
-        gap = order.gap()
-        assert gap is not None
+        """Read what is missing before the held messages from the log, checking each held one.
+
+        Reads are bounded by the log's highest id (a held message's own id may
+        be forged), and a held message is applied only if the log has the same
+        event under its id; otherwise the log's event is applied instead.
+        """
         recorder = self.recorder
-        if recorder is None:
-            raise ProjectionGapError(
-                f"projection {self.projection.name!r}: {gap.describe()} of {self.upstream!r} are "
-                f"missing from partition {partition} of topic {self.topic!r} and no upstream log "
-                "was given to read them from: pass env= (or recorder=), or replay that range"
-            )
-        found: list[tuple[int, Notification]] = []
-        for page in read_pages(recorder, gap.after, stop=gap.last_missing):
-            for n in page:
-                if self.partition_of(str(n.originator_id).encode()) == partition:
-                    found.append((n.id, n))
-        result = [n for _, n in found]
-        offer = order.filled(gap.last_missing)
-        self.gaps_filled += 1
-        result.extend(item for _, item in offer.ready)
+        result: list[Notification] = []
+        while (gap := order.gap()) is not None:
+            if recorder is None:
+                raise ProjectionGapError(
+                    f"projection {self.projection.name!r}: {gap.describe()} of "
+                    f"{self.upstream!r} are missing from partition {partition} of topic "
+                    f"{self.topic!r} and no upstream log was given to read them from: pass "
+                    "env= (or recorder=), or replay that range"
+                )
+            upto = min(gap.before, recorder.max_notification_id() or 0)
+            found = [
+                n
+                for page in read_pages(recorder, gap.after, stop=upto)
+                for n in page
+                if self.partition_of(str(n.originator_id).encode()) == partition
+            ]
+            held = order.take(gap.before)
+            genuine = found.pop() if found and found[-1].id == gap.before else None
+            if genuine is not None and _same(genuine, held):
+                found.append(held)
+            else:
+                self._foreign(partition, held, "the upstream log does not have it under its id")
+                if genuine is not None:
+                    found.append(genuine)
+            result.extend(found)
+            self.gaps_filled += 1
+            result.extend(item for _, item in order.filled(upto).ready)
         return result
+
+
+def _same(a: Notification, b: Notification) -> bool:
+    return (
+        a.originator_id == b.originator_id
+        and a.originator_version == b.originator_version
+        and a.topic == b.topic
+        and bytes(a.state) == bytes(b.state)
+    )

@@ -162,7 +162,7 @@ class BatchCommitter:
         if not self._tuning.park_behind:
             return steps
         parked = self._parked_keys(steps)
-        if not parked and not any(s.dead_letter is not None for s in steps):
+        if not parked and not any(s.dead_letter is not None and s.tracking for s in steps):
             return steps
         result: list[Step] = []
         for step in steps:
@@ -173,8 +173,8 @@ class BatchCommitter:
                     "an earlier message of this key is parked; replay it first "
                     "('esbridge dlq replay')",
                 )
-            if step.dead_letter is not None:
-                parked.add(step.key)
+            if step.dead_letter is not None and step.tracking is not None:
+                parked.add(step.key)  # a letter without a position holds nothing back
             result.append(step)
         return result
 

@@ -48,6 +48,7 @@ from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
+    OFFSET_STORED,
     Consumer,
     KafkaError,
     KafkaException,
@@ -61,7 +62,7 @@ from prometheus_client import CollectorRegistry
 from esbridge import gc_pause, wire
 from esbridge.batch_commit import Abandoned, BatchCommitter, ConsumerCounts
 from esbridge.consumer_metrics import ConsumerMetrics
-from esbridge.deadletter import REASON_MALFORMED
+from esbridge.deadletter import REASON_FOREIGN, REASON_MALFORMED
 from esbridge.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -105,6 +106,24 @@ def tracking_names(upstream: str, partitions: int) -> list[str]:
     if partitions <= 1:
         return [upstream]
     return [f"{upstream}#{p}/{partitions}" for p in range(partitions)]
+
+
+_METADATA_PREFIX = "esb_position="
+
+
+def offset_metadata(position: int) -> str:
+    """The metadata of a committed offset: the Postgres position that covers it."""
+    return f"{_METADATA_PREFIX}{position}"
+
+
+def position_in_metadata(metadata: str | None) -> int | None:
+    """The position in an offset's metadata; None for offsets not committed by esbridge."""
+    if metadata and metadata.startswith(_METADATA_PREFIX):
+        try:
+            return int(metadata[len(_METADATA_PREFIX) :])
+        except ValueError:
+            return None
+    return None
 
 
 @dataclass
@@ -151,8 +170,9 @@ class _Partition:
     tracking_name: str
     order: PartitionOrder[tuple[Message, wire.PayloadHeaders]]
     resume_offset: int  # where reading may safely start again (Kafka offset)
-    last_offset: int = -1  # last offset consumed
+    last_offset: int = -1  # last offset whose message is recorded (or skipped) in Postgres
     last_timestamp: float = 0.0
+    last_seen: float = 0.0  # monotonic time of its last message, or of its assignment
 
 
 @dataclass
@@ -164,6 +184,7 @@ class _Tuning:
     retry_backoff: float = 0.2
     page_size: int = DEFAULT_PAGE_SIZE * 2
     prompt_interval: float = 1.0
+    trailing_gap_after: float = 10.0
     park_behind: bool = True
     topic_timeout: float = 30.0
     dlq_refresh: float = 2.0
@@ -249,6 +270,7 @@ class ConsumerAdapter:
         self.partitions = 0
         self.names: list[str] = []
         self._upstream_log: ApplicationRecorder | None = None
+        self._known_max = 0  # the upstream log's highest id, as last read
         self._consumer: Consumer | None = None
         self._parts: dict[int, _Partition] = {}
         self._pending_assign: list[TopicPartition] | None = None
@@ -448,7 +470,9 @@ class ConsumerAdapter:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s[%s]", self.topic, ",".join(str(p.partition) for p in partitions))
-        self._pending_assign = (self._pending_assign or []) + list(partitions)
+        starts = self._start_offsets(consumer, partitions)
+        consumer.assign(starts)  # from here, not from an offset past what Postgres holds
+        self._pending_assign = (self._pending_assign or []) + starts
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s[%s]", self.topic, ",".join(str(p.partition) for p in partitions))
@@ -469,27 +493,69 @@ class ConsumerAdapter:
         if self._pending_assign:
             self._pending_assign = [p for p in self._pending_assign if p.partition not in numbers]
 
+    def _start_offsets(
+        self, consumer: Consumer, partitions: list[TopicPartition]
+    ) -> list[TopicPartition]:
+        """Where each assigned partition starts: the group's offset only if Postgres covers it.
+
+        Each offset esbridge commits carries, as its metadata, the tracking
+        position that Postgres held when everything before the offset was
+        recorded (:func:`offset_metadata`). An offset whose position is past the
+        Postgres position (a batch that failed after its offsets were read, a
+        database restored from a backup) would skip messages that never had
+        their effect: the partition is read from its beginning instead (the
+        events already processed are skipped as duplicates). Offsets committed
+        without that metadata (older esbridge versions) are taken as before.
+        """
+        committed: dict[int, TopicPartition] = {}
+        try:
+            for tp in consumer.committed(partitions, timeout=10):
+                committed[tp.partition] = tp
+        except KafkaException as e:
+            log.warning("reading committed offsets: %s (resuming from the group's offsets)", e)
+        starts = []
+        for tp in partitions:
+            got = committed.get(tp.partition)
+            offset = got.offset if got is not None and got.offset >= 0 else OFFSET_STORED
+            recorded = position_in_metadata(got.metadata if got is not None else None)
+            if offset >= 0 and recorded is not None and self.mode == "payloads":
+                position = self._position(self._tracking_name(tp.partition))
+                if recorded > position:
+                    log.warning(
+                        "partition %s[%d]: the group's offset %d was committed at position %d, "
+                        "but Postgres holds position %d: reading the partition from its "
+                        "beginning so that nothing after %d is skipped",
+                        self.topic,
+                        tp.partition,
+                        offset,
+                        recorded,
+                        position,
+                        position,
+                    )
+                    offset = OFFSET_BEGINNING
+            starts.append(TopicPartition(self.topic, tp.partition, offset))
+        return starts
+
+    def _tracking_name(self, partition: int) -> str:
+        return self.names[0] if self.mode == "prompts" else self.names[partition]
+
     def _init_assigned(self, consumer: Consumer) -> None:
         """Read the Postgres positions of newly assigned partitions (they are the truth)."""
         pending, self._pending_assign = self._pending_assign or [], None
         if not pending:
             return
-        committed: dict[int, int] = {}
-        try:
-            for tp in consumer.committed(pending, timeout=10):
-                committed[tp.partition] = tp.offset
-        except KafkaException as e:
-            log.warning("reading committed offsets: %s (resuming from the group's offsets)", e)
+        now = time.monotonic()
         for tp in pending:
-            name = self.names[0] if self.mode == "prompts" else self.names[tp.partition]
+            name = self._tracking_name(tp.partition)
             position = self._position(name)
             self._positions[name] = position
-            offset = committed.get(tp.partition, OFFSET_BEGINNING)
+            offset = tp.offset
             self._parts[tp.partition] = _Partition(
                 number=tp.partition,
                 tracking_name=name,
-                order=PartitionOrder(position),
+                order=self._order(position),
                 resume_offset=offset if offset >= 0 else OFFSET_BEGINNING,
+                last_seen=now,
             )
             log.info(
                 "partition %s[%d]: position %d (%s), Kafka offset hint %s",
@@ -497,7 +563,9 @@ class ConsumerAdapter:
                 tp.partition,
                 position,
                 name,
-                offset if offset >= 0 else "none",
+                {OFFSET_BEGINNING: "none: from the beginning", OFFSET_STORED: "none"}.get(
+                    offset, offset
+                ),
             )
         self._prompted = True
 
@@ -507,6 +575,10 @@ class ConsumerAdapter:
         sink = self._sink()
         position: int = self._retry_db(lambda: sink.position(name))
         return position
+
+    def _order(self, position: int) -> PartitionOrder[tuple[Message, wire.PayloadHeaders]]:
+        # With the upstream log, suspect messages wait to be checked against it.
+        return PartitionOrder(position, verify=self._upstream_log is not None)
 
     def _sink(self) -> BatchSink:
         assert self.sink is not None
@@ -552,13 +624,11 @@ class ConsumerAdapter:
             last[number] = message
             self._offer(part, message, steps, now)
         touched = set(last)
-        for number, message in last.items():
-            part = parts[number]
-            part.last_offset = message.offset() or 0
-            part.last_timestamp = message.timestamp()[1] / 1000.0
         for part in list(self._parts.values()):
             gap = part.order.gap()
             if gap is None:
+                if part.number not in last:
+                    self._check_trailing(consumer, part, steps)
                 continue
             touched.add(part.number)
             if self._upstream_log is not None:
@@ -573,6 +643,14 @@ class ConsumerAdapter:
                 )
         if steps and not self._commit(steps):
             return len(messages)
+        # Only now, with the batch in Postgres, may offsets move past its messages: an
+        # offset committed before (and a batch that then failed) would skip them.
+        mono = time.monotonic()
+        for number, message in last.items():
+            part = parts[number]
+            part.last_offset = message.offset() or 0
+            part.last_timestamp = message.timestamp()[1] / 1000.0
+            part.last_seen = mono
         self._commit_offsets(consumer, asynchronous=True, only=touched)
         self._update_gauges()
         return len(messages)
@@ -582,15 +660,28 @@ class ConsumerAdapter:
             payload = wire.decode_payload(_raw_headers(message), message.key())
             if payload is None:
                 return  # a prompt
-            if payload.app != self.upstream:
-                raise ConfigurationError(
-                    f"message from application {payload.app!r} on a topic consumed as "
-                    f"{self.upstream!r}"
-                )
         except Exception as e:
             source = self._source(message, None)
             letter = self.steps.dead_letter(source, None, REASON_MALFORMED, str(e))
             steps.append(Step(tracking=None, key=source.key, dead_letter=letter, source=source))
+            return
+        if payload.app != self.upstream:
+            self._park_foreign(
+                steps,
+                message,
+                payload,
+                f"message from application {payload.app!r} on a topic consumed as "
+                f"{self.upstream!r}",
+            )
+            return
+        if self._upstream_log is not None and payload.nid > self._upstream_max(payload.nid):
+            self._park_foreign(
+                steps,
+                message,
+                payload,
+                f"notification id {payload.nid} is beyond the upstream log's highest id "
+                f"{self._known_max}: no relay of {self.upstream!r} published it",
+            )
             return
         order = part.order
         if order.advance(payload.nid, payload.prev_nid):  # the common case, allocation-free
@@ -601,6 +692,41 @@ class ConsumerAdapter:
         self.metrics.duplicates.inc(offer.duplicates)
         for _nid, (msg, headers_) in offer.ready:
             steps.append(self._message_step(part, msg, headers_))
+        for _nid, (msg, headers_) in offer.broken:
+            self._park_foreign(steps, msg, headers_, _broken_chain(headers_, order.position))
+
+    def _park_foreign(
+        self, steps: list[Step], message: Message, payload: wire.PayloadHeaders, why: str
+    ) -> None:
+        """Park a message that is not from the upstream log: no position moves, nothing waits.
+
+        Trusting it would move the partition's position to its ``esb_nid`` and make
+        every genuine event below that id look like a duplicate (silent loss).
+        """
+        source = self._source(message, payload)
+        log.warning(
+            "partition %s[%s]: parking a foreign message at offset %s (key %s): %s",
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            source.key,
+            why,
+        )
+        letter = self.steps.dead_letter(source, None, REASON_FOREIGN, why)
+        steps.append(Step(tracking=None, key=source.key, dead_letter=letter, source=source))
+        self.metrics.foreign.inc()
+
+    def _upstream_max(self, at_least: int) -> int:
+        """The upstream log's highest id, re-read only when ``at_least`` is beyond the last.
+
+        Ids commit in order, so every id up to it is final: it bounds any genuine
+        notification id and every range the consumer may read from the log.
+        """
+        if at_least > self._known_max:
+            recorder = self._upstream_log
+            assert recorder is not None
+            self._known_max = self._retry_db(recorder.max_notification_id) or 0
+        return self._known_max
 
     def _source(self, message: Message, payload: wire.PayloadHeaders | None) -> Source:
         if payload is not None:
@@ -627,35 +753,118 @@ class ConsumerAdapter:
         )
 
     def _fill_gaps(self, part: _Partition, steps: list[Step]) -> None:
-        """Read the missing notifications of ``part`` from the upstream log, in order."""
-        assert self._upstream_log is not None
+        """Read what is missing before ``part``'s held messages from the upstream log.
+
+        Each round reads ``(position, before]`` (``before``: the lowest held
+        message), bounded by the log's highest id: a held message's own id
+        proves nothing, it may be forged. The log's notification ``before``
+        decides whether the held message is genuine (the same event: processed)
+        or foreign (parked without a position, and the log's own event, if this
+        partition has one there, is processed instead).
+        """
         while (gap := part.order.gap()) is not None:
+            upto = min(gap.before, self._upstream_max(gap.before))
             found = 0
-            for page in self._read_range(gap.after, gap.before - 1):
+            genuine: Notification | None = None
+            for page in self._read_range(gap.after, upto):
                 for notification in page:
                     if self.partitions > 1 and part.number != self._partition_of(
                         str(notification.originator_id).encode()
                     ):
                         continue
+                    if notification.id == gap.before:
+                        genuine = notification
+                        continue
                     steps.append(
                         self.steps.step_from_notification(notification, part.tracking_name)
                     )
                     found += 1
-            log.info(
-                "partition %s[%d]: filled gap %s from the upstream log (%d events)",
+            message, payload = part.order.take(gap.before)
+            if genuine is not None and _same_event(genuine, message, payload):
+                steps.append(self._message_step(part, message, payload))
+            else:
+                self._park_foreign(steps, message, payload, _not_in_log(payload, genuine, upto))
+                if genuine is not None:
+                    steps.append(self.steps.step_from_notification(genuine, part.tracking_name))
+                    found += 1
+            if gap.first_missing < gap.before:
+                log.info(
+                    "partition %s[%d]: filled gap %s from the upstream log (%d events)",
+                    self.topic,
+                    part.number,
+                    gap.describe(),
+                    found,
+                )
+                self._counts.gaps += 1
+                self.metrics.gaps.inc()
+            self._counts.reconciled += found
+            self.metrics.reconciled.inc(found)
+            released = part.order.filled(upto)
+            self._counts.duplicates += released.duplicates
+            for _nid, (msg, headers_) in released.ready:
+                steps.append(self._message_step(part, msg, headers_))
+
+    def _check_trailing(self, consumer: Consumer, part: _Partition, steps: list[Step]) -> None:
+        """Fill a *trailing gap*: the partition's last events are in the log, not on the topic.
+
+        A gap shows itself when a later message arrives; at the end of a
+        partition nothing later may come (messages deleted from the topic, a
+        consumer started past them). So once the partition has been idle for
+        ``trailing_gap_after`` seconds with nothing left to read on the topic,
+        the upstream log is asked whether it holds events of this partition
+        beyond the position; they are processed from it. Needs the upstream log.
+        """
+        if self._upstream_log is None or part.order.held_count:
+            return
+        now = time.monotonic()
+        if now - part.last_seen < self.tuning.trailing_gap_after:
+            return
+        part.last_seen = now  # checked: the next check waits as long again
+        if not self._read_to_end(consumer, part):
+            return
+        top = self._upstream_max(part.order.position + 1)
+        if top <= part.order.position:
+            return
+        found: list[Step] = []
+        for page in self._read_range(part.order.position, top):
+            for notification in page:
+                if self.partitions <= 1 or part.number == self._partition_of(
+                    str(notification.originator_id).encode()
+                ):
+                    found.append(
+                        self.steps.step_from_notification(notification, part.tracking_name)
+                    )
+        if found:
+            first, last = found[0].tracking, found[-1].tracking
+            assert first is not None and last is not None
+            log.warning(
+                "partition %s[%d]: %d events of this partition (notification ids %d..%d) are in "
+                "the upstream log but did not arrive on the topic within %.0f s of its last "
+                "message (a trailing gap): processing them from the log",
                 self.topic,
                 part.number,
-                gap.describe(),
-                found,
+                len(found),
+                first.notification_id,
+                last.notification_id,
+                self.tuning.trailing_gap_after,
             )
-            self._counts.gaps += 1
-            self._counts.reconciled += found
-            self.metrics.gaps.inc()
-            self.metrics.reconciled.inc(found)
-            released = part.order.filled(gap.before - 1)
-            self._counts.duplicates += released.duplicates
-            for _nid, (msg, payload) in released.ready:
-                steps.append(self._message_step(part, msg, payload))
+            self._counts.reconciled += len(found)
+            self.metrics.reconciled.inc(len(found))
+            self.metrics.trailing.inc(len(found))
+            steps.extend(found)
+        part.order.filled(top)
+
+    def _read_to_end(self, consumer: Consumer, part: _Partition) -> bool:
+        """Whether nothing but transaction markers is left to read on ``part`` (cached)."""
+        tp = TopicPartition(self.topic, part.number)
+        try:
+            _low, high = consumer.get_watermark_offsets(tp, cached=True)
+            position = consumer.position([tp])[0].offset
+        except KafkaException:
+            return False
+        if position < 0:
+            position = part.resume_offset
+        return high < 0 or position >= high - 1
 
     def _read_range(self, after: int, stop: int) -> list[Sequence[Notification]]:
         recorder = self._upstream_log
@@ -768,7 +977,7 @@ class ConsumerAdapter:
         for part in self._parts.values():
             position = self._position(part.tracking_name)
             self._positions[part.tracking_name] = position
-            part.order = PartitionOrder(position)
+            part.order = self._order(position)
             if consumer is not None and self.mode == "payloads":
                 consumer.seek(TopicPartition(self.topic, part.number, part.resume_offset))
 
@@ -782,15 +991,20 @@ class ConsumerAdapter:
             if only is not None and part.number not in only:
                 continue
             held = part.order.held_items()
-            if held:
-                offset = held[0][0].offset() or 0
+            if held:  # the lowest offset held: with reordering, not the lowest id's
+                offset = min(message.offset() or 0 for message, _ in held)
             elif part.last_offset >= 0:
                 offset = part.last_offset + 1
             else:
                 continue
             if offset > part.resume_offset:
                 part.resume_offset = offset
-                offsets.append(TopicPartition(self.topic, part.number, offset))
+                position = self._positions.get(part.tracking_name, 0)
+                offsets.append(
+                    TopicPartition(
+                        self.topic, part.number, offset, metadata=offset_metadata(position)
+                    )
+                )
         if offsets and asynchronous:
             consumer.commit(offsets=offsets, asynchronous=True)
         elif offsets:
@@ -907,3 +1121,33 @@ def _raw_headers(message: Message) -> list[tuple[str, bytes | None]]:
     """
     headers: Any = message.headers()
     return headers or []
+
+
+def _broken_chain(payload: wire.PayloadHeaders, position: int) -> str:
+    return (
+        f"its esb_prev_nid {payload.prev_nid} does not continue this partition's chain at "
+        f"position {position} (esb_nid {payload.nid}): not published by the upstream's relay, "
+        "and no upstream log is configured to check it (--upstream-log / upstream_env)"
+    )
+
+
+def _same_event(notification: Notification, message: Message, payload: wire.PayloadHeaders) -> bool:
+    """Whether ``message`` carries exactly the log's ``notification`` (not a forgery)."""
+    return (
+        str(notification.originator_id) == payload.originator_id
+        and notification.originator_version == payload.originator_version
+        and notification.topic == payload.topic
+        and bytes(notification.state) == (message.value() or b"")
+    )
+
+
+def _not_in_log(payload: wire.PayloadHeaders, genuine: Notification | None, log_max: int) -> str:
+    if payload.nid > log_max:
+        return f"notification id {payload.nid} is beyond the upstream log's highest id {log_max}"
+    if genuine is None:
+        return f"the upstream log has no notification {payload.nid} for this message's partition"
+    return (
+        f"the upstream log's notification {payload.nid} is another event ({genuine.topic} "
+        f"v{genuine.originator_version} of {genuine.originator_id}; the message says "
+        f"{payload.topic} v{payload.originator_version} of {payload.originator_id})"
+    )

@@ -24,6 +24,8 @@ class _Family:
     reconciled: Counter
     batches: Counter
     parked: Counter
+    foreign: Counter
+    trailing: Counter
     held: Gauge
     held_age: Gauge
     dlq: Gauge
@@ -42,6 +44,14 @@ def _build(registry: CollectorRegistry) -> _Family:
         ),
         batches=make.counter("batches", "Postgres transactions committed"),
         parked=make.counter("parked", "Messages parked in the dead-letter table"),
+        foreign=make.counter(
+            "foreign_messages",
+            "Messages parked as foreign: not in the upstream log they claim (no position moved)",
+        ),
+        trailing=make.counter(
+            "trailing_gaps",
+            "Notifications found in the upstream log behind an idle partition's end and filled",
+        ),
         held=make.gauge("held_partitions", "Partitions held behind a gap"),
         held_age=make.gauge("held_age_seconds", "Age of the oldest held gap"),
         dlq=make.gauge("dead_letters", "Parked messages of this follower"),
@@ -67,6 +77,8 @@ class ConsumerMetrics:
         self.reconciled = family.reconciled.labels(**labels)
         self.batches = family.batches.labels(**labels)
         self.parked = family.parked.labels(**labels)
+        self.foreign = family.foreign.labels(**labels)
+        self.trailing = family.trailing.labels(**labels)
         self.held = family.held.labels(**labels)
         self.held_age = family.held_age.labels(**labels)
         self.dlq = family.dlq.labels(**labels)

@@ -9,7 +9,9 @@ message, so a parked message is never lost and never parked twice.
 
 By default later messages with the same key (the same upstream aggregate) are
 parked behind it (reason ``held_behind``), so per-aggregate order is never
-broken; ``esbridge dlq replay`` re-processes parked rows in order per key.
+broken (a row without a tracking position, such as a foreign or malformed
+message, has no place in that order and holds nothing back); ``esbridge dlq
+replay`` re-processes parked rows in order per key.
 A table (not a topic) was chosen because parking must commit atomically with
 the tracking record, which lives in Postgres.
 """
@@ -32,6 +34,12 @@ REASON_UNDECODABLE = "undecodable"
 REASON_UNKNOWN_TYPE = "unknown_event_type"
 REASON_POLICY = "policy_error"
 REASON_HELD_BEHIND = "held_behind"
+# A message that does not belong to the upstream log it claims to come from (another
+# application, a broken esb_prev_nid chain, a notification id the log does not have or
+# holds a different event under). Parked without a position: it has no place in the
+# order, so it never moves a position, never holds its key's later messages back and is
+# never replayed (it can only be inspected).
+REASON_FOREIGN = "foreign_message"
 
 STATUS_PARKED = "parked"
 STATUS_REPLAYED = "replayed"
@@ -238,7 +246,7 @@ class DeadLetterStore:
             curs.execute(
                 SQL(
                     "SELECT DISTINCT key FROM {0} WHERE follower = %s AND upstream = %s "
-                    "AND status = 'parked' AND key = ANY(%s)"
+                    "AND status = 'parked' AND tracking_name IS NOT NULL AND key = ANY(%s)"
                 ).format(self._table),
                 (follower, upstream, keys),
                 prepare=True,

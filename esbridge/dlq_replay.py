@@ -19,7 +19,7 @@ from typing import Any
 
 from eventsourcing.system import Follower
 
-from esbridge.deadletter import DeadLetter, DeadLetterStore
+from esbridge.deadletter import REASON_FOREIGN, DeadLetter, DeadLetterStore
 from esbridge.postgres_retry import TRANSIENT_ERRORS
 from esbridge.processing import (
     ProcessApplicationSink,
@@ -91,6 +91,11 @@ def _replay_one(
     sink: ProcessApplicationSink, factory: StepFactory, letter: DeadLetter
 ) -> str | None:
     """Apply one parked row; the error text when it fails (nothing recorded then)."""
+    if letter.reason == REASON_FOREIGN:
+        return (
+            "cannot replay: a foreign message (not in the upstream notification log it "
+            f"claims to come from: {letter.error}); it can only be inspected"
+        )
     if letter.event_topic is None or letter.originator_version is None:
         return (
             f"cannot replay: the message is not an esbridge payload ({letter.error}); "
