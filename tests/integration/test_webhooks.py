@@ -123,8 +123,9 @@ def recorded(app: Application[Any]) -> dict[str, list[Any]]:
 def intake(postgres_db):
     env = postgres_db.env | {"POSTGRES_CONNECT_TIMEOUT": "2", "POSTGRES_POOL_SIZE": "8"}
     intake = make_intake(env)
-    with BackgroundServer(intake) as server:
+    with BackgroundServer(intake) as server, BackgroundServer(intake.ops) as ops:
         intake.url = server.url  # type: ignore[attr-defined]
+        intake.ops_url = ops.url  # type: ignore[attr-defined]
         yield intake
     intake.app.close()
 
@@ -182,11 +183,11 @@ def test_each_bad_push_gets_its_status_and_reason_and_records_nothing(intake):
     assert [e.ref for e in events["Payment.Received"]] == ["p-1"]
     assert [e.delivery_id for e in events["WebhookReceipt.Received"]] == ["z"]
 
-    metrics = httpx.get(f"{url}/metrics").text
+    metrics = httpx.get(f"{intake.ops_url}/metrics").text
     assert 'esbridge_webhook_requests_total{outcome="bad_signature"} 6.0' in metrics
     assert 'esbridge_webhook_requests_total{outcome="too_large"} 2.0' in metrics
     assert 'esbridge_webhook_requests_total{outcome="recorded"} 1.0' in metrics
-    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{intake.ops_url}/healthz").json() == {"status": "ok"}
 
 
 def test_duplicates_sequential_and_concurrent_record_once(intake):
@@ -267,7 +268,7 @@ def test_database_down_answers_503_and_the_retry_records_once(intake, postgres_s
             r = push(url, payment_body("during"), "db-1")
             statuses.append(r.status_code)
             assert r.json()["status"] == "unavailable" and r.headers["Retry-After"] == "1"
-        health = httpx.get(f"{url}/healthz", timeout=60)
+        health = httpx.get(f"{intake.ops_url}/healthz", timeout=60)
         assert health.status_code == 503, health.text
         print(f"3 pushes answered 503 in {time.monotonic() - started:.1f} s")
         assert statuses == [503, 503, 503]
@@ -284,4 +285,4 @@ def test_database_down_answers_503_and_the_retry_records_once(intake, postgres_s
     assert push(url, payment_body("during"), "db-1").json()["status"] == "duplicate"
     events = recorded(intake.app)
     assert [e.ref for e in events["Payment.Received"]] == ["before", "during"]
-    assert httpx.get(f"{url}/healthz").status_code == 200
+    assert httpx.get(f"{intake.ops_url}/healthz").status_code == 200
