@@ -70,6 +70,7 @@ class HttpLimits:
         )
         return {
             "http": protocol,
+            "h11_max_incomplete_event_size": self.max_head_bytes,  # if http="h11" overrides it
             "timeout_keep_alive": self.keep_alive_timeout,
             "limit_concurrency": self.max_connections,
         }

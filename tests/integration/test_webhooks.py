@@ -78,16 +78,19 @@ def credit_account(app: Payments, payload: Any, delivery_id: str) -> Account:
 HANDLERS = {"payment.received": receive_payment, "account.credited": credit_account}
 
 
-def make_intake(env: dict[str, str] | None = None) -> WebhookIntake[Payments]:
+def make_intake(env: dict[str, str] | None = None, **options: Any) -> WebhookIntake[Payments]:
     """The intake the tests run (in-process, or in a subprocess through uvicorn's factory)."""
+    settings: dict[str, Any] = {
+        "max_body_bytes": 10_000,
+        "max_concurrency": int(os.environ.get("INTAKE_CONCURRENCY", "16")),
+    }
     return WebhookIntake(
         Payments(env=env),
         HANDLERS,
         delivery_id=FieldSource.from_header("X-Delivery-Id"),
         kind=FieldSource.from_body("type"),
         signature=SIGNATURE,
-        max_body_bytes=10_000,
-        max_concurrency=int(os.environ.get("INTAKE_CONCURRENCY", "16")),
+        **(settings | options),
     )
 
 
@@ -269,7 +272,7 @@ def test_database_down_answers_503_and_the_retry_records_once(intake, postgres_s
             statuses.append(r.status_code)
             assert r.json()["status"] == "unavailable" and r.headers["Retry-After"] == "1"
         health = httpx.get(f"{intake.ops_url}/healthz", timeout=60)
-        assert health.status_code == 503, health.text
+        assert (health.status_code, health.json()) == (503, {"status": "unavailable"})
         print(f"3 pushes answered 503 in {time.monotonic() - started:.1f} s")
         assert statuses == [503, 503, 503]
     finally:

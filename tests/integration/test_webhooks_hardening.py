@@ -25,25 +25,13 @@ import pytest
 from esbridge_connectors import webhooks
 from esbridge_connectors.http_limits import HttpLimits
 from esbridge_connectors.serving import BackgroundServer
-from esbridge_connectors.webhooks import FieldSource, WebhookIntake
-from test_webhooks import HANDLERS, SECRET, SIGNATURE, Payments, payment_body, push, recorded
+from esbridge_connectors.webhooks import WebhookIntake
+from test_webhooks import SECRET, SIGNATURE, Payments, make_intake, payment_body, push, recorded
 from test_webhooks_load import IntakeProcess, free_port
 
 HEAD_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.0
 HEAD_SENT_BOUND = 16 * 1024 * 1024  # a quarter of the 64 MB head that was read whole
-
-
-def make_hardened_intake(env: dict[str, str]) -> WebhookIntake[Payments]:
-    return WebhookIntake(
-        Payments(env=env),
-        HANDLERS,
-        delivery_id=FieldSource.from_header("X-Delivery-Id"),
-        kind=FieldSource.from_body("type"),
-        signature=SIGNATURE,
-        max_body_bytes=1_000_000,
-        body_timeout=BODY_TIMEOUT,
-    )
 
 
 class Served:
@@ -66,7 +54,7 @@ class Served:
 
 @pytest.fixture
 def served(postgres_db) -> Iterator[Served]:
-    intake = make_hardened_intake(postgres_db.env)
+    intake = make_intake(postgres_db.env, max_body_bytes=1_000_000, body_timeout=BODY_TIMEOUT)
     limits = HttpLimits(head_timeout=HEAD_TIMEOUT)
     with (
         BackgroundServer(intake, limits=limits) as public,
