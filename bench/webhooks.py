@@ -96,7 +96,7 @@ def serve(factory: str, env: dict[str, str], workers: int) -> tuple[subprocess.P
     child_env = os.environ | env | {"PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
     command = [
         sys.executable, "-m", "esbridge_connectors.webhooks", factory, "--port", str(port),
-        "--log-level", "warning", "--workers", str(workers),
+        "--ops-port", str(free_port()), "--log-level", "warning", "--workers", str(workers),
     ]  # fmt: skip
     process = subprocess.Popen(command, env=child_env)
     url = f"http://127.0.0.1:{port}"

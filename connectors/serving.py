@@ -15,8 +15,22 @@ from types import TracebackType
 from typing import Any
 
 import uvicorn
+from esbridge_connectors.http_limits import HttpLimits
 
 from esbridge.errors import EsbridgeError
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (``port=0``: a free port), for ``uvicorn.Server.run``.
+
+    Inheritable, so that uvicorn's worker processes can serve it too.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
 
 
 class BackgroundServer:
@@ -25,18 +39,27 @@ class BackgroundServer:
     Use as a context manager, or call :meth:`start` and :meth:`stop`. The
     listening socket is bound before the thread starts, so :attr:`url` is
     valid at once and :meth:`start` can bind the same port again after
-    :meth:`stop` (a server that "comes back").
+    :meth:`stop` (a server that "comes back"). ``limits`` (default
+    :class:`HttpLimits()`) are the same head size and time limits as the
+    production server's; ``config`` is passed to ``uvicorn.Config`` last.
     """
 
-    def __init__(self, asgi: Any, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
+    def __init__(
+        self,
+        asgi: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        limits: HttpLimits | None = None,
+        **config: Any,
+    ) -> None:
         self.asgi = asgi
         self.host = host
         self.port = port
-        self.config: dict[str, Any] = {
-            "log_level": "warning",
-            "access_log": False,
-            "lifespan": "off",
-        } | config
+        self.config: dict[str, Any] = (
+            {"log_level": "warning", "access_log": False, "lifespan": "off"}
+            | (limits or HttpLimits()).uvicorn_config()
+            | config
+        )
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -45,9 +68,7 @@ class BackgroundServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> BackgroundServer:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
+        sock = bind_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
         server = uvicorn.Server(uvicorn.Config(self.asgi, **self.config))
         self._server = server

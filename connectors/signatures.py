@@ -18,12 +18,21 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from esbridge.errors import ConfigurationError, EsbridgeError
+
+UNIX_SECONDS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
+"""A timestamp as senders write it: ASCII digits, optionally a decimal fraction.
+
+Stricter than ``float()``, which also takes ``nan`` (every comparison with it is
+false, so a NaN timestamp would pass any freshness check), ``inf``, exponents,
+signs, underscores, surrounding spaces and non-ASCII digits.
+"""
 
 
 class SignatureError(EsbridgeError):
@@ -48,7 +57,8 @@ class HmacSignature:
 
     ``prefix`` is a literal text before each signature in the header (GitHub
     sends ``sha256=<hex>``). ``encoding`` is ``"hex"`` or ``"base64"``.
-    Timestamps are Unix seconds (an integer or a decimal number).
+    Timestamps are Unix seconds (ASCII digits, optionally with a decimal fraction;
+    anything else, such as ``nan``, ``inf`` or ``1e9``, is refused).
     """
 
     secrets: Sequence[str | bytes]
@@ -113,12 +123,11 @@ class HmacSignature:
             stamp = headers.get(self.timestamp_header)
             if not stamp:
                 raise SignatureError(f"missing timestamp header {self.timestamp_header}")
-            try:
-                sent_at = float(stamp)
-            except ValueError:
+            if not UNIX_SECONDS.fullmatch(stamp):
                 raise SignatureError(
                     f"timestamp header {self.timestamp_header} is not Unix seconds"
-                ) from None
+                )
+            sent_at = float(stamp)
             skew = (time.time() if now is None else now) - sent_at
             if abs(skew) > self.tolerance:
                 raise SignatureError(

@@ -29,6 +29,8 @@ import argparse
 import hashlib
 import json
 import logging
+import secrets
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -38,6 +40,7 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
+from esbridge_connectors.http_limits import OPS_LISTENER, HttpLimits
 from esbridge_connectors.signatures import HmacSignature, SignatureError
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate, event
@@ -50,7 +53,7 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -137,11 +140,14 @@ class FieldSource:
 class _Refused(Exception):
     """A push refused before anything was recorded (status code + reason for the sender)."""
 
-    def __init__(self, status: int, outcome: str, reason: str) -> None:
+    def __init__(
+        self, status: int, outcome: str, reason: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.outcome = outcome
         self.reason = reason
+        self.headers = headers
 
 
 @dataclass(frozen=True)
@@ -171,13 +177,17 @@ class _Metrics:
 class WebhookIntake(Generic[TApp]):
     """An ASGI application that records each push once on an event-sourced ``app``.
 
-    Routes: ``POST {path}`` (the pushes), ``GET /healthz`` (checks the
-    database), ``GET /metrics`` (Prometheus).
+    Routes: ``POST {path}`` (the pushes). The operations routes, ``GET
+    /healthz`` (checks the database) and ``GET /metrics`` (Prometheus), are
+    the separate ASGI app :attr:`ops`, served on its own listener (loopback
+    by default, see :func:`main`) so that the public port never shows them.
 
-    Answers: 200 recorded / duplicate; 400 malformed JSON or missing delivery
-    id or kind; 401 bad, missing or stale signature; 413 body over
-    ``max_body_bytes``; 422 unknown kind or :class:`RejectDelivery`; 503
-    database unavailable (with ``Retry-After``); 500 a handler bug. Every
+    Answers: 200 recorded / duplicate; 400 malformed JSON, JSON nested deeper
+    than ``max_json_depth``, or missing delivery id or kind; 401 bad, missing
+    or stale signature; 408 body not received within ``body_timeout``; 413
+    body over ``max_body_bytes``; 422 unknown kind or :class:`RejectDelivery`;
+    503 database unavailable (with ``Retry-After``); 500 a handler bug (a
+    generic reason with an error id, also logged with the traceback). Every
     answer but 200 means nothing was recorded.
     """
 
@@ -192,6 +202,8 @@ class WebhookIntake(Generic[TApp]):
         source: str = "webhooks",
         path: str = "/webhooks",
         max_body_bytes: int = 1_000_000,
+        body_timeout: float = 30.0,
+        max_json_depth: int = 64,
         max_concurrency: int = 16,
         conflict_retries: int = 5,
         retry_after_seconds: int = 1,
@@ -202,8 +214,15 @@ class WebhookIntake(Generic[TApp]):
         """``signature=None`` turns verification off: do that only behind a verifying proxy."""
         if not handlers:
             raise ConfigurationError("WebhookIntake needs at least one handler (kind -> function)")
-        if max_body_bytes <= 0 or max_concurrency <= 0:
-            raise ConfigurationError("max_body_bytes and max_concurrency must be positive")
+        if max_body_bytes <= 0 or max_concurrency <= 0 or body_timeout <= 0:
+            raise ConfigurationError(
+                "max_body_bytes, body_timeout and max_concurrency must be positive"
+            )
+        if not 0 < max_json_depth <= MAX_JSON_DEPTH:
+            raise ConfigurationError(
+                f"max_json_depth must be between 1 and {MAX_JSON_DEPTH} (Python's json parser "
+                "recurses once per level)"
+            )
         self.app = app
         self.handlers = dict(handlers)
         self.delivery_id = delivery_id
@@ -212,6 +231,8 @@ class WebhookIntake(Generic[TApp]):
         self.source = source
         self.path = path
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
+        self.max_json_depth = max_json_depth
         self.max_concurrency = max_concurrency
         self.conflict_retries = conflict_retries
         self.retry_after_seconds = retry_after_seconds
@@ -221,16 +242,21 @@ class WebhookIntake(Generic[TApp]):
         self.metrics = _Metrics(registry or CollectorRegistry(auto_describe=True))
         self._limiter: anyio.CapacityLimiter | None = None
         self.asgi = Starlette(
+            routes=[Route(path, self._receive, methods=["POST"])], lifespan=self._lifespan
+        )
+        self.ops = Starlette(
             routes=[
-                Route(path, self._receive, methods=["POST"]),
                 Route("/healthz", self._healthz, methods=["GET"]),
                 Route("/metrics", self._metrics, methods=["GET"]),
-            ],
-            lifespan=self._lifespan,
+            ]
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.asgi(scope, receive, send)
+        """The push route; :attr:`ops` for requests that arrived on the operations listener."""
+        if scope.get(OPS_LISTENER) == "ops":
+            await self.ops(scope, receive, send)
+        else:
+            await self.asgi(scope, receive, send)
 
     @asynccontextmanager
     async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
@@ -256,10 +282,7 @@ class WebhookIntake(Generic[TApp]):
                     self.signature.verify(request.headers, body)
                 except SignatureError as e:
                     raise _Refused(401, "bad_signature", e.reason) from None
-            try:
-                payload = json.loads(body)
-            except ValueError as e:
-                raise _Refused(400, "malformed_json", f"body is not JSON: {e}") from None
+            payload = self._parse(body)
             delivery_id = self.delivery_id.extract(request.headers, payload)
             if delivery_id is None:
                 raise _Refused(
@@ -277,7 +300,13 @@ class WebhookIntake(Generic[TApp]):
             digest = hashlib.sha256(body).hexdigest()
             accepted = await self._in_thread(self._record, kind, payload, delivery_id, digest)
         except _Refused as e:
-            return self._answer(started, e.status, e.outcome, delivery_id, reason=e.reason)
+            return self._answer(
+                started, e.status, e.outcome, delivery_id, headers=e.headers, reason=e.reason
+            )
+        except ClientDisconnect:
+            # The sender went away mid-body: nothing to answer, nothing recorded, not a bug.
+            logger.info("client disconnected before its whole body arrived; nothing recorded")
+            return self._answer(started, 400, "client_disconnected", delivery_id)
         except RejectDelivery as e:
             return self._answer(started, 422, "rejected", delivery_id, reason=str(e))
         except (PersistenceError, ConcurrentUpdateError) as e:
@@ -289,11 +318,17 @@ class WebhookIntake(Generic[TApp]):
                 reason=f"not recorded, retry later: {type(e).__name__}: {e}",
                 headers={"Retry-After": str(self.retry_after_seconds)},
             )  # fmt: skip
-        except Exception as e:
-            logger.exception("handler failed on push %s; nothing recorded", delivery_id)
+        except Exception:
+            # The exception's text may carry payload values or internals: it goes to the log
+            # only; the sender gets an id to quote, which finds the traceback in the log.
+            error_id = secrets.token_hex(8)
+            logger.exception(
+                "handler failed on push %s (error id %s); nothing recorded", delivery_id, error_id
+            )
             return self._answer(
                 started, 500, "handler_error", delivery_id,
-                reason=f"not recorded: {type(e).__name__}: {e}",
+                reason=f"internal error, nothing recorded (error id {error_id})",
+                error_id=error_id,
             )  # fmt: skip
         extra: dict[str, Any] = {"receipt_id": str(accepted.receipt_id)}
         if accepted.body_differs:
@@ -315,19 +350,51 @@ class WebhookIntake(Generic[TApp]):
         return JSONResponse(content, status_code=status, headers=dict(headers or {}))
 
     async def _read_body(self, request: Request) -> bytes:
-        """The body, refused with 413 as soon as it is known to exceed ``max_body_bytes``."""
+        """The body, refused with 413 as soon as it is known to exceed ``max_body_bytes``.
+
+        The whole body must arrive within ``body_timeout`` seconds, else 408 (and
+        the connection is closed): a client trickling a byte at a time must not
+        hold a connection, and its memory, for ever.
+        """
         too_big = _Refused(413, "too_large", f"body larger than {self.max_body_bytes} bytes")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise too_big
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise too_big
-            chunks.append(chunk)
+        try:
+            with anyio.fail_after(self.body_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        raise too_big
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise _Refused(
+                408, "body_timeout", f"body not received within {self.body_timeout:g} s",
+                headers={"Connection": "close"},
+            ) from None  # fmt: skip
         return b"".join(chunks)
+
+    def _parse(self, body: bytes) -> Any:
+        """The JSON body, refused with 400 if malformed or nested deeper than ``max_json_depth``.
+
+        Without the depth limit a signed body of 40,000 ``[`` made the parser
+        raise ``RecursionError``, answered 500, which the sender retries for
+        ever; and a handler walking such a payload would recurse as deep.
+        """
+        too_deep = _Refused(
+            400, "too_deep", f"JSON nested deeper than {self.max_json_depth} levels"
+        )
+        try:
+            payload = json.loads(body)
+        except RecursionError:
+            raise too_deep from None
+        except ValueError as e:
+            raise _Refused(400, "malformed_json", f"body is not JSON: {e}") from None
+        if _nesting_exceeds(payload, self.max_json_depth):
+            raise too_deep
+        return payload
 
     def _record(self, kind: str, payload: Any, delivery_id: str, digest: str) -> _Accepted:
         """Run the handler and save its aggregates with the receipt, in one transaction.
@@ -397,16 +464,32 @@ class WebhookIntake(Generic[TApp]):
     # --- operations ----------------------------------------------------------
 
     async def _healthz(self, _: Request) -> Response:
+        """200 ``{"status": "ok"}`` or 503 ``{"status": "unavailable"}``; the cause: in the log."""
         try:
             await self._in_thread(self._probe_database)
         except Exception as e:
-            return JSONResponse(
-                {"status": "unavailable", "reason": f"{type(e).__name__}: {e}"}, status_code=503
-            )
+            logger.warning("health check: database unavailable: %s: %s", type(e).__name__, e)
+            return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def _metrics(self, _: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+MAX_JSON_DEPTH = 500
+"""Highest allowed ``max_json_depth``: well below Python's recursion limit (1000)."""
+
+
+def _nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether arrays and objects in ``value`` nest deeper than ``limit`` (without recursing)."""
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def _as_objects(result: Iterable[Any] | Aggregate | None) -> Sequence[Any]:
@@ -421,10 +504,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m esbridge_connectors.webhooks module:factory``: serve an intake with uvicorn.
 
     ``factory`` is called with no arguments (in each worker process) and
-    returns a :class:`WebhookIntake` (or any ASGI app).
+    returns a :class:`WebhookIntake`. Two listeners: the public one
+    (``--host``/``--port``) serves the pushes only; the operations one
+    (``--ops-host``/``--ops-port``, loopback by default) serves ``/healthz``
+    and ``/metrics`` only. Both carry the head limits (:class:`HttpLimits`).
     """
     import uvicorn
+    from esbridge_connectors.serving import bind_socket
+    from uvicorn.supervisors import Multiprocess
 
+    defaults = HttpLimits()
     parser = argparse.ArgumentParser(
         prog="python -m esbridge_connectors.webhooks",
         description="Serve a WebhookIntake with uvicorn.",
@@ -432,12 +521,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("factory", help="module:function returning a WebhookIntake")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--ops-host", default="127.0.0.1", help="/healthz and /metrics address")
+    parser.add_argument("--ops-port", type=int, default=8081, help="/healthz and /metrics port")
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--backlog", type=int, default=2048)
     parser.add_argument("--graceful-timeout", type=int, default=10, help="seconds to drain")
+    parser.add_argument(
+        "--max-head-bytes", type=int, default=defaults.max_head_bytes,
+        help="request line + headers; longer: 431",
+    )  # fmt: skip
+    parser.add_argument(
+        "--head-timeout", type=float, default=defaults.head_timeout,
+        help="seconds to receive a request head; slower: 408",
+    )  # fmt: skip
+    parser.add_argument(
+        "--keep-alive-timeout", type=int, default=defaults.keep_alive_timeout,
+        help="seconds an idle connection is kept open",
+    )  # fmt: skip
+    parser.add_argument(
+        "--limit-concurrency", type=int, default=None,
+        help="connections + requests per worker before answering 503 (default: no limit)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    uvicorn.run(
+    limits = HttpLimits(
+        args.max_head_bytes, args.head_timeout, args.keep_alive_timeout, args.limit_concurrency
+    )
+    ops_socket = bind_socket(args.ops_host, args.ops_port)
+    config = uvicorn.Config(
         args.factory,
         factory=True,
         host=args.host,
@@ -447,7 +558,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         backlog=args.backlog,
         timeout_graceful_shutdown=args.graceful_timeout,
         access_log=False,
+        **limits.uvicorn_config(ops_ports=[ops_socket.getsockname()[1]]),
     )
+    sockets = [config.bind_socket(), ops_socket]
+    logger.info("operations (/healthz, /metrics) on http://%s:%d", *ops_socket.getsockname()[:2])
+    server = uvicorn.Server(config)
+    if config.workers > 1:
+        Multiprocess(config, sockets=sockets).run()
+    else:
+        server.run(sockets=sockets)
+        if not server.started:
+            sys.exit(3)  # uvicorn's STARTUP_FAILURE
 
 
 if __name__ == "__main__":

@@ -78,16 +78,19 @@ def credit_account(app: Payments, payload: Any, delivery_id: str) -> Account:
 HANDLERS = {"payment.received": receive_payment, "account.credited": credit_account}
 
 
-def make_intake(env: dict[str, str] | None = None) -> WebhookIntake[Payments]:
+def make_intake(env: dict[str, str] | None = None, **options: Any) -> WebhookIntake[Payments]:
     """The intake the tests run (in-process, or in a subprocess through uvicorn's factory)."""
+    settings: dict[str, Any] = {
+        "max_body_bytes": 10_000,
+        "max_concurrency": int(os.environ.get("INTAKE_CONCURRENCY", "16")),
+    }
     return WebhookIntake(
         Payments(env=env),
         HANDLERS,
         delivery_id=FieldSource.from_header("X-Delivery-Id"),
         kind=FieldSource.from_body("type"),
         signature=SIGNATURE,
-        max_body_bytes=10_000,
-        max_concurrency=int(os.environ.get("INTAKE_CONCURRENCY", "16")),
+        **(settings | options),
     )
 
 
@@ -123,8 +126,9 @@ def recorded(app: Application[Any]) -> dict[str, list[Any]]:
 def intake(postgres_db):
     env = postgres_db.env | {"POSTGRES_CONNECT_TIMEOUT": "2", "POSTGRES_POOL_SIZE": "8"}
     intake = make_intake(env)
-    with BackgroundServer(intake) as server:
+    with BackgroundServer(intake) as server, BackgroundServer(intake.ops) as ops:
         intake.url = server.url  # type: ignore[attr-defined]
+        intake.ops_url = ops.url  # type: ignore[attr-defined]
         yield intake
     intake.app.close()
 
@@ -182,11 +186,11 @@ def test_each_bad_push_gets_its_status_and_reason_and_records_nothing(intake):
     assert [e.ref for e in events["Payment.Received"]] == ["p-1"]
     assert [e.delivery_id for e in events["WebhookReceipt.Received"]] == ["z"]
 
-    metrics = httpx.get(f"{url}/metrics").text
+    metrics = httpx.get(f"{intake.ops_url}/metrics").text
     assert 'esbridge_webhook_requests_total{outcome="bad_signature"} 6.0' in metrics
     assert 'esbridge_webhook_requests_total{outcome="too_large"} 2.0' in metrics
     assert 'esbridge_webhook_requests_total{outcome="recorded"} 1.0' in metrics
-    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{intake.ops_url}/healthz").json() == {"status": "ok"}
 
 
 def test_duplicates_sequential_and_concurrent_record_once(intake):
@@ -267,8 +271,8 @@ def test_database_down_answers_503_and_the_retry_records_once(intake, postgres_s
             r = push(url, payment_body("during"), "db-1")
             statuses.append(r.status_code)
             assert r.json()["status"] == "unavailable" and r.headers["Retry-After"] == "1"
-        health = httpx.get(f"{url}/healthz", timeout=60)
-        assert health.status_code == 503, health.text
+        health = httpx.get(f"{intake.ops_url}/healthz", timeout=60)
+        assert (health.status_code, health.json()) == (503, {"status": "unavailable"})
         print(f"3 pushes answered 503 in {time.monotonic() - started:.1f} s")
         assert statuses == [503, 503, 503]
     finally:
@@ -284,4 +288,4 @@ def test_database_down_answers_503_and_the_retry_records_once(intake, postgres_s
     assert push(url, payment_body("during"), "db-1").json()["status"] == "duplicate"
     events = recorded(intake.app)
     assert [e.ref for e in events["Payment.Received"]] == ["before", "during"]
-    assert httpx.get(f"{url}/healthz").status_code == 200
+    assert httpx.get(f"{intake.ops_url}/healthz").status_code == 200

@@ -45,28 +45,35 @@ def free_port() -> int:
 
 
 class IntakeProcess:
-    """``python -m esbridge_connectors.webhooks test_webhooks:make_intake`` on a fixed port."""
+    """``python -m esbridge_connectors.webhooks test_webhooks:make_intake`` on fixed ports."""
 
-    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], port: int, log: Path, ops_port: int = 0, workers: int = 1
+    ) -> None:
+        inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         self.env = (
             os.environ
             | env
             | {
                 # pytest imports the test modules by basename; so must the child (event topics).
-                "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
+                "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), *inherited]),
                 "POSTGRES_POOL_SIZE": "16",
                 "INTAKE_CONCURRENCY": "16",
             }
         )
         self.port = port
+        self.ops_port = ops_port or free_port()
         self.url = f"http://127.0.0.1:{port}"
+        self.ops_url = f"http://127.0.0.1:{self.ops_port}"
+        self.workers = workers
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         command = [
             sys.executable, "-m", "esbridge_connectors.webhooks", "test_webhooks:make_intake",
-            "--port", str(self.port), "--log-level", "warning",
+            "--port", str(self.port), "--ops-port", str(self.ops_port),
+            "--workers", str(self.workers), "--log-level", "warning",
         ]  # fmt: skip
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
@@ -76,7 +83,7 @@ class IntakeProcess:
         while True:
             assert self.process.poll() is None, self.log.read_text()
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.ops_url}/healthz", timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
