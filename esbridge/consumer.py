@@ -89,6 +89,7 @@ from esbridge.processing import (
 )
 from esbridge.reconcile import PartitionOrder
 from esbridge.relay_messages import key_partitioner
+from esbridge.relay_position import RelayProgress, default_position_topic
 
 log = logging.getLogger("esbridge.consumer")
 
@@ -173,6 +174,7 @@ class _Partition:
     last_offset: int = -1  # last offset whose message is recorded (or skipped) in Postgres
     last_timestamp: float = 0.0
     last_seen: float = 0.0  # monotonic time of its last message, or of its assignment
+    trailing: tuple[int, float] | None = None  # (relay's last id here, since): a held end
 
 
 @dataclass
@@ -185,6 +187,7 @@ class _Tuning:
     page_size: int = DEFAULT_PAGE_SIZE * 2
     prompt_interval: float = 1.0
     trailing_gap_after: float = 10.0
+    position_topic: str | None = None
     park_behind: bool = True
     topic_timeout: float = 30.0
     dlq_refresh: float = 2.0
@@ -271,6 +274,7 @@ class ConsumerAdapter:
         self.names: list[str] = []
         self._upstream_log: ApplicationRecorder | None = None
         self._known_max = 0  # the upstream log's highest id, as last read
+        self._relay_progress: RelayProgress | None = None
         self._consumer: Consumer | None = None
         self._parts: dict[int, _Partition] = {}
         self._pending_assign: list[TopicPartition] | None = None
@@ -340,6 +344,9 @@ class ConsumerAdapter:
                 log.debug("offset commit on close failed: %s", e)
             consumer.close()
         self._parts.clear()
+        progress, self._relay_progress = self._relay_progress, None
+        if progress is not None:
+            progress.close()
         upstream_log, self._upstream_log = self._upstream_log, None
         close_recorder(upstream_log)  # now: closed at exit, its pool would hang the process
 
@@ -629,6 +636,8 @@ class ConsumerAdapter:
             if gap is None:
                 if part.number not in last:
                     self._check_trailing(consumer, part, steps)
+                if part.trailing is not None:
+                    self._still_trailing(part, now)
                 continue
             touched.add(part.number)
             if self._upstream_log is not None:
@@ -805,16 +814,19 @@ class ConsumerAdapter:
                 steps.append(self._message_step(part, msg, headers_))
 
     def _check_trailing(self, consumer: Consumer, part: _Partition, steps: list[Step]) -> None:
-        """Fill a *trailing gap*: the partition's last events are in the log, not on the topic.
+        """Look for a *trailing gap*: the partition's last events never reached the topic.
 
         A gap shows itself when a later message arrives; at the end of a
         partition nothing later may come (messages deleted from the topic, a
         consumer started past them). So once the partition has been idle for
         ``trailing_gap_after`` seconds with nothing left to read on the topic,
-        the upstream log is asked whether it holds events of this partition
-        beyond the position; they are processed from it. Needs the upstream log.
+        the upstream log (when readable) is asked for this partition's events
+        beyond the position, and they are processed from it; without the log,
+        the relay's position topic tells whether the relay published more to
+        this partition than arrived, and the partition is held (logged,
+        metered, and a :class:`GapNotReconciledError` after ``hold_timeout``).
         """
-        if self._upstream_log is None or part.order.held_count:
+        if part.order.held_count:
             return
         now = time.monotonic()
         if now - part.last_seen < self.tuning.trailing_gap_after:
@@ -822,6 +834,60 @@ class ConsumerAdapter:
         part.last_seen = now  # checked: the next check waits as long again
         if not self._read_to_end(consumer, part):
             return
+        if self._upstream_log is not None:
+            self._fill_trailing(part, steps)
+            return
+        published = self._published_to(part.number)
+        if published <= part.order.position:
+            return
+        if part.trailing is None:
+            log.warning(
+                "partition %s[%d] of %r: the relay published up to notification %d on this "
+                "partition, but nothing after position %d is on the topic (deleted by "
+                "retention or compaction? read past by a Kafka offset?): holding it. Give the "
+                "consumer the upstream log (upstream_env / --upstream-log) to fill it, or "
+                "republish the range",
+                self.topic,
+                part.number,
+                self.upstream,
+                published,
+                part.order.position,
+            )
+            part.trailing = (published, time.time())
+        else:
+            part.trailing = (published, part.trailing[1])
+
+    def _still_trailing(self, part: _Partition, now: float) -> None:
+        """Clear a trailing hold that messages closed; fail one older than ``hold_timeout``."""
+        assert part.trailing is not None
+        published, since = part.trailing
+        if part.order.position >= published:
+            part.trailing = None
+        elif now - since > self.tuning.hold_timeout:
+            raise GapNotReconciledError(
+                f"partition {self.topic}[{part.number}] of {self.upstream!r} has been held "
+                f"for {now - since:.0f} s at position {part.order.position}: the relay "
+                f"published notifications up to {published} to it, which never arrived, and "
+                "the upstream notification log is not readable. Give the consumer read access "
+                "to the upstream database (upstream_env / --upstream-log) so it can fill the "
+                "gap, or republish the missing range"
+            )
+
+    def _published_to(self, partition: int) -> int:
+        """The relay's last notification id on ``partition`` (0 when it cannot be read)."""
+        if self._relay_progress is None:
+            position_topic = self.tuning.position_topic or default_position_topic(self.topic)
+            try:
+                self._relay_progress = RelayProgress(
+                    self.kafka_config, position_topic, self.upstream, self.topic
+                )
+            except KafkaException as e:
+                log.debug("relay position topic %s not readable: %s", position_topic, e)
+                return 0
+        return self._relay_progress.read().get(partition, 0)
+
+    def _fill_trailing(self, part: _Partition, steps: list[Step]) -> None:
+        """Process this partition's events beyond the position from the upstream log."""
         top = self._upstream_max(part.order.position + 1)
         if top <= part.order.position:
             return
@@ -858,12 +924,12 @@ class ConsumerAdapter:
         """Whether nothing but transaction markers is left to read on ``part`` (cached)."""
         tp = TopicPartition(self.topic, part.number)
         try:
-            _low, high = consumer.get_watermark_offsets(tp, cached=True)
+            low, high = consumer.get_watermark_offsets(tp, cached=True)
             position = consumer.position([tp])[0].offset
         except KafkaException:
             return False
-        if position < 0:
-            position = part.resume_offset
+        if position < 0:  # nothing consumed yet: where reading starts
+            position = max(part.resume_offset, low, 0)
         return high < 0 or position >= high - 1
 
     def _read_range(self, after: int, stop: int) -> list[Sequence[Notification]]:
@@ -1079,6 +1145,18 @@ class ConsumerAdapter:
                         gap.describe(),
                         now - gap.since,
                         part.order.held_count,
+                    )
+                )
+            elif part.trailing is not None:
+                published, since = part.trailing
+                result.append(
+                    HeldPartition(
+                        part.number,
+                        part.order.position,
+                        f"this partition's notifications after {part.order.position} up to "
+                        f"{published} (published by the relay, not on the topic)",
+                        now - since,
+                        0,
                     )
                 )
         return result

@@ -172,3 +172,60 @@ def _last_value_for_key(
                 return found
     finally:
         consumer.close()
+
+
+class RelayProgress:
+    """What the relays of ``app`` have published to each partition of ``topic``, as it grows.
+
+    A consumer without the upstream log cannot see a *trailing gap* (the last
+    messages of a partition missing from the topic: no later message reveals
+    them). The relay's position topic can: each committed position names the
+    last notification id published to every partition, in the same Kafka
+    transaction as those messages. This reader follows the position topic
+    incrementally (``read_committed``) and keeps, per partition, the highest
+    such id of any relay of ``app`` on ``topic``.
+    """
+
+    def __init__(
+        self, config: Mapping[str, Any], position_topic: str, app: str, topic: str
+    ) -> None:
+        self.position_topic = position_topic
+        self.app = app
+        self.topic = topic
+        self.last: dict[int, int] = {}
+        conf = {
+            k: v
+            for k, v in config.items()
+            if not k.startswith(("transactional.", "group.", "enable.auto", "isolation."))
+        }
+        self._consumer = Consumer(
+            kafka_client_config(
+                conf
+                | {
+                    "group.id": f"esbridge-position-{uuid.uuid4().hex}",
+                    "enable.auto.commit": False,
+                    "isolation.level": "read_committed",
+                }
+            )
+        )
+        self._consumer.assign([TopicPartition(position_topic, 0, OFFSET_BEGINNING)])
+
+    def read(self, limit: int = 10_000) -> dict[int, int]:
+        """Read what was committed since the last call (at most ``limit`` messages)."""
+        for message in self._consumer.consume(limit, timeout=0.1):
+            value = message.value()
+            if message.error() is not None or value is None:
+                continue
+            try:
+                data = json.loads(value)
+                if data.get("app") != self.app or data.get("topic") != self.topic:
+                    continue
+                for partition, nid in enumerate(data["last"]):
+                    if int(nid) > self.last.get(partition, 0):
+                        self.last[partition] = int(nid)
+            except (ValueError, KeyError, TypeError):
+                continue  # not a position this reader understands: it only informs
+        return self.last
+
+    def close(self) -> None:
+        self._consumer.close()

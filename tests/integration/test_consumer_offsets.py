@@ -23,6 +23,8 @@ from eventsourcing.persistence import PersistenceError
 
 from esbridge import wire
 from esbridge.consumer import ConsumerAdapter, offset_metadata, tracking_names
+from esbridge.errors import GapNotReconciledError
+from esbridge.relay import Relay
 from examples.dogschool.application import DogSchool
 from tests.integration.consumer_apps import (
     ManualPublisher,
@@ -32,6 +34,7 @@ from tests.integration.consumer_apps import (
     populate,
     verify_mirror,
 )
+from tests.integration.relay_support import publish_and_close
 
 PARTITIONS = 3
 FAST = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
@@ -267,5 +270,64 @@ def test_a_trailing_gap_is_filled_from_the_log(
         verify_mirror(school, mirror, dogs)
         status = consumer.status()
         assert status.reconciled_events == len(ends) and status.processed == 30
+    finally:
+        mirror.close()
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["no-log", "upstream-log"])
+def test_a_consumer_started_past_the_relay_s_messages_is_not_silent(
+    school: DogSchool,
+    postgres_db: Any,
+    create_topic: Any,
+    kafka_config: dict[str, Any],
+    log: bool,
+) -> None:
+    """Offsets set to the end by another tool: the relay's position topic (no log) or the
+    upstream log shows that the partitions' events never arrived."""
+    mirror = Mirror(env=postgres_db.env)
+    try:
+        topic = create_topic(partitions=PARTITIONS)
+        dogs = populate(school, 10, 2)
+        relay = Relay("DogSchool", kafka_config=kafka_config, topic=topic, env=school.env)
+        assert publish_and_close(relay) == 30
+        probe = Consumer({**kafka_config, "group.id": f"{topic}.g"})
+        ends = [
+            TopicPartition(topic, p, probe.get_watermark_offsets(TopicPartition(topic, p))[1])
+            for p in range(PARTITIONS)
+        ]
+        probe.commit(offsets=ends, asynchronous=False)  # no esbridge metadata: trusted
+        probe.close()
+        consumer = adapter(
+            mirror,
+            topic,
+            kafka_config,
+            upstream_env=postgres_db.env if log else None,
+            trailing_gap_after=1.0,
+            hold_timeout=5.0,
+        )
+        if log:
+            consume_rest(mirror, topic, kafka_config, postgres_db.env, 30)
+            verify_mirror(school, mirror, dogs)
+            return
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                consumer.run()
+            except BaseException as e:
+                failure.append(e)
+
+        runs = threading.Thread(target=run)
+        runs.start()
+        deadline = time.monotonic() + 20
+        while len(held := consumer.status().held_partitions) < PARTITIONS:
+            assert time.monotonic() < deadline and runs.is_alive(), failure
+            time.sleep(0.1)
+        assert all("published by the relay, not on the topic" in h.missing for h in held)
+        runs.join(30)
+        [error] = failure  # once held for longer than hold_timeout
+        assert isinstance(error, GapNotReconciledError)
+        assert "published notifications up to" in str(error)
+        assert positions(mirror) == [0, 0, 0]
     finally:
         mirror.close()
