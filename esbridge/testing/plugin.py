@@ -107,6 +107,37 @@ def kafka_broker() -> Iterator[KafkaBroker]:
     broker.close()
 
 
+def _start_secure_kafka() -> Any:
+    from esbridge.testing.secure_kafka import SecureKafkaBroker
+
+    broker = SecureKafkaBroker()
+    try:
+        broker.start(timeout=90)
+    except BaseException:
+        broker.close()
+        raise
+    return broker
+
+
+@pytest.fixture(scope="session")
+def secure_kafka_broker() -> Iterator[Any]:
+    """A broker with SASL/SCRAM-SHA-512 over TLS and ACLs (a local process, 127.0.0.1 only).
+
+    Started on first use by a test that asks for it (whatever the backend of
+    ``kafka_broker``: it needs the harness's Kafka jars, Java and ``openssl``),
+    stopped at the end of the session. A
+    :class:`~esbridge.testing.secure_kafka.SecureKafkaBroker`: ``add_user()``,
+    ``allow(user, "topic", name, "READ", ...)``, ``user_config(user)``,
+    ``user_env(user)`` (``KAFKA_*`` variables), ``create_topic()`` (as the
+    super user), ``ca_file``.
+    """
+    broker = _start("secure_kafka", _start_secure_kafka)
+    yield broker
+    _started.pop("secure_kafka", None)
+    gc.collect()
+    broker.close()
+
+
 @pytest.fixture
 def create_topic(kafka_broker: KafkaBroker) -> Callable[..., str]:
     """Factory: ``create_topic(partitions=1, name=None, config=None)`` -> a new topic's name."""
