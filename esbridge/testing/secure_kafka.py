@@ -158,41 +158,35 @@ class SecureKafkaBroker(LocalKafkaBroker):
 
     def allow(
         self, user: str | KafkaUser, resource_type: str, name: str, *operations: str,
-        prefixed: bool = False, deny: bool = False,
+        prefixed: bool = False,
     ) -> None:  # fmt: skip
         """Add ACLs: ``user`` may do ``operations`` on resource ``resource_type`` ``name``.
 
         ``resource_type``: ``topic``, ``group``, ``transactional_id`` or
         ``cluster`` (``name`` ``kafka-cluster``); ``operations``: ``READ``,
         ``WRITE``, ``DESCRIBE``, ``CREATE``, ...; ``prefixed``: ``name`` is a
-        prefix; ``deny``: a DENY ACL instead (it wins over any ALLOW).
-        Returns once the broker enforces them.
+        prefix. Returns once the broker enforces them.
         """
-        from confluent_kafka.admin import (
-            AclBinding,
-            AclOperation,
-            AclPermissionType,
-            ResourcePatternType,
-            ResourceType,
-        )
+        from confluent_kafka.admin import AclBinding
 
-        principal = user.principal if isinstance(user, KafkaUser) else f"User:{user}"
-        bindings = [
-            AclBinding(
-                ResourceType[resource_type.upper()],
-                name,
-                ResourcePatternType.PREFIXED if prefixed else ResourcePatternType.LITERAL,
-                principal,
-                "*",
-                AclOperation[operation.upper()],
-                AclPermissionType.DENY if deny else AclPermissionType.ALLOW,
-            )
-            for operation in operations
-        ]
+        bindings = _bindings(AclBinding, user, resource_type, name, operations, prefixed)
         with self._admin() as admin:
             for future in admin.create_acls(bindings, request_timeout=30).values():
                 future.result(30)
         time.sleep(0.2)  # one node: ACLs apply once the metadata log is replayed (ms)
+
+    def revoke(
+        self, user: str | KafkaUser, resource_type: str, name: str, *operations: str,
+        prefixed: bool = False,
+    ) -> None:  # fmt: skip
+        """Remove ACLs that :meth:`allow` added (same arguments)."""
+        from confluent_kafka.admin import AclBindingFilter
+
+        filters = _bindings(AclBindingFilter, user, resource_type, name, operations, prefixed)
+        with self._admin() as admin:
+            for future in admin.delete_acls(filters, request_timeout=30).values():
+                future.result(30)
+        time.sleep(0.2)
 
     def _admin(self) -> Any:
         from esbridge.topics import kafka_admin
@@ -225,3 +219,35 @@ class SecureKafkaBroker(LocalKafkaBroker):
             super().close()
         finally:
             shutil.rmtree(self.tls_dir, ignore_errors=True)
+
+
+def _bindings(
+    kind: Any,
+    user: str | KafkaUser,
+    resource_type: str,
+    name: str,
+    operations: tuple[str, ...],
+    prefixed: bool,
+) -> list[Any]:
+    """ALLOW ACL bindings (or filters matching them) of ``user`` on one resource."""
+    from confluent_kafka.admin import (
+        AclOperation,
+        AclPermissionType,
+        ResourcePatternType,
+        ResourceType,
+    )
+
+    principal = user.principal if isinstance(user, KafkaUser) else f"User:{user}"
+    pattern = ResourcePatternType.PREFIXED if prefixed else ResourcePatternType.LITERAL
+    return [
+        kind(
+            ResourceType[resource_type.upper()],
+            name,
+            pattern,
+            principal,
+            "*",
+            AclOperation[operation.upper()],
+            AclPermissionType.ALLOW,
+        )
+        for operation in operations
+    ]

@@ -189,6 +189,46 @@ def test_a_relay_without_an_acl_stops_naming_it(
     assert "KafkaAuthorizationError" in stderr
 
 
+def test_a_relay_whose_write_acl_is_removed_stops_naming_it(
+    secure_kafka_broker: SecureKafkaBroker, postgres_db: Any, school: Any, tmp_path: Path
+) -> None:
+    """The refused transaction's deliveries say only "purged": it used to retry for ever."""
+    broker = secure_kafka_broker
+    populate(school, 2, 1)
+    topic = topics(broker)
+    user = broker.add_user()
+    grant_relay(broker, user, topic)
+    broker.allow(user, "topic", topic, "DESCRIBE")  # it still sees the topic
+    log = tmp_path / "relay.log"
+    with log.open("wb") as out:
+        relay = subprocess.Popen(
+            relay_command(topic),
+            env=command_env(postgres_db, broker, user),
+            cwd=ROOT,
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "started at notification" not in log.read_text():
+            assert relay.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        broker.revoke(user, "topic", topic, "WRITE")
+        populate(school, 2, 1, seed=2)
+        started = time.monotonic()
+        code = relay.wait(FAIL_FAST)
+        assert time.monotonic() - started < FAIL_FAST
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+            relay.wait(10)
+    text = log.read_text()
+    assert code == 2, text[-3000:]
+    assert f"Kafka refused {user.principal} WRITE on topic {topic!r}" in text, text[-3000:]
+    assert "reconnecting" not in text
+
+
 def test_a_relay_that_may_not_describe_its_topic_stops_naming_it(
     secure_kafka_broker: SecureKafkaBroker, postgres_db: Any, school: Any
 ) -> None:
