@@ -107,21 +107,29 @@ def school(postgres_db: Any) -> Any:
     school.close()
 
 
+@pytest.mark.parametrize("mode", ["payloads", "prompts"])
 def test_relay_and_consumer_with_the_minimal_acls_deliver_exactly_once(
-    secure_kafka_broker: SecureKafkaBroker, postgres_db: Any, school: Any, tmp_path: Path
+    secure_kafka_broker: SecureKafkaBroker,
+    postgres_db: Any,
+    school: Any,
+    tmp_path: Path,
+    mode: str,
 ) -> None:
     broker = secure_kafka_broker
     dog_ids = populate(school, DOGS, TRICKS)
-    topic = topics(broker)
+    topic = topics(broker, partitions=2 if mode == "payloads" else 1)
     group = unique_name("g")
     relay_user, consumer_user = broker.add_user(), broker.add_user()
-    grant_relay(broker, relay_user, topic)
+    if mode == "payloads":
+        grant_relay(broker, relay_user, topic)
+    else:  # prompts: no transactions, no position
+        broker.allow(relay_user, "topic", topic, "WRITE")
     grant_consumer(broker, consumer_user, topic, group)
     logs = tmp_path / "relay.log", tmp_path / "consumer.log"
     processes = []
     for command, user, log in (
-        (relay_command(topic), relay_user, logs[0]),
-        (consume_command(topic, group), consumer_user, logs[1]),
+        ([*relay_command(topic), "--mode", mode], relay_user, logs[0]),
+        ([*consume_command(topic, group), "--mode", mode], consumer_user, logs[1]),
     ):
         with log.open("wb") as out:
             processes.append(
