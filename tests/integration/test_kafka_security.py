@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from esbridge.relay_position import POSITION_TOPIC_CONFIG, default_position_topic
 from esbridge.testing.secure_kafka import KafkaUser, SecureKafkaBroker
@@ -235,6 +236,47 @@ def test_a_relay_whose_write_acl_is_removed_stops_naming_it(
     assert code == 2, text[-3000:]
     assert f"Kafka refused {user.principal} WRITE on topic {topic!r}" in text, text[-3000:]
     assert "reconnecting" not in text
+
+
+def test_a_relay_without_describe_on_the_position_groups_stops_at_restart(
+    secure_kafka_broker: SecureKafkaBroker, postgres_db: Any, school: Any
+) -> None:
+    """Its position reader's group is never joined, but librdkafka looks its coordinator up.
+
+    With an empty position topic (a first start) the reader polls nothing and
+    the relay works; once a position is stored, reading it is refused.
+    """
+    broker = secure_kafka_broker
+    populate(school, 2, 1)
+    topic = topics(broker)
+    user = broker.add_user()
+    grant_relay(broker, user, topic, skip="group")
+    env = command_env(postgres_db, broker, user)
+    publish_once(broker, topic, env)
+    stderr = refused(relay_command(topic), env)
+    expected = (
+        f"Kafka refused {user.principal} DESCRIBE on groups starting with 'esbridge-position-'"
+    )
+    assert expected in stderr, stderr[-3000:]
+    assert "--resource-pattern-type prefixed" in stderr
+
+
+def publish_once(broker: SecureKafkaBroker, topic: str, env: dict[str, str]) -> None:
+    """Run the relay until its position is stored, then stop it."""
+    position = TopicPartition(default_position_topic(topic), 0)
+    probe = Consumer(broker.config(**{"group.id": unique_name("probe")}))
+    relay = subprocess.Popen(relay_command(topic), env=env, cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while probe.get_watermark_offsets(position, timeout=10, cached=False)[1] == 0:
+            assert relay.poll() is None
+            assert time.monotonic() < deadline, "no position stored"
+            time.sleep(0.2)
+    finally:
+        probe.close()
+        relay.send_signal(signal.SIGTERM)
+        _, stderr = relay.communicate(timeout=60)
+    assert relay.returncode == 0, stderr.decode()[-3000:]
 
 
 def test_a_relay_that_may_not_describe_its_topic_stops_naming_it(
