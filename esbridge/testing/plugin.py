@@ -21,13 +21,16 @@ import contextlib
 import gc
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from esbridge.errors import HarnessError
 from esbridge.testing.backends import chosen_backend, make_kafka, make_postgres
 from esbridge.testing.servers import KafkaBroker, PostgresDatabase, PostgresServer, unique_name
+
+if TYPE_CHECKING:
+    from esbridge.testing.secure_kafka import SecureKafkaBroker
 
 _started: dict[str, Any] = {}
 _startup_lines: list[str] = []  # kept for the terminal summary, after the servers are closed
@@ -107,7 +110,7 @@ def kafka_broker() -> Iterator[KafkaBroker]:
     broker.close()
 
 
-def _start_secure_kafka() -> Any:
+def _start_secure_kafka() -> SecureKafkaBroker:
     from esbridge.testing.secure_kafka import SecureKafkaBroker
 
     broker = SecureKafkaBroker()
@@ -120,7 +123,7 @@ def _start_secure_kafka() -> Any:
 
 
 @pytest.fixture(scope="session")
-def secure_kafka_broker() -> Iterator[Any]:
+def secure_kafka_broker() -> Iterator[SecureKafkaBroker]:
     """A broker with SASL/SCRAM-SHA-512 over TLS and ACLs (a local process, 127.0.0.1 only).
 
     Started on first use by a test that asks for it (whatever the backend of

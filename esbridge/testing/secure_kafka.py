@@ -36,7 +36,7 @@ from typing import Any
 from esbridge.errors import HarnessError
 from esbridge.testing.local_kafka import LocalKafkaBroker
 from esbridge.testing.servers import free_port, unique_name
-from esbridge.testing.tls import make_broker_tls
+from esbridge.testing.tls import BrokerTLS, make_broker_tls
 
 ADMIN = "admin"
 MECHANISM = "SCRAM-SHA-512"
@@ -54,7 +54,9 @@ class KafkaUser:
         return f"User:{self.name}"
 
 
-def _properties(port: int, controller_port: int, tls: Any, admin_password: str) -> dict[str, str]:
+def _properties(
+    port: int, controller_port: int, tls: BrokerTLS, admin_password: str
+) -> dict[str, str]:
     jaas = (
         "org.apache.kafka.common.security.scram.ScramLoginModule required "
         f'username="{ADMIN}" password="{admin_password}";'
@@ -95,17 +97,21 @@ class SecureKafkaBroker(LocalKafkaBroker):
         tls_password = secrets.token_hex(12)
         ports = (free_port(), free_port())
         self.tls_dir = Path(tempfile.mkdtemp(prefix="esbridge-kafka-tls-"))
-        self.tls = make_broker_tls(self.tls_dir, tls_password)
-        super().__init__(
-            heap=heap,
-            internal_partitions=2,
-            ports=ports,
-            properties=_properties(*ports, self.tls, self.admin_password),
-            storage_args=(
-                "--add-scram",
-                f"{MECHANISM}=[name={ADMIN},password={self.admin_password}]",
-            ),
-        )
+        try:
+            self.tls = make_broker_tls(self.tls_dir, tls_password)
+            super().__init__(
+                heap=heap,
+                internal_partitions=2,
+                ports=ports,
+                properties=_properties(*ports, self.tls, self.admin_password),
+                storage_args=(
+                    "--add-scram",
+                    f"{MECHANISM}=[name={ADMIN},password={self.admin_password}]",
+                ),
+            )
+        except BaseException:
+            shutil.rmtree(self.tls_dir, ignore_errors=True)
+            raise
 
     @property
     def ca_file(self) -> Path:
@@ -210,9 +216,6 @@ class SecureKafkaBroker(LocalKafkaBroker):
                         f"user {user.name!r} cannot log in after {timeout} s: {e}"
                     ) from e
                 time.sleep(0.2)
-
-    def describe(self) -> str:
-        return f"Apache Kafka {self.version} ({self.backend}) on {self.bootstrap_servers}"
 
     def close(self) -> None:
         try:
