@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError
 
 from esbridge.errors import (
     ConfigurationError,
@@ -146,9 +146,9 @@ def raise_if_unauthorized(
 ) -> None:
     """Raise :class:`KafkaAuthorizationError` when ``error`` is a missing ACL.
 
-    ``resource_name`` and ``operation`` are what the caller was doing; the
-    error's code gives the resource type (a group error names the group, so
-    a caller passes the name of the resource that code is about).
+    The error's code gives the resource type; ``resource_name`` and
+    ``operation`` say what the caller was doing with it (a cluster refusal
+    names the cluster whatever ``resource_name`` is).
     """
     if error is None or not is_authorization_failure(error):
         return
@@ -162,10 +162,3 @@ def raise_if_unauthorized(
         needed_for=needed_for,
         cause=error,
     )
-
-
-def exception_error(e: BaseException) -> KafkaError | None:
-    """The :class:`KafkaError` a :class:`KafkaException` carries, if any."""
-    if isinstance(e, KafkaException) and e.args and isinstance(e.args[0], KafkaError):
-        return e.args[0]
-    return None
