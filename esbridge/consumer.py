@@ -70,6 +70,7 @@ from esbridge.errors import (
     GapNotReconciledError,
     PostgresUnavailableError,
 )
+from esbridge.kafka_access import authorization_error, raise_if_unauthorized
 from esbridge.logs import kafka_client_config
 from esbridge.notification_log import (
     DEFAULT_PAGE_SIZE,
@@ -437,9 +438,14 @@ class ConsumerAdapter:
             try:
                 metadata = consumer.list_topics(self.topic, timeout=5)
             except KafkaException as e:
+                consumer.poll(0)  # its error_cb raises a refused login or certificate
                 self._broker_unreachable(e, time.monotonic() - started)
                 continue
             info = metadata.topics.get(self.topic)
+            refused = info.error if info is not None else None
+            raise_if_unauthorized(
+                self.kafka_config, refused, self.topic, "DESCRIBE", needed_for="see it"
+            )
             if info is not None and info.error is None and info.partitions:
                 count = len(info.partitions)
                 break
@@ -942,6 +948,11 @@ class ConsumerAdapter:
         return pages
 
     def _kafka_error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError.GROUP_AUTHORIZATION_FAILED:
+            raise authorization_error(
+                self.kafka_config, "group", self.group_id, "READ", needed_for="consume", cause=error
+            )
+        raise_if_unauthorized(self.kafka_config, error, self.topic, "READ", needed_for="consume it")
         if error.fatal():
             raise ConsumerError(f"Kafka consumer failed: {error}")
         log.warning("Kafka: %s", error)
@@ -950,8 +961,11 @@ class ConsumerAdapter:
 
     def _prompt_round(self, messages: Sequence[Message]) -> int:
         for message in messages:
-            if message.error() is None:
+            error = message.error()
+            if error is None:
                 self._prompted = True
+            else:
+                self._kafka_error(error)  # a missing ACL stops it, as in payload mode
         if not self._parts:
             return len(messages)
         now = time.monotonic()

@@ -84,3 +84,42 @@ class PostgresUnavailableError(EsbridgeError):
     relays and consumers wait for the database, logging each retry. Check the
     ``POSTGRES_*`` settings (host, port) and that the server runs.
     """
+
+
+class KafkaAuthorizationError(ConfigurationError):
+    """Kafka refused an operation: the client's principal lacks an ACL.
+
+    ``resource_type`` (``topic``, ``group``, ``transactional_id``,
+    ``cluster``), ``resource_name`` and ``operation`` (``WRITE``, ``READ``,
+    ``DESCRIBE``, ...) say which; ``prefixed`` is true when the name is a
+    prefix (the relay's position readers use groups ``esbridge-position-*``).
+    The message gives the ``kafka-acls.sh`` command that adds the ACL; the
+    minimal ACLs of each component are in docs/security.md.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        resource_type: str,
+        resource_name: str,
+        operation: str,
+        prefixed: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.resource_type = resource_type
+        self.resource_name = resource_name
+        self.operation = operation
+        self.prefixed = prefixed
+
+
+class KafkaAuthenticationError(ConfigurationError):
+    """The broker refused the client's SASL credentials (user name, password, mechanism)."""
+
+
+class KafkaTLSError(ConfigurationError):
+    """The TLS handshake with the broker failed: its certificate was not verified.
+
+    Usually ``ssl.ca.location`` does not name the CA that signed the
+    broker's certificate (or the certificate is not for the broker's address).
+    """

@@ -79,9 +79,16 @@ def kafka_client_config(config: Mapping[str, Any]) -> dict[str, Any]:
     polled once before it is dropped (admin clients: :func:`esbridge.topics.kafka_admin`).
     A ``logger`` already in ``config`` is kept. librdkafka's ``debug`` setting
     asks for its debug lines, so it lowers this logger's level to DEBUG.
+
+    The ``error_cb`` (unless ``config`` has one) raises a refused SASL login
+    or an unverified broker certificate from the call that serves it
+    (:func:`esbridge.kafka_access.error_callback`): no retry fixes those.
     """
+    from esbridge.kafka_access import error_callback
+
     conf = dict(config)
     conf.setdefault("logger", LIBRDKAFKA_LOGGER)
+    conf.setdefault("error_cb", error_callback(config, LIBRDKAFKA_LOGGER))
     if conf.get("debug") and conf["logger"] is LIBRDKAFKA_LOGGER:
         LIBRDKAFKA_LOGGER.setLevel(logging.DEBUG)
     return conf

@@ -67,7 +67,13 @@ from esbridge.relay_position import POSITION_TOPIC_CONFIG, default_position_topi
 from esbridge.relay_publisher import KafkaPublisher, TransientPublishError
 from esbridge.relay_reader import read_pages_for_publishing
 from esbridge.relay_standby import Tenure
-from esbridge.topics import ensure_topic, kafka_admin, topic_setting, wait_for_broker
+from esbridge.topics import (
+    check_topic_access,
+    ensure_topic,
+    kafka_admin,
+    topic_setting,
+    wait_for_broker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -371,16 +377,26 @@ class Relay:
             )
             create = self.tuning.create_topics
             rf = self.tuning.replication_factor
+            client = self.kafka_config
+            publish = {self.topic: ("WRITE", f"publish the log of {self.app!r}")}
             if self.mode == PROMPTS:
                 wanted = self.partitions or 1
-                return ensure_topic(admin, self.topic, wanted if create else None, rf)
-            partitions = ensure_topic(admin, self.topic, self.partitions if create else None, rf)
+                count = ensure_topic(
+                    admin, self.topic, wanted if create else None, rf, client=client
+                )
+                check_topic_access(admin, client, publish)
+                return count
+            partitions = ensure_topic(
+                admin, self.topic, self.partitions if create else None, rf, client=client
+            )
             if self.partitions is not None and partitions != self.partitions:
                 raise ConfigurationError(
                     f"topic {self.topic!r} has {partitions} partitions, but {self.partitions} "
                     "were configured"
                 )
-            ensure_topic(admin, self.position_topic, 1, rf, POSITION_TOPIC_CONFIG)
+            ensure_topic(admin, self.position_topic, 1, rf, POSITION_TOPIC_CONFIG, client=client)
+            position = ("READ+WRITE", "store and read the relay's position")
+            check_topic_access(admin, client, {**publish, self.position_topic: position})
             self._producer_overrides = self._size_limits(admin)
             return partitions
 
@@ -396,7 +412,13 @@ class Relay:
         try:
             value = topic_setting(admin, self.topic, "max.message.bytes")
         except Exception as e:  # describe_configs not allowed: keep librdkafka's default
-            log.info("relay %s: cannot read max.message.bytes of %s: %s", self.app, self.topic, e)
+            log.info(
+                "relay %s: cannot read max.message.bytes of %s (%s); the producer's "
+                "message.max.bytes applies (DESCRIBE_CONFIGS on the topic lets the relay read it)",
+                self.app,
+                self.topic,
+                e,
+            )
             return {}
         if not value or int(value) >= 1_000_000:
             return {}

@@ -32,6 +32,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from esbridge.errors import ConfigurationError, EsbridgeError
+from esbridge.kafka_access import authorization_error, raise_if_unauthorized
 from esbridge.logs import kafka_client_config
 
 POSITION_FORMAT = 1
@@ -41,6 +42,11 @@ POSITION_TOPIC_CONFIG = {
     "segment.ms": "600000",
     "min.cleanable.dirty.ratio": "0.1",
 }
+
+
+#: The position readers' consumer groups (never joined, but librdkafka looks up
+#: their coordinator): the relay needs DESCRIBE on groups with this prefix.
+POSITION_GROUP_PREFIX = "esbridge-position-"
 
 
 def default_position_topic(topic: str) -> str:
@@ -110,7 +116,7 @@ def read_position(
         and k not in ("linger.ms", "batch.size", "compression.type", "acks", "message.max.bytes")
     }
     common = base | {
-        "group.id": f"esbridge-position-{uuid.uuid4().hex}",
+        "group.id": f"{POSITION_GROUP_PREFIX}{uuid.uuid4().hex}",
         "enable.auto.commit": False,
     }
     tp = TopicPartition(position_topic, 0)
@@ -164,6 +170,7 @@ def _last_value_for_key(
                     if offset is not None and offset >= high:
                         return found
                     continue
+                _raise_if_unauthorized(config, error, tp.topic)
                 raise KafkaException(error)
             if msg.key() == key:
                 found = msg.value()
@@ -172,6 +179,21 @@ def _last_value_for_key(
                 return found
     finally:
         consumer.close()
+
+
+def _raise_if_unauthorized(config: Mapping[str, Any], error: KafkaError, topic: str) -> None:
+    """A missing ACL of the position reader: READ on the position topic, DESCRIBE on its group."""
+    if error.code() == KafkaError.GROUP_AUTHORIZATION_FAILED:
+        raise authorization_error(
+            config,
+            "group",
+            POSITION_GROUP_PREFIX,
+            "DESCRIBE",
+            prefixed=True,
+            needed_for="read the relay's position",
+            cause=error,
+        )
+    raise_if_unauthorized(config, error, topic, "READ", needed_for="read the relay's position")
 
 
 class RelayProgress:
@@ -202,7 +224,7 @@ class RelayProgress:
             kafka_client_config(
                 conf
                 | {
-                    "group.id": f"esbridge-position-{uuid.uuid4().hex}",
+                    "group.id": f"{POSITION_GROUP_PREFIX}{uuid.uuid4().hex}",
                     "enable.auto.commit": False,
                     "isolation.level": "read_committed",
                 }

@@ -29,7 +29,14 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from eventsourcing.persistence import Notification
 
 from esbridge import wire
-from esbridge.errors import ConfigurationError, RelayError, RelayFencedError
+from esbridge.errors import (
+    ConfigurationError,
+    EsbridgeError,
+    KafkaAuthorizationError,
+    RelayError,
+    RelayFencedError,
+)
+from esbridge.kafka_access import authorization_error, is_authorization_failure
 from esbridge.logs import kafka_client_config
 from esbridge.relay_messages import PayloadEncoder, Row, RowError
 from esbridge.relay_position import RelayPosition, read_position
@@ -137,6 +144,8 @@ class KafkaPublisher:
                 error = e.args[0]
                 if error.code() in FENCED_CODES:
                     raise RelayFencedError(self._fenced_message(error)) from e
+                if is_authorization_failure(error):
+                    raise self._unauthorized(error) from e
                 if error.retriable() and (not first or not _answers(producer)):
                     # Later starts, and a first one whose broker is gone meanwhile (a
                     # standby taking over during an outage): Kafka is down, not unfit.
@@ -310,6 +319,8 @@ class KafkaPublisher:
                 return
             except KafkaException as e:
                 error = e.args[0]
+                if is_authorization_failure(error):  # the deliveries say only "purged"
+                    raise self._unauthorized(error) from e
                 self._raise_delivery_error()
                 attempts += 1
                 if error.retriable() and attempts < 3:
@@ -343,7 +354,9 @@ class KafkaPublisher:
             raise self._rejected(error, nid)
         raise TransientPublishError(f"delivery of notification {nid} failed: {error}")
 
-    def _rejected(self, error: KafkaError, nid: int | None) -> RelayError:
+    def _rejected(self, error: KafkaError, nid: int | None) -> EsbridgeError:
+        if is_authorization_failure(error):
+            return self._unauthorized(error)
         if error.code() in FENCED_CODES:
             return RelayFencedError(self._fenced_message(error))
         what = f"notification {nid}" if nid is not None else "a notification"
@@ -352,6 +365,35 @@ class KafkaPublisher:
             f"{error.str()} ({error.name()}). The relay stopped; nothing after the last committed "
             f"notification ({self.committed.nid}) was published. For a message too large, raise "
             "the topic's max.message.bytes and the producer's message.max.bytes"
+        )
+
+    def _unauthorized(self, error: KafkaError) -> KafkaAuthorizationError:
+        """The missing ACL: the transactional id's, or WRITE on one of the relay's topics.
+
+        Kafka does not say which topic of a transaction it refused; the
+        start-up check (:func:`~esbridge.topics.check_topic_access`) does, so
+        this is for ACLs removed while the relay runs.
+        """
+        if error.code() == KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED:
+            return authorization_error(
+                self.config,
+                "transactional_id",
+                self.transactional_id,
+                "WRITE",
+                needed_for="publish in transactions (exactly once)",
+                cause=error,
+            )
+        if error.code() == KafkaError.CLUSTER_AUTHORIZATION_FAILED:
+            return authorization_error(
+                self.config, "cluster", "kafka-cluster", "IDEMPOTENT_WRITE", cause=error
+            )
+        return authorization_error(
+            self.config,
+            "topic",
+            self.topic,
+            "WRITE",
+            needed_for=f"publish (and READ, WRITE on the position topic {self.position_topic!r})",
+            cause=error,
         )
 
     def _classify(self, error: KafkaError, what: str) -> Exception:

@@ -14,10 +14,11 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from esbridge.errors import BrokerUnavailable, ConfigurationError
+from esbridge.kafka_access import authorization_error, raise_if_unauthorized
 from esbridge.logs import kafka_client_config
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,23 @@ def wait_for_broker(
             delay = min(delay * 2, 10.0)
 
 
-def partition_count(admin: AdminClient, topic: str, timeout: float = 10.0) -> int | None:
-    """Number of partitions of ``topic``, or ``None`` when it does not exist."""
+def partition_count(
+    admin: AdminClient,
+    topic: str,
+    timeout: float = 10.0,
+    config: Mapping[str, Any] | None = None,
+) -> int | None:
+    """Number of partitions of ``topic``, or ``None`` when it does not exist.
+
+    Raises :class:`~esbridge.errors.KafkaAuthorizationError` when the
+    client may not DESCRIBE it (``config``, the client's settings, names the
+    principal in the message).
+    """
     metadata = admin.list_topics(topic, timeout=timeout)
     info = metadata.topics.get(topic)
     if info is None:
         return None
+    raise_if_unauthorized(config or {}, info.error, topic, "DESCRIBE", needed_for="see it")
     if info.error is not None:
         if info.error.code() in (
             KafkaError.UNKNOWN_TOPIC_OR_PART,
@@ -105,14 +117,16 @@ def ensure_topic(
     replication_factor: int | None = None,
     config: Mapping[str, str] | None = None,
     timeout: float = 30.0,
+    client: Mapping[str, Any] | None = None,
 ) -> int:
     """Check ``topic`` (creating it if missing and ``partitions`` is given); its partition count.
 
     Raises :class:`ConfigurationError` when the topic exists with another
     partition count than ``partitions``, or is missing and ``partitions`` is
-    ``None``.
+    ``None``; :class:`~esbridge.errors.KafkaAuthorizationError` when the
+    client (settings ``client``) may not see or create it.
     """
-    existing = partition_count(admin, topic)
+    existing = partition_count(admin, topic, config=client)
     if existing is not None:
         if partitions is not None and existing != partitions:
             raise ConfigurationError(
@@ -137,11 +151,47 @@ def ensure_topic(
         futures[topic].result(timeout)
         log.info("created topic %s (%d partitions)", topic, partitions)
     except KafkaException as e:
+        raise_if_unauthorized(
+            client or {}, e.args[0], topic, "CREATE", needed_for="create it (or create it first)"
+        )
         if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise ConfigurationError(f"cannot create topic {topic!r}: {e}") from e
     if wait_for_leaders(admin, topic, timeout):
-        return ensure_topic(admin, topic, partitions)
+        return ensure_topic(admin, topic, partitions, client=client)
     raise ConfigurationError(f"topic {topic!r} was created but has no leaders after {timeout} s")
+
+
+def check_topic_access(
+    admin: AdminClient,
+    client: Mapping[str, Any],
+    wanted: Mapping[str, tuple[str, str]],
+    timeout: float = 10.0,
+) -> None:
+    """Fail now, not at the first batch, when the client may not use a topic as it will.
+
+    ``wanted``: topic -> (operations separated by ``+``, what they are for).
+    Asks the broker which operations the client's principal is allowed
+    (``describe_topics`` with authorised operations) and raises
+    :class:`~esbridge.errors.KafkaAuthorizationError` for the first one
+    missing. A broker that does not say (older, or another implementation)
+    is not checked: the request that needs the ACL fails later instead.
+    """
+    futures = admin.describe_topics(
+        TopicCollection(list(wanted)), request_timeout=timeout, include_authorized_operations=True
+    )
+    for topic, (operations, purpose) in wanted.items():
+        try:
+            allowed = futures[topic].result(timeout).authorized_operations
+        except KafkaException as e:
+            raise_if_unauthorized(client, e.args[0], topic, "DESCRIBE", needed_for=purpose)
+            log.debug("cannot ask which operations are allowed on %s: %s", topic, e)
+            continue
+        if not allowed:
+            continue
+        names = {operation.name for operation in allowed}
+        for operation in operations.split("+"):
+            if operation not in names and "ALL" not in names:
+                raise authorization_error(client, "topic", topic, operation, needed_for=purpose)
 
 
 def wait_for_leaders(

@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from esbridge.errors import HarnessError
@@ -65,6 +65,9 @@ class LocalKafkaBroker(KafkaBroker):
     (``log.dirs`` lives in a temporary directory removed by :meth:`close`).
     ``properties``: broker settings that replace the harness's (for a test that
     needs a broker configured otherwise, e.g. one that cannot do transactions).
+    ``storage_args``: more arguments of ``kafka-storage format`` (for example
+    ``--add-scram``, the only way to give a KRaft broker its first SASL user).
+    ``ports``: the client and controller ports, when ``properties`` name them.
     """
 
     backend = "local"
@@ -74,11 +77,12 @@ class LocalKafkaBroker(KafkaBroker):
         heap: str = "768m",
         internal_partitions: int = 4,
         properties: Mapping[str, str] | None = None,
+        storage_args: Sequence[str] = (),
+        ports: tuple[int, int] | None = None,
     ) -> None:
         self.java = java_executable()
         self.libs, self.version = kafka_libs()
-        self.port = free_port()
-        self.controller_port = free_port()
+        self.port, self.controller_port = ports or (free_port(), free_port())
         self.bootstrap_servers = f"127.0.0.1:{self.port}"
         self.base = Path(tempfile.mkdtemp(prefix="esbridge-kafka-"))
         self.config_file = self.base / "server.properties"
@@ -96,7 +100,7 @@ class LocalKafkaBroker(KafkaBroker):
             + "".join(f"{name}={value}\n" for name, value in (properties or {}).items())
         )
         shutil.copy(Path(__file__).with_name("log4j2.xml"), self.base / "log4j2.xml")
-        self._format_storage()
+        self._format_storage(storage_args)
 
     def _java(self, *args: str) -> list[str]:
         return [
@@ -114,13 +118,14 @@ class LocalKafkaBroker(KafkaBroker):
             *args,
         ]
 
-    def _format_storage(self) -> None:
+    def _format_storage(self, extra: Sequence[str]) -> None:
         result = subprocess.run(
             self._java(
                 "kafka.tools.StorageTool", "format",
                 "-t", random_cluster_id(),
                 "-c", str(self.config_file),
                 "--standalone",
+                *extra,
             ),
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
@@ -128,7 +133,7 @@ class LocalKafkaBroker(KafkaBroker):
             result = subprocess.run(
                 self._java(
                     "kafka.tools.StorageTool", "format",
-                    "-t", random_cluster_id(), "-c", str(self.config_file),
+                    "-t", random_cluster_id(), "-c", str(self.config_file), *extra,
                 ),
                 capture_output=True, text=True, timeout=120,
             )  # fmt: skip

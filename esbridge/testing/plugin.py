@@ -21,13 +21,16 @@ import contextlib
 import gc
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from esbridge.errors import HarnessError
 from esbridge.testing.backends import chosen_backend, make_kafka, make_postgres
 from esbridge.testing.servers import KafkaBroker, PostgresDatabase, PostgresServer, unique_name
+
+if TYPE_CHECKING:
+    from esbridge.testing.secure_kafka import SecureKafkaBroker
 
 _started: dict[str, Any] = {}
 _startup_lines: list[str] = []  # kept for the terminal summary, after the servers are closed
@@ -103,6 +106,37 @@ def kafka_broker() -> Iterator[KafkaBroker]:
     # Kafka clients that only a reference cycle keeps alive (a test's closure, a failed
     # test's traceback) are freed while the broker still answers: afterwards each would
     # log "Connect ... failed" every second until the interpreter exits.
+    gc.collect()
+    broker.close()
+
+
+def _start_secure_kafka() -> SecureKafkaBroker:
+    from esbridge.testing.secure_kafka import SecureKafkaBroker
+
+    broker = SecureKafkaBroker()
+    try:
+        broker.start(timeout=90)
+    except BaseException:
+        broker.close()
+        raise
+    return broker
+
+
+@pytest.fixture(scope="session")
+def secure_kafka_broker() -> Iterator[SecureKafkaBroker]:
+    """A broker with SASL/SCRAM-SHA-512 over TLS and ACLs (a local process, 127.0.0.1 only).
+
+    Started on first use by a test that asks for it (whatever the backend of
+    ``kafka_broker``: it needs the harness's Kafka jars, Java and ``openssl``),
+    stopped at the end of the session. A
+    :class:`~esbridge.testing.secure_kafka.SecureKafkaBroker`: ``add_user()``,
+    ``allow(user, "topic", name, "READ", ...)``, ``user_config(user)``,
+    ``user_env(user)`` (``KAFKA_*`` variables), ``create_topic()`` (as the
+    super user), ``ca_file``.
+    """
+    broker = _start("secure_kafka", _start_secure_kafka)
+    yield broker
+    _started.pop("secure_kafka", None)
     gc.collect()
     broker.close()
 
