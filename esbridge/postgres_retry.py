@@ -46,6 +46,7 @@ REFUSALS = (
     "no pg_hba.conf entry",
     "is not permitted to log in",
     "no password supplied",
+    "permission denied for database",  # no CONNECT privilege
 )
 
 Diagnosis = Callable[[], "str | None"]
@@ -96,6 +97,25 @@ def retry_unreachable(
             delay = min(delay * 2, max_delay)
 
 
+def refusal_message(name: str, message: str, user: str | None) -> str:
+    """What to do about Postgres refusing application ``name``'s connection (``message``)."""
+    from esbridge.postgres_privileges import privilege_advice
+
+    prefix = f"{name.upper()}_POSTGRES_* or POSTGRES_*"
+    if "password authentication failed" in message:
+        return (
+            f"Postgres rejected the password of user {user!r} (application {name!r}): "
+            f"{message}. Check POSTGRES_PASSWORD ({prefix} settings)"
+        )
+    advice = privilege_advice(message, user)
+    if advice is not None:
+        return f"Postgres refused application {name!r}: {message}. {advice}"
+    return (
+        f"Postgres refused the settings of application {name!r}: {message}. "
+        f"Check its {prefix} settings (dbname, user, password)"
+    )
+
+
 def connection_diagnosis(name: str, env: Mapping[str, str]) -> Diagnosis:
     """A ``diagnose`` for :func:`retry_unreachable`: why application ``name`` cannot connect.
 
@@ -128,10 +148,7 @@ def connection_diagnosis(name: str, env: Mapping[str, str]) -> Diagnosis:
         except psycopg.OperationalError as e:
             message = " ".join(str(e).split())
             if any(refusal in message for refusal in REFUSALS):
-                raise ConfigurationError(
-                    f"Postgres refused the settings of application {name!r}: {message}. "
-                    "Check its POSTGRES_* settings (dbname, user, password)"
-                ) from e
+                raise ConfigurationError(refusal_message(name, message, params["user"])) from e
             return message
         return None
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from esbridge.errors import ConfigurationError, EsbridgeError
+from esbridge.errors import ConfigurationError, EsbridgeError, RelayPositionError
 from esbridge.logs import kafka_client_config
 
 POSITION_FORMAT = 1
@@ -82,13 +82,22 @@ class RelayPosition:
 
     @classmethod
     def decode(cls, value: bytes) -> RelayPosition:
-        data = json.loads(value)
+        """The position in ``value``; ``ValueError`` when it is not a position message."""
+        try:
+            data = json.loads(value)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"not JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
         if data.get("format") != POSITION_FORMAT:
             raise EsbridgeError(
                 f"relay position message has format {data.get('format')!r}; "
                 f"this esbridge reads format {POSITION_FORMAT}"
             )
-        return cls(int(data["nid"]), [int(x) for x in data["last"]])
+        try:
+            return cls(int(data["nid"]), [int(x) for x in data["last"]])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"no valid 'nid' and 'last' ({type(e).__name__}: {e})") from e
 
 
 def read_position(
@@ -120,12 +129,12 @@ def read_position(
     finally:
         probe.poll(0)  # librdkafka's log lines (it is assigned nothing: no message comes)
         probe.close()
-    found: bytes | None = None
+    found: tuple[bytes | None, int] | None = None
     if high > low:
         found = _last_value_for_key(common, tp, relay_id.encode(), high, timeout)
-    if found is None:
+    if found is None or found[0] is None:
         return RelayPosition.start(partitions)
-    position = RelayPosition.decode(found)
+    position = _decode_at(found[0], tp, found[1], relay_id)
     if len(position.last_per_partition) != partitions:
         raise ConfigurationError(
             f"relay {relay_id!r} last published to a topic with "
@@ -136,15 +145,32 @@ def read_position(
     return position
 
 
+def _decode_at(value: bytes, tp: TopicPartition, offset: int, relay_id: str) -> RelayPosition:
+    """The position stored at ``offset``, or a :class:`RelayPositionError` naming where it is."""
+    try:
+        return RelayPosition.decode(value)
+    except ValueError as e:
+        raise RelayPositionError(
+            f"the last message of relay {relay_id!r} in its position topic {tp.topic!r} "
+            f"(partition {tp.partition}, offset {offset}) is not a relay position: {e}. Only "
+            "esbridge relays may write to a position topic: stop whatever else writes there, "
+            "then write the relay's last valid position (an earlier offset with the same key) "
+            "again, or give the relay a new position topic (--set position_topic=NAME) and relay "
+            "id (it then publishes "
+            "the log from the start)"
+        ) from e
+
+
 def _last_value_for_key(
     config: dict[str, Any], tp: TopicPartition, key: bytes, high: int, timeout: float
-) -> bytes | None:
+) -> tuple[bytes | None, int] | None:
+    """The last value with ``key`` below offset ``high`` and its offset (None: no such message)."""
     consumer = Consumer(
         kafka_client_config(
             config | {"isolation.level": "read_committed", "enable.partition.eof": True}
         )
     )
-    found: bytes | None = None
+    found: tuple[bytes | None, int] | None = None
     deadline = time.monotonic() + timeout
     try:
         consumer.assign([TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING)])
@@ -165,9 +191,9 @@ def _last_value_for_key(
                         return found
                     continue
                 raise KafkaException(error)
-            if msg.key() == key:
-                found = msg.value()
             offset = msg.offset()
+            if msg.key() == key and offset is not None:
+                found = (msg.value(), offset)
             if offset is not None and offset >= high - 1:
                 return found
     finally:
