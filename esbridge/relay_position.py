@@ -155,9 +155,8 @@ def _decode_at(value: bytes, tp: TopicPartition, offset: int, relay_id: str) -> 
             f"(partition {tp.partition}, offset {offset}) is not a relay position: {e}. Only "
             "esbridge relays may write to a position topic: stop whatever else writes there, "
             "then write the relay's last valid position (an earlier offset with the same key) "
-            "again, or give the relay a new position topic (--set position_topic=NAME) and relay "
-            "id (it then publishes "
-            "the log from the start)"
+            "again, or give the relay a new position topic (--set position_topic=NAME) and "
+            "relay id (it then publishes the log from the start)"
         ) from e
 
 
