@@ -96,3 +96,24 @@ def test_secret_values_are_redacted_by_their_names() -> None:
     assert redact_line(f"sasl.password{SECRET}") == "sasl.password ***"  # no separator at all
     assert redact_line(f"  ssl.key.password\t{SECRET}") == "ssl.key.password ***"
     assert redact_line("bootstrap.servers b:9092") == "bootstrap.servers b:9092"
+
+
+def test_a_value_librdkafka_refuses_is_named_by_its_variable() -> None:
+    env = {"KAFKA_BOOTSTRAP_SERVERS": "b:9092", "KAFKA_ENABLE_AUTO_COMMIT": "maybe"}
+    with pytest.raises(ConfigurationError) as raised:
+        kafka_config_from_env(env)
+    assert str(raised.value) == (
+        "librdkafka refuses KAFKA_ENABLE_AUTO_COMMIT: Expected bool value for "
+        '"enable.auto.commit": true or false. Correct the value, or unset the variable'
+    )
+
+
+def test_the_settings_in_use_are_logged_without_their_secrets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = {"KAFKA_BOOTSTRAP_SERVERS": "b:9092", "KAFKA_SASL_PASSWORD": SECRET}
+    with caplog.at_level("DEBUG", logger="esbridge.kafka_config"):
+        load_kafka_config(env=env)
+    assert caplog.messages == [
+        "Kafka settings: {'bootstrap.servers': 'b:9092', 'sasl.password': '***'}"
+    ]
