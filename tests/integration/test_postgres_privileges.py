@@ -189,13 +189,28 @@ def test_documented_minimal_grants_suffice_and_the_dead_letter_table_need_not_be
     finally:
         relay.close()
     mirror = construct_app(SYSTEM, "Mirror", follower_env)
-    consumer = ConsumerAdapter(
-        mirror,  # type: ignore[arg-type]
-        upstream="DogSchool",
-        topic=topic,
-        kafka_config={**kafka_config, "session.timeout.ms": 6000, "heartbeat.interval.ms": 500},
-        group_id=f"{topic}.g",
+
+    def consumer_of_mirror() -> ConsumerAdapter:
+        """A consumer that reconciles gaps: it reads the upstream log as the follower's role."""
+        return ConsumerAdapter(
+            mirror,  # type: ignore[arg-type]
+            upstream="DogSchool",
+            topic=topic,
+            kafka_config={**kafka_config, "session.timeout.ms": 6000},
+            group_id=f"{topic}.g",
+            upstream_env=follower_env,
+        )
+
+    consumer = consumer_of_mirror()
+    with pytest.raises(ConfigurationError) as raised:
+        consumer.process_available(timeout=1)
+    consumer.close()
+    assert str(raised.value).endswith(
+        f"permission denied for table dogschool_events. role {follower_role} lacks SELECT on "
+        f"table dogschool_events: GRANT SELECT ON TABLE dogschool_events TO {follower_role}"
     )
+    admin(postgres_db, "GRANT SELECT ON dogschool_events TO {0}", follower_role)
+    consumer = consumer_of_mirror()
     try:
         deadline = time.monotonic() + 60
         while consumer.status().processed < 15 and time.monotonic() < deadline:
