@@ -152,10 +152,33 @@ class DeadLetterStore:
         )
 
     def create_table(self) -> None:
+        """Create the table and its indexes unless all of them exist.
+
+        Checked first because ``CREATE ... IF NOT EXISTS`` needs the CREATE
+        privilege on the schema and, for an index, ownership of the table
+        even when nothing is created: a follower whose administrator created
+        the table needs only SELECT, INSERT and UPDATE on it (see
+        docs/security.md).
+        """
+        if self.exists():
+            return
         # Serialise concurrent creators: CREATE TABLE IF NOT EXISTS races on pg_type.
         with self.datastore.transaction(commit=True) as curs:
             curs.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (TABLE,))
             curs.execute(self._ddl)
+
+    def exists(self) -> bool:
+        """Whether the table and both its indexes exist."""
+        schema = self.datastore.schema or "public"
+        names = [f"{TABLE}", f"{TABLE}_nid_uniq", f"{TABLE}_parked_key"]
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(
+                "SELECT count(to_regclass(format('%%I.%%I', %s::text, n))) AS n "
+                "FROM unnest(%s::text[]) AS n",
+                (schema, names),
+            )
+            row = curs.fetchone()
+        return bool(row) and int(row["n"]) == len(names)
 
     def insert(self, curs: Any, letters: Iterable[DeadLetter]) -> None:
         """Park ``letters`` within the caller's transaction (idempotent per notification id)."""

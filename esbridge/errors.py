@@ -46,6 +46,17 @@ class RelayError(EsbridgeError):
     """
 
 
+class RelayPositionError(ConfigurationError):
+    """The relay's position topic holds, for this relay, a message that is not a position.
+
+    The message names the topic, partition and offset. Only esbridge relays
+    may write to a position topic: stop whatever else writes there, then
+    either write the relay's last valid position (an earlier offset with the
+    same key) to the topic again, or give the relay a new position topic and
+    relay id (it then publishes the log from the start).
+    """
+
+
 class RelayFencedError(RelayError):
     """Another relay with the same ``transactional.id`` took over: this one stopped."""
 

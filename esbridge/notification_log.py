@@ -102,11 +102,22 @@ def check_readable(name: str, recorder: ApplicationRecorder) -> None:
     except TRANSIENT_ERRORS:
         raise
     except Exception as e:  # the driver's UndefinedTable, ProgrammingError, ...
+        from esbridge.postgres_privileges import current_role, privilege_advice
+
         table = getattr(recorder, "events_table_name", f"{name.lower()}_events")
-        raise ConfigurationError(
+        text = (
             f"cannot read the notification log of application {name!r} (table {table!r}): "
-            f"{type(e).__name__}: {e}. Check the application name and its POSTGRES_* "
-            "settings, and that the application has created its tables."
+            f"{type(e).__name__}: {e}. "
+        )
+        datastore = getattr(recorder, "datastore", None)
+        advice = privilege_advice(str(e), current_role(datastore), "SELECT")
+        raise ConfigurationError(
+            text
+            + (
+                advice
+                or "Check the application name and its POSTGRES_* settings, and that the "
+                "application has created its tables."
+            )
         ) from e
 
 

@@ -23,6 +23,7 @@ which waiting cannot mend, so that is a :class:`ConfigurationError` at once.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -46,6 +47,7 @@ REFUSALS = (
     "no pg_hba.conf entry",
     "is not permitted to log in",
     "no password supplied",
+    "permission denied for database",  # no CONNECT privilege
 )
 
 Diagnosis = Callable[[], "str | None"]
@@ -63,6 +65,10 @@ def retry_unreachable(
 ) -> T:
     """``call()``, retried with backoff (0.2 s doubling to ``max_delay``) while Postgres is down.
 
+    A connection error that is a refusal by a server that is up (a wrong
+    password, no CONNECT privilege: see :data:`REFUSALS`) is a
+    :class:`ConfigurationError` at once, never retried.
+
     ``timeout=None`` waits for ever. Raises :class:`PostgresUnavailableError`
     when ``timeout`` seconds have passed or ``stopped()`` returns true.
     ``diagnose`` (see :func:`connection_diagnosis`) runs before the first
@@ -79,6 +85,10 @@ def retry_unreachable(
         try:
             return call()
         except TRANSIENT_ERRORS as e:
+            message = " ".join(str(e).split())
+            if any(refusal in message for refusal in REFUSALS):
+                # The server answered and refused: waiting cannot mend it.
+                raise ConfigurationError(refusal_message(what, message, None)) from e
             reason = diagnose() if diagnose is not None else None
             detail = f"{e} ({reason})" if reason else str(e)
             waited = time.monotonic() - start
@@ -94,6 +104,29 @@ def retry_unreachable(
             log.warning("Postgres unreachable (%s: %s); retrying in %.1f s", what, detail, delay)
             sleep(delay)
             delay = min(delay * 2, max_delay)
+
+
+def refusal_message(who: str, message: str, user: str | None) -> str:
+    """What to do about Postgres refusing the connection of ``who`` (``message``, the driver's).
+
+    ``user`` None: the role is read from the message where it names it.
+    """
+    from esbridge.postgres_privileges import privilege_advice
+
+    if user is None and (named := re.search(r'for user "([^"]+)"', message)):
+        user = named[1]
+    if "password authentication failed" in message:
+        return (
+            f"Postgres rejected the password of user {user!r} ({who}): {message}. "
+            "Check POSTGRES_PASSWORD"
+        )
+    advice = privilege_advice(message, user)
+    if advice is not None:
+        return f"Postgres refused {who}: {message}. {advice}"
+    return (
+        f"Postgres refused the settings of {who}: {message}. "
+        "Check its POSTGRES_* settings (dbname, user, password)"
+    )
 
 
 def connection_diagnosis(name: str, env: Mapping[str, str]) -> Diagnosis:
@@ -128,10 +161,8 @@ def connection_diagnosis(name: str, env: Mapping[str, str]) -> Diagnosis:
         except psycopg.OperationalError as e:
             message = " ".join(str(e).split())
             if any(refusal in message for refusal in REFUSALS):
-                raise ConfigurationError(
-                    f"Postgres refused the settings of application {name!r}: {message}. "
-                    "Check its POSTGRES_* settings (dbname, user, password)"
-                ) from e
+                who = f"application {name!r}"
+                raise ConfigurationError(refusal_message(who, message, params["user"])) from e
             return message
         return None
 

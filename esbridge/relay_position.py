@@ -23,6 +23,7 @@ id published to each partition: the next message on a partition names it in
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Mapping
@@ -31,9 +32,11 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from esbridge.errors import ConfigurationError, EsbridgeError
+from esbridge.errors import ConfigurationError, EsbridgeError, RelayPositionError
 from esbridge.kafka_access import authorization_error, raise_if_unauthorized
 from esbridge.logs import kafka_client_config
+
+log = logging.getLogger("esbridge.relay")
 
 POSITION_FORMAT = 1
 POSITION_TOPIC_CONFIG = {
@@ -88,13 +91,22 @@ class RelayPosition:
 
     @classmethod
     def decode(cls, value: bytes) -> RelayPosition:
-        data = json.loads(value)
+        """The position in ``value``; ``ValueError`` when it is not a position message."""
+        try:
+            data = json.loads(value)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"not JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
         if data.get("format") != POSITION_FORMAT:
             raise EsbridgeError(
                 f"relay position message has format {data.get('format')!r}; "
                 f"this esbridge reads format {POSITION_FORMAT}"
             )
-        return cls(int(data["nid"]), [int(x) for x in data["last"]])
+        try:
+            return cls(int(data["nid"]), [int(x) for x in data["last"]])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"no valid 'nid' and 'last' ({type(e).__name__}: {e})") from e
 
 
 def read_position(
@@ -126,12 +138,12 @@ def read_position(
     finally:
         probe.poll(0)  # librdkafka's log lines (it is assigned nothing: no message comes)
         probe.close()
-    found: bytes | None = None
+    found: tuple[bytes | None, int] | None = None
     if high > low:
         found = _last_value_for_key(common, tp, relay_id.encode(), high, timeout)
-    if found is None:
+    if found is None or found[0] is None:
         return RelayPosition.start(partitions)
-    position = RelayPosition.decode(found)
+    position = _decode_at(found[0], tp, found[1], relay_id)
     if len(position.last_per_partition) != partitions:
         raise ConfigurationError(
             f"relay {relay_id!r} last published to a topic with "
@@ -142,15 +154,31 @@ def read_position(
     return position
 
 
+def _decode_at(value: bytes, tp: TopicPartition, offset: int, relay_id: str) -> RelayPosition:
+    """The position stored at ``offset``, or a :class:`RelayPositionError` naming where it is."""
+    try:
+        return RelayPosition.decode(value)
+    except ValueError as e:
+        raise RelayPositionError(
+            f"the last message of relay {relay_id!r} in its position topic {tp.topic!r} "
+            f"(partition {tp.partition}, offset {offset}) is not a relay position: {e}. Only "
+            "esbridge relays may write to a position topic: stop whatever else writes there, "
+            "then write the relay's last valid position (an earlier offset with the same key) "
+            "again, or give the relay a new position topic (--set position_topic=NAME) and "
+            "relay id (it then publishes the log from the start)"
+        ) from e
+
+
 def _last_value_for_key(
     config: dict[str, Any], tp: TopicPartition, key: bytes, high: int, timeout: float
-) -> bytes | None:
+) -> tuple[bytes | None, int] | None:
+    """The last value with ``key`` below offset ``high`` and its offset (None: no such message)."""
     consumer = Consumer(
         kafka_client_config(
             config | {"isolation.level": "read_committed", "enable.partition.eof": True}
         )
     )
-    found: bytes | None = None
+    found: tuple[bytes | None, int] | None = None
     deadline = time.monotonic() + timeout
     try:
         consumer.assign([TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING)])
@@ -172,9 +200,9 @@ def _last_value_for_key(
                     continue
                 _raise_if_unauthorized(config, error, tp.topic)
                 raise KafkaException(error)
-            if msg.key() == key:
-                found = msg.value()
             offset = msg.offset()
+            if msg.key() == key and offset is not None:
+                found = (msg.value(), offset)
             if offset is not None and offset >= high - 1:
                 return found
     finally:
@@ -215,6 +243,7 @@ class RelayProgress:
         self.app = app
         self.topic = topic
         self.last: dict[int, int] = {}
+        self.refused = False  # no READ ACL on the position topic: it only informed
         conf = {
             k: v
             for k, v in config.items()
@@ -234,9 +263,19 @@ class RelayProgress:
 
     def read(self, limit: int = 10_000) -> dict[int, int]:
         """Read what was committed since the last call (at most ``limit`` messages)."""
+        if self.refused:
+            return self.last
         for message in self._consumer.consume(limit, timeout=0.1):
-            value = message.value()
-            if message.error() is not None or value is None:
+            value, error = message.value(), message.error()
+            if error is not None and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                log.warning(
+                    "no READ on the relay position topic %r: a partition whose last messages "
+                    "never arrived is not detected without the upstream log (docs/security.md)",
+                    self.position_topic,
+                )
+                self.refused = True
+                return self.last
+            if error is not None or value is None:
                 continue
             try:
                 data = json.loads(value)

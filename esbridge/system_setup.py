@@ -25,6 +25,12 @@ from eventsourcing.system import System
 from esbridge.applications import construct_or_close
 from esbridge.errors import ConfigurationError
 from esbridge.notification_log import check_readable
+from esbridge.postgres_privileges import (
+    FOLLOWER_TABLE_PRIVILEGES,
+    check_table_privileges,
+    current_role,
+    with_advice,
+)
 from esbridge.postgres_retry import TRANSIENT_ERRORS, connection_diagnosis, retry_unreachable
 
 logger = logging.getLogger("esbridge.system_setup")
@@ -59,12 +65,20 @@ def construct_app(system: System, name: str, env: Mapping[str, str]) -> Applicat
 
 
 def _construct_app(system: System, name: str, env: Mapping[str, str]) -> Application[Any]:
-    app = new_app(system.get_app_cls(name), name, env)
-    leaders = system.follows.get(name, [])
+    return prepared_app(system.get_app_cls(name), name, env, system.follows.get(name, []))
+
+
+def prepared_app(
+    cls: type[Application[Any]], name: str, env: Mapping[str, str], leaders: Sequence[str]
+) -> Application[Any]:
+    """:func:`new_app`, its tables checked; a follower of ``leaders`` gets its dead-letter
+    table and its privileges checked (each problem a :class:`ConfigurationError`)."""
+    app = new_app(cls, name, env)
     try:
         check_tables(name, app, leaders)
         if leaders:
             create_dead_letter_table(name, app)
+            check_follower_privileges(name, app)
     except BaseException:
         app.close()  # construct_app may retry: leave no pool open behind
         raise
@@ -101,10 +115,16 @@ def new_app(cls: type[Application[Any]], name: str, env: Mapping[str, str]) -> A
                 logger.info("constructing %s collided with another process: %s", name, e)
                 time.sleep(0.1 * (attempt + 1))
                 continue
-            raise ConfigurationError(
-                f"cannot construct application {name!r}: {type(e).__name__}: {e}"
-            ) from e
+            text = f"cannot construct application {name!r}: {type(e).__name__}: {e}"
+            raise ConfigurationError(with_advice(text, e, postgres_user(name, env))) from e
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def postgres_user(name: str, env: Mapping[str, str]) -> str | None:
+    """The Postgres role application ``name`` connects as (``{NAME}_POSTGRES_USER`` first)."""
+    from eventsourcing.utils import Environment
+
+    return Environment(name, env).get("POSTGRES_USER")
 
 
 def create_dead_letter_table(name: str, app: Application[Any]) -> None:
@@ -134,10 +154,35 @@ def create_dead_letter_table(name: str, app: Application[Any]) -> None:
         except TRANSIENT_ERRORS:
             raise
         except Exception as e:
-            raise ConfigurationError(
+            text = (
                 f"cannot create the dead-letter table of application {name!r}: "
                 f"{type(e).__name__}: {e}"
-            ) from e
+            )
+            raise ConfigurationError(with_advice(text, e, current_role(datastore))) from e
+
+
+def check_follower_privileges(name: str, app: Application[Any]) -> None:
+    """Raise :class:`ConfigurationError` naming each GRANT the follower ``name`` lacks.
+
+    Checked at start so that a missing privilege (UPDATE on its tracking
+    table, say, when an administrator created the tables and set
+    ``CREATE_TABLE=n``) stops the process before it consumes anything,
+    rather than failing its first batch.
+    """
+    recorder = app.recorder
+    datastore = getattr(recorder, "datastore", None)
+    if datastore is None or not hasattr(datastore, "transaction"):
+        return
+    from esbridge.deadletter import TABLE
+
+    schema = datastore.schema or "public"
+    tables = [
+        getattr(recorder, "events_table_name", None),
+        getattr(recorder, "tracking_table_name", None),
+        TABLE,
+    ]
+    wanted = {f"{schema}.{t}": FOLLOWER_TABLE_PRIVILEGES for t in tables if t}
+    check_table_privileges(f"application {name!r} cannot record its events", datastore, wanted)
 
 
 def check_tables(name: str, app: Application[Any], leaders: Sequence[str]) -> None:

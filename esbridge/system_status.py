@@ -13,7 +13,10 @@ machine that can read the databases, whether or not the system runs:
 * **held gaps**: partitions a consumer holds waiting for a missing message
   (known only to the consumers' processes: read from their Prometheus
   ``/metrics`` endpoints when given, by a runner in the same process, else ``-``);
-* **DLQ**: messages of the follower parked in the dead-letter table;
+* **DLQ**: messages of the follower parked in the dead-letter table (``0`` when
+  there is no such table: nothing was ever parked; ``unreadable`` when it could
+  not be read, with the reason and the GRANT to run on stderr, and then
+  ``--fail-on-lag`` fails: an unknown count is never shown as ``0``);
 * **relay**: who publishes the leader's log: the process holding its relay's
   lease (:mod:`esbridge.relay_lease`), ``none`` when no relay does (nothing
   reaches the followers), ``-`` when not asked.
@@ -34,6 +37,7 @@ from eventsourcing.system import System
 from esbridge.applications import construct_or_close
 from esbridge.notification_log import close_recorder, open_recorder, read_pages
 from esbridge.partitioning import partition_for_key
+from esbridge.postgres_retry import connection_diagnosis
 
 MAX_LAG_SCAN = 200_000  # notifications read to count a lag; beyond, the count is a lower bound
 
@@ -60,6 +64,7 @@ class EdgeStatus:
     held_gaps: int | None
     dlq: int | None
     relay: str | None = None  # the leader relay's lease holder; "" none; None: not asked
+    dlq_error: str | None = None  # why the dead-letter table could not be read (dlq is None)
 
     @property
     def position(self) -> int:
@@ -139,16 +144,27 @@ def relay_holder(app: Application[Any], relay_id: str) -> str | None:
         return None
 
 
-def dlq_size(app: Application[Any], follower: str) -> int | None:
-    try:
-        from esbridge.deadletter import DeadLetterStore
+def dlq_size(app: Application[Any], follower: str) -> tuple[int | None, str | None]:
+    """Parked messages of ``follower``, and why they could not be counted (None: they were).
 
-        datastore = getattr(app.recorder, "datastore", None)
-        if datastore is None:
-            return None
-        return DeadLetterStore(datastore).count(follower)
-    except Exception:  # no dead-letter table yet: nothing was ever parked
-        return 0
+    A missing table counts 0 (nothing was ever parked); any other error (a
+    role without SELECT on the table, say) is returned, never shown as 0.
+    """
+    import psycopg.errors
+
+    from esbridge.deadletter import TABLE, DeadLetterStore
+    from esbridge.postgres_privileges import current_role, with_advice
+
+    datastore = getattr(app.recorder, "datastore", None)
+    if datastore is None or not hasattr(datastore, "transaction"):
+        return None, None
+    try:
+        return DeadLetterStore(datastore).count(follower), None
+    except Exception as e:  # reported, with what to do
+        if isinstance(e.__cause__, psycopg.errors.UndefinedTable):
+            return 0, None
+        text = f"cannot read {follower}'s dead-letter table {TABLE}: {e}"
+        return None, with_advice(text, e, current_role(datastore), "SELECT")
 
 
 class EdgeProbe:
@@ -185,6 +201,7 @@ class EdgeProbe:
 
     def status(self, leader_app: Application[Any], held_gaps: int | None = None) -> EdgeStatus:
         positions = self.positions()
+        dlq, dlq_error = dlq_size(self.follower_app, self.follower)
         backlog = unprocessed(self.upstream, positions, self.partitions, self.topics)
         names = tracking_names(self.leader, self.partitions)
         return EdgeStatus(
@@ -195,7 +212,8 @@ class EdgeProbe:
             lag_events=backlog.count,
             lag_seconds=event_age(leader_app, backlog.oldest),
             held_gaps=held_gaps,
-            dlq=dlq_size(self.follower_app, self.follower),
+            dlq=dlq,
+            dlq_error=dlq_error,
         )
 
 
@@ -220,6 +238,9 @@ def edge_statuses(
 
     def app(name: str) -> Application[Any]:
         if name not in apps:
+            # Settings Postgres refuses (a wrong password, no CONNECT) are named at once,
+            # not reported as an unreachable server after the pool's timeout.
+            connection_diagnosis(name, env)()
             apps[name] = read_only_app(system, name, env)
         return apps[name]
 
@@ -227,6 +248,7 @@ def edge_statuses(
         result = []
         for leader, follower in edges if edges is not None else system.edges:
             n = partitions if isinstance(partitions, int) else partitions.get(leader, 1)
+            app(leader)
             probe = EdgeProbe(leader, follower, app(follower), env, n)
             try:
                 held = None if held_gaps is None else held_gaps.get((leader, follower))
@@ -314,6 +336,12 @@ def _positions_cell(status: EdgeStatus) -> str:
     return " ".join(f"p{i}={v}" for i, v in enumerate(status.positions.values()))
 
 
+def _dlq_cell(status: EdgeStatus) -> str:
+    if status.dlq_error is not None:
+        return "unreadable"
+    return "-" if status.dlq is None else str(status.dlq)
+
+
 def format_table(statuses: Sequence[EdgeStatus]) -> str:
     """A plain-text table, one row per edge."""
     rows = [COLUMNS]
@@ -326,7 +354,7 @@ def format_table(statuses: Sequence[EdgeStatus]) -> str:
                 str(s.lag_events),
                 f"{s.lag_seconds:.1f}",
                 "-" if s.held_gaps is None else str(s.held_gaps),
-                "-" if s.dlq is None else str(s.dlq),
+                _dlq_cell(s),
                 "-" if s.relay is None else s.relay or "none",
             )
         )

@@ -79,6 +79,28 @@ def test_a_refusal_found_by_the_diagnosis_ends_waiting() -> None:
     assert call.calls == 0
 
 
+def test_a_refusal_by_a_server_that_is_up_is_never_retried() -> None:
+    """Even without a diagnosis: a wrong password or a missing CONNECT is not an outage."""
+    for error, message in [
+        (
+            'connection failed: FATAL:  password authentication failed for user "mirror"',
+            "Postgres rejected the password of user 'mirror' (reading): "
+            'connection failed: FATAL: password authentication failed for user "mirror". '
+            "Check POSTGRES_PASSWORD",
+        ),
+        (
+            'connection failed: FATAL:  permission denied for database "dogs"\n'
+            "DETAIL:  User does not have CONNECT privilege.",
+            "role <role> lacks the CONNECT privilege on database dogs: "
+            "GRANT CONNECT ON DATABASE dogs TO <role>",
+        ),
+    ]:
+        call = Flaky(1, OperationalError(error))
+        with pytest.raises(ConfigurationError) as raised:
+            retry_unreachable("reading", call, sleep=lambda s: None)
+        assert message in str(raised.value) and call.calls == 1
+
+
 def test_one_shot_commands_report_an_unreachable_postgres_in_one_line() -> None:
     import os
     import subprocess

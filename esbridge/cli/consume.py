@@ -87,16 +87,17 @@ def consume(args: argparse.Namespace) -> int:
     from esbridge.kafka_config import load_kafka_config
     from esbridge.metrics import serve_metrics
     from esbridge.postgres_retry import connection_diagnosis, retry_unreachable
-    from esbridge.system_setup import new_app
+    from esbridge.system_setup import prepared_app
 
     follower_cls = load_class(args.follower, args.app_dir)
     upstream_cls = load_class(args.upstream_class, args.app_dir) if args.upstream_class else None
     env = dict(os.environ)
     name = getattr(follower_cls, "name", follower_cls.__name__)
-    # new_app: several consumer processes starting at once race to create the tables.
+    # prepared_app: several consumer processes starting at once race to create the tables;
+    # a missing table or privilege is named before anything is consumed.
     follower: Any = retry_unreachable(
         f"constructing {args.follower}",
-        lambda: new_app(follower_cls, name, env),
+        lambda: prepared_app(follower_cls, name, env, [args.upstream]),
         timeout=args.connect_timeout,
         diagnose=connection_diagnosis(name, env),
     )

@@ -6,9 +6,11 @@ whether the system runs or not. Held gaps (partitions waiting for a missing
 message) live only in the consumer processes: give their metrics endpoints
 (``--metrics 127.0.0.1:9108`` per process, the ``--metrics-port`` of
 ``esbridge run``/``consume``) to see them. The relay column names the process
-whose relay publishes the leader's log (its lease holder), or ``none``. Exit
-status 0; ``--fail-on-lag`` exits 1 when any follower is behind or holds a gap
-(for health checks).
+whose relay publishes the leader's log (its lease holder), or ``none``. A
+dead-letter table that cannot be read shows ``unreadable`` (the reason on
+stderr), never 0. Exit status 0; ``--fail-on-lag`` exits 1 when any follower
+is behind, holds a gap or has an unreadable dead-letter table (for health
+checks).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ def register(subparsers: Any) -> None:
     add_system_arguments(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per edge")
     parser.add_argument(
-        "--fail-on-lag", action="store_true", help="exit 1 when any follower is behind"
+        "--fail-on-lag",
+        action="store_true",
+        help="exit 1 when any follower is behind (or its dead-letter table unreadable)",
     )
     parser.add_argument(
         "--metrics",
@@ -64,11 +68,16 @@ def status(args: argparse.Namespace) -> int:
     statuses = edge_statuses(
         system, dict(os.environ), partitions=partitions, held_gaps=held, relay_ids=relay_ids
     )
+    for s in statuses:
+        if s.dlq_error is not None:
+            print(f"esbridge status: {s.dlq_error}", file=sys.stderr)
     if args.json:
         for s in statuses:
             print(json.dumps({**asdict(s), "position": s.position}))
     else:
         print(format_table(statuses))
-    if args.fail_on_lag and any(not s.caught_up or s.held_gaps for s in statuses):
+    if args.fail_on_lag and any(
+        not s.caught_up or s.held_gaps or s.dlq_error is not None for s in statuses
+    ):
         return 1
     return 0

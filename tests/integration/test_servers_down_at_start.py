@@ -180,6 +180,7 @@ def test_commands_exit_2_at_once_when_postgres_refuses_the_settings(
     commands = [
         ["relay", "examples.dogschool.application:DogSchool", "--topic", topic],
         ["consume", mirror_cls, "--upstream", "DogSchool", "--topic", topic, "--upstream-log"],
+        ["status", "tests.integration.test_postgres_privileges:SYSTEM"],
     ]
     for command in commands:
         started = time.monotonic()
@@ -188,7 +189,8 @@ def test_commands_exit_2_at_once_when_postgres_refuses_the_settings(
         )
         assert done.returncode == 2, done.stderr[-3000:]
         assert "password authentication failed" in done.stderr, done.stderr[-3000:]
-        assert "Check its POSTGRES_* settings" in done.stderr
+        assert f"Postgres rejected the password of user {postgres_db.user!r}" in done.stderr
+        assert "Check POSTGRES_PASSWORD" in done.stderr
         assert time.monotonic() - started < 20
 
 
