@@ -189,6 +189,7 @@ class _Tuning:
     prompt_interval: float = 1.0
     trailing_gap_after: float = 10.0
     position_topic: str | None = None
+    verify_messages: bool = False
     park_behind: bool = True
     topic_timeout: float = 30.0
     dlq_refresh: float = 2.0
@@ -212,6 +213,11 @@ class ConsumerAdapter:
     (True: Python's cyclic garbage collector waits while a batch is processed,
     see :func:`~esbridge.gc_pause.gc_paused`),
     ``topic_timeout`` (how long to wait for the topic to exist),
+    ``trailing_gap_after`` (10 s: how long a partition is idle before the
+    upstream log, or the relay's ``position_topic``, is asked whether its
+    last messages are missing), ``verify_messages`` (False: with the upstream
+    log, check every message against it, one read a batch, so that not even a
+    forgery that continues a partition's chain exactly is applied),
     ``connect_timeout`` (how long to wait for an unreachable Postgres or
     broker at start-up; None, the default, waits for ever, logging each retry),
     ``upstream_class`` (its ``env`` supplies cipher/compressor defaults),
@@ -255,6 +261,11 @@ class ConsumerAdapter:
                 f"unknown ConsumerAdapter settings {sorted(unknown)}; known: {sorted(known)}"
             )
         self.tuning = _Tuning(**tuning)
+        if self.tuning.verify_messages and self.upstream_env is None:
+            raise ConfigurationError(
+                "verify_messages checks every message against the upstream notification log: "
+                "pass upstream_env (read-only POSTGRES_* settings of the upstream application)"
+            )
         if mode == "prompts" and self.upstream_env is None:
             raise ConfigurationError(
                 "prompt mode pulls events from the upstream notification log: pass "
@@ -625,6 +636,7 @@ class ConsumerAdapter:
         now = time.time()
         parts = self._parts
         last: dict[int, Message] = {}  # the last message of each partition
+        truth = self._log_events_for(messages) if self.tuning.verify_messages else None
         for message in messages:
             error = message.error()
             if error is not None:
@@ -635,7 +647,7 @@ class ConsumerAdapter:
             if part is None:
                 continue  # revoked meanwhile
             last[number] = message
-            self._offer(part, message, steps, now)
+            self._offer(part, message, steps, now, truth)
         touched = set(last)
         for part in list(self._parts.values()):
             gap = part.order.gap()
@@ -670,7 +682,14 @@ class ConsumerAdapter:
         self._update_gauges()
         return len(messages)
 
-    def _offer(self, part: _Partition, message: Message, steps: list[Step], now: float) -> None:
+    def _offer(
+        self,
+        part: _Partition,
+        message: Message,
+        steps: list[Step],
+        now: float,
+        truth: dict[int, Notification] | None = None,
+    ) -> None:
         try:
             payload = wire.decode_payload(_raw_headers(message), message.key())
             if payload is None:
@@ -698,6 +717,11 @@ class ConsumerAdapter:
                 f"{self._known_max}: no relay of {self.upstream!r} published it",
             )
             return
+        if truth is not None and payload.nid > part.order.position:
+            why = self._unlike_log(part, message, payload, truth.get(payload.nid))
+            if why is not None:
+                self._park_foreign(steps, message, payload, why)
+                return
         order = part.order
         if order.advance(payload.nid, payload.prev_nid):  # the common case, allocation-free
             steps.append(self._message_step(part, message, payload))
@@ -730,6 +754,39 @@ class ConsumerAdapter:
         letter = self.steps.dead_letter(source, None, REASON_FOREIGN, why)
         steps.append(Step(tracking=None, key=source.key, dead_letter=letter, source=source))
         self.metrics.foreign.inc()
+
+    def _log_events_for(self, messages: Sequence[Message]) -> dict[int, Notification]:
+        """The upstream log's events over the ids that ``messages`` claim (``verify_messages``).
+
+        One read a batch, bounded by the log's highest id.
+        """
+        nids = []
+        for message in messages:
+            for name, value in _raw_headers(message):
+                if name == wire.H_NID:
+                    if value and value.isdigit():
+                        nids.append(int(value))
+                    break
+        if not nids:
+            return {}
+        after, upto = min(nids) - 1, min(max(nids), self._upstream_max(max(nids)))
+        if upto <= after:
+            return {}
+        return {n.id: n for page in self._read_range(after, upto) for n in page}
+
+    def _unlike_log(
+        self,
+        part: _Partition,
+        message: Message,
+        payload: wire.PayloadHeaders,
+        genuine: Notification | None,
+    ) -> str | None:
+        """Why ``message`` is not the log's event under its id (None when it is)."""
+        if genuine is None or not _same_event(genuine, message, payload):
+            return _not_in_log(payload, genuine, self._known_max)
+        if self.partitions > 1 and self._partition_of(message.key() or b"") != part.number:
+            return f"its key belongs to another partition than {part.number}"
+        return None
 
     def _upstream_max(self, at_least: int) -> int:
         """The upstream log's highest id, re-read only when ``at_least`` is beyond the last.

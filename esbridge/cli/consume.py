@@ -55,6 +55,12 @@ def register(subparsers: Any) -> None:
         help="read the upstream notification log (fills gaps; required for prompts)",
     )
     parser.add_argument(
+        "--verify-messages",
+        action="store_true",
+        help="with --upstream-log: check every message against the upstream log (one read a "
+        "batch); a message the log does not hold under its id is parked as foreign",
+    )
+    parser.add_argument(
         "--upstream-class",
         help="upstream application class (package.module:Class) for its cipher/compressor env",
     )
@@ -116,6 +122,7 @@ def consume(args: argparse.Namespace) -> int:
         hold_timeout=args.hold_timeout,
         retries=args.retries,
         connect_timeout=args.connect_timeout,
+        verify_messages=args.verify_messages,
     )
     if args.metrics_port:
         serve_metrics(args.metrics_port, args.metrics_addr)

@@ -22,7 +22,7 @@ from esbridge import wire
 from esbridge.consumer import ConsumerAdapter, tracking_names
 from esbridge.deadletter import REASON_FOREIGN, DeadLetterStore
 from esbridge.dlq_replay import replay_dead_letters
-from esbridge.errors import GapNotReconciledError
+from esbridge.errors import ConfigurationError, GapNotReconciledError
 from esbridge.processing import ProcessApplicationSink
 from examples.dogschool.application import DogSchool
 from tests.integration.consumer_apps import (
@@ -276,3 +276,37 @@ def test_without_the_log_a_forged_held_message_is_held_loudly_not_applied(
     finally:
         probe.close()
     assert tp.offset == 3
+
+
+def test_verify_messages_catches_a_forgery_on_the_exact_chain(
+    school: DogSchool,
+    mirror: Mirror,
+    create_topic: Any,
+    kafka_config: dict[str, Any],
+    postgres_db: Any,
+) -> None:
+    """The chain cannot tell a copy of a genuine message with another aggregate's key, sent
+    first: every message checked against the log can."""
+    topic = create_topic(partitions=PARTITIONS)
+    dogs, publisher, messages = setup(school, kafka_config, topic)
+    genuine = messages[30]
+    other_key = next(m[0] for m in messages if m[0] != genuine[0] and m[3] == genuine[3])
+    copy = (other_key, genuine[1], genuine[2], genuine[3])  # same headers, wrong aggregate
+    publisher.send([*messages[:30], copy, *messages[30:]])
+    status = consume(mirror, topic, kafka_config, postgres_db.env, verify_messages=True)
+    assert_exact(school, mirror, dogs, messages)
+    [letter] = parked(mirror)
+    assert letter.reason == REASON_FOREIGN and letter.key == other_key.decode()
+    assert status.processed == 48
+
+
+def test_verify_messages_needs_the_upstream_log(mirror: Mirror) -> None:
+    with pytest.raises(ConfigurationError, match="verify_messages checks every message"):
+        ConsumerAdapter(
+            mirror,
+            upstream="DogSchool",
+            topic="t",
+            kafka_config={},
+            group_id="g",
+            verify_messages=True,
+        )
