@@ -44,20 +44,6 @@ class RegistrationsOnly(Mirror):
     topics = (get_topic(Dog.Registered),)
 
 
-@pytest.fixture
-def school(postgres_db: Any) -> Any:
-    app = DogSchool(env=postgres_db.env)
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def mirror(postgres_db: Any) -> Any:
-    app = Mirror(env=postgres_db.env)
-    yield app
-    app.close()
-
-
 def adapter(
     follower: Any, topic: str, kafka_config: dict[str, Any], group: str = "g", **kw: Any
 ) -> ConsumerAdapter:

@@ -40,13 +40,6 @@ PARTITIONS = 3
 FAST = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 
 
-@pytest.fixture
-def school(postgres_db: Any) -> Any:
-    app = DogSchool(env=postgres_db.env)
-    yield app
-    app.close()
-
-
 def adapter(mirror: Mirror, topic: str, kafka_config: dict[str, Any], **kw: Any) -> Any:
     return ConsumerAdapter(
         mirror,
@@ -103,13 +96,12 @@ def published(school: DogSchool, kafka_config: dict[str, Any], topic: str) -> An
     return publisher, publisher.messages(notifications(school))
 
 
-@pytest.mark.parametrize("log", [False, True], ids=["no-log", "upstream-log"])
 def test_a_batch_refused_by_a_revoked_privilege_leaves_the_offsets_behind(
     school: DogSchool,
     postgres_db: Any,
     create_topic: Any,
     kafka_config: dict[str, Any],
-    log: bool,
+    upstream_env: Any,
 ) -> None:
     role = f"follower_{postgres_db.dbname}"[:60]
     admin = psycopg.connect(postgres_db.dsn, autocommit=True)
@@ -134,7 +126,7 @@ def test_a_batch_refused_by_a_revoked_privilege_leaves_the_offsets_behind(
         assert mirror.recorder.max_notification_id() == 12  # nothing of the failed batch
         assert_offsets_within_postgres(kafka_config, topic, messages, mirror)
         admin.execute(f"GRANT UPDATE ON {role}.mirror_tracking TO {role}")
-        consume_rest(mirror, topic, kafka_config, postgres_db.env if log else None, 30)
+        consume_rest(mirror, topic, kafka_config, upstream_env, 30)
         verify_mirror(school, mirror, dogs)
     finally:
         mirror.close()
@@ -143,11 +135,11 @@ def test_a_batch_refused_by_a_revoked_privilege_leaves_the_offsets_behind(
 
 def test_a_trigger_raising_in_the_commit_leaves_the_offsets_behind(
     school: DogSchool,
+    mirror: Mirror,
     postgres_db: Any,
     create_topic: Any,
     kafka_config: dict[str, Any],
 ) -> None:
-    mirror = Mirror(env=postgres_db.env)
     admin = psycopg.connect(postgres_db.dsn, autocommit=True)
     admin.execute("CREATE TABLE refuse (on_ boolean)")
     admin.execute(
@@ -177,7 +169,6 @@ def test_a_trigger_raising_in_the_commit_leaves_the_offsets_behind(
         consume_rest(mirror, topic, kafka_config, None, 30)
         verify_mirror(school, mirror, dogs)
     finally:
-        mirror.close()
         admin.close()
 
 
@@ -215,119 +206,112 @@ def test_stopped_while_postgres_is_down_mid_commit_then_restarted(
 
 
 def test_an_offset_committed_past_postgres_is_not_trusted(
-    school: DogSchool, postgres_db: Any, create_topic: Any, kafka_config: dict[str, Any]
+    school: DogSchool,
+    mirror: Mirror,
+    postgres_db: Any,
+    create_topic: Any,
+    kafka_config: dict[str, Any],
 ) -> None:
     """Postgres restored from a backup: the group's offsets are past its positions."""
-    mirror = Mirror(env=postgres_db.env)
-    try:
-        topic = create_topic(partitions=PARTITIONS)
-        dogs = populate(school, 10, 2)
-        publisher, messages = published(school, kafka_config, topic)
-        publisher.send(messages)
-        ahead = Consumer({**kafka_config, "group.id": f"{topic}.g"})
-        ahead.commit(
-            offsets=[TopicPartition(topic, p, 5, metadata=offset_metadata(25)) for p in range(3)],
-            asynchronous=False,
-        )
-        ahead.close()
-        consumer = adapter(mirror, topic, kafka_config)
-        consumer.process_available(timeout=15)
-        consumer.close()
-        verify_mirror(school, mirror, dogs)
-        assert mirror.recorder.max_notification_id() == 30
-    finally:
-        mirror.close()
+    topic = create_topic(partitions=PARTITIONS)
+    dogs = populate(school, 10, 2)
+    publisher, messages = published(school, kafka_config, topic)
+    publisher.send(messages)
+    ahead = Consumer({**kafka_config, "group.id": f"{topic}.g"})
+    ahead.commit(
+        offsets=[TopicPartition(topic, p, 5, metadata=offset_metadata(25)) for p in range(3)],
+        asynchronous=False,
+    )
+    ahead.close()
+    consumer = adapter(mirror, topic, kafka_config)
+    consumer.process_available(timeout=15)
+    consumer.close()
+    verify_mirror(school, mirror, dogs)
+    assert mirror.recorder.max_notification_id() == 30
 
 
 @pytest.mark.parametrize("partitions", [1, PARTITIONS])
 def test_a_trailing_gap_is_filled_from_the_log(
     school: DogSchool,
+    mirror: Mirror,
     postgres_db: Any,
     create_topic: Any,
     kafka_config: dict[str, Any],
     partitions: int,
 ) -> None:
-    mirror = Mirror(env=postgres_db.env)
+    topic = create_topic(partitions=partitions)
+    dogs = populate(school, 10, 2)
+    publisher = ManualPublisher(kafka_config, topic, "DogSchool", partitions)
+    messages = publisher.messages(notifications(school))
+    ends = {m[3]: i for i, m in enumerate(messages)}  # each partition's last message
+    publisher.send([m for i, m in enumerate(messages) if i not in ends.values()])
+    consumer = adapter(mirror, topic, kafka_config, upstream_env=postgres_db.env)
+    consumer.tuning.trailing_gap_after = 1.0
+    runs = threading.Thread(target=consumer.run)
+    runs.start()
     try:
-        topic = create_topic(partitions=partitions)
-        dogs = populate(school, 10, 2)
-        publisher = ManualPublisher(kafka_config, topic, "DogSchool", partitions)
-        messages = publisher.messages(notifications(school))
-        ends = {m[3]: i for i, m in enumerate(messages)}  # each partition's last message
-        publisher.send([m for i, m in enumerate(messages) if i not in ends.values()])
-        consumer = adapter(mirror, topic, kafka_config, upstream_env=postgres_db.env)
-        consumer.tuning.trailing_gap_after = 1.0
-        runs = threading.Thread(target=consumer.run)
-        runs.start()
-        try:
-            deadline = time.monotonic() + 30
-            while mirror.recorder.max_notification_id() != 30:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
-        finally:
-            consumer.stop()
-            runs.join(30)
-        verify_mirror(school, mirror, dogs)
-        status = consumer.status()
-        assert status.reconciled_events == len(ends) and status.processed == 30
+        deadline = time.monotonic() + 30
+        while mirror.recorder.max_notification_id() != 30:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
     finally:
-        mirror.close()
+        consumer.stop()
+        runs.join(30)
+    verify_mirror(school, mirror, dogs)
+    status = consumer.status()
+    assert status.reconciled_events == len(ends) and status.processed == 30
 
 
-@pytest.mark.parametrize("log", [False, True], ids=["no-log", "upstream-log"])
 def test_a_consumer_started_past_the_relay_s_messages_is_not_silent(
     school: DogSchool,
+    mirror: Mirror,
     postgres_db: Any,
     create_topic: Any,
     kafka_config: dict[str, Any],
-    log: bool,
+    upstream_env: Any,
 ) -> None:
     """Offsets set to the end by another tool: the relay's position topic (no log) or the
     upstream log shows that the partitions' events never arrived."""
-    mirror = Mirror(env=postgres_db.env)
-    try:
-        topic = create_topic(partitions=PARTITIONS)
-        dogs = populate(school, 10, 2)
-        relay = Relay("DogSchool", kafka_config=kafka_config, topic=topic, env=school.env)
-        assert publish_and_close(relay) == 30
-        probe = Consumer({**kafka_config, "group.id": f"{topic}.g"})
-        ends = [
-            TopicPartition(topic, p, probe.get_watermark_offsets(TopicPartition(topic, p))[1])
-            for p in range(PARTITIONS)
-        ]
-        probe.commit(offsets=ends, asynchronous=False)  # no esbridge metadata: trusted
-        probe.close()
-        consumer = adapter(
-            mirror,
-            topic,
-            kafka_config,
-            upstream_env=postgres_db.env if log else None,
-            trailing_gap_after=1.0,
-            hold_timeout=5.0,
-        )
-        if log:
-            consume_rest(mirror, topic, kafka_config, postgres_db.env, 30)
-            verify_mirror(school, mirror, dogs)
-            return
-        failure: list[BaseException] = []
+    topic = create_topic(partitions=PARTITIONS)
+    dogs = populate(school, 10, 2)
+    relay = Relay("DogSchool", kafka_config=kafka_config, topic=topic, env=school.env)
+    assert publish_and_close(relay) == 30
+    probe = Consumer({**kafka_config, "group.id": f"{topic}.g"})
+    ends = [
+        TopicPartition(topic, p, probe.get_watermark_offsets(TopicPartition(topic, p))[1])
+        for p in range(PARTITIONS)
+    ]
+    probe.commit(offsets=ends, asynchronous=False)  # no esbridge metadata: trusted
+    probe.close()
+    consumer = adapter(
+        mirror,
+        topic,
+        kafka_config,
+        upstream_env=upstream_env,
+        trailing_gap_after=1.0,
+        hold_timeout=5.0,
+    )
+    if upstream_env is not None:
+        consume_rest(mirror, topic, kafka_config, postgres_db.env, 30)
+        verify_mirror(school, mirror, dogs)
+        return
+    failure: list[BaseException] = []
 
-        def run() -> None:
-            try:
-                consumer.run()
-            except BaseException as e:
-                failure.append(e)
+    def run() -> None:
+        try:
+            consumer.run()
+        except BaseException as e:
+            failure.append(e)
 
-        runs = threading.Thread(target=run)
-        runs.start()
-        deadline = time.monotonic() + 20
-        while len(held := consumer.status().held_partitions) < PARTITIONS:
-            assert time.monotonic() < deadline and runs.is_alive(), failure
-            time.sleep(0.1)
-        assert all("published by the relay, not on the topic" in h.missing for h in held)
-        runs.join(30)
-        [error] = failure  # once held for longer than hold_timeout
-        assert isinstance(error, GapNotReconciledError)
-        assert "published notifications up to" in str(error)
-        assert positions(mirror) == [0, 0, 0]
-    finally:
-        mirror.close()
+    runs = threading.Thread(target=run)
+    runs.start()
+    deadline = time.monotonic() + 20
+    while len(held := consumer.status().held_partitions) < PARTITIONS:
+        assert time.monotonic() < deadline and runs.is_alive(), failure
+        time.sleep(0.1)
+    assert all("published by the relay, not on the topic" in h.missing for h in held)
+    runs.join(30)
+    [error] = failure  # once held for longer than hold_timeout
+    assert isinstance(error, GapNotReconciledError)
+    assert "published notifications up to" in str(error)
+    assert positions(mirror) == [0, 0, 0]

@@ -37,20 +37,6 @@ PARTITIONS = 3
 Message = tuple[bytes, bytes, list[tuple[str, bytes]], int]
 
 
-@pytest.fixture
-def school(postgres_db: Any) -> Any:
-    app = DogSchool(env=postgres_db.env)
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def mirror(postgres_db: Any) -> Any:
-    app = Mirror(env=postgres_db.env)
-    yield app
-    app.close()
-
-
 def forged(message: Message, **headers: str) -> Message:
     """``message`` with some header values replaced (``esb_nid=...``, ``esb_app=...``)."""
     key, value, old, partition = message
@@ -111,14 +97,12 @@ def assert_exact(school: DogSchool, mirror: Mirror, dogs: Any, genuine: list[Mes
     assert mirror.recorder.max_notification_id() == 12 + 12 * 3  # one event an upstream event
 
 
-@pytest.mark.parametrize("log", [False, True], ids=["no-log", "upstream-log"])
 def test_an_undecodable_message_with_a_bogus_high_id_moves_no_position(
     school: DogSchool,
     mirror: Mirror,
     create_topic: Any,
     kafka_config: dict[str, Any],
-    postgres_db: Any,
-    log: bool,
+    upstream_env: Any,
 ) -> None:
     topic = create_topic(partitions=PARTITIONS)
     dogs, publisher, messages = setup(school, kafka_config, topic)
@@ -126,21 +110,19 @@ def test_an_undecodable_message_with_a_bogus_high_id_moves_no_position(
     bogus = forged(victim, esb_nid="1000", esb_prev_nid="0")
     bogus = (bogus[0], b"\xff\x00 not an event", bogus[2], bogus[3])
     publisher.send([*messages[:15], bogus, *messages[15:]])
-    status = consume(mirror, topic, kafka_config, postgres_db.env if log else None)
+    status = consume(mirror, topic, kafka_config, upstream_env)
     assert_exact(school, mirror, dogs, messages)
     [letter] = parked(mirror)
     assert (letter.reason, letter.nid, letter.tracking_name) == (REASON_FOREIGN, 1000, None)
     assert status.processed == len(messages) and status.held_partitions == []
 
 
-@pytest.mark.parametrize("log", [False, True], ids=["no-log", "upstream-log"])
 def test_a_forged_decodable_message_is_not_applied(
     school: DogSchool,
     mirror: Mirror,
     create_topic: Any,
     kafka_config: dict[str, Any],
-    postgres_db: Any,
-    log: bool,
+    upstream_env: Any,
 ) -> None:
     topic = create_topic(partitions=PARTITIONS)
     dogs, publisher, messages = setup(school, kafka_config, topic)
@@ -150,7 +132,7 @@ def test_a_forged_decodable_message_is_not_applied(
     copy = next(m for m in messages[30:] if m[3] != last[3])
     fake = forged(copy, esb_nid="48", esb_prev_nid="0")
     publisher.send([*messages[:28], fake, *messages[28:]])
-    consume(mirror, topic, kafka_config, postgres_db.env if log else None)
+    consume(mirror, topic, kafka_config, upstream_env)
     assert_exact(school, mirror, dogs, messages)
     [letter] = parked(mirror)
     assert (letter.reason, letter.nid, letter.tracking_name) == (REASON_FOREIGN, 48, None)
