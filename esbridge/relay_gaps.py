@@ -78,11 +78,12 @@ class GapGuard:
             writers=sql.SQL(_WRITERS).format(table=qualified),
         )
         self._poll = sql.SQL(
-            "SELECT count(*) FROM ({writers}) w WHERE virtualtransaction = ANY(%s)"
+            "SELECT count(*), array_agg(DISTINCT pid) FILTER (WHERE pid IS NOT NULL) "
+            "FROM ({writers}) w WHERE virtualtransaction = ANY(%s)"
         ).format(writers=sql.SQL(_WRITERS).format(table=qualified))
         #: Every gap at or below this id is final (no transaction can fill it any more).
         self.settled = 0
-        self._waiting: tuple[int, list[str], list[int]] | None = None  # bound, vxids, pids
+        self._waiting: tuple[int, list[str]] | None = None  # bound, transactions
         self._waiting_since = 0.0
         self._warned = 0.0
         self._gaps: list[tuple[int, int]] = []  # unsettled gaps seen at the last cut
@@ -112,20 +113,21 @@ class GapGuard:
         """False while the transactions a gap waits for are still in progress."""
         if self._waiting is None:
             return True
-        bound, vxids, pids = self._waiting
-        if self._query(self._poll, (vxids,))[0]:
+        bound, vxids = self._waiting
+        in_progress, pids = self._query(self._poll, (vxids,))
+        if in_progress:
             now = time.monotonic()
             if now - self._warned >= STILL_WAITING_WARNING:
                 self._warned = now
                 log.warning(
                     "relay %s: still waiting, after %.0f s, for transactions writing to %s "
-                    "(Postgres pids %s) that may commit notification ids below %d; the relay "
-                    "publishes nothing past the gap until they commit or roll back",
+                    "(Postgres pids %s), which may commit notification ids %s; the relay "
+                    "publishes nothing past them until those transactions commit or roll back",
                     self.app,
                     now - self._waiting_since,
                     self.table,
-                    ", ".join(map(str, pids)),
-                    bound,
+                    ", ".join(map(str, sorted(pids or ()))),
+                    _ranges(self._gaps),
                 )
             return False
         self._waiting = None
@@ -174,7 +176,7 @@ class GapGuard:
         if not vxids:
             self.settled = max(self.settled, bound)
             return True
-        self._waiting = (bound, vxids, pids)
+        self._waiting = (bound, vxids)
         self._waiting_since = self._warned = time.monotonic()
         self.metrics.gap_waits.inc()
         gaps = self._gaps

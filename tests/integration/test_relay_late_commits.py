@@ -9,6 +9,7 @@ that id anyway, once and in order, and must not stall on one that rolls back.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -20,6 +21,7 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
+from esbridge import relay_gaps
 from esbridge.relay import Relay
 from tests.integration.relay_support import (
     APP_NAME,
@@ -86,14 +88,17 @@ def counter(registry: CollectorRegistry, name: str, topic: str) -> float | None:
 
 
 def hold_while_others_commit(
-    postgres_db: Any, relay: Relay, writer: Any, finish: str
+    postgres_db: Any, relay: Relay, writer: Any, finish: str, held_pid: list[int] | None = None
 ) -> tuple[int, int, float]:
     """The issue's sequence: an id allocated and held open while other writers commit
     higher ids and the relay runs; then ``finish`` ("commit" or "rollback") the held one.
 
-    Returns (the held id, the highest id, seconds from finishing it to the relay at that id).
+    Returns (the held id, the highest id, seconds from finishing it to the relay at that id);
+    appends the holding session's Postgres pid to ``held_pid``.
     """
     with held_insert(postgres_db.dsn) as (conn, held):
+        if held_pid is not None:
+            held_pid.append(conn.info.backend_pid)
         write_events(writer, 60, per_save=6)
         top = db_ids(postgres_db.dsn)[-1][0]
         assert top > held + 50
@@ -162,9 +167,13 @@ def select_only_role(postgres_db: Any) -> Iterator[dict[str, str]]:
 
 
 def test_a_held_insert_that_rolls_back_leaves_a_gap_that_does_not_stall(
-    postgres_db, kafka_config, create_topic
+    postgres_db, kafka_config, create_topic, caplog, monkeypatch
 ):
-    """Also: a relay whose role may only SELECT the events table does all this."""
+    """Also: a relay whose role may only SELECT the events table does all this, and a
+    long wait names the session that holds it up."""
+    monkeypatch.setattr(relay_gaps, "STILL_WAITING_WARNING", 0.5)
+    caplog.set_level(logging.WARNING, logger="esbridge.relay_gaps")
+    held_pid: list[int] = []
     writer = lockless_writer(postgres_db.env)
     write_events(writer, 20, accounts=10)
     topic = create_topic(partitions=PARTITIONS)
@@ -180,13 +189,27 @@ def test_a_held_insert_that_rolls_back_leaves_a_gap_that_does_not_stall(
         )
         with running(relay):
             wait_for(lambda: relay.status().position == 20, "relay never published the first 20")
-            held, _top, after = hold_while_others_commit(postgres_db, relay, writer, "rollback")
-            assert after < 2.0, f"{after:.2f} s to move past a rolled-back gap"
+            held, _top, after = hold_while_others_commit(
+                postgres_db, relay, writer, "rollback", held_pid
+            )
+            assert after < 1.0, f"{after:.2f} s to move past a rolled-back gap"
     expected = db_ids(postgres_db.dsn)
     assert len(expected) == 80 and held not in {e[0] for e in expected}
     check_exactly_once_in_order(read_all(kafka_config, topic, 80), expected, PARTITIONS)
     assert counter(registry, "late_commits", topic) == 0.0
     assert counter(registry, "gap_waits", topic) == 1.0
+    still = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
+    assert still, "no warning about the transaction holding the relay at the gap"
+    assert all(
+        re.fullmatch(
+            rf"relay {APP_NAME}: still waiting, after \d+ s, for transactions writing to "
+            rf"public\.ledger_events \(Postgres pids {held_pid[0]}\), which may commit "
+            rf"notification ids {held}; the relay publishes nothing past them until those "
+            "transactions commit or roll back",
+            message,
+        )
+        for message in still
+    ), still
 
 
 def test_a_gap_without_writers_in_progress_costs_no_wait(postgres_db, kafka_config, create_topic):
