@@ -109,6 +109,11 @@ class GapGuard:
         """True while a gap waits for transactions in progress (the relay polls briefly)."""
         return self._waiting is not None
 
+    @property
+    def gaps(self) -> list[tuple[int, int]]:
+        """The unsettled gaps (first, last id) seen at the last cut, not yet read again."""
+        return list(self._gaps)
+
     def ready(self) -> bool:
         """False while the transactions a gap waits for are still in progress."""
         if self._waiting is None:
