@@ -9,6 +9,7 @@ that id anyway, once and in order, and must not stall on one that rolls back.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import threading
 import time
@@ -228,3 +229,45 @@ def test_a_gap_without_writers_in_progress_costs_no_wait(postgres_db, kafka_conf
     check_exactly_once_in_order(read_all(kafka_config, topic, 60), expected, 1)
     assert counter(registry, "gap_waits", topic) == 0.0
     assert counter(registry, "late_commits", topic) == 0.0
+
+
+def test_lock_free_writers_and_held_inserts_each_published_once(
+    postgres_db, kafka_config, create_topic
+):
+    """Three lock-free writers at once, and inserts held open for 0.1-0.5 s that commit
+    (or, one in three, roll back) while the others write: every committed id once, in order."""
+    writer = lockless_writer(postgres_db.env)
+    write_events(writer, 1, accounts=1)  # creates the tables and the insert function
+    topic = create_topic(partitions=PARTITIONS)
+    registry = CollectorRegistry()
+    relay = ledger_relay(postgres_db, kafka_config, topic, registry=registry, linger=0)
+    rng = random.Random(30)
+    held_outcomes: list[str] = []
+
+    def holder() -> None:
+        for i in range(12):
+            with held_insert(postgres_db.dsn) as (conn, _nid):
+                time.sleep(rng.uniform(0.1, 0.5))
+                outcome = "rollback" if i % 3 == 2 else "commit"
+                getattr(conn, outcome)()
+                held_outcomes.append(outcome)
+
+    writers = [lockless_writer(postgres_db.env) for _ in range(3)]  # one at a time: DDL
+    threads = [
+        threading.Thread(target=write_events, args=(w, 300), kwargs={"per_save": 3, "rate": 100})
+        for w in writers
+    ]
+    threads.append(threading.Thread(target=holder))
+    with running(relay):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        top = db_ids(postgres_db.dsn)[-1][0]
+        wait_for(lambda: relay.status().position == top, "relay never caught up")
+    assert held_outcomes.count("commit") == 8
+    expected = db_ids(postgres_db.dsn)
+    assert len(expected) == 1 + 900 + 8
+    check_exactly_once_in_order(read_all(kafka_config, topic, len(expected)), expected, PARTITIONS)
+    late = counter(registry, "late_commits", topic)
+    assert late is not None and late >= 1  # held ids committed after higher ones
