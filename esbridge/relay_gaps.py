@@ -36,6 +36,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from esbridge.relay_metrics import RelayMetrics
+from esbridge.relay_reader import postgres_events_table
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +98,8 @@ class GapGuard:
         Other recorders (in memory, SQLite) serialise their writers in the process
         or the database file: their ids commit in order.
         """
-        datastore = getattr(recorder, "datastore", None)
-        table = getattr(recorder, "events_table_name", None)
-        schema = getattr(datastore, "schema", None)
-        if datastore is None or not table or not schema or not hasattr(datastore, "get_connection"):
-            return None
-        return cls(app, datastore, schema, table, metrics)
+        found = postgres_events_table(recorder)
+        return None if found is None else cls(app, *found, metrics)
 
     @property
     def waiting(self) -> bool:
