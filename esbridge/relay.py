@@ -301,9 +301,11 @@ class Relay:
     def publish_available(self) -> int:
         """Publish everything in the log now and return.
 
-        The number of notifications published (payload mode) or of prompts
-        sent (prompt mode). Sets up the relay on first use; call
-        :meth:`close` when done.
+        Up to a gap that a transaction in progress may still fill, if any
+        (:mod:`esbridge.relay_gaps`): a later call publishes the rest. The
+        number of notifications published (payload mode) or of prompts sent
+        (prompt mode). Sets up the relay on first use; call :meth:`close`
+        when done.
         """
         self.prepare(self.tuning.connect_timeout or 60.0)
         total = 0
