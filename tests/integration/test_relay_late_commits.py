@@ -271,3 +271,25 @@ def test_lock_free_writers_and_held_inserts_each_published_once(
     check_exactly_once_in_order(read_all(kafka_config, topic, len(expected)), expected, PARTITIONS)
     late = counter(registry, "late_commits", topic)
     assert late is not None and late >= 1  # held ids committed after higher ones
+
+
+def test_publish_available_stops_at_a_held_gap_and_a_later_call_publishes_the_rest(
+    postgres_db, kafka_config, create_topic
+):
+    writer = lockless_writer(postgres_db.env)
+    write_events(writer, 10, accounts=5)
+    topic = create_topic(partitions=1)
+    relay = ledger_relay(postgres_db, kafka_config, topic)
+    try:
+        with held_insert(postgres_db.dsn) as (conn, held):
+            write_events(writer, 15, per_save=5)
+            assert relay.publish_available() == 10  # up to the held id (11), not past it
+            assert relay.status().position == held - 1 == 10
+            conn.commit()
+        assert relay.publish_available() == 16  # the held id, then the 15 above it
+    finally:
+        relay.close()
+    expected = db_ids(postgres_db.dsn)
+    records = read_all(kafka_config, topic, 26)
+    assert [int(r.headers["esb_nid"]) for r in records] == [e[0] for e in expected]
+    check_exactly_once_in_order(records, expected, 1)
