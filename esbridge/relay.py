@@ -13,11 +13,12 @@ Two modes:
 
 The relay only reads the application's database (it creates and writes
 nothing there). It wakes on the recorder's ``NOTIFY`` (:class:`LogWaker`)
-and polls every ``poll_interval`` seconds as a fallback. Because the
-``eventsourcing`` Postgres recorder serialises writers with a table lock,
-notification ids commit in increasing order: reading "ids greater than my
-position" never passes over an id that commits later, and a gap left by a
-rolled-back insert is simply never filled — the relay does not wait for it.
+and polls every ``poll_interval`` seconds as a fallback. The ``eventsourcing``
+Postgres recorder serialises writers with a table lock, so notification ids
+commit in increasing order, and a gap is a rolled-back insert that never
+fills. Writers that skip the lock may commit an id after higher ones: the
+relay never publishes past a gap while a transaction that may fill it is in
+progress (:mod:`esbridge.relay_gaps`), so it passes over no id in either case.
 
 Memory stays bounded whatever the backlog: one page of notifications at a
 time in Python, and librdkafka's bounded queue (``produce`` waits when it is
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 import threading
 import time
@@ -60,6 +62,7 @@ from esbridge.notification_log import (
 )
 from esbridge.partitioning import partition_for_key
 from esbridge.postgres_retry import TRANSIENT_ERRORS, connection_diagnosis
+from esbridge.relay_gaps import GapGuard, guarded_pages
 from esbridge.relay_lease import DEFAULT_EXPIRY, check_expiry
 from esbridge.relay_messages import Encoder, PayloadEncoder, content_type_for
 from esbridge.relay_metrics import RelayMetrics
@@ -80,6 +83,12 @@ log = logging.getLogger(__name__)
 PAYLOADS = "payloads"
 PROMPTS = "prompts"
 MODES = (PAYLOADS, PROMPTS)
+
+#: Seconds between the checks whether a gap's writers ended (instead of ``poll_interval``).
+GAP_POLL = 0.05
+
+_row_id = operator.itemgetter(0)
+_notification_id = operator.attrgetter("id")
 
 
 @dataclass(frozen=True)
@@ -210,6 +219,7 @@ class Relay:
         self._position = 0
         self._upstream_max = 0
         self._recorder: ApplicationRecorder | None = None
+        self._gap_guard: GapGuard | None = None
         self._tenure = Tenure(
             self.relay_id,
             app_name,
@@ -297,9 +307,11 @@ class Relay:
     def publish_available(self) -> int:
         """Publish everything in the log now and return.
 
-        The number of notifications published (payload mode) or of prompts
-        sent (prompt mode). Sets up the relay on first use; call
-        :meth:`close` when done.
+        Up to a gap that a transaction in progress may still fill, if any
+        (:mod:`esbridge.relay_gaps`): a later call publishes the rest. The
+        number of notifications published (payload mode) or of prompts sent
+        (prompt mode). Sets up the relay on first use; call :meth:`close`
+        when done.
         """
         self.prepare(self.tuning.connect_timeout or 60.0)
         total = 0
@@ -368,6 +380,7 @@ class Relay:
         connection_diagnosis(self.app, self.env)()  # now, not after the pool's timeout
         recorder = open_recorder(self.app, self.env)
         self._upstream_max = recorder.max_notification_id() or 0
+        self._gap_guard = GapGuard.for_recorder(self.app, recorder, self.metrics)
         return recorder
 
     def _check_topics(self, timeout: float | None) -> int:
@@ -498,6 +511,9 @@ class Relay:
     def _idle_wait(self) -> float:
         if self.mode == PROMPTS:
             return min(self.tuning.poll_interval, self.tuning.prompt_repeat)
+        guard = self._gap_guard
+        if guard is not None and guard.waiting:
+            return min(self.tuning.poll_interval, GAP_POLL)  # a rollback sends no NOTIFY
         return self.tuning.poll_interval
 
     def _step_with_retries(self) -> int:
@@ -605,17 +621,29 @@ class Relay:
 
         Without an encoder hook, pages are rows produced by the encoder's fast
         loop (:meth:`~esbridge.relay_messages.PayloadEncoder.produce_rows`);
-        with a hook, notifications are read and encoded one by one.
+        with a hook, notifications are read and encoded one by one. Either way
+        the pages end before a gap that may still fill (:mod:`esbridge.relay_gaps`).
         """
         publisher = self._publisher
         assert publisher is not None
         page_size = self.tuning.page_size
+        guard = self._gap_guard
         if self.encoder_hook is not None:
-            for notifications in read_pages(recorder, after, page_size=page_size):
+            for notifications in guarded_pages(
+                lambda start: read_pages(recorder, start, page_size=page_size),
+                after,
+                guard,
+                _notification_id,
+            ):
                 publisher.add(notifications)
                 yield notifications[-1].id
             return
-        pages = read_pages_for_publishing(recorder, after, page_size=page_size)
+        pages = guarded_pages(
+            lambda start: read_pages_for_publishing(recorder, start, page_size=page_size),
+            after,
+            guard,
+            _row_id,
+        )
         try:
             for rows in pages:
                 publisher.add_rows(rows)

@@ -26,6 +26,8 @@ class _Family:
     batch_size: Histogram
     prompts: Counter
     active: Gauge
+    gap_waits: Counter
+    late_commits: Counter
 
 
 def _build(registry: CollectorRegistry) -> _Family:
@@ -53,6 +55,14 @@ def _build(registry: CollectorRegistry) -> _Family:
             "active",
             "1 while the relay publishes (holding its lease, or taking none), 0 while it stands by",
         ),
+        gap_waits=make.counter(
+            "gap_waits",
+            "Gaps at which the relay waited for transactions writing to the events table",
+        ),
+        late_commits=make.counter(
+            "late_commits",
+            "Notifications that committed after higher ids (found in a gap the relay waited at)",
+        ),
     )
 
 
@@ -75,6 +85,8 @@ class RelayMetrics:
         self.batch_size = family.batch_size.labels(**labels)
         self.prompts = family.prompts.labels(**labels)
         self.active = family.active.labels(**labels)
+        self.gap_waits = family.gap_waits.labels(**labels)
+        self.late_commits = family.late_commits.labels(**labels)
 
     def error(self, kind: str) -> None:
         self._errors.labels(kind=kind, **self._labels).inc()

@@ -38,12 +38,21 @@ from esbridge.relay_messages import Row
 PAGES_PER_CONNECTION = 16
 
 
-def _fast_query(recorder: ApplicationRecorder) -> Any | None:
+def postgres_events_table(recorder: ApplicationRecorder) -> tuple[Any, str, str] | None:
+    """(datastore, schema, table) of ``eventsourcing``'s Postgres recorder; None for others."""
     datastore = getattr(recorder, "datastore", None)
     table = getattr(recorder, "events_table_name", None)
     schema = getattr(datastore, "schema", None)
     if datastore is None or not table or not schema or not hasattr(datastore, "get_connection"):
         return None
+    return datastore, schema, table
+
+
+def _fast_query(recorder: ApplicationRecorder) -> Any | None:
+    found = postgres_events_table(recorder)
+    if found is None:
+        return None
+    _, schema, table = found
     return sql.SQL(
         "SELECT notification_id, convert_to(originator_id::text, 'UTF8'), originator_version, "
         "convert_to(topic, 'UTF8'), state FROM {}.{} "
