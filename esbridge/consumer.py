@@ -59,7 +59,7 @@ from eventsourcing.persistence import ApplicationRecorder, Notification, Trackin
 from eventsourcing.system import Follower
 from prometheus_client import CollectorRegistry
 
-from esbridge import gc_pause, wire
+from esbridge import gc_pause, partition_flow, wire
 from esbridge.batch_commit import Abandoned, BatchCommitter, ConsumerCounts
 from esbridge.consumer_metrics import ConsumerMetrics
 from esbridge.deadletter import REASON_FOREIGN, REASON_MALFORMED
@@ -190,6 +190,7 @@ class _Tuning:
     dlq_refresh: float = 2.0
     connect_timeout: float | None = None
     pause_gc: bool = True
+    fair_partitions: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -206,7 +207,9 @@ class ConsumerAdapter:
     ``retry_backoff`` (0.2 s, doubling) for a failing policy, ``page_size``
     (log reads), ``prompt_interval`` (1 s), ``park_behind`` (True), ``pause_gc``
     (True: Python's cyclic garbage collector waits while a batch is processed,
-    see :func:`~esbridge.gc_pause.gc_paused`),
+    see :func:`~esbridge.gc_pause.gc_paused`), ``fair_partitions`` (True: smaller
+    fetches per partition, so no partition waits long behind the others' backlog,
+    see :mod:`~esbridge.partition_flow`),
     ``topic_timeout`` (how long to wait for the topic to exist),
     ``connect_timeout`` (how long to wait for an unreachable Postgres or
     broker at start-up; None, the default, waits for ever, logging each retry),
@@ -389,6 +392,8 @@ class ConsumerAdapter:
             }
         )
         config.setdefault("auto.offset.reset", "earliest")
+        if self.tuning.fair_partitions:  # bounds a partition's wait behind the others
+            config = partition_flow.fair_fetch_config(config)
         for key in ("transactional.id", "enable.idempotence", "linger.ms", "acks"):
             config.pop(key, None)
         consumer = Consumer(kafka_client_config(config))
