@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from confluent_kafka import Consumer, Producer
 
-from bench.consume import check_counts, fresh_env, partition_ends, populate
+from bench.consume import check_counts, drain, fresh_env, partition_ends, populate
 from esbridge.consumer import ConsumerAdapter
 from esbridge.partition_flow import Sample, longest_stalls
 from esbridge.relay import Relay
@@ -64,9 +64,19 @@ def lag_curves(samples: list[Sample], ends: list[int], starts: list[int]) -> lis
     return curves
 
 
+def drain_seconds(samples: list[Sample], ends: list[int]) -> float:
+    """From the first progress to the sample in which every partition was at its end."""
+    started = next(t for t, pos in samples if any(pos))
+    return (
+        next(t for t, pos in samples if all(p >= e for p, e in zip(pos, ends, strict=True)))
+        - started
+    )
+
+
 def report(label: str, samples: list[Sample], ends: list[int], starts: list[int]) -> float:
     waits = longest_stalls(samples, ends)
-    print(f"  {label}: {samples[-1][0]:.1f} s, worst wait per partition: "
+    print(f"  {label}: {samples[-1][0]:.1f} s ({drain_seconds(samples, ends):.1f} s from the "
+          "first progress to the end), worst wait per partition: "
           + ", ".join(f"p{p} {w:.1f} s" for p, w in enumerate(waits)))  # fmt: skip
     for p, curve in enumerate(lag_curves(samples, ends, starts)):
         print(f"    p{p} backlog left (%), each tenth of the run: {curve}")
@@ -130,8 +140,9 @@ def adapter_run(
     ends: dict[str, int],
     expected: int,
     fair: bool,
-) -> tuple[float, float]:
-    """(worst wait, events/s) of one adapter draining the topic; positions sampled every 20 ms."""
+) -> tuple[float, float, float]:
+    """(worst wait, whole-call events/s, draining events/s) of one adapter; positions sampled
+    every 20 ms. Draining: from the first progress until every partition is at its end."""
     counters = Counters(env=env)
     adapter = ConsumerAdapter(
         counters, upstream="DogSchool", topic=topic, kafka_config=kafka, group_id=group,
@@ -149,13 +160,8 @@ def adapter_run(
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    processed = 0
     try:
-        while processed < expected:
-            got = adapter.process_available(timeout=300)
-            processed += got
-            if got == 0:
-                break
+        processed = drain(adapter, expected, timeout=300)
         seconds = time.perf_counter() - started
     finally:
         done.set()
@@ -164,7 +170,9 @@ def adapter_run(
         counters.close()
     assert processed == expected, (processed, expected)
     label = "esbridge, flow control " + ("on" if fair else "off")
-    return report(label, samples, list(ends.values()), [0] * PARTITIONS), processed / seconds
+    last = list(ends.values())
+    wait = report(label, samples, last, [0] * PARTITIONS)
+    return wait, processed / seconds, processed / drain_seconds(samples, last)
 
 
 def main() -> int:
@@ -181,6 +189,7 @@ def main() -> int:
     kafka_broker = make_kafka()
     waits: dict[str, list[float]] = {"plain": [], "off": [], "on": []}
     rates: dict[str, list[float]] = {"off": [], "on": []}
+    drains: dict[str, list[float]] = {"off": [], "on": []}
     try:
         kafka = kafka_broker.config()
         if args.skip != "plain":
@@ -206,14 +215,16 @@ def main() -> int:
                 )
             if args.skip == "esbridge":
                 continue
-            for fair, key in ((False, "off"), (True, "on")):
+            sides = [(False, "off"), (True, "on")]
+            for fair, key in sides if run % 2 else sides[::-1]:  # each side first in turn
                 env = fresh_env(postgres, upstream)
-                wait, rate = adapter_run(
+                wait, rate, draining = adapter_run(
                     env, events_topic, kafka, f"bench-{key}-{run}", ends, total, fair
                 )
                 check_counts(env, upstream)
                 waits[key].append(wait)
                 rates[key].append(rate)
+                drains[key].append(draining)
         print("MEDIAN worst per-partition wait:")
         median = {k: statistics.median(v) for k, v in waits.items() if v}
         labels = {
@@ -225,8 +236,9 @@ def main() -> int:
             print(f"  {labels[key]}: {value:.1f} s")
         if "on" in median:
             on, off = median["on"], median["off"]
-            print(f"  whole-backlog rate: off {statistics.median(rates['off']):,.0f} events/s, "
-                  f"on {statistics.median(rates['on']):,.0f} events/s")  # fmt: skip
+            for name, figures in (("whole call", rates), ("draining", drains)):
+                print(f"  rate ({name}): off {statistics.median(figures['off']):,.0f} events/s, "
+                      f"on {statistics.median(figures['on']):,.0f} events/s")  # fmt: skip
             print(f"RATIO worst wait, before / after: {off / max(on, 1e-3):.1f}x")
             if "plain" in median:
                 print(f"RATIO worst wait, plain consumer / after: "
