@@ -147,12 +147,7 @@ def esbridge_run(
     try:
         started = time.perf_counter()
         cpu_started = time.process_time()
-        processed = 0
-        while processed < expected:
-            got = adapter.process_available(timeout=120)
-            processed += got
-            if got == 0:
-                break
+        processed = drain(adapter, expected)
         seconds = time.perf_counter() - started
         cpu = time.process_time() - cpu_started
     finally:
@@ -160,6 +155,17 @@ def esbridge_run(
         counters.close()
     events, span = processing_rate(sink.commits)
     return processed, events / span, processed / seconds, cpu
+
+
+def drain(adapter: ConsumerAdapter, expected: int, timeout: float = 120) -> int:
+    """Process until ``expected`` events were processed or nothing more comes; the count."""
+    processed = 0
+    while processed < expected:
+        got = adapter.process_available(timeout=timeout)
+        processed += got
+        if got == 0:
+            break
+    return processed
 
 
 def _member(

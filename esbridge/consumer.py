@@ -59,7 +59,7 @@ from eventsourcing.persistence import ApplicationRecorder, Notification, Trackin
 from eventsourcing.system import Follower
 from prometheus_client import CollectorRegistry
 
-from esbridge import gc_pause, wire
+from esbridge import gc_pause, partition_flow, wire
 from esbridge.batch_commit import Abandoned, BatchCommitter, ConsumerCounts
 from esbridge.consumer_metrics import ConsumerMetrics
 from esbridge.deadletter import REASON_FOREIGN, REASON_MALFORMED
@@ -195,6 +195,7 @@ class _Tuning:
     dlq_refresh: float = 2.0
     connect_timeout: float | None = None
     pause_gc: bool = True
+    fair_partitions: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -211,7 +212,9 @@ class ConsumerAdapter:
     ``retry_backoff`` (0.2 s, doubling) for a failing policy, ``page_size``
     (log reads), ``prompt_interval`` (1 s), ``park_behind`` (True), ``pause_gc``
     (True: Python's cyclic garbage collector waits while a batch is processed,
-    see :func:`~esbridge.gc_pause.gc_paused`),
+    see :func:`~esbridge.gc_pause.gc_paused`), ``fair_partitions`` (True: smaller
+    fetches per partition, so no partition waits long behind the others' backlog,
+    see :mod:`~esbridge.partition_flow`),
     ``topic_timeout`` (how long to wait for the topic to exist),
     ``trailing_gap_after`` (10 s: how long a partition is idle before the
     upstream log, or the relay's ``position_topic``, is asked whether its
@@ -408,6 +411,8 @@ class ConsumerAdapter:
             }
         )
         config.setdefault("auto.offset.reset", "earliest")
+        if self.tuning.fair_partitions:  # bounds a partition's wait behind the others
+            config = partition_flow.fair_fetch_config(config)
         for key in ("transactional.id", "enable.idempotence", "linger.ms", "acks"):
             config.pop(key, None)
         consumer = Consumer(kafka_client_config(config))
