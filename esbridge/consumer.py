@@ -943,6 +943,11 @@ class ConsumerAdapter:
 
     def _published_to(self, partition: int) -> int:
         """The relay's last notification id on ``partition`` (0 when it cannot be read)."""
+        progress = self._relay()
+        return 0 if progress is None else progress.read().get(partition, 0)
+
+    def _relay(self) -> RelayProgress | None:
+        """The reader of the relay's position topic (None when it cannot be made)."""
         if self._relay_progress is None:
             position_topic = self.tuning.position_topic or default_position_topic(self.topic)
             try:
@@ -951,12 +956,23 @@ class ConsumerAdapter:
                 )
             except KafkaException as e:
                 log.debug("relay position topic %s not readable: %s", position_topic, e)
-                return 0
-        return self._relay_progress.read().get(partition, 0)
+        return self._relay_progress
 
     def _fill_trailing(self, part: _Partition, steps: list[Step]) -> None:
-        """Process this partition's events beyond the position from the upstream log."""
+        """Process this partition's events beyond the position from the upstream log.
+
+        Up to the log's highest id, or, when the relay's position topic is
+        readable, up to the highest id the relay published: below it the relay
+        settled every gap, so no id there can still commit (writers that skip
+        the library's table lock can commit an id after higher ids, and one
+        read past here would then arrive later as a "duplicate").
+        """
         top = self._upstream_max(part.order.position + 1)
+        progress = self._relay()
+        if progress is not None:
+            progress.read()
+            if progress.known:
+                top = min(top, progress.published)
         if top <= part.order.position:
             return
         found: list[Step] = []

@@ -30,7 +30,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from esbridge.errors import ConfigurationError, EsbridgeError, RelayPositionError
 from esbridge.kafka_access import authorization_error, raise_if_unauthorized
@@ -233,7 +240,10 @@ class RelayProgress:
     last notification id published to every partition, in the same Kafka
     transaction as those messages. This reader follows the position topic
     incrementally (``read_committed``) and keeps, per partition, the highest
-    such id of any relay of ``app`` on ``topic``.
+    such id of any relay of ``app`` on ``topic``, and the highest id published
+    at all (:attr:`published`): a relay has settled every gap below it (see
+    :mod:`esbridge.relay_gaps`), so the log's ids up to it are final even when
+    writers skip the library's table lock.
     """
 
     def __init__(
@@ -243,7 +253,10 @@ class RelayProgress:
         self.app = app
         self.topic = topic
         self.last: dict[int, int] = {}
+        self.published = 0  # the highest notification id any of them published
         self.refused = False  # no READ ACL on the position topic: it only informed
+        self._end: int | None = None  # the topic's end when first read
+        self._offset = -1  # the last offset read
         conf = {
             k: v
             for k, v in config.items()
@@ -261,32 +274,61 @@ class RelayProgress:
         )
         self._consumer.assign([TopicPartition(position_topic, 0, OFFSET_BEGINNING)])
 
-    def read(self, limit: int = 10_000) -> dict[int, int]:
-        """Read what was committed since the last call (at most ``limit`` messages)."""
+    @property
+    def known(self) -> bool:
+        """Whether the position topic could be read (it exists, and READ is allowed)."""
+        return self._end is not None and not self.refused
+
+    def read(self, limit: int = 10_000, timeout: float = 5.0) -> dict[int, int]:
+        """Read what was committed since the last call (at most ``limit`` messages a round).
+
+        The first call reads up to the end the topic had then (at most
+        ``timeout`` seconds: an open transaction of the relay holds committed
+        readers back); later calls take what has arrived.
+        """
         if self.refused:
             return self.last
-        for message in self._consumer.consume(limit, timeout=0.1):
-            value, error = message.value(), message.error()
-            if error is not None and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
-                log.warning(
-                    "no READ on the relay position topic %r: a partition whose last messages "
-                    "never arrived is not detected without the upstream log (docs/security.md)",
-                    self.position_topic,
-                )
-                self.refused = True
-                return self.last
-            if error is not None or value is None:
-                continue
+        if self._end is None:
             try:
-                data = json.loads(value)
-                if data.get("app") != self.app or data.get("topic") != self.topic:
-                    continue
-                for partition, nid in enumerate(data["last"]):
-                    if int(nid) > self.last.get(partition, 0):
-                        self.last[partition] = int(nid)
-            except (ValueError, KeyError, TypeError):
-                continue  # not a position this reader understands: it only informs
-        return self.last
+                self._end = self._consumer.get_watermark_offsets(
+                    TopicPartition(self.position_topic, 0), timeout=timeout, cached=False
+                )[1]
+            except KafkaException as e:  # no such topic: a relay without one, or not yet
+                log.debug("relay position topic %r: %s", self.position_topic, e)
+                return self.last
+        deadline = time.monotonic() + timeout
+        while True:
+            messages = self._consumer.consume(limit, timeout=0.1)
+            for message in messages:
+                self._take(message)
+            offset = messages[-1].offset() if messages else None
+            if offset is not None:
+                self._offset = offset
+            if self.refused or self._offset >= self._end - 2 or time.monotonic() > deadline:
+                return self.last
+
+    def _take(self, message: Message) -> None:
+        value, error = message.value(), message.error()
+        if error is not None and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+            log.warning(
+                "no READ on the relay position topic %r: a partition whose last messages "
+                "never arrived is not detected without the upstream log (docs/security.md)",
+                self.position_topic,
+            )
+            self.refused = True
+            return
+        if error is not None or value is None:
+            return
+        try:
+            data = json.loads(value)
+            if data.get("app") != self.app or data.get("topic") != self.topic:
+                return
+            for partition, nid in enumerate(data["last"]):
+                if int(nid) > self.last.get(partition, 0):
+                    self.last[partition] = int(nid)
+            self.published = max(self.published, int(data["nid"]))
+        except (ValueError, KeyError, TypeError):
+            return  # not a position this reader understands: it only informs
 
     def close(self) -> None:
         self._consumer.close()
