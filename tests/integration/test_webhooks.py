@@ -271,6 +271,7 @@ def test_database_down_answers_503_and_the_retry_records_once(intake, postgres_s
             r = push(url, payment_body("during"), "db-1")
             statuses.append(r.status_code)
             assert r.json()["status"] == "unavailable" and r.headers["Retry-After"] == "1"
+            assert r.json()["reason"] == "not recorded, retry later"  # no database error text
         health = httpx.get(f"{intake.ops_url}/healthz", timeout=60)
         assert (health.status_code, health.json()) == (503, {"status": "unavailable"})
         print(f"3 pushes answered 503 in {time.monotonic() - started:.1f} s")
