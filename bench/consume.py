@@ -39,12 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eventsourcing.system import SingleThreadedRunner, System
 
-from esbridge.consumer import ConsumerAdapter, tracking_names
-from esbridge.notification_log import read_pages
-from esbridge.partitioning import partition_for_key
-from esbridge.processing import ProcessApplicationSink
-from esbridge.relay import Relay
-from esbridge.system_setup import new_app
+from esbridge.consumer.adapter import ConsumerAdapter, tracking_names
+from esbridge.eventlog.notification_log import read_pages
+from esbridge.kafka.partitioning import partition_for_key
+from esbridge.processing.process_application import ProcessApplicationSink
+from esbridge.relay.relay import Relay
+from esbridge.system.setup import new_app
 from esbridge.testing import make_kafka, make_postgres
 from examples.dogschool.application import Counters, DogSchool
 from examples.dogschool.domainmodel import Counter, Dog

@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from confluent_kafka import Consumer, Producer
 
 from bench.consume import check_counts, drain, fresh_env, partition_ends, populate
-from esbridge.consumer import ConsumerAdapter
-from esbridge.partition_flow import Sample, longest_stalls
-from esbridge.relay import Relay
-from esbridge.relay_publisher import PRODUCER_DEFAULTS
+from esbridge.consumer.adapter import ConsumerAdapter
+from esbridge.consumer.partition_flow import Sample, longest_stalls
+from esbridge.relay.publisher import PRODUCER_DEFAULTS
+from esbridge.relay.relay import Relay
 from esbridge.testing import make_kafka, make_postgres
 from examples.dogschool.application import Counters
 

@@ -25,7 +25,7 @@ read would anyway fail on the version's unique constraint, never record twice
 ``--no-cache`` measures without it. The "reserved" step reads orders that the
 submitting process created, which no cache holds: esbridge's consumer learns
 that ``Reservation.Created.order_id`` names the order its policy reads and reads
-a whole batch's orders in one query (see ``esbridge.concurrent_batches``).
+a whole batch's orders in one query (see ``esbridge.processing.concurrent_batches``).
 
 To see where a worker's time goes, set ``ESBRIDGE_PROFILE_DIR`` in the
 environment: every relay and consumer thread of the worker processes then runs

@@ -36,11 +36,11 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
-from esbridge import relay_publisher
-from esbridge.logs import kafka_client_config
-from esbridge.relay import Relay
-from esbridge.relay_messages import PayloadEncoder
-from esbridge.relay_publisher import PRODUCER_DEFAULTS
+from esbridge.relay import publisher as relay_publisher
+from esbridge.relay.publisher import PRODUCER_DEFAULTS
+from esbridge.relay.relay import Relay
+from esbridge.runtime.logs import kafka_client_config
+from esbridge.wire.encoding import PayloadEncoder
 
 APP = "BenchLog"
 EVENT_BYTES = 200
@@ -131,7 +131,7 @@ def bare_run(
 
 
 def prebuilt_messages(env: dict[str, str], partitions: int, limit: int) -> list[Any]:
-    from esbridge.notification_log import open_recorder
+    from esbridge.eventlog.notification_log import open_recorder
 
     recorder = open_recorder(APP, env)
     encoder = PayloadEncoder(APP, partitions)

@@ -23,11 +23,11 @@ Two Kafka encodings (the CloudEvents Kafka protocol binding):
   attributes are ``ce_*`` headers.
 
 :class:`CloudEventsEncoder` is the relay's ``encoder`` hook (an
-:data:`esbridge.relay_messages.Encoder`): it turns a notification into (value
+:data:`esbridge.wire.encoding.Encoder`): it turns a notification into (value
 bytes, headers). Select the format per relay topic by giving one to that
 topic's relay, ``Relay(app, topic=..., encoder=CloudEventsEncoder(app, mapper))``,
 and the same one to a replay of that topic. :class:`AnalyticsPayloadEncoder` is
-the same as a drop-in :class:`~esbridge.relay_messages.PayloadEncoder` (same
+the same as a drop-in :class:`~esbridge.wire.encoding.PayloadEncoder` (same
 ``message()``) for code that builds encoders itself. Keys, partitions and the
 ``esb_*`` headers stay those of the relay, so esbridge tooling (replay, lag,
 deduplication on ``esb_nid``) works on analytics topics too.
@@ -51,7 +51,7 @@ from eventsourcing.utils import get_topic
 
 from esbridge import wire
 from esbridge.errors import MessageFormatError
-from esbridge.relay_messages import PayloadEncoder
+from esbridge.wire.encoding import PayloadEncoder
 
 Mode = Literal["structured", "binary"]
 STRUCTURED: Mode = "structured"

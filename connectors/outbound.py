@@ -57,11 +57,11 @@ from eventsourcing.domain import Aggregate, DomainEventProtocol, event
 from eventsourcing.persistence import Tracking
 from eventsourcing.system import ProcessApplication
 
-from esbridge.deadletter import REASON_POLICY, DeadLetter, DeadLetterStore
+from esbridge.deadletters.store import REASON_POLICY, DeadLetter, DeadLetterStore
 from esbridge.errors import ConfigurationError
-from esbridge.log_follower import LogWaker
-from esbridge.notification_log import close_recorder, open_recorder, read_pages
-from esbridge.processing import (
+from esbridge.eventlog.follower import LogWaker
+from esbridge.eventlog.notification_log import close_recorder, open_recorder, read_pages
+from esbridge.processing.process_application import (
     TRANSIENT_ERRORS,
     ProcessApplicationSink,
     Step,
@@ -69,7 +69,7 @@ from esbridge.processing import (
     StepFailed,
     UpstreamDecoder,
 )
-from esbridge.stop_signals import stop_on_signals
+from esbridge.runtime.signals import stop_on_signals
 from esbridge.wire import H_APP
 
 logger = logging.getLogger(__name__)
@@ -359,11 +359,13 @@ def step_identity(step: Step) -> tuple[str, int]:
 
 
 class OutboundSink:
-    """A :class:`~esbridge.processing.BatchSink` for an :class:`OutboundFollower`.
+    """A batch sink (:class:`~esbridge.processing.process_application.BatchSink`) for an
+    :class:`OutboundFollower`.
 
     Makes the batch's calls first (outside any transaction), then records all
     outcomes, the dead letters of failed calls and the tracking position in
-    one transaction through :class:`~esbridge.processing.ProcessApplicationSink`.
+    one transaction through
+    :class:`~esbridge.processing.process_application.ProcessApplicationSink`.
     """
 
     def __init__(

@@ -8,7 +8,7 @@ re-running a relay from scratch would republish everything.
 A replay reads the range from the application's notification log (read-only,
 like a relay) and publishes each notification with **exactly the key,
 partition and headers the relay gave it**: the same encoder
-(:class:`esbridge.relay_messages.PayloadEncoder`, or the analytics one), and
+(:class:`esbridge.wire.encoding.PayloadEncoder`, or the analytics one), and
 the same ``esb_prev_nid`` chain, reconstructed by reading the log backwards
 from the start of the range until every partition's previous notification is
 found. So a consumer that has already processed a replayed notification sees
@@ -36,15 +36,15 @@ from eventsourcing.persistence import ApplicationRecorder, Notification
 
 from esbridge import wire
 from esbridge.errors import ConfigurationError, EsbridgeError
-from esbridge.logs import kafka_client_config
-from esbridge.notification_log import (
+from esbridge.eventlog.notification_log import (
     open_recorder,
     read_pages,
     release_recorder,
     upstream_environment,
 )
-from esbridge.relay_messages import Encoder, PayloadEncoder, content_type_for
-from esbridge.topics import kafka_admin, partition_count
+from esbridge.kafka.topics import kafka_admin, partition_count
+from esbridge.runtime.logs import kafka_client_config
+from esbridge.wire.encoding import Encoder, PayloadEncoder, content_type_for
 
 log = logging.getLogger("esbridge.connectors.replay")
 

@@ -49,7 +49,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, TimeoutError
 from sqlalchemy.orm import Session
 
 from esbridge.errors import ConfigurationError, EsbridgeError
-from esbridge.notification_log import open_recorder, read_pages, release_recorder
+from esbridge.eventlog.notification_log import open_recorder, read_pages, release_recorder
 
 log = logging.getLogger("esbridge.connectors.projection")
 

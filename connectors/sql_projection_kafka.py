@@ -9,9 +9,9 @@ within a partition, not across), so the projection keeps one position per
 partition: tracking names ``{upstream}`` for a one-partition topic (the same
 row a log-fed runner uses, so the two feeds can be swapped) and
 ``{upstream}#{partition}/{partitions}`` otherwise: the same names an esbridge
-consumer adapter uses (:func:`esbridge.consumer.tracking_names`). Each message
+consumer adapter uses (:func:`esbridge.consumer.adapter.tracking_names`). Each message
 is checked against its partition's position with the relay's
-``esb_nid``/``esb_prev_nid`` headers (:mod:`esbridge.reconcile`): redeliveries
+``esb_nid``/``esb_prev_nid`` headers (:mod:`esbridge.consumer.reconcile`): redeliveries
 and replays are skipped, a gap (a message missing before this one) is filled
 from the upstream notification log when a ``recorder``/``env`` is given and is
 otherwise a
@@ -39,13 +39,13 @@ from eventsourcing.persistence import ApplicationRecorder, Mapper, Notification
 from sqlalchemy.engine import Engine
 
 from esbridge import wire
-from esbridge.consumer import tracking_names
+from esbridge.consumer.adapter import tracking_names
+from esbridge.consumer.reconcile import PartitionOrder
 from esbridge.errors import ConfigurationError, EsbridgeError, MessageFormatError
-from esbridge.logs import kafka_client_config
-from esbridge.notification_log import open_recorder, read_pages, release_recorder
-from esbridge.reconcile import PartitionOrder
-from esbridge.relay_messages import key_partitioner
-from esbridge.topics import kafka_admin, partition_count
+from esbridge.eventlog.notification_log import open_recorder, read_pages, release_recorder
+from esbridge.kafka.partitioning import key_partitioner
+from esbridge.kafka.topics import kafka_admin, partition_count
+from esbridge.runtime.logs import kafka_client_config
 
 log = logging.getLogger("esbridge.connectors.projection")
 
@@ -62,7 +62,7 @@ class ProjectionGapError(EsbridgeError):
 def tracking_name(upstream: str, partition: int, partitions: int) -> str:
     """The tracking row of one partition (the upstream name itself for one partition).
 
-    The consumer adapter's naming (:func:`esbridge.consumer.tracking_names`):
+    The consumer adapter's naming (:func:`esbridge.consumer.adapter.tracking_names`):
     the partition count is part of the name because an aggregate's partition
     depends on it.
     """

@@ -7,7 +7,7 @@ whole ``eventsourcing`` ``System`` that way. The test harness is the pytest
 plugin in :mod:`esbridge.testing`; connectors live in ``esbridge_connectors``.
 """
 
-from esbridge.consumer import ConsumerAdapter, ConsumerStatus, tracking_names
+from esbridge.consumer.adapter import ConsumerAdapter, ConsumerStatus, tracking_names
 from esbridge.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -24,8 +24,8 @@ from esbridge.errors import (
     RelayFencedError,
     RelayStandbyError,
 )
-from esbridge.relay import Relay, RelayStatus
-from esbridge.runner import KafkaRunner, SystemRunnerError
+from esbridge.relay.relay import Relay, RelayStatus
+from esbridge.system.runner import KafkaRunner, SystemRunnerError
 
 __all__ = [
     "BrokerUnavailable",

@@ -36,7 +36,7 @@ from eventsourcing.persistence import ApplicationRecorder
 from eventsourcing.utils import get_topic
 
 from esbridge.errors import ConfigurationError
-from esbridge.notification_log import close_recorder, open_recorder, read_pages
+from esbridge.eventlog.notification_log import close_recorder, open_recorder, read_pages
 
 SYSTEM_PATH = "examples.orders.system:system"
 APPS = ("Orders", "Reservations", "Payments")
@@ -170,7 +170,7 @@ class SystemProcesses:
     ) -> None:
         from esbridge.cli import build_parser
         from esbridge.cli.run import worker_command
-        from esbridge.supervisor import Supervisor
+        from esbridge.system.supervisor import Supervisor
 
         self.env = {**os.environ, **env, **kafka_env(kafka_config)}
         self.kafka_config = dict(kafka_config)
@@ -193,8 +193,8 @@ class SystemProcesses:
 
     def setup(self) -> None:
         """Create every application's tables and every leader's topic."""
-        from esbridge.runner import SystemTopics
-        from esbridge.system_setup import ensure_topics, setup_system
+        from esbridge.system.runner import SystemTopics
+        from esbridge.system.setup import ensure_topics, setup_system
 
         system = example("system").system
         setup_system(system, self.env)
@@ -212,12 +212,12 @@ class SystemProcesses:
     def poll(self) -> None:
         """Restart workers that died (call now and then).
 
-        Raises :class:`~esbridge.runner.SystemRunnerError` when a worker stopped on a
+        Raises :class:`~esbridge.system.runner.SystemRunnerError` when a worker stopped on a
         configuration error (restarting it cannot help).
         """
         code = self.supervisor.poll()
         if code is not None:
-            from esbridge.runner import SystemRunnerError
+            from esbridge.system.runner import SystemRunnerError
 
             raise SystemRunnerError(
                 f"a worker process exited with status {code} (its error is printed above)"
@@ -240,9 +240,9 @@ class SystemProcesses:
         return {w.name: w.exit_codes[-1] if w.exit_codes else None for w in self.supervisor.workers}
 
     def edge_statuses(self) -> list[Any]:
-        """The lag of every edge (see :mod:`esbridge.system_status`)."""
-        from esbridge.runner import SystemTopics
-        from esbridge.system_status import edge_statuses
+        """The lag of every edge (see :mod:`esbridge.system.status`)."""
+        from esbridge.system.runner import SystemTopics
+        from esbridge.system.status import edge_statuses
 
         system = example("system").system
         tracked = self.partitions if self.mode == "payloads" else 1
@@ -512,7 +512,7 @@ def run_demo(
     if env is None or kafka_config is None:
         with local_servers(out) as (local_env, local_kafka):
             return run_demo(options, env=local_env, kafka_config=local_kafka, out=out)
-    from esbridge.system_status import format_table
+    from esbridge.system.status import format_table
 
     Orders = example("application").Orders
     with SystemProcesses(

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from esbridge.errors import ConfigurationError
-from esbridge.kafka_config import (
+from esbridge.kafka.config import (
     is_client_setting,
     kafka_config_from_env,
     load_kafka_config,
     setting_to_env_name,
     suggest_setting,
 )
-from esbridge.redaction import REDACTED, redact_config, redact_line
+from esbridge.runtime.redaction import REDACTED, redact_config, redact_line
 
 SECRET = "S3cr3t-value"
 

@@ -6,7 +6,7 @@ import gc
 
 from prometheus_client import CollectorRegistry, Counter
 
-from esbridge.metrics import PerRegistry
+from esbridge.runtime.metrics import PerRegistry
 
 
 def test_a_new_registry_never_gets_the_metrics_of_a_registry_that_is_gone() -> None:

@@ -3,7 +3,7 @@ tested in tests/integration/test_consumer_fairness.py)."""
 
 from __future__ import annotations
 
-from esbridge.partition_flow import FAIR_FETCH, fair_fetch_config, longest_stalls
+from esbridge.consumer.partition_flow import FAIR_FETCH, fair_fetch_config, longest_stalls
 
 
 def test_adds_the_fair_fetch_settings_to_a_config_without_them() -> None:

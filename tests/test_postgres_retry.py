@@ -6,7 +6,7 @@ import pytest
 from eventsourcing.persistence import InterfaceError, OperationalError, ProgrammingError
 
 from esbridge.errors import ConfigurationError, PostgresUnavailableError
-from esbridge.postgres_retry import retry_unreachable
+from esbridge.runtime.postgres_retry import retry_unreachable
 
 
 class Flaky:

@@ -10,8 +10,8 @@ import logging
 
 from prometheus_client import CollectorRegistry
 
-from esbridge.relay_gaps import GapGuard
-from esbridge.relay_metrics import RelayMetrics
+from esbridge.relay.gaps import GapGuard
+from esbridge.relay.metrics import RelayMetrics
 
 
 def guard(settled: int = 0) -> tuple[GapGuard, CollectorRegistry]:

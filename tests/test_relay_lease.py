@@ -9,7 +9,7 @@ import pytest
 
 from esbridge.cli.relay import parse_tuning
 from esbridge.errors import ConfigurationError
-from esbridge.relay_lease import _sleep_unless, check_expiry, lease_key
+from esbridge.relay.lease import _sleep_unless, check_expiry, lease_key
 
 
 def test_lease_keys_never_change():

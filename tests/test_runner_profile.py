@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from esbridge.runner import PROFILE_DIR_ENV, RunningComponent
+from esbridge.system.runner import PROFILE_DIR_ENV, RunningComponent
 
 
 class _Busy:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from esbridge.system_status import EdgeStatus, format_table
+from esbridge.system.status import EdgeStatus, format_table
 
 
 def edge(positions: dict[str, int], relay: str | None) -> EdgeStatus:

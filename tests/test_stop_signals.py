@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCENARIO = """
 import os, signal, threading, time
-from esbridge.stop_signals import stop_on_signals
+from esbridge.runtime.signals import stop_on_signals
 
 stopped = threading.Event()
 if {naive}:

@@ -55,10 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``esbridge`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from esbridge.logs import configure_logging
+    from esbridge.runtime.logs import configure_logging
 
     configure_logging(args.log_level, args.log_format)
-    from esbridge.postgres_retry import TRANSIENT_ERRORS
+    from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
 
     try:
         return int(args.func(args) or 0)

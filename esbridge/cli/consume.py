@@ -26,7 +26,7 @@ from esbridge.cli.common import (
     add_metrics_options,
     load_class,
 )
-from esbridge.stop_signals import stop_on_signals
+from esbridge.runtime.signals import stop_on_signals
 
 
 def register(subparsers: Any) -> None:
@@ -89,11 +89,11 @@ def register(subparsers: Any) -> None:
 
 
 def consume(args: argparse.Namespace) -> int:
-    from esbridge.consumer import ConsumerAdapter
-    from esbridge.kafka_config import load_kafka_config
-    from esbridge.metrics import serve_metrics
-    from esbridge.postgres_retry import connection_diagnosis, retry_unreachable
-    from esbridge.system_setup import prepared_app
+    from esbridge.consumer.adapter import ConsumerAdapter
+    from esbridge.kafka.config import load_kafka_config
+    from esbridge.runtime.metrics import serve_metrics
+    from esbridge.runtime.postgres_retry import connection_diagnosis, retry_unreachable
+    from esbridge.system.setup import prepared_app
 
     follower_cls = load_class(args.follower, args.app_dir)
     upstream_cls = load_class(args.upstream_class, args.app_dir) if args.upstream_class else None

@@ -43,13 +43,13 @@ def register(subparsers: Any) -> None:
 
 
 def _follower(args: argparse.Namespace) -> Any:
-    from esbridge.applications import construct_or_close
+    from esbridge.system.applications import construct_or_close
 
     return construct_or_close(load_class(args.follower, args.app_dir), os.environ)
 
 
 def list_letters(args: argparse.Namespace) -> int:
-    from esbridge.deadletter import STATUS_PARKED, DeadLetterStore
+    from esbridge.deadletters.store import STATUS_PARKED, DeadLetterStore
 
     follower = _follower(args)
     try:
@@ -74,7 +74,7 @@ def list_letters(args: argparse.Namespace) -> int:
 
 
 def replay(args: argparse.Namespace) -> int:
-    from esbridge.dlq_replay import replay_dead_letters
+    from esbridge.deadletters.retry import replay_dead_letters
 
     follower = _follower(args)
     classes = {}

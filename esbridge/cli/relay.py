@@ -26,7 +26,7 @@ from esbridge.cli.common import (
     load_class,
 )
 from esbridge.errors import ConfigurationError
-from esbridge.stop_signals import stop_on_signals
+from esbridge.runtime.signals import stop_on_signals
 
 log = logging.getLogger("esbridge.relay")
 
@@ -109,7 +109,7 @@ def parse_tuning(items: list[str], option: str = "--set") -> dict[str, Any]:
 
     ``option`` names the command-line option in the error a wrong name gets.
     """
-    from esbridge.relay import RelayTuning
+    from esbridge.relay.relay import RelayTuning
 
     fields = RelayTuning.__dataclass_fields__
     tuning: dict[str, Any] = {}
@@ -139,9 +139,9 @@ def parse_tuning(items: list[str], option: str = "--set") -> dict[str, Any]:
 
 
 def relay_command(args: argparse.Namespace) -> int:
-    from esbridge.kafka_config import load_kafka_config
-    from esbridge.metrics import serve_metrics
-    from esbridge.relay import Relay
+    from esbridge.kafka.config import load_kafka_config
+    from esbridge.relay.relay import Relay
+    from esbridge.runtime.metrics import serve_metrics
 
     app = application_name(args.app, args.app_dir)
     topic = args.topic or f"esbridge.{app.lower()}"

@@ -57,8 +57,8 @@ def replay_command(args: argparse.Namespace) -> int:
     from esbridge_connectors.replay import Replay
 
     from esbridge.errors import ConfigurationError
-    from esbridge.kafka_config import load_kafka_config
-    from esbridge.relay_messages import Encoder
+    from esbridge.kafka.config import load_kafka_config
+    from esbridge.wire.encoding import Encoder
 
     env = dict(os.environ)
     kafka_config = load_kafka_config(args.kafka_config, env)

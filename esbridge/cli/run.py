@@ -1,12 +1,12 @@
 """``esbridge run package.module:system [--app NAME] [--workers N] [--supervise]``.
 
 Runs an ``eventsourcing`` System with Kafka as the transport (see
-:mod:`esbridge.runner`). Without ``--app`` every application runs in this
+:mod:`esbridge.system.runner`). Without ``--app`` every application runs in this
 process (threads); with ``--app NAME`` only that application's relay (if it
 leads) and consumers (one per leader it follows). ``--workers N`` starts N
 worker processes of the application that share each topic's partitions
 through one consumer group; each runs the relay too, one publishing, the
-others standing by (see :mod:`esbridge.relay_lease`). ``--supervise``
+others standing by (see :mod:`esbridge.relay.lease`). ``--supervise``
 restarts a worker that dies (kill -9 included).
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 from esbridge.cli.common import add_app_dir, add_command, add_metrics_options, use_app_dir
 from esbridge.cli.relay import parse_tuning
 from esbridge.errors import ConfigurationError
-from esbridge.stop_signals import stop_on_signals
+from esbridge.runtime.signals import stop_on_signals
 
 #: The ``esbridge`` command run by this interpreter (works without the console script on PATH).
 ESBRIDGE_COMMAND = [
@@ -124,14 +124,14 @@ def relay_modes(values: list[str]) -> str | dict[str, str]:
 
 
 def load_from_args(args: argparse.Namespace) -> Any:
-    from esbridge.runner import load_system
+    from esbridge.system.runner import load_system
 
     use_app_dir(args.app_dir)
     return load_system(args.system)
 
 
 def kafka_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    from esbridge.kafka_config import load_kafka_config
+    from esbridge.kafka.config import load_kafka_config
 
     return load_kafka_config(file=args.kafka_config)
 
@@ -154,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def setup(args: argparse.Namespace, system: Any) -> int:
-    from esbridge.runner import SystemTopics
-    from esbridge.system_setup import ensure_topics, setup_system
+    from esbridge.system.runner import SystemTopics
+    from esbridge.system.setup import ensure_topics, setup_system
 
     setup_system(system)
     names = SystemTopics(args.topic_prefix)
@@ -168,7 +168,7 @@ def setup(args: argparse.Namespace, system: Any) -> int:
 
 def run_here(args: argparse.Namespace, system: Any) -> int:
     """Run this process's share of the system until SIGTERM/SIGINT."""
-    from esbridge.runner import KafkaRunner, SystemRunnerError, run_until
+    from esbridge.system.runner import KafkaRunner, SystemRunnerError, run_until
 
     worker_index = args.worker_index or 0
     runner = KafkaRunner(
@@ -187,11 +187,11 @@ def run_here(args: argparse.Namespace, system: Any) -> int:
         and (worker_index == 0 or args.relay_options.get("standby", True) is not False),
         run_consumers=not args.relay_only,
         # A process of named applications is a worker that a supervisor restarts:
-        # its consumers join their groups as static members (see esbridge.system_parts).
+        # its consumers join their groups as static members (see esbridge.system.parts).
         worker_id=f"w{worker_index}" if args.apps else None,
     )
     if args.metrics_port:
-        from esbridge.metrics import serve_metrics
+        from esbridge.runtime.metrics import serve_metrics
 
         serve_metrics(args.metrics_port + worker_index, args.metrics_addr)
     stopping = threading.Event()
@@ -217,7 +217,7 @@ def run_here(args: argparse.Namespace, system: Any) -> int:
 
 def supervise(args: argparse.Namespace, system: Any) -> int:
     """Start (and with --supervise restart) one process per application and worker."""
-    from esbridge.supervisor import Supervisor
+    from esbridge.system.supervisor import Supervisor
 
     apps = args.apps or list(system.nodes)
     commands = {}

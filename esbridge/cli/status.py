@@ -51,8 +51,8 @@ def register(subparsers: Any) -> None:
 
 def status(args: argparse.Namespace) -> int:
     from esbridge.cli.run import load_from_args, relay_modes
-    from esbridge.runner import PROMPTS, SystemTopics, resolve_relay_modes
-    from esbridge.system_status import edge_statuses, format_table, held_gaps_from_metrics
+    from esbridge.system.runner import PROMPTS, SystemTopics, resolve_relay_modes
+    from esbridge.system.status import edge_statuses, format_table, held_gaps_from_metrics
 
     system = load_from_args(args)
     modes = resolve_relay_modes(system, relay_modes(args.mode))

@@ -195,7 +195,7 @@ class SecureKafkaBroker(LocalKafkaBroker):
         time.sleep(0.2)
 
     def _admin(self) -> Any:
-        from esbridge.topics import kafka_admin
+        from esbridge.kafka.topics import kafka_admin
 
         return kafka_admin(self.config())
 

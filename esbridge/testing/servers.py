@@ -176,7 +176,7 @@ class KafkaBroker(abc.ABC):
         """Create a topic (unique name unless given) and wait until it is usable."""
         from confluent_kafka.admin import AdminClient, NewTopic
 
-        from esbridge.topics import wait_for_leaders
+        from esbridge.kafka.topics import wait_for_leaders
 
         name = name or unique_name("t")
         admin = AdminClient(self.config())

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from esbridge.consumer import ConsumerAdapter
-from esbridge.relay import Relay
+from esbridge.consumer.adapter import ConsumerAdapter
+from esbridge.relay.relay import Relay
 from esbridge.testing.backends import chosen_backend
 from esbridge.testing.containers import require_container_engine
 from examples.user_test_suite.shop import Orders, Stock

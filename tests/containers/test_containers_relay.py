@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from esbridge.consumer import ConsumerAdapter
-from esbridge.relay import Relay
+from esbridge.consumer.adapter import ConsumerAdapter
+from esbridge.relay.relay import Relay
 from examples.dogschool.application import Counters, DogSchool
 
 TRICKS = ["roll", "sit", "fetch", "play dead"]

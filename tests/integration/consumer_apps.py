@@ -21,7 +21,7 @@ from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import Notification
 from eventsourcing.system import ProcessApplication
 
-from esbridge.relay_messages import PayloadEncoder
+from esbridge.wire.encoding import PayloadEncoder
 from examples.dogschool.application import DogSchool
 from examples.dogschool.domainmodel import Dog
 

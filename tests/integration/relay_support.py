@@ -25,7 +25,7 @@ from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
 if TYPE_CHECKING:
-    from esbridge.relay import Relay
+    from esbridge.relay.relay import Relay
 
 APP_NAME = "Ledger"
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ def ledger_relay(
     postgres_db: Any, kafka_config: dict[str, Any], topic: str, **options: Any
 ) -> Relay:
     """A relay of the ledger's log in ``postgres_db`` to ``topic`` (``options`` as Relay takes)."""
-    from esbridge.relay import Relay  # not at the top: the writer subprocess does not need it
+    from esbridge.relay.relay import Relay  # not at the top: the writer subprocess does not need it
 
     return Relay(APP_NAME, kafka_config=kafka_config, topic=topic, env=postgres_db.env, **options)
 
@@ -200,8 +200,8 @@ def read_all(
 
 
 def lease_holder(dsn: str, relay_id: str) -> str | None:
-    """Who holds ``relay_id``'s lease (:func:`esbridge.relay_lease.lease_holder`), if any."""
-    from esbridge.relay_lease import lease_holder as holder
+    """Who holds ``relay_id``'s lease (:func:`esbridge.relay.lease.lease_holder`), if any."""
+    from esbridge.relay.lease import lease_holder as holder
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         return holder(conn, relay_id)

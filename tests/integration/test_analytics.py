@@ -43,7 +43,7 @@ from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import Transcoder, Transcoding
 
 from esbridge.errors import MessageFormatError
-from esbridge.relay import Relay
+from esbridge.relay.relay import Relay
 
 
 class Tier(Enum):
@@ -294,7 +294,7 @@ def test_schema_rejects_what_the_encoder_never_writes():
 
 def test_analytics_encoder_keeps_the_relay_key_partition_and_esb_headers(shop, postgres_db):
     """The analytics encoder is a drop-in PayloadEncoder: same key, partition, esb_* headers."""
-    from esbridge.relay_messages import PayloadEncoder
+    from esbridge.wire.encoding import PayloadEncoder
 
     record_history(shop, 6)
     mapper = application_mapper(Shop, postgres_db.env)

@@ -26,9 +26,9 @@ from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import IntegrityError, Tracking
 from eventsourcing.system import ProcessApplication
 
-from esbridge.concurrent_batches import HINT_WINDOW, CommitLog, LearnedHints
-from esbridge.notification_log import read_pages
-from esbridge.processing import ProcessApplicationSink, Step
+from esbridge.eventlog.notification_log import read_pages
+from esbridge.processing.concurrent_batches import HINT_WINDOW, CommitLog, LearnedHints
+from esbridge.processing.process_application import ProcessApplicationSink, Step
 
 CACHED = {"AGGREGATE_CACHE_MAXSIZE": "1000", "AGGREGATE_CACHE_FASTFORWARD": "n"}
 #: The library's default cache: every read of a cached aggregate fast-forwards it.

@@ -16,12 +16,12 @@ import pytest
 from eventsourcing.utils import get_topic
 
 from esbridge import wire
-from esbridge.consumer import ConsumerAdapter, tracking_names
-from esbridge.deadletter import DeadLetterStore
-from esbridge.dlq_replay import replay_dead_letters
+from esbridge.consumer.adapter import ConsumerAdapter, tracking_names
+from esbridge.deadletters.retry import replay_dead_letters
+from esbridge.deadletters.store import DeadLetterStore
 from esbridge.errors import GapNotReconciledError
-from esbridge.processing import ProcessApplicationSink
-from esbridge.relay import Relay
+from esbridge.processing.process_application import ProcessApplicationSink
+from esbridge.relay.relay import Relay
 from examples.dogschool.application import DogSchool
 from examples.dogschool.domainmodel import Dog
 from tests.integration.consumer_apps import (

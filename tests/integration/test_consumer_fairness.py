@@ -8,7 +8,7 @@ does not depend on how loaded the machine is. With librdkafka's default fetch
 sizes, one partition's lz4 batches fill the prefetch queue and a partition
 stalls while about a whole other partition's backlog is processed
 (``fair_partitions=False``: 28,000 to 30,000 events here, measured); the
-adapter's fetch settings (:mod:`esbridge.partition_flow`) bound it to about one
+adapter's fetch settings (:mod:`esbridge.consumer.partition_flow`) bound it to about one
 relay batch (up to 10,000 messages) of each other partition: 7,000 to 11,000.
 """
 
@@ -18,10 +18,10 @@ import threading
 import time
 from typing import Any
 
-from esbridge.consumer import ConsumerAdapter, tracking_names
-from esbridge.partition_flow import Sample, longest_stalls
-from esbridge.partitioning import partition_for_key
-from esbridge.relay import Relay
+from esbridge.consumer.adapter import ConsumerAdapter, tracking_names
+from esbridge.consumer.partition_flow import Sample, longest_stalls
+from esbridge.kafka.partitioning import partition_for_key
+from esbridge.relay.relay import Relay
 from examples.dogschool.application import DogSchool
 from examples.dogschool.domainmodel import Dog
 from tests.integration.consumer_apps import Mirror, count_notifications, verify_logs

@@ -23,12 +23,13 @@ from uuid import UUID, uuid4
 import pytest
 from eventsourcing.persistence import StoredEvent
 
-from esbridge import gc_pause, wire
-from esbridge.batch_repository import copy_aggregate
+from esbridge import wire
+from esbridge.consumer.reconcile import PartitionOrder
 from esbridge.errors import MessageFormatError
-from esbridge.pg_binary import use_binary_stored_events
-from esbridge.processing import install_recorder_hook
-from esbridge.reconcile import PartitionOrder
+from esbridge.processing.batch_repository import copy_aggregate
+from esbridge.processing.pg_binary import use_binary_stored_events
+from esbridge.processing.process_application import install_recorder_hook
+from esbridge.runtime import gc_pause
 from examples.dogschool.application import Counters
 from examples.dogschool.domainmodel import Counter, Dog
 

@@ -38,9 +38,9 @@ from uuid import UUID
 import pytest
 from eventsourcing.application import AggregateNotFoundError
 
-from esbridge.consumer import tracking_names
-from esbridge.partitioning import partition_for_key
-from esbridge.relay import Relay
+from esbridge.consumer.adapter import tracking_names
+from esbridge.kafka.partitioning import partition_for_key
+from esbridge.relay.relay import Relay
 from examples.dogschool.application import DogSchool
 from examples.dogschool.domainmodel import Dog
 from tests.integration.consumer_apps import (

@@ -2,7 +2,7 @@
 
 Writers that skip the library's table lock (``POSTGRES_ENABLE_DB_FUNCTIONS=y``)
 can commit an id after higher ids. The relay waits at such a gap
-(:mod:`esbridge.relay_gaps`), so its partitions fall idle; a consumer that then
+(:mod:`esbridge.relay.gaps`), so its partitions fall idle; a consumer that then
 filled their "trailing gap" from the log up to its highest id would process
 the ids above the held one, and the held one, published later, would look like
 a duplicate: lost. The trailing fill is bounded by what the relay published.
@@ -17,8 +17,8 @@ from typing import Any
 
 import psycopg
 
-from esbridge.consumer import ConsumerAdapter
-from esbridge.relay import Relay
+from esbridge.consumer.adapter import ConsumerAdapter
+from esbridge.relay.relay import Relay
 from examples.dogschool.application import DogSchool
 from examples.dogschool.domainmodel import Dog
 from tests.integration.consumer_apps import Mirror, populate, verify_mirror

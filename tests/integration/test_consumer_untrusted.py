@@ -19,11 +19,11 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from esbridge import wire
-from esbridge.consumer import ConsumerAdapter, tracking_names
-from esbridge.deadletter import REASON_FOREIGN, DeadLetterStore
-from esbridge.dlq_replay import replay_dead_letters
+from esbridge.consumer.adapter import ConsumerAdapter, tracking_names
+from esbridge.deadletters.retry import replay_dead_letters
+from esbridge.deadletters.store import REASON_FOREIGN, DeadLetterStore
 from esbridge.errors import ConfigurationError, GapNotReconciledError
-from esbridge.processing import ProcessApplicationSink
+from esbridge.processing.process_application import ProcessApplicationSink
 from examples.dogschool.application import DogSchool
 from tests.integration.consumer_apps import (
     ManualPublisher,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from eventsourcing.system import SingleThreadedRunner, System
 
-from esbridge.runner import KafkaRunner
+from esbridge.system.runner import KafkaRunner
 from examples.dogschool.application import Counters, DogSchool
 from examples.dogschool.checks import check_dogschool
 from examples.dogschool.system import system as dogschool_system

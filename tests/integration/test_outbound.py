@@ -43,7 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from esbridge.deadletter import DeadLetterStore
+from esbridge.deadletters.store import DeadLetterStore
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -318,8 +318,8 @@ def test_database_down_mid_stream_waits_and_does_not_call_again(postgres_db, pos
 
 def test_fed_from_kafka_through_the_consumer_adapter(postgres_db, api, create_topic, kafka_config):
     """Relay -> 3-partition topic -> ConsumerAdapter with OutboundSink: same keys, same outcomes."""
-    from esbridge.consumer import ConsumerAdapter
-    from esbridge.relay import Relay
+    from esbridge.consumer.adapter import ConsumerAdapter
+    from esbridge.relay.relay import Relay
 
     env = postgres_db.env
     shop = Shop(env=env)

@@ -20,10 +20,10 @@ from eventsourcing.system import System
 from psycopg.sql import SQL, Identifier
 
 from esbridge.cli import main
-from esbridge.consumer import ConsumerAdapter
+from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.errors import ConfigurationError
-from esbridge.relay import Relay
-from esbridge.system_setup import construct_app, setup_system
+from esbridge.relay.relay import Relay
+from esbridge.system.setup import construct_app, setup_system
 from examples.dogschool.application import DogSchool
 from tests.integration.consumer_apps import Mirror, populate
 from tests.integration.relay_support import ESBRIDGE, ROOT, subprocess_env

@@ -13,8 +13,8 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from esbridge.errors import ConfigurationError, RelayError, RelayFencedError
-from esbridge.partitioning import partition_for_key
-from esbridge.relay import Relay
+from esbridge.kafka.partitioning import partition_for_key
+from esbridge.relay.relay import Relay
 from tests.integration.relay_support import (
     APP_NAME,
     Account,
@@ -374,8 +374,8 @@ def test_a_broker_without_transactions_is_refused_before_publishing(postgres_db,
 def test_a_first_start_whose_broker_is_gone_is_an_outage_not_a_configuration_error():
     """init_transactions times out because no broker answers (it went away after the relay
     checked its topics): retried as an outage, not reported as a broker without transactions."""
-    from esbridge.relay_messages import PayloadEncoder
-    from esbridge.relay_publisher import KafkaPublisher, TransientPublishError
+    from esbridge.relay.publisher import KafkaPublisher, TransientPublishError
+    from esbridge.wire.encoding import PayloadEncoder
 
     publisher = KafkaPublisher(
         {"bootstrap.servers": "127.0.0.1:9"},  # nothing listens there

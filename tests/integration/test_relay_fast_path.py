@@ -15,15 +15,15 @@ import psycopg
 import pytest
 from eventsourcing.persistence import Notification, OperationalError
 
-from esbridge import relay_reader
-from esbridge.notification_log import open_recorder
-from esbridge.relay_messages import (
+from esbridge.eventlog.notification_log import open_recorder
+from esbridge.relay import reader as relay_reader
+from esbridge.relay.reader import read_pages_for_publishing
+from esbridge.wire.encoding import (
     CONTENT_TYPE_BINARY,
     PayloadEncoder,
     RowError,
     event_time,
 )
-from esbridge.relay_reader import read_pages_for_publishing
 from tests.integration.relay_support import APP_NAME, db_ids, ledger, write_events
 
 STAMP = b'"timestamp":{"_type_":"datetime_iso","_data_":"'

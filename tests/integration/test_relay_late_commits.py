@@ -22,8 +22,8 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from esbridge import relay_gaps
-from esbridge.relay import Relay
+from esbridge.relay import gaps as relay_gaps
+from esbridge.relay.relay import Relay
 from tests.integration.relay_support import (
     APP_NAME,
     db_ids,

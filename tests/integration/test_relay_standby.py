@@ -22,7 +22,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from esbridge.errors import ConfigurationError, RelayFencedError, RelayStandbyError
-from esbridge.relay import Relay
+from esbridge.relay.relay import Relay
 from tests.integration.relay_support import (
     ROOT,
     db_ids,

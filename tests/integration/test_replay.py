@@ -25,10 +25,10 @@ from esbridge_connectors.replay import Replay
 from sql_projection_domain import DogSchool, dog_feed, table_contents
 from sqlalchemy import create_engine
 
-from esbridge.consumer import ConsumerAdapter
+from esbridge.consumer.adapter import ConsumerAdapter
+from esbridge.consumer.reconcile import PartitionOrder
 from esbridge.errors import ConfigurationError
-from esbridge.reconcile import PartitionOrder
-from esbridge.relay import Relay
+from esbridge.relay.relay import Relay
 
 HERE = Path(__file__).resolve().parent
 PARTITIONS = 3

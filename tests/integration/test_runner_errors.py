@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from esbridge.applications import construct_or_close
 from esbridge.cli.run import ESBRIDGE_COMMAND
 from esbridge.errors import ConfigurationError
-from esbridge.runner import KafkaRunner, load_system
-from esbridge.system_setup import new_app
+from esbridge.system.applications import construct_or_close
+from esbridge.system.runner import KafkaRunner, load_system
+from esbridge.system.setup import new_app
 from examples.orders.system import system as orders_system
 
 KAFKA = {"bootstrap.servers": "127.0.0.1:1"}  # never contacted: these errors come first
@@ -65,7 +65,7 @@ def test_relay_settings_reach_every_worker_and_its_relays() -> None:
     from esbridge.cli import build_parser
     from esbridge.cli.relay import parse_tuning
     from esbridge.cli.run import worker_command
-    from esbridge.system_parts import make_relay
+    from esbridge.system.parts import make_relay
 
     args = build_parser().parse_args(
         ["run", "examples.orders.system:system", "--workers", "2",

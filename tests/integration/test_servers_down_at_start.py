@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from esbridge.consumer import ConsumerAdapter, tracking_names
+from esbridge.consumer.adapter import ConsumerAdapter, tracking_names
 from esbridge.errors import ConfigurationError
-from esbridge.postgres_retry import connection_diagnosis
-from esbridge.relay import Relay
-from esbridge.runner import KafkaRunner
+from esbridge.relay.relay import Relay
+from esbridge.runtime.postgres_retry import connection_diagnosis
+from esbridge.system.runner import KafkaRunner
 from esbridge.testing.servers import free_port
 from examples.dogschool.application import Counters, DogSchool
 from examples.dogschool.system import system

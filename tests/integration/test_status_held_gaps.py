@@ -16,7 +16,7 @@ from eventsourcing.system import System
 from prometheus_client import CollectorRegistry, start_http_server
 
 from esbridge.cli import main
-from esbridge.consumer import ConsumerAdapter
+from esbridge.consumer.adapter import ConsumerAdapter
 from examples.dogschool.application import DogSchool
 from tests.integration.consumer_apps import ManualPublisher, Mirror, notifications, populate
 

@@ -1,0 +1,311 @@
+"""The dead-letter store: parked messages, kept in the follower's own database.
+
+A message that cannot be processed (undecodable, unknown event type, a policy
+that keeps raising) is *parked*: a row in ``esbridge_dead_letters`` with the
+reason, the error, the original key, value bytes and headers, and where it came
+from (Kafka topic/partition/offset, upstream notification id). The row is
+written in the same transaction as the tracking record that moves past the
+message, so a parked message is never lost and never parked twice.
+
+By default later messages with the same key (the same upstream aggregate) are
+parked behind it (reason ``held_behind``), so per-aggregate order is never
+broken (a row without a tracking position, such as a foreign or malformed
+message, has no place in that order and holds nothing back); ``esbridge dlq
+replay`` re-processes parked rows in order per key.
+A table (not a topic) was chosen because parking must commit atomically with
+the tracking record, which lives in Postgres.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from psycopg.sql import SQL, Identifier
+
+TABLE = "esbridge_dead_letters"
+
+REASON_MALFORMED = "malformed_message"
+REASON_UNDECODABLE = "undecodable"
+REASON_UNKNOWN_TYPE = "unknown_event_type"
+REASON_POLICY = "policy_error"
+REASON_HELD_BEHIND = "held_behind"
+# A message that does not belong to the upstream log it claims to come from (another
+# application, a broken esb_prev_nid chain, a notification id the log does not have or
+# holds a different event under). Parked without a position: it has no place in the
+# order, so it never moves a position, never holds its key's later messages back and is
+# never replayed (it can only be inspected).
+REASON_FOREIGN = "foreign_message"
+
+STATUS_PARKED = "parked"
+STATUS_REPLAYED = "replayed"
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS {schema}.{table} (
+    id bigserial PRIMARY KEY,
+    follower text NOT NULL,
+    upstream text NOT NULL,
+    tracking_name text,
+    nid bigint,
+    key text NOT NULL,
+    value bytea,
+    headers jsonb NOT NULL DEFAULT '[]',
+    kafka_topic text,
+    kafka_partition integer,
+    kafka_offset bigint,
+    event_topic text,
+    originator_version bigint,
+    reason text NOT NULL,
+    error text NOT NULL,
+    attempts integer NOT NULL DEFAULT 1,
+    status text NOT NULL DEFAULT 'parked',
+    parked_at timestamptz NOT NULL DEFAULT now(),
+    replayed_at timestamptz
+);
+CREATE UNIQUE INDEX IF NOT EXISTS {uniq} ON {schema}.{table} (follower, upstream, nid)
+    WHERE nid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS {bykey} ON {schema}.{table} (follower, upstream, key)
+    WHERE status = 'parked';
+"""
+
+
+@dataclass
+class DeadLetter:
+    """One parked message (``id`` is set once stored)."""
+
+    follower: str
+    upstream: str
+    key: str
+    reason: str
+    error: str
+    value: bytes | None = None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    tracking_name: str | None = None
+    nid: int | None = None
+    kafka_topic: str | None = None
+    kafka_partition: int | None = None
+    kafka_offset: int | None = None
+    event_topic: str | None = None
+    originator_version: int | None = None
+    attempts: int = 1
+    status: str = STATUS_PARKED
+    id: int | None = None
+    parked_at: datetime | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-friendly view (for ``esbridge dlq list``)."""
+        return {
+            "id": self.id,
+            "follower": self.follower,
+            "upstream": self.upstream,
+            "key": self.key,
+            "nid": self.nid,
+            "event_topic": self.event_topic,
+            "reason": self.reason,
+            "error": self.error,
+            "attempts": self.attempts,
+            "status": self.status,
+            "kafka": (
+                f"{self.kafka_topic}[{self.kafka_partition}]@{self.kafka_offset}"
+                if self.kafka_topic
+                else None
+            ),
+            "parked_at": self.parked_at.isoformat() if self.parked_at else None,
+        }
+
+
+def _encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
+    return json.dumps([[k, base64.b64encode(v or b"").decode()] for k, v in headers])
+
+
+def _decode_headers(raw: Any) -> list[tuple[str, bytes]]:
+    items = json.loads(raw) if isinstance(raw, str) else raw
+    return [(k, base64.b64decode(v)) for k, v in items or ()]
+
+
+_COLUMNS = (
+    "follower, upstream, tracking_name, nid, key, value, headers, kafka_topic, "
+    "kafka_partition, kafka_offset, event_topic, originator_version, reason, error, attempts"
+)
+
+
+class DeadLetterStore:
+    """Reads and writes ``esbridge_dead_letters`` through an eventsourcing ``PostgresDatastore``.
+
+    Writes that must be atomic with events and tracking go through
+    :meth:`insert` / :meth:`mark_replayed` with the caller's cursor.
+    """
+
+    def __init__(self, datastore: Any) -> None:
+        self.datastore = datastore
+        schema = Identifier(datastore.schema or "public")
+        self._table = SQL("{0}.{1}").format(schema, Identifier(TABLE))
+        self._ddl = SQL(_DDL).format(
+            schema=schema,
+            table=Identifier(TABLE),
+            uniq=Identifier(f"{TABLE}_nid_uniq"),
+            bykey=Identifier(f"{TABLE}_parked_key"),
+        )
+
+    def create_table(self) -> None:
+        """Create the table and its indexes unless all of them exist.
+
+        Checked first because ``CREATE ... IF NOT EXISTS`` needs the CREATE
+        privilege on the schema and, for an index, ownership of the table
+        even when nothing is created: a follower whose administrator created
+        the table needs only SELECT, INSERT and UPDATE on it (see
+        docs/security.md).
+        """
+        if self.exists():
+            return
+        # Serialise concurrent creators: CREATE TABLE IF NOT EXISTS races on pg_type.
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (TABLE,))
+            curs.execute(self._ddl)
+
+    def exists(self) -> bool:
+        """Whether the table and both its indexes exist."""
+        schema = self.datastore.schema or "public"
+        names = [f"{TABLE}", f"{TABLE}_nid_uniq", f"{TABLE}_parked_key"]
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(
+                "SELECT count(to_regclass(format('%%I.%%I', %s::text, n))) AS n "
+                "FROM unnest(%s::text[]) AS n",
+                (schema, names),
+            )
+            row = curs.fetchone()
+        return bool(row) and int(row["n"]) == len(names)
+
+    def insert(self, curs: Any, letters: Iterable[DeadLetter]) -> None:
+        """Park ``letters`` within the caller's transaction (idempotent per notification id)."""
+        statement = SQL(
+            "INSERT INTO {0} (" + _COLUMNS + ") VALUES "
+            "(%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT DO NOTHING"
+        ).format(self._table)
+        for d in letters:
+            curs.execute(
+                statement,
+                (
+                    d.follower, d.upstream, d.tracking_name, d.nid, d.key, d.value,
+                    _encode_headers(d.headers), d.kafka_topic, d.kafka_partition,
+                    d.kafka_offset, d.event_topic, d.originator_version, d.reason,
+                    d.error[:4000], d.attempts,
+                ),
+            )  # fmt: skip
+
+    def mark_replayed(self, curs: Any, ids: Iterable[int]) -> None:
+        """Mark rows replayed within the caller's transaction; fails if one was not parked.
+
+        The check makes two concurrent replays of one row impossible: the
+        second one's transaction (with its new events) rolls back.
+        """
+        from eventsourcing.persistence import IntegrityError
+
+        for letter_id in ids:
+            curs.execute(
+                SQL(
+                    "UPDATE {0} SET status = 'replayed', replayed_at = now() "
+                    "WHERE id = %s AND status = 'parked' RETURNING id"
+                ).format(self._table),
+                (letter_id,),
+            )
+            if curs.fetchone() is None:
+                raise IntegrityError(f"dead letter {letter_id} is no longer parked")
+
+    def record_attempt(self, letter_id: int, error: str) -> None:
+        """A replay failed again: count it and keep the latest error."""
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(
+                SQL("UPDATE {0} SET attempts = attempts + 1, error = %s WHERE id = %s").format(
+                    self._table
+                ),
+                (error[:4000], letter_id),
+            )
+
+    def list(
+        self,
+        follower: str | None = None,
+        *,
+        status: str | None = STATUS_PARKED,
+        ids: Sequence[int] | None = None,
+        limit: int | None = None,
+    ) -> list[DeadLetter]:
+        """Stored rows in parking order (oldest first)."""
+        where = ["TRUE"]
+        params: list[Any] = []
+        if follower is not None:
+            where.append("follower = %s")
+            params.append(follower)
+        if status is not None:
+            where.append("status = %s")
+            params.append(status)
+        if ids:
+            where.append("id = ANY(%s)")
+            params.append(list(ids))
+        query = SQL(
+            "SELECT id, "
+            + _COLUMNS
+            + ", status, parked_at FROM {0} WHERE "
+            + " AND ".join(where)
+            + " ORDER BY id"
+            + (f" LIMIT {int(limit)}" if limit else "")
+        ).format(self._table)
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(query, params)
+            rows = curs.fetchall()
+        return [self._row(r) for r in rows]
+
+    def parked_keys(self, follower: str, upstream: str, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` have a parked message (later messages must queue behind it)."""
+        keys = list(set(keys))
+        if not keys:
+            return set()
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(
+                SQL(
+                    "SELECT DISTINCT key FROM {0} WHERE follower = %s AND upstream = %s "
+                    "AND status = 'parked' AND tracking_name IS NOT NULL AND key = ANY(%s)"
+                ).format(self._table),
+                (follower, upstream, keys),
+                prepare=True,
+            )
+            return {r["key"] for r in curs.fetchall()}
+
+    def count(self, follower: str, status: str = STATUS_PARKED) -> int:
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(
+                SQL("SELECT count(*) AS n FROM {0} WHERE follower = %s AND status = %s").format(
+                    self._table
+                ),
+                (follower, status),
+            )
+            row = curs.fetchone()
+        return int(row["n"]) if row else 0
+
+    @staticmethod
+    def _row(r: Any) -> DeadLetter:
+        return DeadLetter(
+            id=r["id"],
+            follower=r["follower"],
+            upstream=r["upstream"],
+            tracking_name=r["tracking_name"],
+            nid=r["nid"],
+            key=r["key"],
+            value=bytes(r["value"]) if r["value"] is not None else None,
+            headers=_decode_headers(r["headers"]),
+            kafka_topic=r["kafka_topic"],
+            kafka_partition=r["kafka_partition"],
+            kafka_offset=r["kafka_offset"],
+            event_topic=r["event_topic"],
+            originator_version=r["originator_version"],
+            reason=r["reason"],
+            error=r["error"],
+            attempts=r["attempts"],
+            status=r["status"],
+            parked_at=r["parked_at"],
+        )

@@ -1,0 +1,109 @@
+"""Reading the notification log for publishing: the relay's fast path.
+
+A relay never decodes events: it needs each notification's id, aggregate id
+*as text* (the Kafka key), version, topic and stored bytes. The library's
+``select_notifications`` builds a dict per row and a ``UUID`` per aggregate
+id, which the relay would turn straight back into a string; on a backlog
+that is half of the relay's time (measured: ~47,000 rows/s against
+~140,000 rows/s for this reader on the same machine).
+
+So, for ``eventsourcing``'s Postgres recorder, this module runs the same
+keyset query on the recorder's own connection pool (read-only, binary
+protocol, tuple rows, the aggregate id cast to text and returned as UTF-8
+bytes, ready to be the key) and yields the rows themselves
+(:data:`~esbridge.wire.encoding.Row`), not ``Notification`` objects. For any
+other recorder it falls back to :func:`esbridge.eventlog.notification_log.read_pages`
+and turns each notification into a row. Use ``read_pages`` to decode events.
+
+The next page is read while the relay publishes the current one, through
+psycopg's pipeline mode in the relay's own thread (see
+:func:`read_pages_for_publishing`). A background reader thread was tried
+first and measured worse: ~4 us more CPU per event (two threads contending
+for the GIL) and no gain in throughput on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from typing import Any
+
+from eventsourcing.persistence import ApplicationRecorder
+from psycopg import sql
+from psycopg.rows import tuple_row
+
+from esbridge.eventlog.notification_log import read_pages
+from esbridge.wire.encoding import Row
+
+#: Pages read on one pooled connection (one pipeline) before it goes back to the pool.
+PAGES_PER_CONNECTION = 16
+
+
+def postgres_events_table(recorder: ApplicationRecorder) -> tuple[Any, str, str] | None:
+    """(datastore, schema, table) of ``eventsourcing``'s Postgres recorder; None for others."""
+    datastore = getattr(recorder, "datastore", None)
+    table = getattr(recorder, "events_table_name", None)
+    schema = getattr(datastore, "schema", None)
+    if datastore is None or not table or not schema or not hasattr(datastore, "get_connection"):
+        return None
+    return datastore, schema, table
+
+
+def _fast_query(recorder: ApplicationRecorder) -> Any | None:
+    found = postgres_events_table(recorder)
+    if found is None:
+        return None
+    _, schema, table = found
+    return sql.SQL(
+        "SELECT notification_id, convert_to(originator_id::text, 'UTF8'), originator_version, "
+        "convert_to(topic, 'UTF8'), state FROM {}.{} "
+        "WHERE notification_id > %s ORDER BY notification_id LIMIT %s"
+    ).format(sql.Identifier(schema), sql.Identifier(table))
+
+
+def read_pages_for_publishing(
+    recorder: ApplicationRecorder, after: int, *, page_size: int = 2000
+) -> Generator[Sequence[Row], None, None]:
+    """Pages of rows with notification ids greater than ``after``, to the end of the log.
+
+    On Postgres, the query for the next page is sent (psycopg pipeline mode)
+    before a full page is yielded, so the server runs it and streams its rows
+    while the relay publishes this page: no thread, no wait for the round
+    trip (measured: the relay's wait for a page fell from ~4 us to ~1 us a
+    row). At most one page is read ahead; its rows wait in the socket and
+    libpq's buffer. Each statement sees every notification committed before
+    it starts (READ COMMITTED), so reading ahead sees nothing a serial read
+    would miss. A connection is held for at most :data:`PAGES_PER_CONNECTION`
+    pages, then returned to the pool.
+    """
+    query = _fast_query(recorder)
+    if query is None:
+        for page in read_pages(recorder, after, page_size=page_size):
+            yield [
+                (
+                    n.id,
+                    str(n.originator_id).encode(),
+                    n.originator_version,
+                    n.topic.encode(),
+                    n.state,
+                )
+                for n in page
+            ]
+        return
+    datastore: Any = getattr(recorder, "datastore")  # noqa: B009
+    position = after
+    while True:
+        with datastore.get_connection() as conn, conn.pipeline():
+            pending = conn.cursor(binary=True, row_factory=tuple_row)
+            pending.execute(query, (position, page_size), prepare=True)
+            for i in range(PAGES_PER_CONNECTION):
+                rows = pending.fetchall()
+                if not rows:
+                    return
+                position = rows[-1][0]
+                full = len(rows) == page_size
+                if full and i + 1 < PAGES_PER_CONNECTION:
+                    pending = conn.cursor(binary=True, row_factory=tuple_row)
+                    pending.execute(query, (position, page_size), prepare=True)
+                yield rows
+                if not full:
+                    return

@@ -1,0 +1,525 @@
+"""Running an unchanged ``eventsourcing.system.System`` with Kafka as the transport.
+
+The library's runners connect applications inside one Python process. The
+:class:`KafkaRunner` connects them through Kafka instead, so the same
+``System`` definition runs in one process (development, tests) or spread over
+OS processes and machines (``esbridge run``), with the same application
+classes and the same tracking records:
+
+* every *leader*'s notification log is published by one :class:`~esbridge.relay.Relay`
+  to one topic (payloads, or prompts: configurable per leader);
+* every *follower* consumes each of its leaders' topics through a consumer
+  adapter, which records new events and the tracking record in one transaction.
+
+Naming is derived from the system (see :class:`SystemTopics`): one topic per
+leader, one consumer group per edge (leader → follower), one transactional id
+per relay. All processes of a system must use the same prefix.
+
+Which parts run in *this* process is chosen with ``apps`` (the applications
+whose relays and consumers run here; default all), ``run_relays`` and
+``run_consumers``: ``esbridge run --app Orders`` is ``KafkaRunner(system,
+apps=["Orders"])``. Several worker processes of one application share each
+topic's partitions through the edge's consumer group; each runs the
+application's relay too, but one log has one publisher: the relay that holds
+the relay id's lease (:mod:`esbridge.relay.lease`) publishes, the others stand
+by and take over when it stops or dies.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from eventsourcing.application import Application
+from eventsourcing.system import Runner, System
+
+from esbridge.errors import ConfigurationError, EsbridgeError
+from esbridge.kafka.config import kafka_config_from_env
+from esbridge.system.setup import construct_app, ensure_topics, system_env
+from esbridge.system.status import EdgeProbe, EdgeStatus, read_only_app, relay_holder
+
+logger = logging.getLogger("esbridge.runner")
+
+TApp = TypeVar("TApp")
+
+PAYLOADS = "payloads"
+PROMPTS = "prompts"
+RELAY_MODES = (PAYLOADS, PROMPTS)
+DEFAULT_PREFIX = "esbridge."
+
+#: Set to a directory to profile every relay and consumer thread with cProfile (see
+#: :meth:`RunningComponent._run_profiled`): a diagnostic aid, off by default.
+PROFILE_DIR_ENV = "ESBRIDGE_PROFILE_DIR"
+
+
+class SystemRunnerError(EsbridgeError):
+    """A relay or consumer of a running system failed; the message names which and why."""
+
+
+def load_system(path: str) -> System:
+    """The ``System`` named by ``"package.module:attribute"``.
+
+    Raises :class:`ConfigurationError` naming what could not be imported, so
+    a typo in a deployment fails at start, before anything is consumed.
+    """
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigurationError(
+            f"system path {path!r} is not of the form 'package.module:attribute' "
+            "(for example 'examples.orders.system:system')"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigurationError(
+            f"cannot import module {module_name!r} of system {path!r}: {e}. "
+            "Check the name, and that the module's directory is on the Python path "
+            "(esbridge run adds the current directory, or give --app-dir)."
+        ) from e
+    except Exception as e:  # the module itself raised while importing
+        raise ConfigurationError(
+            f"importing module {module_name!r} of system {path!r} failed: {type(e).__name__}: {e}"
+        ) from e
+    try:
+        system = getattr(module, attribute)
+    except AttributeError:
+        raise ConfigurationError(
+            f"module {module_name!r} has no attribute {attribute!r} (system path {path!r})"
+        ) from None
+    if not isinstance(system, System):
+        raise ConfigurationError(
+            f"{path!r} is a {type(system).__name__}, not an eventsourcing.system.System"
+        )
+    check_importable(system)
+    return system
+
+
+def check_importable(system: System) -> None:
+    """Every application class of ``system`` can be resolved from its topic."""
+    for name in system.nodes:
+        try:
+            system.get_app_cls(name)
+        except Exception as e:
+            raise ConfigurationError(
+                f"application {name!r} of the system cannot be imported from "
+                f"{system.nodes[name]!r}: {type(e).__name__}: {e}"
+            ) from e
+
+
+@dataclass(frozen=True)
+class SystemTopics:
+    """Names derived from the system, shared by every process that runs it.
+
+    One topic per leader (``{prefix}{leader}``, lower case), one consumer group
+    per edge (``{prefix}{follower}.{leader}``), one relay id per leader
+    (``{prefix}relay.{leader}``: the relay's transactional id, so a restarted
+    relay fences its zombie).
+    """
+
+    prefix: str = DEFAULT_PREFIX
+
+    def topic(self, leader: str) -> str:
+        return f"{self.prefix}{leader.lower()}"
+
+    def group(self, leader: str, follower: str) -> str:
+        return f"{self.prefix}{follower.lower()}.{leader.lower()}"
+
+    def relay_id(self, leader: str) -> str:
+        return f"{self.prefix}relay.{leader.lower()}"
+
+    def relay_ids(self, system: System) -> dict[str, str]:
+        """The relay id of every leader of ``system`` (for ``edge_statuses``)."""
+        return {leader: self.relay_id(leader) for leader in system.leaders}
+
+
+class Component(Protocol):
+    """What the runner needs of a relay or a consumer adapter."""
+
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def status(self) -> Any: ...
+
+
+@dataclass
+class RunningComponent:
+    """A relay or consumer adapter running in a thread of this process."""
+
+    kind: str  # "relay" or "consumer"
+    leader: str
+    follower: str | None
+    component: Component
+    thread: threading.Thread = field(init=False)
+    error: BaseException | None = None
+
+    def describe(self) -> str:
+        if self.follower is None:
+            return f"relay of {self.leader}"
+        return f"consumer {self.leader} -> {self.follower}"
+
+    def start(self) -> None:
+        self.thread = threading.Thread(
+            target=self._run, name=f"esbridge {self.describe()}", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            profile_dir = os.environ.get(PROFILE_DIR_ENV)
+            if profile_dir:
+                self._run_profiled(profile_dir)
+            else:
+                self.component.run()
+        except BaseException as e:
+            self.error = e
+            logger.exception("%s failed", self.describe())
+
+    def _run_profiled(self, directory: str) -> None:
+        """``component.run()`` under cProfile; the stats go to ``directory`` when it returns.
+
+        For finding where a worker's time goes: cProfile sees only the thread it
+        runs in, so each relay and consumer thread gets its own profile file
+        (``{pid}-{kind}-{leader}-{follower}.prof``, read with ``pstats``).
+        """
+        import cProfile
+
+        profile = cProfile.Profile()
+        name = f"{os.getpid()}-{self.kind}-{self.leader}-{self.follower or ''}.prof"
+        profile.enable()
+        try:
+            self.component.run()
+        finally:
+            profile.disable()
+            os.makedirs(directory, exist_ok=True)
+            profile.dump_stats(os.path.join(directory, name))
+
+
+class KafkaRunner(Runner[Any]):
+    """Runs an ``eventsourcing`` ``System`` with relays and consumer adapters over Kafka.
+
+    ``relay_modes``: ``"payloads"`` or ``"prompts"`` for every leader, or a
+    mapping per leader (leaders not named get payloads). ``partitions``: how
+    many partitions each topic is created with (existing topics are used as they are).
+    """
+
+    def __init__(
+        self,
+        system: System,
+        env: Mapping[str, str] | None = None,
+        *,
+        kafka_config: Mapping[str, Any] | None = None,
+        apps: Sequence[str] | None = None,
+        topic_prefix: str = DEFAULT_PREFIX,
+        partitions: int | Mapping[str, int] = 1,
+        relay_modes: str | Mapping[str, str] = PAYLOADS,
+        exactly_once: bool = True,
+        run_relays: bool = True,
+        run_consumers: bool = True,
+        create_topics: bool = True,
+        worker_id: str | None = None,
+        relay_options: Mapping[str, Any] | None = None,
+        consumer_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(system, env=dict(env) if env is not None else None)
+        self.full_env = system_env(env)
+        self.kafka_config = dict(kafka_config or kafka_config_from_env(self.full_env))
+        if not self.kafka_config.get("bootstrap.servers"):
+            raise ConfigurationError(
+                "no Kafka brokers configured: set KAFKA_BOOTSTRAP_SERVERS "
+                "(or pass kafka_config={'bootstrap.servers': ...})"
+            )
+        self.names = SystemTopics(topic_prefix)
+        self.partitions = resolve_partitions(system, partitions)
+        self.exactly_once = exactly_once
+        self.run_relays = run_relays
+        self.run_consumers = run_consumers
+        self.create_topics = create_topics
+        self.worker_id = worker_id
+        self.relay_options = dict(relay_options or {})
+        self.consumer_options = dict(consumer_options or {})
+        self.local = list(apps) if apps is not None else list(system.nodes)
+        self.relay_modes = resolve_relay_modes(system, relay_modes)
+        check_local_apps(system, self.local)
+        if not run_relays and set(self.local) >= set(system.nodes) and system.leaders:
+            raise ConfigurationError(
+                f"this runner runs every application of the system without relays: leaders "
+                f"{list(system.leaders)} would have no relay, and their followers would never "
+                "receive an event. Run the relays (run_relays=True), or run only some "
+                "applications here (apps=[...]) and their relays elsewhere."
+            )
+        self.apps: dict[str, Application[Any]] = {}
+        self.components: list[RunningComponent] = []
+        self._probes: list[EdgeProbe] | None = None
+
+    # -- the Runner interface ------------------------------------------------
+
+    def start(self) -> None:
+        """Construct this process's applications, then start their relays and consumers.
+
+        Everything that can be wrong with the configuration is checked before
+        any relay or consumer starts.
+        """
+        super().start()
+        try:
+            for name in self.local:
+                self.apps[name] = construct_app(self.system, name, self.full_env)
+            if self.create_topics:
+                ensure_topics(
+                    self.kafka_config,
+                    {self.names.topic(n): self.partitions_of(n) for n in self.leaders_used()},
+                )
+            for leader in self.relayed_here():
+                self._start(RunningComponent("relay", leader, None, self._make_relay(leader)))
+            for leader, follower in self.consumed_here():
+                component = self._make_consumer(leader, follower)
+                self._start(RunningComponent("consumer", leader, follower, component))
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop consumers, then relays, then close the applications (idempotent)."""
+        for running in reversed(self.components):
+            try:
+                running.component.stop()
+            except Exception:
+                logger.exception("stopping %s failed", running.describe())
+        for running in reversed(self.components):
+            running.thread.join(timeout=30)
+            if running.thread.is_alive():
+                logger.error("%s did not stop within 30 s", running.describe())
+        self.components.clear()
+        for probe in self._probes or []:
+            probe.close()
+        self._probes = None
+        for app in self.apps.values():
+            app.close()
+        self.apps.clear()
+
+    def get(self, cls: type[TApp]) -> TApp:
+        name = getattr(cls, "name", cls.__name__)
+        try:
+            app = self.apps[name]
+        except KeyError:
+            raise ConfigurationError(
+                f"application {name!r} is not run by this runner (it runs {self.local})"
+            ) from None
+        assert isinstance(app, cls)
+        return app
+
+    # -- what runs here --------------------------------------------------------
+
+    def relayed_here(self) -> list[str]:
+        if not self.run_relays:
+            return []
+        return [name for name in self.system.leaders if name in self.local]
+
+    def consumed_here(self) -> list[tuple[str, str]]:
+        if not self.run_consumers:
+            return []
+        return [
+            (leader, follower) for leader, follower in self.system.edges if follower in self.local
+        ]
+
+    def leaders_used(self) -> list[str]:
+        """Leaders whose topics this process publishes to or consumes from."""
+        leaders = {leader for leader, follower in self.system.edges if follower in self.local}
+        leaders.update(name for name in self.system.leaders if name in self.local)
+        return sorted(leaders)
+
+    def topics_used(self) -> list[str]:
+        return [self.names.topic(name) for name in self.leaders_used()]
+
+    def partitions_of(self, leader: str) -> int:
+        """The partition count of ``leader``'s topic."""
+        return self.partitions.get(leader, self.partitions["*"])
+
+    def tracking_partitions(self, leader: str) -> int:
+        """How many tracking names a follower of ``leader`` records (prompts: one)."""
+        return 1 if self.relay_modes[leader] == PROMPTS else self.partitions_of(leader)
+
+    # -- health ----------------------------------------------------------------
+
+    def failures(self) -> list[str]:
+        """Descriptions of relays and consumers that stopped with an error."""
+        return [
+            f"{r.describe()}: {type(r.error).__name__}: {r.error}"
+            for r in self.components
+            if r.error is not None
+        ]
+
+    def raise_failures(self) -> None:
+        """Raise if a relay or consumer stopped with an error.
+
+        :class:`ConfigurationError` when one of them refused its configuration
+        (restarting cannot help: ``esbridge run`` exits with status 2), else
+        :class:`SystemRunnerError` (a runtime failure: a restart resumes).
+        """
+        failures = self.failures()
+        if not failures:
+            return
+        message = "; ".join(failures)
+        if any(isinstance(r.error, ConfigurationError) for r in self.components):
+            raise ConfigurationError(message)
+        raise SystemRunnerError(message)
+
+    def is_alive(self) -> bool:
+        """True while every relay and consumer thread runs."""
+        return all(r.thread.is_alive() for r in self.components)
+
+    def wait_idle(self, timeout: float = 30.0, interval: float = 0.05) -> None:
+        """Wait until every follower run here has processed everything its leaders logged.
+
+        Raises :class:`SystemRunnerError` if a relay or consumer failed, and
+        ``TimeoutError`` naming the lagging edges after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        probes = self.probes()
+        while True:
+            self.raise_failures()
+            lagging = {
+                f"{p.leader} -> {p.follower}": n for p in probes if (n := p.backlog().count) > 0
+            }
+            if not lagging:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"followers still behind after {timeout} s (unprocessed events: {lagging}); "
+                    f"failures: {self.failures() or 'none'}"
+                )
+            time.sleep(interval)
+
+    def probes(self) -> list[EdgeProbe]:
+        """Lag probes of the edges whose follower runs here (built once)."""
+        if self._probes is None:
+            self._probes = [
+                EdgeProbe(
+                    leader,
+                    follower,
+                    self.apps[follower],
+                    self.full_env,
+                    self.tracking_partitions(leader),
+                )
+                for leader, follower in self.consumed_here()
+            ]
+        return self._probes
+
+    def statuses(self) -> list[EdgeStatus]:
+        """The status of every edge consumed here (see :mod:`esbridge.system.status`)."""
+        result = []
+        holders: dict[str, str | None] = {}  # one lease lookup per leader, not per edge
+        for probe in self.probes():
+            leader_app = self.apps.get(probe.leader) or read_only_app(
+                self.system, probe.leader, self.full_env
+            )
+            try:
+                status = probe.status(leader_app, self._held_gaps(probe.leader, probe.follower))
+                if probe.leader not in holders:
+                    holders[probe.leader] = relay_holder(
+                        leader_app, self.names.relay_id(probe.leader)
+                    )
+                status.relay = holders[probe.leader]
+                result.append(status)
+            finally:
+                if probe.leader not in self.apps:
+                    leader_app.close()
+        return result
+
+    def _held_gaps(self, leader: str, follower: str) -> int | None:
+        """Partitions the edge's consumer holds behind a gap (None: not consumed here).
+
+        Reads only the consumer's in-memory gap bookkeeping: its full
+        ``status()`` also asks librdkafka for watermarks, which must not be
+        called from another thread while the consumer thread polls.
+        """
+        for running in self.components:
+            if running.leader == leader and running.follower == follower:
+                held = getattr(running.component, "_held", None)
+                if callable(held):
+                    return len(held())
+                return None
+        return None
+
+    # -- construction of relays and consumers ----------------------------------
+
+    def _start(self, running: RunningComponent) -> None:
+        self.components.append(running)
+        running.start()
+
+    def _make_relay(self, leader: str) -> Component:
+        from esbridge.system.parts import make_relay
+
+        return make_relay(self, leader)
+
+    def _make_consumer(self, leader: str, follower: str) -> Component:
+        from esbridge.system.parts import make_consumer
+
+        return make_consumer(self, leader, follower)
+
+
+def resolve_relay_modes(system: System, modes: str | Mapping[str, str]) -> dict[str, str]:
+    """The relay mode of every leader; refuses unknown modes and leaders without a relay.
+
+    ``modes`` is one mode for all, or a mapping by leader name where ``"*"``
+    gives the mode of leaders not named.
+    """
+    if isinstance(modes, str):
+        modes = {"*": modes}
+    default = modes.get("*", PAYLOADS)
+    unknown = [name for name in modes if name not in system.nodes and name != "*"]
+    if unknown:
+        raise ConfigurationError(
+            f"relay modes name applications that are not in the system: {unknown} "
+            f"(the system has {list(system.nodes)})"
+        )
+    result = {}
+    for name in system.leaders:
+        mode = modes.get(name, default)
+        if mode not in RELAY_MODES:
+            followers = system.leads[name]
+            raise ConfigurationError(
+                f"leader {name!r} has no relay (mode {mode!r}): its followers {followers} "
+                f"would never receive its events. Choose one of {RELAY_MODES}."
+            )
+        result[name] = mode
+    return result
+
+
+def resolve_partitions(system: System, partitions: int | Mapping[str, int]) -> dict[str, int]:
+    """Partition counts by leader name, ``"*"`` for leaders not named (default 1)."""
+    values = {"*": partitions} if isinstance(partitions, int) else {"*": 1, **partitions}
+    unknown = [name for name in values if name != "*" and name not in system.leaders]
+    if unknown:
+        raise ConfigurationError(
+            f"partitions are given for {unknown}, which are not leaders of the system "
+            f"(its leaders are {list(system.leaders)})"
+        )
+    bad = {name: n for name, n in values.items() if not isinstance(n, int) or n < 1}
+    if bad:
+        raise ConfigurationError(f"partition counts must be positive integers, got {bad}")
+    return values
+
+
+def check_local_apps(system: System, names: Iterable[str]) -> None:
+    for name in names:
+        if name not in system.nodes:
+            raise ConfigurationError(
+                f"application {name!r} is not in the system (it has {list(system.nodes)})"
+            )
+
+
+def run_until(stop: Callable[[], bool], runner: KafkaRunner, interval: float = 0.5) -> None:
+    """Block until ``stop()`` is true or a relay or consumer fails (then raise)."""
+    while not stop():
+        runner.raise_failures()
+        if not runner.is_alive():
+            runner.raise_failures()
+            raise SystemRunnerError("a relay or consumer thread ended unexpectedly")
+        time.sleep(interval)

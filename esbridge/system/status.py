@@ -1,0 +1,366 @@
+"""How far behind each follower of a system is: one row per edge (leader → follower).
+
+Everything is read from Postgres, so ``esbridge status`` works from any
+machine that can read the databases, whether or not the system runs:
+
+* **upstream max nid**: the leader's highest notification id;
+* **position**: the follower's tracking record(s) for that leader (one per
+  partition when the topic has several partitions: see :func:`tracking_names`);
+* **lag (events)**: upstream notifications the follower has not processed yet
+  (only those of the event topics it follows, when it names ``topics``);
+* **lag (s)**: the age of the oldest of those, from its event timestamp — how
+  long the oldest unprocessed event has been waiting, 0 when caught up;
+* **held gaps**: partitions a consumer holds waiting for a missing message
+  (known only to the consumers' processes: read from their Prometheus
+  ``/metrics`` endpoints when given, by a runner in the same process, else ``-``);
+* **DLQ**: messages of the follower parked in the dead-letter table (``0`` when
+  there is no such table: nothing was ever parked; ``unreadable`` when it could
+  not be read, with the reason and the GRANT to run on stderr, and then
+  ``--fail-on-lag`` fails: an unknown count is never shown as ``0``);
+* **relay**: who publishes the leader's log: the process holding its relay's
+  lease (:mod:`esbridge.relay.lease`), ``none`` when no relay does (nothing
+  reaches the followers), ``-`` when not asked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from eventsourcing.application import Application
+from eventsourcing.persistence import ApplicationRecorder, Notification, ProcessRecorder
+from eventsourcing.system import System
+
+from esbridge.eventlog.notification_log import close_recorder, open_recorder, read_pages
+from esbridge.kafka.partitioning import partition_for_key
+from esbridge.runtime.postgres_retry import connection_diagnosis
+from esbridge.system.applications import construct_or_close
+
+MAX_LAG_SCAN = 200_000  # notifications read to count a lag; beyond, the count is a lower bound
+
+
+def tracking_names(leader: str, partitions: int) -> list[str]:
+    """The tracking names a consumer records for ``leader`` on a topic of ``partitions``.
+
+    One partition (or prompts): the leader's name, as the library's runners
+    record, so a system moves between runners without reprocessing.
+    """
+    from esbridge.consumer import adapter as consumer
+
+    return list(consumer.tracking_names(leader, partitions))
+
+
+@dataclass
+class EdgeStatus:
+    leader: str
+    follower: str
+    upstream_max_nid: int
+    positions: dict[str, int]
+    lag_events: int
+    lag_seconds: float
+    held_gaps: int | None
+    dlq: int | None
+    relay: str | None = None  # the leader relay's lease holder; "" none; None: not asked
+    dlq_error: str | None = None  # why the dead-letter table could not be read (dlq is None)
+
+    @property
+    def position(self) -> int:
+        """The lowest position over the edge's tracking names (all are at least this far)."""
+        return min(self.positions.values()) if self.positions else 0
+
+    @property
+    def caught_up(self) -> bool:
+        return self.lag_events == 0
+
+
+@dataclass
+class Backlog:
+    count: int
+    oldest: Notification | None
+
+
+def unprocessed(
+    upstream: ApplicationRecorder,
+    positions: Mapping[int | None, int],
+    partitions: int,
+    topics: Sequence[str],
+    limit: int = MAX_LAG_SCAN,
+) -> Backlog:
+    """Upstream notifications past the follower's positions (``None`` key: one position)."""
+    start = min(positions.values()) if positions else 0
+    count = 0
+    oldest = None
+    scanned = 0
+    for page in read_pages(upstream, start, topics=topics):
+        for notification in page:
+            if None in positions:
+                position = positions[None]
+            else:
+                key = str(notification.originator_id).encode()
+                position = positions.get(partition_for_key(key, partitions), 0)
+            if notification.id > position:
+                count += 1
+                oldest = oldest or notification
+        scanned += len(page)
+        if scanned >= limit:
+            break
+    return Backlog(count, oldest)
+
+
+def follower_positions(
+    recorder: ProcessRecorder, leader: str, partitions: int
+) -> dict[int | None, int]:
+    names = tracking_names(leader, partitions)
+    if len(names) == 1:
+        return {None: recorder.max_tracking_id(names[0]) or 0}
+    return {p: recorder.max_tracking_id(name) or 0 for p, name in enumerate(names)}
+
+
+def event_age(app: Application[Any], notification: Notification | None) -> float:
+    if notification is None:
+        return 0.0
+    try:
+        event = app.mapper.to_domain_event(notification)
+        timestamp: datetime = event.timestamp  # type: ignore[attr-defined]
+        return max(0.0, time.time() - timestamp.timestamp())
+    except Exception:
+        return float("nan")
+
+
+def relay_holder(app: Application[Any], relay_id: str) -> str | None:
+    """Who holds the lease of relay ``relay_id`` of ``app`` ("" when nobody); None: unknown."""
+    from esbridge.relay.lease import lease_holder
+
+    datastore = getattr(app.recorder, "datastore", None)
+    if datastore is None or not hasattr(datastore, "get_connection"):
+        return None
+    try:
+        with datastore.get_connection() as conn:
+            return lease_holder(conn, relay_id) or ""
+    except Exception:  # pg_locks not readable: say nothing rather than fail the status
+        return None
+
+
+def dlq_size(app: Application[Any], follower: str) -> tuple[int | None, str | None]:
+    """Parked messages of ``follower``, and why they could not be counted (None: they were).
+
+    A missing table counts 0 (nothing was ever parked); any other error (a
+    role without SELECT on the table, say) is returned, never shown as 0.
+    """
+    import psycopg.errors
+
+    from esbridge.deadletters.store import TABLE, DeadLetterStore
+    from esbridge.runtime.postgres_privileges import current_role, with_advice
+
+    datastore = getattr(app.recorder, "datastore", None)
+    if datastore is None or not hasattr(datastore, "transaction"):
+        return None, None
+    try:
+        return DeadLetterStore(datastore).count(follower), None
+    except Exception as e:  # reported, with what to do
+        if isinstance(e.__cause__, psycopg.errors.UndefinedTable):
+            return 0, None
+        text = f"cannot read {follower}'s dead-letter table {TABLE}: {e}"
+        return None, with_advice(text, e, current_role(datastore), "SELECT")
+
+
+class EdgeProbe:
+    """Reads one edge's positions and backlog (recorders opened once, reused per call)."""
+
+    def __init__(
+        self,
+        leader: str,
+        follower: str,
+        follower_app: Application[Any],
+        env: Mapping[str, str],
+        partitions: int = 1,
+    ) -> None:
+        self.leader = leader
+        self.follower = follower
+        self.follower_app = follower_app
+        recorder = follower_app.recorder
+        if not isinstance(recorder, ProcessRecorder):
+            raise TypeError(f"{follower!r} has no tracking records: it is not a follower")
+        self.recorder = recorder
+        self.upstream = open_recorder(leader, env)
+        self.partitions = partitions
+        self.topics = list(getattr(follower_app, "topics", ()) or ())
+
+    def close(self) -> None:
+        """Close the upstream recorder's connections."""
+        close_recorder(self.upstream)
+
+    def positions(self) -> dict[int | None, int]:
+        return follower_positions(self.recorder, self.leader, self.partitions)
+
+    def backlog(self) -> Backlog:
+        return unprocessed(self.upstream, self.positions(), self.partitions, self.topics)
+
+    def status(self, leader_app: Application[Any], held_gaps: int | None = None) -> EdgeStatus:
+        positions = self.positions()
+        dlq, dlq_error = dlq_size(self.follower_app, self.follower)
+        backlog = unprocessed(self.upstream, positions, self.partitions, self.topics)
+        names = tracking_names(self.leader, self.partitions)
+        return EdgeStatus(
+            leader=self.leader,
+            follower=self.follower,
+            upstream_max_nid=self.upstream.max_notification_id() or 0,
+            positions={names[0 if p is None else p]: v for p, v in positions.items()},
+            lag_events=backlog.count,
+            lag_seconds=event_age(leader_app, backlog.oldest),
+            held_gaps=held_gaps,
+            dlq=dlq,
+            dlq_error=dlq_error,
+        )
+
+
+def edge_statuses(
+    system: System,
+    env: Mapping[str, str],
+    *,
+    partitions: Mapping[str, int] | int = 1,
+    edges: Sequence[tuple[str, str]] | None = None,
+    held_gaps: Mapping[tuple[str, str], int] | None = None,
+    relay_ids: Mapping[str, str] | None = None,
+) -> list[EdgeStatus]:
+    """The status of every edge (or of ``edges``), read from the databases.
+
+    ``partitions``: the partition count of each leader's topic (or one for all).
+    ``held_gaps``: held partitions per (leader, follower), from
+    :func:`held_gaps_from_metrics`; edges not in it show ``None`` (unknown).
+    ``relay_ids``: the relay id of each leader, to show who publishes its log.
+    """
+    apps: dict[str, Application[Any]] = {}
+    holders: dict[str, str | None] = {}  # one lease lookup per leader, not per edge
+
+    def app(name: str) -> Application[Any]:
+        if name not in apps:
+            # Settings Postgres refuses (a wrong password, no CONNECT) are named at once,
+            # not reported as an unreachable server after the pool's timeout.
+            connection_diagnosis(name, env)()
+            apps[name] = read_only_app(system, name, env)
+        return apps[name]
+
+    try:
+        result = []
+        for leader, follower in edges if edges is not None else system.edges:
+            n = partitions if isinstance(partitions, int) else partitions.get(leader, 1)
+            app(leader)
+            probe = EdgeProbe(leader, follower, app(follower), env, n)
+            try:
+                held = None if held_gaps is None else held_gaps.get((leader, follower))
+                status = probe.status(app(leader), held)
+                if relay_ids is not None and leader in relay_ids:
+                    if leader not in holders:
+                        holders[leader] = relay_holder(app(leader), relay_ids[leader])
+                    status.relay = holders[leader]
+                result.append(status)
+            finally:
+                probe.close()
+        return result
+    finally:
+        for a in apps.values():
+            a.close()
+
+
+HELD_METRIC = "esbridge_consumer_held_partitions"
+
+
+def metrics_url(address: str) -> str:
+    """``host:port`` → ``http://host:port/metrics``; a full URL is kept as given."""
+    if "://" in address:
+        return address
+    return f"http://{address}/metrics"
+
+
+def held_gaps_from_metrics(
+    addresses: Sequence[str], timeout: float = 5.0
+) -> tuple[dict[tuple[str, str], int], list[str]]:
+    """Held partitions per (leader, follower), summed over consumer processes' ``/metrics``.
+
+    Why from the processes: which partition waits for a missing message is
+    known only to the consumer holding it (nothing of it is in Postgres until
+    the gap is filled). Returns the counts and the list of errors (one line
+    per endpoint that could not be read), so a status shows what it knows.
+    """
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    held: dict[tuple[str, str], int] = {}
+    errors: list[str] = []
+    for address in addresses:
+        url = metrics_url(address)
+        try:
+            with urlopen(url, timeout=timeout) as response:
+                text = response.read().decode()
+        except OSError as e:
+            errors.append(f"{url}: {e}")
+            continue
+        for family in text_string_to_metric_families(text):
+            if family.name != HELD_METRIC:
+                continue
+            for sample in family.samples:
+                edge = (sample.labels.get("upstream", ""), sample.labels.get("follower", ""))
+                held[edge] = held.get(edge, 0) + int(sample.value)
+    return held, errors
+
+
+def read_only_app(system: System, name: str, env: Mapping[str, str]) -> Application[Any]:
+    """The application ``name`` constructed without creating tables (to read its state)."""
+    values = dict(env)
+    values["CREATE_TABLE"] = "n"
+    values[f"{name.upper()}_CREATE_TABLE"] = "n"
+    return construct_or_close(system.get_app_cls(name), values)
+
+
+COLUMNS = (
+    "edge",
+    "upstream max nid",
+    "position",
+    "lag (events)",
+    "lag (s)",
+    "held gaps",
+    "DLQ",
+    "relay",
+)
+
+
+def _positions_cell(status: EdgeStatus) -> str:
+    """One position, or each partition's labelled (``p0=1503 p1=1500``): which one lags shows."""
+    if len(status.positions) <= 1:
+        return str(status.position)
+    return " ".join(f"p{i}={v}" for i, v in enumerate(status.positions.values()))
+
+
+def _dlq_cell(status: EdgeStatus) -> str:
+    if status.dlq_error is not None:
+        return "unreadable"
+    return "-" if status.dlq is None else str(status.dlq)
+
+
+def format_table(statuses: Sequence[EdgeStatus]) -> str:
+    """A plain-text table, one row per edge."""
+    rows = [COLUMNS]
+    for s in statuses:
+        rows.append(
+            (
+                f"{s.leader} -> {s.follower}",
+                str(s.upstream_max_nid),
+                _positions_cell(s),
+                str(s.lag_events),
+                f"{s.lag_seconds:.1f}",
+                "-" if s.held_gaps is None else str(s.held_gaps),
+                _dlq_cell(s),
+                "-" if s.relay is None else s.relay or "none",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
