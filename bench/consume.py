@@ -39,9 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eventsourcing.system import SingleThreadedRunner, System
 
-from esbridge.consumer.adapter import ConsumerAdapter, tracking_names
+from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.eventlog.notification_log import read_pages
 from esbridge.kafka.partitioning import partition_for_key
+from esbridge.names import tracking_names
 from esbridge.processing.process_application import ProcessApplicationSink
 from esbridge.relay.relay import Relay
 from esbridge.system.setup import new_app

@@ -9,7 +9,7 @@ within a partition, not across), so the projection keeps one position per
 partition: tracking names ``{upstream}`` for a one-partition topic (the same
 row a log-fed runner uses, so the two feeds can be swapped) and
 ``{upstream}#{partition}/{partitions}`` otherwise: the same names an esbridge
-consumer adapter uses (:func:`esbridge.consumer.adapter.tracking_names`). Each message
+consumer adapter uses (:func:`esbridge.names.tracking_names`). Each message
 is checked against its partition's position with the relay's
 ``esb_nid``/``esb_prev_nid`` headers (:mod:`esbridge.consumer.reconcile`): redeliveries
 and replays are skipped, a gap (a message missing before this one) is filled
@@ -39,12 +39,12 @@ from eventsourcing.persistence import ApplicationRecorder, Mapper, Notification
 from sqlalchemy.engine import Engine
 
 from esbridge import wire
-from esbridge.consumer.adapter import tracking_names
 from esbridge.consumer.reconcile import PartitionOrder
 from esbridge.errors import ConfigurationError, EsbridgeError, MessageFormatError
 from esbridge.eventlog.notification_log import open_recorder, read_pages, release_recorder
 from esbridge.kafka.partitioning import key_partitioner
 from esbridge.kafka.topics import kafka_admin, partition_count
+from esbridge.names import tracking_names
 from esbridge.runtime.logs import kafka_client_config
 
 log = logging.getLogger("esbridge.connectors.projection")
@@ -62,7 +62,7 @@ class ProjectionGapError(EsbridgeError):
 def tracking_name(upstream: str, partition: int, partitions: int) -> str:
     """The tracking row of one partition (the upstream name itself for one partition).
 
-    The consumer adapter's naming (:func:`esbridge.consumer.adapter.tracking_names`):
+    The consumer adapter's naming (:func:`esbridge.names.tracking_names`):
     the partition count is part of the name because an aggregate's partition
     depends on it.
     """

@@ -7,7 +7,7 @@ whole ``eventsourcing`` ``System`` that way. The test harness is the pytest
 plugin in :mod:`esbridge.testing`; connectors live in ``esbridge_connectors``.
 """
 
-from esbridge.consumer.adapter import ConsumerAdapter, ConsumerStatus, tracking_names
+from esbridge.consumer.adapter import ConsumerAdapter, ConsumerStatus
 from esbridge.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -24,6 +24,7 @@ from esbridge.errors import (
     RelayFencedError,
     RelayStandbyError,
 )
+from esbridge.names import tracking_names
 from esbridge.relay.relay import Relay, RelayStatus
 from esbridge.system.runner import KafkaRunner, SystemRunnerError
 

@@ -193,7 +193,7 @@ class SystemProcesses:
 
     def setup(self) -> None:
         """Create every application's tables and every leader's topic."""
-        from esbridge.system.runner import SystemTopics
+        from esbridge.names import SystemTopics
         from esbridge.system.setup import ensure_topics, setup_system
 
         system = example("system").system
@@ -241,7 +241,7 @@ class SystemProcesses:
 
     def edge_statuses(self) -> list[Any]:
         """The lag of every edge (see :mod:`esbridge.system.status`)."""
-        from esbridge.system.runner import SystemTopics
+        from esbridge.names import SystemTopics
         from esbridge.system.status import edge_statuses
 
         system = example("system").system

@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def setup(args: argparse.Namespace, system: Any) -> int:
-    from esbridge.system.runner import SystemTopics
+    from esbridge.names import SystemTopics
     from esbridge.system.setup import ensure_topics, setup_system
 
     setup_system(system)

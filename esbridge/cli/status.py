@@ -51,7 +51,8 @@ def register(subparsers: Any) -> None:
 
 def status(args: argparse.Namespace) -> int:
     from esbridge.cli.run import load_from_args, relay_modes
-    from esbridge.system.runner import PROMPTS, SystemTopics, resolve_relay_modes
+    from esbridge.names import PROMPTS, SystemTopics
+    from esbridge.system.runner import resolve_relay_modes
     from esbridge.system.status import edge_statuses, format_table, held_gaps_from_metrics
 
     system = load_from_args(args)

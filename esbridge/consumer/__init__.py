@@ -7,6 +7,7 @@ tracking records (:mod:`.batch_commit`), fetches are kept fair between
 partitions (:mod:`.partition_flow`), and metrics kept (:mod:`.metrics`).
 """
 
-from esbridge.consumer.adapter import ConsumerAdapter, ConsumerStatus, tracking_names
+from esbridge.consumer.adapter import ConsumerAdapter, ConsumerStatus
+from esbridge.names import tracking_names
 
 __all__ = ["ConsumerAdapter", "ConsumerStatus", "tracking_names"]

@@ -80,6 +80,7 @@ from esbridge.eventlog.notification_log import (
 )
 from esbridge.kafka.access import authorization_error, raise_if_unauthorized
 from esbridge.kafka.partitioning import key_partitioner
+from esbridge.names import MODES, default_position_topic, tracking_names
 from esbridge.processing.process_application import (
     BatchSink,
     PrefetchFunc,
@@ -89,27 +90,12 @@ from esbridge.processing.process_application import (
     StepFactory,
     UpstreamDecoder,
 )
-from esbridge.relay.position import RelayProgress, default_position_topic
+from esbridge.relay.position import RelayProgress
 from esbridge.runtime import gc_pause
 from esbridge.runtime.logs import kafka_client_config
 from esbridge.runtime.postgres_retry import Diagnosis, connection_diagnosis, retry_unreachable
 
 log = logging.getLogger("esbridge.consumer")
-
-MODES = ("payloads", "prompts")
-
-
-def tracking_names(upstream: str, partitions: int) -> list[str]:
-    """The tracking names of a consumer of ``upstream`` on a topic of ``partitions``.
-
-    One partition: the upstream application's name (the library's own name,
-    so runners can be swapped). ``N > 1``: ``"{upstream}#{p}/{N}"`` per
-    partition ``p`` (the count is part of the name because the partition of
-    an aggregate depends on it).
-    """
-    if partitions <= 1:
-        return [upstream]
-    return [f"{upstream}#{p}/{partitions}" for p in range(partitions)]
 
 
 _METADATA_PREFIX = "esb_position="

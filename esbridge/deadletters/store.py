@@ -27,7 +27,9 @@ from typing import Any
 
 from psycopg.sql import SQL, Identifier
 
-TABLE = "esbridge_dead_letters"
+from esbridge.names import DEAD_LETTER_TABLE
+
+TABLE = DEAD_LETTER_TABLE
 
 REASON_MALFORMED = "malformed_message"
 REASON_UNDECODABLE = "undecodable"

@@ -50,6 +50,7 @@ from psycopg import errors as pg_errors
 from psycopg.rows import tuple_row
 
 from esbridge.errors import ConfigurationError
+from esbridge.names import lease_name
 
 log = logging.getLogger("esbridge.relay_lease")
 
@@ -76,7 +77,7 @@ _CLIENT_KEEPALIVES = {
 
 def lease_key(relay_id: str) -> int:
     """The advisory lock key (a signed 64-bit int) of ``relay_id``."""
-    digest = hashlib.blake2b(f"esbridge.relay:{relay_id}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(lease_name(relay_id).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 

@@ -41,6 +41,7 @@ from confluent_kafka import (
 
 from esbridge.errors import ConfigurationError, EsbridgeError, RelayPositionError
 from esbridge.kafka.access import authorization_error, raise_if_unauthorized
+from esbridge.names import POSITION_GROUP_PREFIX
 from esbridge.runtime.logs import kafka_client_config
 
 log = logging.getLogger("esbridge.relay")
@@ -52,15 +53,6 @@ POSITION_TOPIC_CONFIG = {
     "segment.ms": "600000",
     "min.cleanable.dirty.ratio": "0.1",
 }
-
-
-#: The position readers' consumer groups (never joined, but librdkafka looks up
-#: their coordinator): the relay needs DESCRIBE on groups with this prefix.
-POSITION_GROUP_PREFIX = "esbridge-position-"
-
-
-def default_position_topic(topic: str) -> str:
-    return f"{topic}.esbridge-relay-position"
 
 
 @dataclass

@@ -67,10 +67,11 @@ from esbridge.kafka.topics import (
     topic_setting,
     wait_for_broker,
 )
+from esbridge.names import MODES, PAYLOADS, PROMPTS, default_position_topic, default_relay_id
 from esbridge.relay.gaps import GapGuard, guarded_pages
 from esbridge.relay.lease import DEFAULT_EXPIRY, check_expiry
 from esbridge.relay.metrics import RelayMetrics
-from esbridge.relay.position import POSITION_TOPIC_CONFIG, default_position_topic
+from esbridge.relay.position import POSITION_TOPIC_CONFIG
 from esbridge.relay.publisher import KafkaPublisher, TransientPublishError
 from esbridge.relay.reader import read_pages_for_publishing
 from esbridge.relay.standby import Tenure
@@ -80,9 +81,6 @@ from esbridge.wire.encoding import Encoder, PayloadEncoder, content_type_for
 
 log = logging.getLogger("esbridge.relay")
 
-PAYLOADS = "payloads"
-PROMPTS = "prompts"
-MODES = (PAYLOADS, PROMPTS)
 
 #: Seconds between the checks whether a gap's writers ended (instead of ``poll_interval``).
 GAP_POLL = 0.05
@@ -205,7 +203,7 @@ class Relay:
         self.topic = topic
         self.mode = mode
         self.env = dict(os.environ if env is None else env)
-        self.relay_id = relay_id or f"esbridge-relay.{app_name.lower()}.{topic}"
+        self.relay_id = relay_id or default_relay_id(app_name, topic)
         self.exactly_once = exactly_once
         self.partitions = partitions
         self.position_topic = self.tuning.position_topic or default_position_topic(topic)

@@ -41,6 +41,7 @@ from eventsourcing.system import Runner, System
 
 from esbridge.errors import ConfigurationError, EsbridgeError
 from esbridge.kafka.config import kafka_config_from_env
+from esbridge.names import DEFAULT_PREFIX, MODES, PAYLOADS, PROMPTS, SystemTopics
 from esbridge.system.setup import construct_app, ensure_topics, system_env
 from esbridge.system.status import EdgeProbe, EdgeStatus, read_only_app, relay_holder
 
@@ -48,10 +49,7 @@ logger = logging.getLogger("esbridge.runner")
 
 TApp = TypeVar("TApp")
 
-PAYLOADS = "payloads"
-PROMPTS = "prompts"
-RELAY_MODES = (PAYLOADS, PROMPTS)
-DEFAULT_PREFIX = "esbridge."
+RELAY_MODES = MODES
 
 #: Set to a directory to profile every relay and consumer thread with cProfile (see
 #: :meth:`RunningComponent._run_profiled`): a diagnostic aid, off by default.
@@ -110,32 +108,6 @@ def check_importable(system: System) -> None:
                 f"application {name!r} of the system cannot be imported from "
                 f"{system.nodes[name]!r}: {type(e).__name__}: {e}"
             ) from e
-
-
-@dataclass(frozen=True)
-class SystemTopics:
-    """Names derived from the system, shared by every process that runs it.
-
-    One topic per leader (``{prefix}{leader}``, lower case), one consumer group
-    per edge (``{prefix}{follower}.{leader}``), one relay id per leader
-    (``{prefix}relay.{leader}``: the relay's transactional id, so a restarted
-    relay fences its zombie).
-    """
-
-    prefix: str = DEFAULT_PREFIX
-
-    def topic(self, leader: str) -> str:
-        return f"{self.prefix}{leader.lower()}"
-
-    def group(self, leader: str, follower: str) -> str:
-        return f"{self.prefix}{follower.lower()}.{leader.lower()}"
-
-    def relay_id(self, leader: str) -> str:
-        return f"{self.prefix}relay.{leader.lower()}"
-
-    def relay_ids(self, system: System) -> dict[str, str]:
-        """The relay id of every leader of ``system`` (for ``edge_statuses``)."""
-        return {leader: self.relay_id(leader) for leader in system.leaders}
 
 
 class Component(Protocol):

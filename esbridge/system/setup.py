@@ -177,7 +177,7 @@ def check_follower_privileges(name: str, app: Application[Any]) -> None:
     datastore = getattr(recorder, "datastore", None)
     if datastore is None or not hasattr(datastore, "transaction"):
         return
-    from esbridge.deadletters.store import TABLE
+    from esbridge.names import DEAD_LETTER_TABLE as TABLE
 
     schema = datastore.schema or "public"
     tables = [

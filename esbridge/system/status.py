@@ -36,21 +36,11 @@ from eventsourcing.system import System
 
 from esbridge.eventlog.notification_log import close_recorder, open_recorder, read_pages
 from esbridge.kafka.partitioning import partition_for_key
+from esbridge.names import tracking_names
 from esbridge.runtime.postgres_retry import connection_diagnosis
 from esbridge.system.applications import construct_or_close
 
 MAX_LAG_SCAN = 200_000  # notifications read to count a lag; beyond, the count is a lower bound
-
-
-def tracking_names(leader: str, partitions: int) -> list[str]:
-    """The tracking names a consumer records for ``leader`` on a topic of ``partitions``.
-
-    One partition (or prompts): the leader's name, as the library's runners
-    record, so a system moves between runners without reprocessing.
-    """
-    from esbridge.consumer import adapter as consumer
-
-    return list(consumer.tracking_names(leader, partitions))
 
 
 @dataclass
@@ -152,7 +142,8 @@ def dlq_size(app: Application[Any], follower: str) -> tuple[int | None, str | No
     """
     import psycopg.errors
 
-    from esbridge.deadletters.store import TABLE, DeadLetterStore
+    from esbridge.deadletters.store import DeadLetterStore
+    from esbridge.names import DEAD_LETTER_TABLE as TABLE
     from esbridge.runtime.postgres_privileges import current_role, with_advice
 
     datastore = getattr(app.recorder, "datastore", None)

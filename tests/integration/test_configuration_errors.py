@@ -9,7 +9,8 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from esbridge.relay.position import RelayPosition, default_position_topic
+from esbridge.names import default_position_topic
+from esbridge.relay.position import RelayPosition
 from tests.integration.relay_support import ESBRIDGE, ROOT, ledger, subprocess_env, write_events
 
 SECRET = "S3cr3t-value"

@@ -16,10 +16,11 @@ import pytest
 from eventsourcing.utils import get_topic
 
 from esbridge import wire
-from esbridge.consumer.adapter import ConsumerAdapter, tracking_names
+from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.deadletters.retry import replay_dead_letters
 from esbridge.deadletters.store import DeadLetterStore
 from esbridge.errors import GapNotReconciledError
+from esbridge.names import tracking_names
 from esbridge.processing.process_application import ProcessApplicationSink
 from esbridge.relay.relay import Relay
 from examples.dogschool.application import DogSchool

@@ -18,9 +18,10 @@ import threading
 import time
 from typing import Any
 
-from esbridge.consumer.adapter import ConsumerAdapter, tracking_names
+from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.consumer.partition_flow import Sample, longest_stalls
 from esbridge.kafka.partitioning import partition_for_key
+from esbridge.names import tracking_names
 from esbridge.relay.relay import Relay
 from examples.dogschool.application import DogSchool
 from examples.dogschool.domainmodel import Dog

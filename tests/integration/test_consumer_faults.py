@@ -38,8 +38,8 @@ from uuid import UUID
 import pytest
 from eventsourcing.application import AggregateNotFoundError
 
-from esbridge.consumer.adapter import tracking_names
 from esbridge.kafka.partitioning import partition_for_key
+from esbridge.names import tracking_names
 from esbridge.relay.relay import Relay
 from examples.dogschool.application import DogSchool
 from examples.dogschool.domainmodel import Dog

@@ -22,8 +22,9 @@ from confluent_kafka import Consumer, TopicPartition
 from eventsourcing.persistence import PersistenceError
 
 from esbridge import wire
-from esbridge.consumer.adapter import ConsumerAdapter, offset_metadata, tracking_names
+from esbridge.consumer.adapter import ConsumerAdapter, offset_metadata
 from esbridge.errors import GapNotReconciledError
+from esbridge.names import tracking_names
 from esbridge.relay.relay import Relay
 from examples.dogschool.application import DogSchool
 from tests.integration.consumer_apps import (

@@ -19,10 +19,11 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from esbridge import wire
-from esbridge.consumer.adapter import ConsumerAdapter, tracking_names
+from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.deadletters.retry import replay_dead_letters
 from esbridge.deadletters.store import REASON_FOREIGN, DeadLetterStore
 from esbridge.errors import ConfigurationError, GapNotReconciledError
+from esbridge.names import tracking_names
 from esbridge.processing.process_application import ProcessApplicationSink
 from examples.dogschool.application import DogSchool
 from tests.integration.consumer_apps import (

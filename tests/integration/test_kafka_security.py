@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from esbridge.relay.position import POSITION_TOPIC_CONFIG, default_position_topic
+from esbridge.names import default_position_topic
+from esbridge.relay.position import POSITION_TOPIC_CONFIG
 from esbridge.testing.secure_kafka import KafkaUser, SecureKafkaBroker
 from esbridge.testing.servers import unique_name
 from esbridge.testing.tls import make_ca

@@ -126,7 +126,7 @@ def test_two_workers_the_relay_moves_when_its_worker_is_killed(
     """Both workers of each application run its relay; one publishes, one stands by. The
     worker whose Orders relay publishes is SIGKILLed and NOT restarted: the other worker's
     relay takes over at once, and orders keep being reserved and paid exactly once."""
-    from esbridge.system.runner import SystemTopics
+    from esbridge.names import SystemTopics
     from tests.integration.relay_support import lease_holder_pid, wait_for
 
     with SystemProcesses(postgres_db.env, kafka_broker.config(), partitions=2, workers=2) as p:

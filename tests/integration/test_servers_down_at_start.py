@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from esbridge.consumer.adapter import ConsumerAdapter, tracking_names
+from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.errors import ConfigurationError
+from esbridge.names import tracking_names
 from esbridge.relay.relay import Relay
 from esbridge.runtime.postgres_retry import connection_diagnosis
 from esbridge.system.runner import KafkaRunner

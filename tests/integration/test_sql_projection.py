@@ -37,8 +37,8 @@ from sql_projection_domain import (
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from esbridge.consumer.adapter import tracking_names
 from esbridge.kafka.partitioning import key_partitioner
+from esbridge.names import tracking_names
 
 HERE = Path(__file__).resolve().parent
 
