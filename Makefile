@@ -45,7 +45,7 @@ test: provision lint
 	ESBRIDGE_TEST_BACKEND=containers $(PY) -m pytest $(CONTAINER_TESTS)
 	$(MAKE) test-oldest
 
-# The quick tests (tests/test_*.py, without the README examples) on the oldest supported
+# The quick tests (tests/unit) on the oldest supported
 # CPython too, in .venv-oldest: the integration suite runs on $(PYTHON) only.
 test-oldest:
 ifneq ($(OLDEST_PYTHON),)
@@ -53,7 +53,7 @@ ifneq ($(OLDEST_PYTHON),)
 	     "$$($(PY) -c 'import sys; print(sys.version_info[:2])')" ]; then \
 	  echo "test-oldest: $(PY) is the oldest CPython already"; else \
 	  $(MAKE) install VENV=.venv-oldest PYTHON=$(OLDEST_PYTHON) && \
-	  .venv-oldest/bin/python -m pytest -q tests/test_*.py --ignore=tests/test_docs.py; fi
+	  .venv-oldest/bin/python -m pytest -q tests/unit; fi
 else
 	@echo "test-oldest: no python3.11 here; skipped"
 endif

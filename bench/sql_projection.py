@@ -26,13 +26,13 @@ from typing import Any
 
 from sqlalchemy import create_engine
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from esbridge_connectors.sql_projection import ProjectionRunner
 from esbridge_connectors.upstream import application_mapper
-from sql_projection_domain import DogProjection, DogSchool
 
 from esbridge.testing import make_postgres
+from tests.support.sql_projection_domain import DogProjection, DogSchool
 
 
 def project(server: Any, env: dict[str, str], page_size: int, limit: int | None) -> float:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from examples.dogschool.application import DogSchool
-from tests.integration.consumer_apps import Mirror
+from tests.support.consumer_apps import Mirror
 
 
 @pytest.fixture
