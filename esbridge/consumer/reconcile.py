@@ -1,6 +1,6 @@
 """Per-partition ordering: duplicates, gaps and reordering, from headers and tracking.
 
-Pure logic, no I/O, so every case is unit-tested (``tests/unit/test_reconcile.py``).
+Pure logic, no I/O, so every case is unit-tested (``tests/unit/consumer/test_reconcile.py``).
 
 A relay stamps each payload message with ``esb_nid`` (its notification id in
 the upstream log) and ``esb_prev_nid`` (the id of the previous message it
