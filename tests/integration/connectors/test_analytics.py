@@ -261,7 +261,7 @@ def test_reference_reader_gives_the_same_cloudevent_in_both_modes(shop, postgres
         b = read_cloudevent(*binary.encode(n))
         b["datacontenttype"] = a["datacontenttype"]
         assert a == b
-        assert a["dataschema"].startswith("https://example.com/s/test_analytics.Customer.")
+        assert a["dataschema"].startswith(f"https://example.com/s/{__name__}.Customer.")
         assert a["dataschema"].endswith(".data.json")
 
 

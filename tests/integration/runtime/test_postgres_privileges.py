@@ -29,7 +29,7 @@ from tests.support.consumer_apps import Mirror, populate
 from tests.support.relay_support import ESBRIDGE, ROOT, subprocess_env
 
 SYSTEM = System(pipes=[[DogSchool, Mirror]])
-SYSTEM_PATH = "tests.integration.test_postgres_privileges:SYSTEM"
+SYSTEM_PATH = "tests.integration.runtime.test_postgres_privileges:SYSTEM"
 PASSWORD = "pw-of-a-test-role"
 
 MakeRole = Callable[..., dict[str, str]]

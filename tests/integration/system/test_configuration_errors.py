@@ -39,7 +39,7 @@ def test_a_stray_kafka_variable_is_named_by_every_command(
         ["relay", "tests.support.relay_support:Ledger", "--topic", topic],
         ["consume", "tests.support.consumer_apps:Mirror", "--upstream", "DogSchool",
          "--topic", topic],
-        ["run", "tests.integration.test_postgres_privileges:SYSTEM"],
+        ["run", "tests.integration.runtime.test_postgres_privileges:SYSTEM"],
     ]  # fmt: skip
     for variable, message in [
         ("KAFKA_SASL_PASSWROD", "KAFKA_SASL_PASSWROD (sasl.passwrod) (did you mean "

@@ -181,7 +181,7 @@ def test_commands_exit_2_at_once_when_postgres_refuses_the_settings(
     commands = [
         ["relay", "examples.dogschool.application:DogSchool", "--topic", topic],
         ["consume", mirror_cls, "--upstream", "DogSchool", "--topic", topic, "--upstream-log"],
-        ["status", "tests.integration.test_postgres_privileges:SYSTEM"],
+        ["status", "tests.integration.runtime.test_postgres_privileges:SYSTEM"],
     ]
     for command in commands:
         started = time.monotonic()
