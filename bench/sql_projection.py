@@ -28,11 +28,11 @@ from sqlalchemy import create_engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 
-from esbridge_connectors.sql_projection import ProjectionRunner
-from esbridge_connectors.upstream import application_mapper
 from sql_projection_domain import DogProjection, DogSchool
 
 from esbridge.testing import make_postgres
+from esbridge_connectors.sql_projection import ProjectionRunner
+from esbridge_connectors.upstream import application_mapper
 
 
 def project(server: Any, env: dict[str, str], page_size: int, limit: int | None) -> float:

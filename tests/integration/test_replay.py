@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from esbridge_connectors.replay import Replay
 from sql_projection_domain import DogSchool, dog_feed, table_contents
 from sqlalchemy import create_engine
 
@@ -29,6 +28,7 @@ from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.consumer.reconcile import PartitionOrder
 from esbridge.errors import ConfigurationError
 from esbridge.relay.relay import Relay
+from esbridge_connectors.replay import Replay
 
 HERE = Path(__file__).resolve().parent
 PARTITIONS = 3

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_webhooks import SECRET, SIGNATURE, Payments, make_intake, payment_body, push, recorded
+from test_webhooks_load import IntakeProcess, free_port
+
 from esbridge_connectors import webhooks
 from esbridge_connectors.http_limits import HttpLimits
 from esbridge_connectors.serving import BackgroundServer
 from esbridge_connectors.webhooks import WebhookIntake
-from test_webhooks import SECRET, SIGNATURE, Payments, make_intake, payment_body, push, recorded
-from test_webhooks_load import IntakeProcess, free_port
 
 HEAD_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.0

@@ -28,8 +28,9 @@ from typing import Any
 
 import httpx
 import pytest
-from esbridge_connectors.sender import Delivery, SendStats, send_all
 from test_webhooks import SIGNATURE, Payments, recorded
+
+from esbridge_connectors.sender import Delivery, SendStats, send_all
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
