@@ -51,16 +51,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eventsourcing.system import MultiThreadedRunner
 
-from esbridge.demo import (
+from esbridge.testing import make_kafka, make_postgres
+from examples.orders.application import Orders
+from examples.orders.demo import (
     SystemProcesses,
     Timings,
     count_effects,
     drive_orders,
-    example,
     order_timings,
     paid_counter,
 )
-from esbridge.testing import make_kafka, make_postgres
+from examples.orders.system import system
 
 #: The library's aggregate cache for the Orders application (see the module docstring).
 ORDERS_CACHE = {
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers,
                 relay_settings=args.relay_set,
             ) as processes:
-                orders = example("application").Orders(env=processes.env)
+                orders = Orders(env=processes.env)
                 try:
                     started = time.monotonic()
                     esb[mode], esb_ids = measure(
@@ -175,10 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             check_exactly_once(processes.env, esb_ids, f"esbridge ({mode})")
 
         lib_env = {**postgres.create_database().env, **settings}
-        system = example("system").system
         runner: MultiThreadedRunner[Any] = MultiThreadedRunner(system, env=lib_env)
         with runner:
-            lib_orders = runner.get(example("application").Orders)
+            lib_orders = runner.get(Orders)
             noop: Callable[[], None] = lambda: None  # noqa: E731
             lib, lib_ids = measure(
                 lib_orders,

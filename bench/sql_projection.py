@@ -28,10 +28,9 @@ from sqlalchemy import create_engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from esbridge.testing import make_postgres
 from esbridge_connectors.sql_projection import ProjectionRunner
 from esbridge_connectors.upstream import application_mapper
-
-from esbridge.testing import make_postgres
 from tests.support.sql_projection_domain import DogProjection, DogSchool
 
 

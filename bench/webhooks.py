@@ -34,15 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from esbridge_connectors.sender import Delivery, SendStats, send_all
-from esbridge_connectors.signatures import HmacSignature
-from esbridge_connectors.webhooks import FieldSource, WebhookIntake
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from esbridge_connectors.sender import Delivery, SendStats, send_all
+from esbridge_connectors.signatures import HmacSignature
+from esbridge_connectors.webhooks import FieldSource, WebhookIntake
 
 HERE = Path(__file__).resolve().parent
 SIGNATURE = HmacSignature(secrets=["bench-secret"])

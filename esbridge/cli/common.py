@@ -62,6 +62,17 @@ def add_connect_timeout(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def missing_extra(extra: str, command: str, error: ModuleNotFoundError) -> ConfigurationError:
+    """The error for ``command`` run without the optional ``extra`` it imports.
+
+    Optional extras are imported only by the commands that use them, so that
+    ``pip install esbridge`` gives a working core; this says what to install.
+    """
+    return ConfigurationError(
+        f"{command} needs the optional {extra!r} extra ({error}): pip install 'esbridge[{extra}]'"
+    )
+
+
 def use_app_dir(app_dir: str) -> None:
     """Put ``app_dir`` (made absolute) first on the Python path, once."""
     app_dir = os.path.abspath(app_dir)

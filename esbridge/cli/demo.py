@@ -5,14 +5,24 @@ runs Orders, Reservations and Payments each in its own ``esbridge run``
 process, submits a stream of orders and reports orders processed, orders/s,
 min/mean/max order processing time (created -> paid), the exactly-once check
 and the lag of every edge; then stops everything.
+
+The demo is example code, ``examples/orders/demo.py`` in the source tree, not
+part of the installed package: run it from a source checkout (``make demo``),
+or give the checkout with ``--app-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+from pathlib import Path
 from typing import Any
 
-from esbridge.cli.common import add_command
+import esbridge
+from esbridge.cli.common import add_command, use_app_dir
+from esbridge.errors import ConfigurationError
+
+DEMO_MODULE = "examples.orders.demo"
 
 
 def register(subparsers: Any) -> None:
@@ -53,14 +63,35 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--timeout", type=float, default=120.0, help="give up after this many seconds"
     )
+    parser.add_argument(
+        "--app-dir",
+        help="the esbridge source checkout that holds examples/ "
+        "(default: the one esbridge is imported from)",
+    )
     parser.set_defaults(func=demo)
 
 
-def demo(args: argparse.Namespace) -> int:
-    from esbridge.demo import DemoOptions, run_demo
+def demo_module(app_dir: str | None) -> Any:
+    """``examples.orders.demo`` from ``app_dir``, else from the checkout esbridge runs from.
 
-    report = run_demo(
-        DemoOptions(
+    A wheel install has no ``examples/`` beside the package: say so instead of
+    failing on an import error.
+    """
+    root = Path(app_dir) if app_dir else Path(esbridge.__file__).resolve().parents[1]
+    if not (root / "examples" / "orders" / "demo.py").is_file():
+        raise ConfigurationError(
+            f"esbridge demo runs examples/orders/demo.py from the esbridge source tree, and "
+            f"{root} has none: run it from a source checkout (make demo), or pass the "
+            "checkout's directory with --app-dir"
+        )
+    use_app_dir(str(root))
+    return importlib.import_module(DEMO_MODULE)
+
+
+def demo(args: argparse.Namespace) -> int:
+    example = demo_module(args.app_dir)
+    report = example.run_demo(
+        example.DemoOptions(
             orders=args.orders,
             partitions=args.partitions,
             rate=args.rate,

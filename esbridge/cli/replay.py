@@ -19,7 +19,10 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from esbridge.cli.common import add_app_dir, add_command, load_class
+from esbridge.cli.common import add_app_dir, add_command, load_class, missing_extra
+from esbridge.errors import ConfigurationError
+from esbridge.kafka.config import load_kafka_config
+from esbridge.wire.encoding import Encoder
 
 
 def register(subparsers: Any) -> None:
@@ -54,11 +57,12 @@ def register(subparsers: Any) -> None:
 
 
 def replay_command(args: argparse.Namespace) -> int:
-    from esbridge_connectors.replay import Replay
-
-    from esbridge.errors import ConfigurationError
-    from esbridge.kafka.config import load_kafka_config
-    from esbridge.wire.encoding import Encoder
+    try:
+        # esbridge_connectors is the optional ``connectors`` extra: imported when the
+        # command runs, so that the core ``esbridge`` command works without it.
+        from esbridge_connectors.replay import Replay
+    except ModuleNotFoundError as e:
+        raise missing_extra("connectors", "esbridge replay", e) from e
 
     env = dict(os.environ)
     kafka_config = load_kafka_config(args.kafka_config, env)
@@ -69,8 +73,11 @@ def replay_command(args: argparse.Namespace) -> int:
                 "--analytics needs --app-class package.module:Class (the application's "
                 "transcodings decode its events)"
             )
-        from esbridge_connectors.analytics import CloudEventsEncoder
-        from esbridge_connectors.upstream import application_mapper
+        try:  # the optional ``connectors`` extra, as above
+            from esbridge_connectors.analytics import CloudEventsEncoder
+            from esbridge_connectors.upstream import application_mapper
+        except ModuleNotFoundError as e:
+            raise missing_extra("connectors", "esbridge replay --analytics", e) from e
 
         app_class = load_class(args.app_class, args.app_dir)
         encoder = CloudEventsEncoder(

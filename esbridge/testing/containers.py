@@ -93,6 +93,7 @@ class _ServerContainer:
 
     def run(self, env: dict[str, str], command: list[str]) -> None:
         """Create and start the container (the first :meth:`start`)."""
+        # The optional extra esbridge[containers]; ContainerEngine checked it is installed.
         from testcontainers.core.container import DockerContainer
 
         container = DockerContainer(self.image).with_envs(**env).with_command(command)
@@ -111,7 +112,7 @@ class _ServerContainer:
         record(f"{self.kind} container create+start", time.monotonic() - t0)
 
     def hint(self, error: Exception) -> str:
-        import docker.errors
+        import docker.errors  # the optional extra esbridge[containers], as above
 
         if isinstance(error, docker.errors.ImageNotFound | docker.errors.NotFound) or (
             "pull" in str(error).lower()

@@ -20,6 +20,10 @@ with the harness's podman service).
 
 One engine is shared by every server of the process and is closed (podman
 service stopped, environment restored) when the last server releases it.
+
+``testcontainers`` (and the ``docker`` client it brings) is the optional extra
+``esbridge[containers]``: it is imported only where this backend is used, so
+the harness's local and external backends work without it.
 """
 
 from __future__ import annotations
@@ -54,10 +58,32 @@ def _choice(var: str, allowed: tuple[str, ...], default: str) -> str:
     return value
 
 
-def docker_ping(docker_host: str | None = None) -> bool:
-    """True when the Docker API (``docker_host``, else the environment's) answers."""
+CONTAINERS_EXTRA_MISSING = (
+    "the testcontainers backend needs the optional 'containers' extra (testcontainers and "
+    "the Docker client it brings): pip install 'esbridge[containers]', or choose the local "
+    "or external backend (ESBRIDGE_TEST_BACKEND)"
+)
+
+
+def containers_extra_missing() -> str | None:
+    """Why the optional ``containers`` extra cannot be imported here, or None when it can."""
     try:
-        import docker
+        # The optional extra esbridge[containers], imported only by this backend.
+        import docker  # noqa: F401
+        import testcontainers  # noqa: F401
+    except ModuleNotFoundError as e:
+        return f"{CONTAINERS_EXTRA_MISSING} ({e})"
+    return None
+
+
+def docker_ping(docker_host: str | None = None) -> bool:
+    """True when the Docker API (``docker_host``, else the environment's) answers.
+
+    False, too, without the optional ``containers`` extra: the ``auto`` backend
+    then picks the local processes.
+    """
+    try:
+        import docker  # the optional extra esbridge[containers]
 
         if docker_host:
             client = docker.DockerClient(base_url=docker_host, timeout=3)
@@ -73,6 +99,9 @@ def docker_ping(docker_host: str | None = None) -> bool:
 
 def unavailable_reason() -> str | None:
     """Why no container engine can be used here, or None (nothing is started to find out)."""
+    missing = containers_extra_missing()
+    if missing is not None:
+        return missing
     engine = _choice("ESBRIDGE_CONTAINER_ENGINE", ("auto", "docker", "podman"), "auto")
     if engine != "podman" and docker_ping():
         return None
@@ -102,7 +131,10 @@ class ContainerEngine:
     """A Docker API client plus the choices (network, images) for this engine."""
 
     def __init__(self) -> None:
-        import docker
+        missing = containers_extra_missing()
+        if missing is not None:
+            raise HarnessError(missing)
+        import docker  # the optional extra esbridge[containers] (checked above)
 
         choice = _choice("ESBRIDGE_CONTAINER_ENGINE", ("auto", "docker", "podman"), "auto")
         self.service: PodmanService | None = None
@@ -147,7 +179,7 @@ class ContainerEngine:
         for key, value in env.items():
             self.saved_env[key] = os.environ.get(key)
             os.environ[key] = value
-        from testcontainers.core.config import testcontainers_config
+        from testcontainers.core.config import testcontainers_config  # the optional extra
 
         testcontainers_config.ryuk_disabled = True
         testcontainers_config.tc_host_override = "127.0.0.1"

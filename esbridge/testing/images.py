@@ -443,7 +443,7 @@ def load(client: Any, image: LocalImage) -> float:
 
     Returns the seconds the import took (0 when the engine already had it).
     """
-    import docker.errors
+    import docker.errors  # the optional extra esbridge[containers] (the engine checked it)
 
     try:
         client.images.get(image.name)

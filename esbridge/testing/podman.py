@@ -235,7 +235,7 @@ class PodmanService:
         )
 
     def ping(self) -> bool:
-        import docker
+        import docker  # the optional extra esbridge[containers] (the engine checked it)
 
         try:
             client = docker.DockerClient(base_url=self.docker_host, timeout=3)

@@ -6,11 +6,12 @@ projection resolves the same event topics as the test that checks it.
 
 from __future__ import annotations
 
-from esbridge_connectors.sql_projection import SqlProjection, handles
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 from sqlalchemy import ForeignKey, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from esbridge_connectors.sql_projection import SqlProjection, handles
 
 
 class Dog(Aggregate):
@@ -145,9 +146,10 @@ def main() -> None:
     import json
     import sys
 
+    from sqlalchemy import create_engine
+
     from esbridge_connectors.sql_projection import ProjectionRunner
     from esbridge_connectors.upstream import application_mapper
-    from sqlalchemy import create_engine
 
     url, env = sys.argv[1], json.loads(sys.argv[2])
     runner = ProjectionRunner(

@@ -8,11 +8,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "code-layout.md"
-PACKAGES = [ROOT / "esbridge", ROOT / "connectors"]
+PACKAGES = [ROOT / "esbridge", ROOT / "esbridge_connectors"]
 
 
 def test_code_layout_names_every_package() -> None:
-    named = set(re.findall(r"`((?:esbridge|connectors)(?:/\w+)*/)`", PAGE.read_text()))
+    named = set(re.findall(r"`((?:esbridge|esbridge_connectors)(?:/\w+)*/)`", PAGE.read_text()))
     named.discard("esbridge/")  # the tree itself
     packages = {
         str(p.parent.relative_to(ROOT)) + "/"

@@ -24,6 +24,12 @@ from typing import Any
 import jsonschema
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from eventsourcing.application import Application
+from eventsourcing.domain import Aggregate, event
+from eventsourcing.persistence import Transcoder, Transcoding
+
+from esbridge.errors import MessageFormatError
+from esbridge.relay.relay import Relay
 from esbridge_connectors.analytics import (
     BINARY,
     STRUCTURED,
@@ -38,12 +44,6 @@ from esbridge_connectors.schemas import (
     write_schemas,
 )
 from esbridge_connectors.upstream import application_mapper
-from eventsourcing.application import Application
-from eventsourcing.domain import Aggregate, event
-from eventsourcing.persistence import Transcoder, Transcoding
-
-from esbridge.errors import MessageFormatError
-from esbridge.relay.relay import Relay
 
 
 class Tier(Enum):

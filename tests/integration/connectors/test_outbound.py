@@ -27,14 +27,6 @@ from typing import Any
 
 import anyio
 import pytest
-from esbridge_connectors.calling import OutboundRequest, RetryPolicy
-from esbridge_connectors.outbound import (
-    OutboundCall,
-    OutboundFollower,
-    OutboundSink,
-    OutboundWorker,
-)
-from esbridge_connectors.serving import BackgroundServer
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.system import SingleThreadedRunner, System
@@ -44,6 +36,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from esbridge.deadletters.store import DeadLetterStore
+from esbridge_connectors.calling import OutboundRequest, RetryPolicy
+from esbridge_connectors.outbound import (
+    OutboundCall,
+    OutboundFollower,
+    OutboundSink,
+    OutboundWorker,
+)
+from esbridge_connectors.serving import BackgroundServer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]

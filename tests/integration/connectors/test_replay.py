@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from esbridge_connectors.replay import Replay
 from sqlalchemy import create_engine
 
 from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.consumer.reconcile import PartitionOrder
 from esbridge.errors import ConfigurationError
 from esbridge.relay.relay import Relay
+from esbridge_connectors.replay import Replay
 from tests.support.sql_projection_domain import DogSchool, dog_feed, table_contents
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -22,15 +22,15 @@ import time
 from pathlib import Path
 
 import pytest
-from esbridge_connectors.replay import Replay
-from esbridge_connectors.sql_projection import ProjectionRunner
-from esbridge_connectors.sql_tracking import ProjectionConflictError
-from esbridge_connectors.upstream import application_mapper
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from esbridge.kafka.partitioning import key_partitioner
 from esbridge.names import tracking_names
+from esbridge_connectors.replay import Replay
+from esbridge_connectors.sql_projection import ProjectionRunner
+from esbridge_connectors.sql_tracking import ProjectionConflictError
+from esbridge_connectors.upstream import application_mapper
 from tests.support.sql_projection_domain import (
     DogNameProjection,
     DogProjection,
@@ -376,6 +376,7 @@ def test_kafka_feed_skips_messages_that_carry_no_notification_and_loses_none(
     messages: both are skipped and counted; every notification is applied (no upstream log
     given: a notification missing from the topic would be a ProjectionGapError)."""
     from confluent_kafka import Producer
+
     from esbridge_connectors.sql_projection_kafka import ProjectionGapError
 
     for i in range(10):

@@ -20,6 +20,9 @@ from typing import Any
 
 import httpx
 import pytest
+from eventsourcing.application import Application
+from eventsourcing.domain import Aggregate, event
+
 from esbridge_connectors.serving import BackgroundServer
 from esbridge_connectors.signatures import HmacSignature
 from esbridge_connectors.webhooks import (
@@ -28,8 +31,6 @@ from esbridge_connectors.webhooks import (
     WebhookIntake,
     WebhookReceipt,
 )
-from eventsourcing.application import Application
-from eventsourcing.domain import Aggregate, event
 
 SECRET = "test-secret-do-not-use"
 SIGNATURE = HmacSignature(secrets=[SECRET], header="X-Signature", timestamp_header="X-Timestamp")

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from esbridge_connectors import webhooks
 from esbridge_connectors.http_limits import HttpLimits
 from esbridge_connectors.serving import BackgroundServer
 from esbridge_connectors.webhooks import WebhookIntake
-
 from tests.integration.connectors.test_webhooks import (
     SECRET,
     SIGNATURE,

@@ -28,8 +28,8 @@ from typing import Any
 
 import httpx
 import pytest
-from esbridge_connectors.sender import Delivery, SendStats, send_all
 
+from esbridge_connectors.sender import Delivery, SendStats, send_all
 from tests.integration.connectors.test_webhooks import SIGNATURE, Payments, recorded
 
 HERE = Path(__file__).resolve().parent

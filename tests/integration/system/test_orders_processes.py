@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from esbridge.cli.run import ESBRIDGE_COMMAND
-from esbridge.demo import SystemProcesses, count_effects, drive_orders, paid_counter
 from examples.orders.application import Orders
+from examples.orders.demo import SystemProcesses, count_effects, drive_orders, paid_counter
 
 
 def exactly_once(env: dict[str, str], ids: list[Any]) -> None:

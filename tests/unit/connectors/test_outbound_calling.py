@@ -5,10 +5,10 @@ from __future__ import annotations
 import email.utils
 
 import pytest
-from esbridge_connectors.calling import RetryPolicy, parse_retry_after
-from esbridge_connectors.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 
 from esbridge.errors import ConfigurationError
+from esbridge_connectors.calling import RetryPolicy, parse_retry_after
+from esbridge_connectors.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 
 
 def test_backoff_is_full_jitter_under_an_exponential_cap():

@@ -34,9 +34,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-from esbridge_connectors.circuit import CircuitBreaker
 
 from esbridge.errors import ConfigurationError, EsbridgeError
+from esbridge_connectors.circuit import CircuitBreaker
 
 SUCCEEDED = "succeeded"
 PERMANENT = "permanent"

@@ -34,7 +34,6 @@ from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from confluent_kafka.error import KafkaException
-from esbridge_connectors.sql_projection import ProjectionRunner, SqlProjection
 from eventsourcing.persistence import ApplicationRecorder, Mapper, Notification
 from sqlalchemy.engine import Engine
 
@@ -46,6 +45,7 @@ from esbridge.kafka.partitioning import key_partitioner
 from esbridge.kafka.topics import kafka_admin, partition_count
 from esbridge.names import tracking_names
 from esbridge.runtime.logs import kafka_client_config
+from esbridge_connectors.sql_projection import ProjectionRunner, SqlProjection
 
 log = logging.getLogger("esbridge.connectors.projection")
 

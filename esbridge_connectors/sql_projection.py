@@ -38,8 +38,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, TypeVar
 
-from esbridge_connectors import sql_tracking
-from esbridge_connectors.sql_tracking import DeadLetter, Position, ProjectionConflictError
 from eventsourcing.persistence import ApplicationRecorder, Mapper, Notification
 from eventsourcing.persistence import OperationalError as EventStoreOperationalError
 from eventsourcing.utils import resolve_topic
@@ -50,6 +48,8 @@ from sqlalchemy.orm import Session
 
 from esbridge.errors import ConfigurationError, EsbridgeError
 from esbridge.eventlog.notification_log import open_recorder, read_pages, release_recorder
+from esbridge_connectors import sql_tracking
+from esbridge_connectors.sql_tracking import DeadLetter, Position, ProjectionConflictError
 
 log = logging.getLogger("esbridge.connectors.projection")
 

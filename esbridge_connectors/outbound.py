@@ -43,15 +43,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from esbridge_connectors.calling import (
-    SUCCEEDED,
-    Caller,
-    CallOutcome,
-    OutboundRequest,
-    RetryPolicy,
-    default_response_part,
-)
-from esbridge_connectors.circuit import CircuitBreaker
 from eventsourcing.application import AggregateNotFoundError, ProcessingEvent
 from eventsourcing.domain import Aggregate, DomainEventProtocol, event
 from eventsourcing.persistence import Tracking
@@ -71,6 +62,15 @@ from esbridge.processing.process_application import (
 )
 from esbridge.runtime.signals import stop_on_signals
 from esbridge.wire import H_APP
+from esbridge_connectors.calling import (
+    SUCCEEDED,
+    Caller,
+    CallOutcome,
+    OutboundRequest,
+    RetryPolicy,
+    default_response_part,
+)
+from esbridge_connectors.circuit import CircuitBreaker
 
 logger = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import httpx
+
 from esbridge_connectors.signatures import HmacSignature
 
 

@@ -13,12 +13,15 @@ everything down.
 The pieces (:class:`SystemProcesses`, :func:`submit_orders`,
 :func:`wait_until_paid`, :func:`order_timings`, :func:`count_effects`) are
 reused by the tests and by ``bench/orders.py``.
+
+It lives here, not in the ``esbridge`` package, because it is example code:
+``esbridge demo`` imports it from a source checkout (the ``examples``
+package is not part of the installed distribution).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import signal
 import statistics
@@ -35,31 +38,24 @@ from typing import Any, TextIO
 from eventsourcing.persistence import ApplicationRecorder
 from eventsourcing.utils import get_topic
 
-from esbridge.errors import ConfigurationError
+from esbridge.cli import build_parser
+from esbridge.cli.run import worker_command
 from esbridge.eventlog.notification_log import close_recorder, open_recorder, read_pages
+from esbridge.names import SystemTopics
+from esbridge.system.runner import SystemRunnerError
+from esbridge.system.setup import ensure_topics, setup_system
+from esbridge.system.status import edge_statuses, format_table
+from esbridge.system.supervisor import Supervisor
+from esbridge.testing import make_kafka, make_postgres
+from examples.orders.application import Orders, Payments, Reservations
+from examples.orders.domainmodel import Order, Payment, Reservation
+from examples.orders.system import system
 
 SYSTEM_PATH = "examples.orders.system:system"
 APPS = ("Orders", "Reservations", "Payments")
-
-
-def source_root() -> Path:
-    """The directory that holds ``examples/`` (the esbridge source tree)."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "examples" / "orders" / "system.py").exists():
-        raise ConfigurationError(
-            f"the demo runs examples/orders from the esbridge source tree, not found under {root}: "
-            "run it from a checkout (make demo)"
-        )
-    return root
-
-
-def example(module: str) -> Any:
-    """A module of the examples package (imported by name: the examples are not part of
-    the installed distribution, they live beside it in the source tree)."""
-    root = str(source_root())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module(f"examples.orders.{module}")
+#: The directory that holds ``examples/``: the worker processes import the system from it
+#: (``esbridge run --app-dir``).
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -168,10 +164,6 @@ class SystemProcesses:
         log_level: str = "WARNING",
         relay_settings: Sequence[str] = (),
     ) -> None:
-        from esbridge.cli import build_parser
-        from esbridge.cli.run import worker_command
-        from esbridge.system.supervisor import Supervisor
-
         self.env = {**os.environ, **env, **kafka_env(kafka_config)}
         self.kafka_config = dict(kafka_config)
         self.partitions = partitions
@@ -179,7 +171,7 @@ class SystemProcesses:
         self.prefix = topic_prefix or f"esbridge.demo.{uuid.uuid4().hex[:8]}."
         # The command lines `esbridge run --workers N` would give its workers.
         args = build_parser().parse_args(
-            ["--log-level", log_level, "run", system_path, "--app-dir", str(source_root()),
+            ["--log-level", log_level, "run", system_path, "--app-dir", str(SOURCE_ROOT),
              "--topic-prefix", self.prefix, "--partitions", str(partitions), "--mode", mode,
              "--workers", str(workers),
              *(arg for item in relay_settings for arg in ("--relay-set", item))]
@@ -193,10 +185,6 @@ class SystemProcesses:
 
     def setup(self) -> None:
         """Create every application's tables and every leader's topic."""
-        from esbridge.names import SystemTopics
-        from esbridge.system.setup import ensure_topics, setup_system
-
-        system = example("system").system
         setup_system(system, self.env)
         names = SystemTopics(self.prefix)
         ensure_topics(self.kafka_config, {names.topic(n): self.partitions for n in system.leaders})
@@ -217,8 +205,6 @@ class SystemProcesses:
         """
         code = self.supervisor.poll()
         if code is not None:
-            from esbridge.system.runner import SystemRunnerError
-
             raise SystemRunnerError(
                 f"a worker process exited with status {code} (its error is printed above)"
             )
@@ -241,10 +227,6 @@ class SystemProcesses:
 
     def edge_statuses(self) -> list[Any]:
         """The lag of every edge (see :mod:`esbridge.system.status`)."""
-        from esbridge.names import SystemTopics
-        from esbridge.system.status import edge_statuses
-
-        system = example("system").system
         tracked = self.partitions if self.mode == "payloads" else 1
         relay_ids = SystemTopics(self.prefix).relay_ids(system)
         return edge_statuses(system, self.env, partitions=tracked, relay_ids=relay_ids)
@@ -292,7 +274,6 @@ class TopicCounter:
 
 def paid_counter(env: Mapping[str, str]) -> TopicCounter:
     """Counts the ``Order.Paid`` events in the orders log."""
-    Order = example("domainmodel").Order
     return TopicCounter(open_recorder("Orders", env), get_topic(Order.Paid))
 
 
@@ -388,7 +369,6 @@ def drive_orders(
 
 def order_timings(orders: Any, order_ids: Sequence[uuid.UUID]) -> Timings:
     """Created → paid times of the given orders, from their events' timestamps."""
-    Order = example("domainmodel").Order
     wanted = {get_topic(Order.Created), get_topic(Order.Paid)}
     created: dict[uuid.UUID, float] = {}
     paid: dict[uuid.UUID, float] = {}
@@ -440,13 +420,6 @@ class Effects:
 
 def count_effects(env: Mapping[str, str], order_ids: Sequence[uuid.UUID]) -> Effects:
     """Count reservations and payments per order in the three applications' logs."""
-    application, domainmodel = example("application"), example("domainmodel")
-    Orders, Payments, Reservations = (
-        application.Orders,
-        application.Payments,
-        application.Reservations,
-    )
-    Order, Payment, Reservation = domainmodel.Order, domainmodel.Payment, domainmodel.Reservation
     ids = set(order_ids)
 
     def per_order(
@@ -476,8 +449,6 @@ def count_effects(env: Mapping[str, str], order_ids: Sequence[uuid.UUID]) -> Eff
 @contextlib.contextmanager
 def local_servers(out: TextIO) -> Iterator[tuple[dict[str, str], dict[str, Any]]]:
     """Postgres (fsync on) and Kafka from the test harness's provisioning; closed at the end."""
-    from esbridge.testing import make_kafka, make_postgres
-
     out.write("starting PostgreSQL and Kafka ...\n")
     out.flush()
     postgres = make_postgres(fsync=True)
@@ -512,9 +483,6 @@ def run_demo(
     if env is None or kafka_config is None:
         with local_servers(out) as (local_env, local_kafka):
             return run_demo(options, env=local_env, kafka_config=local_kafka, out=out)
-    from esbridge.system.status import format_table
-
-    Orders = example("application").Orders
     with SystemProcesses(
         env,
         kafka_config,

@@ -40,18 +40,18 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
-from esbridge_connectors.schemas import (
-    DEFAULT_TYPES,
-    ENVELOPE_FIELDS,
-    JsonTypes,
-    schema_file_stem,
-)
 from eventsourcing.persistence import Mapper, Notification
 from eventsourcing.utils import get_topic
 
 from esbridge import wire
 from esbridge.errors import MessageFormatError
 from esbridge.wire.encoding import PayloadEncoder
+from esbridge_connectors.schemas import (
+    DEFAULT_TYPES,
+    ENVELOPE_FIELDS,
+    JsonTypes,
+    schema_file_stem,
+)
 
 Mode = Literal["structured", "binary"]
 STRUCTURED: Mode = "structured"

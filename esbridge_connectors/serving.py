@@ -15,9 +15,9 @@ from types import TracebackType
 from typing import Any
 
 import uvicorn
-from esbridge_connectors.http_limits import HttpLimits
 
 from esbridge.errors import EsbridgeError
+from esbridge_connectors.http_limits import HttpLimits
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

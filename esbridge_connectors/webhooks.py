@@ -40,8 +40,6 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
-from esbridge_connectors.http_limits import OPS_LISTENER, HttpLimits
-from esbridge_connectors.signatures import HmacSignature, SignatureError
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import IntegrityError, PersistenceError
@@ -59,6 +57,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from esbridge.errors import ConfigurationError, EsbridgeError
+from esbridge_connectors.http_limits import OPS_LISTENER, HttpLimits
+from esbridge_connectors.signatures import HmacSignature, SignatureError
 
 logger = logging.getLogger(__name__)
 
@@ -511,8 +511,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     and ``/metrics`` only. Both carry the head limits (:class:`HttpLimits`).
     """
     import uvicorn
-    from esbridge_connectors.serving import bind_socket
     from uvicorn.supervisors import Multiprocess
+
+    from esbridge_connectors.serving import bind_socket
 
     defaults = HttpLimits()
     parser = argparse.ArgumentParser(
