@@ -10,6 +10,7 @@ plugin in :mod:`esbridge.testing`; connectors live in ``esbridge_connectors``.
 from esbridge.consumer.adapter import ConsumerAdapter, ConsumerStatus
 from esbridge.errors import (
     BrokerUnavailable,
+    BrokerUnavailableError,
     ConfigurationError,
     ConsumerError,
     EsbridgeError,
@@ -22,7 +23,9 @@ from esbridge.errors import (
     PostgresUnavailableError,
     RelayError,
     RelayFencedError,
+    RelayPositionError,
     RelayStandbyError,
+    ServerUnavailableError,
 )
 from esbridge.names import tracking_names
 from esbridge.relay.relay import Relay, RelayStatus
@@ -30,6 +33,7 @@ from esbridge.system.runner import KafkaRunner, SystemRunnerError
 
 __all__ = [
     "BrokerUnavailable",
+    "BrokerUnavailableError",
     "ConfigurationError",
     "ConsumerAdapter",
     "ConsumerError",
@@ -46,8 +50,10 @@ __all__ = [
     "Relay",
     "RelayError",
     "RelayFencedError",
+    "RelayPositionError",
     "RelayStandbyError",
     "RelayStatus",
+    "ServerUnavailableError",
     "SystemRunnerError",
     "tracking_names",
 ]

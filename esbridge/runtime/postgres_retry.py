@@ -94,12 +94,16 @@ def retry_unreachable(
             waited = time.monotonic() - start
             if stopped is not None and stopped():
                 raise PostgresUnavailableError(
-                    f"stopped while Postgres was unreachable ({what}): {detail}"
+                    f"stopped while Postgres was unreachable ({what}): {detail}",
+                    operation=what,
+                    waited=waited,
                 ) from e
             if timeout is not None and waited >= timeout:
                 raise PostgresUnavailableError(
                     f"Postgres stayed unreachable for {waited:.0f} s ({what}): {detail}. Check "
-                    "the POSTGRES_* settings (host, port) and that the server runs"
+                    "the POSTGRES_* settings (host, port) and that the server runs",
+                    operation=what,
+                    waited=waited,
                 ) from e
             log.warning("Postgres unreachable (%s: %s); retrying in %.1f s", what, detail, delay)
             sleep(delay)
