@@ -26,10 +26,12 @@ from esbridge.errors import (
     RelayPositionError,
     RelayStandbyError,
     ServerUnavailableError,
+    SystemConfigurationError,
+    SystemRunnerError,
 )
 from esbridge.names import tracking_names
 from esbridge.relay.relay import Relay, RelayStatus
-from esbridge.system.runner import KafkaRunner, SystemRunnerError
+from esbridge.system.runner import KafkaRunner
 
 __all__ = [
     "BrokerUnavailable",
@@ -54,6 +56,7 @@ __all__ = [
     "RelayStandbyError",
     "RelayStatus",
     "ServerUnavailableError",
+    "SystemConfigurationError",
     "SystemRunnerError",
     "tracking_names",
 ]

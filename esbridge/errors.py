@@ -28,11 +28,18 @@ is the message alone::
     │   └── GapNotReconciledError         topic, partition, position, held_nid
     ├── HarnessError
 
+The two errors of a system runner are exception groups (``ExceptionGroup``): each failed
+relay or consumer's own exception (with its traceback) is in ``exceptions``,
+and ``components`` names them, in the same order; ``except*`` picks them out.
+
 ``BrokerUnavailable`` is the former name of :class:`BrokerUnavailableError`,
 kept as an alias for one release.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Self
 
 
 class EsbridgeError(Exception):
@@ -270,4 +277,64 @@ class KafkaTLSError(ConfigurationError):
 
     Usually ``ssl.ca.location`` does not name the CA that signed the
     broker's certificate (or the certificate is not for the broker's address).
+    """
+
+
+class _ComponentFailures(ExceptionGroup[Exception]):
+    """The exceptions that several components (relays, consumers, workers) stopped with.
+
+    An ``ExceptionGroup``, so each exception keeps its own traceback and
+    ``except*`` can select them, yet ``str()`` is the message alone (naming
+    each component and its error) as it was when this was a plain error.
+    ``components`` names the component of each exception, in the same order.
+
+    Without ``exceptions`` (a failure seen from outside, e.g. a worker
+    process's exit status) the group holds one :class:`EsbridgeError` with
+    the message, since an exception group cannot be empty.
+    """
+
+    def __new__(
+        cls,
+        message: str,
+        exceptions: Sequence[Exception] = (),
+        *,
+        components: Sequence[str] = (),
+    ) -> Self:
+        return super().__new__(cls, message, list(exceptions) or [EsbridgeError(message)])
+
+    def __init__(
+        self,
+        message: str,
+        exceptions: Sequence[Exception] = (),
+        *,
+        components: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message, list(exceptions) or [EsbridgeError(message)])
+        self.components = tuple(components)
+
+    def __str__(self) -> str:
+        return self.message
+
+    # typeshed overloads derive for BaseException groups too; these hold Exceptions only.
+    def derive(self, excs: Sequence[Exception], /) -> Self:  # type: ignore[override]
+        """A group of the same class holding ``excs`` (``except*`` and ``split`` call this)."""
+        names = dict(zip(map(id, self.exceptions), self.components, strict=False))
+        return type(self)(self.message, excs, components=[names.get(id(e), "") for e in excs])
+
+
+class SystemRunnerError(EsbridgeError, _ComponentFailures):
+    """Relays or consumers of a running system failed; the message names which and why.
+
+    A runtime failure: a restart resumes where they stopped (``esbridge run``
+    exits with status 1 so that a supervisor starts the worker again). Each
+    component's own exception, traceback included, is in ``exceptions``.
+    """
+
+
+class SystemConfigurationError(ConfigurationError, _ComponentFailures):
+    """Relays or consumers of a running system failed, one of them on its configuration.
+
+    A :class:`ConfigurationError`, since restarting cannot help (``esbridge
+    run`` exits with status 2); the message names every failed component and
+    why, and ``exceptions`` holds their own exceptions.
     """

@@ -22,14 +22,20 @@ from esbridge.errors import (
     RelayPositionError,
     RelayStandbyError,
     ServerUnavailableError,
+    SystemConfigurationError,
+    SystemRunnerError,
 )
+from esbridge.system import runner
 
 
 def test_every_class_is_an_esbridge_error_named_error() -> None:
     classes = [
         value
         for name, value in vars(errors).items()
-        if isinstance(value, type) and issubclass(value, BaseException) and value.__name__ == name
+        if isinstance(value, type)
+        and issubclass(value, BaseException)
+        and value.__name__ == name
+        and not name.startswith("_")
     ]
     assert len(classes) >= 15
     for cls in classes:
@@ -104,3 +110,60 @@ def test_attributes_survive_pickling() -> None:
     assert type(copy) is GapNotReconciledError
     assert str(copy) == "held"
     assert (copy.topic, copy.partition, copy.position, copy.held_nid) == ("t", 0, 1, 3)
+
+
+def _raised(error: Exception) -> Exception:
+    try:
+        raise error
+    except Exception as e:
+        return e
+
+
+def test_system_runner_error_is_an_exception_group_keeping_each_traceback() -> None:
+    consumer = _raised(ConsumerError("Kafka consumer failed"))
+    relay = _raised(RelayError("too large", nid=4))
+    message = (
+        "consumer A -> B: ConsumerError: Kafka consumer failed; relay of A: RelayError: too large"
+    )
+    names = ["consumer A -> B", "relay of A"]
+    group = SystemRunnerError(message, [consumer, relay], components=names)
+    assert isinstance(group, EsbridgeError)
+    assert isinstance(group, ExceptionGroup)
+    assert str(group) == message
+    assert group.exceptions == (consumer, relay)
+    assert consumer.__traceback__ is not None
+    assert group.components == ("consumer A -> B", "relay of A")
+    with pytest.raises(SystemRunnerError) as rest:
+        try:
+            raise group
+        except* RelayError as relays:  # handled: the consumer's error goes on up
+            assert type(relays) is SystemRunnerError
+            assert relays.exceptions == (relay,)
+            assert relays.components == ("relay of A",)
+    assert rest.value.exceptions == (consumer,)
+    assert rest.value.components == ("consumer A -> B",)
+
+
+def test_system_configuration_error_is_a_configuration_error_not_a_runtime_failure() -> None:
+    group = SystemConfigurationError(
+        "relay of A: ConfigurationError: bad",
+        [ConfigurationError("bad")],
+        components=["relay of A"],
+    )
+    assert isinstance(group, ConfigurationError)
+    assert isinstance(group, ExceptionGroup)
+    # esbridge run exits 1 on a SystemRunnerError (restart) but 2 on a configuration error.
+    assert not isinstance(group, SystemRunnerError)
+    matched, rest = group.split(ConfigurationError)
+    assert type(matched) is SystemConfigurationError and rest is None
+
+
+def test_system_runner_error_from_a_message_alone_and_pickled() -> None:
+    error = SystemRunnerError("a worker process exited with status 1")
+    assert str(error) == "a worker process exited with status 1"
+    assert [str(e) for e in error.exceptions] == ["a worker process exited with status 1"]
+    assert esbridge.SystemRunnerError is SystemRunnerError
+    assert runner.SystemRunnerError is SystemRunnerError  # the import path shown before
+    copy = pickle.loads(pickle.dumps(SystemRunnerError("m", [ValueError("v")], components=["c"])))
+    assert type(copy) is SystemRunnerError
+    assert (str(copy), copy.components, str(copy.exceptions[0])) == ("m", ("c",), "v")

@@ -39,7 +39,12 @@ from typing import Any, Protocol, TypeVar
 from eventsourcing.application import Application
 from eventsourcing.system import Runner, System
 
-from esbridge.errors import ConfigurationError, EsbridgeError
+from esbridge.errors import (
+    ConfigurationError,
+    EsbridgeError,
+    SystemConfigurationError,
+    SystemRunnerError,
+)
 from esbridge.kafka.config import kafka_config_from_env
 from esbridge.names import DEFAULT_PREFIX, MODES, PAYLOADS, PROMPTS, SystemTopics
 from esbridge.system.setup import construct_app, ensure_topics, system_env
@@ -54,10 +59,6 @@ RELAY_MODES = MODES
 #: Set to a directory to profile every relay and consumer thread with cProfile (see
 #: :meth:`RunningComponent._run_profiled`): a diagnostic aid, off by default.
 PROFILE_DIR_ENV = "ESBRIDGE_PROFILE_DIR"
-
-
-class SystemRunnerError(EsbridgeError):
-    """A relay or consumer of a running system failed; the message names which and why."""
 
 
 def load_system(path: str) -> System:
@@ -330,17 +331,22 @@ class KafkaRunner(Runner[Any]):
     def raise_failures(self) -> None:
         """Raise if a relay or consumer stopped with an error.
 
-        :class:`ConfigurationError` when one of them refused its configuration
-        (restarting cannot help: ``esbridge run`` exits with status 2), else
-        :class:`SystemRunnerError` (a runtime failure: a restart resumes).
+        :class:`SystemConfigurationError` (a :class:`ConfigurationError`) when
+        one of them refused its configuration (restarting cannot help:
+        ``esbridge run`` exits with status 2), else :class:`SystemRunnerError`
+        (a runtime failure: a restart resumes). Both are exception groups of
+        the components' own exceptions, so no traceback is lost; the message
+        names each failed component and its error.
         """
-        failures = self.failures()
-        if not failures:
+        failed = [r for r in self.components if r.error is not None]
+        if not failed:
             return
-        message = "; ".join(failures)
-        if any(isinstance(r.error, ConfigurationError) for r in self.components):
-            raise ConfigurationError(message)
-        raise SystemRunnerError(message)
+        message = "; ".join(self.failures())
+        errors = [as_exception(r.error) for r in failed if r.error is not None]
+        names = [r.describe() for r in failed]
+        if any(isinstance(e, ConfigurationError) for e in errors):
+            raise SystemConfigurationError(message, errors, components=names)
+        raise SystemRunnerError(message, errors, components=names)
 
     def is_alive(self) -> bool:
         """True while every relay and consumer thread runs."""
@@ -487,11 +493,29 @@ def check_local_apps(system: System, names: Iterable[str]) -> None:
             )
 
 
+def as_exception(error: BaseException) -> Exception:
+    """``error`` itself, or an :class:`EsbridgeError` caused by it if it is not an ``Exception``.
+
+    An ``ExceptionGroup`` holds only ``Exception`` instances, and a component's
+    thread may have ended on a ``SystemExit`` or ``KeyboardInterrupt``.
+    """
+    if isinstance(error, Exception):
+        return error
+    wrapped = EsbridgeError(f"{type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
+
+
 def run_until(stop: Callable[[], bool], runner: KafkaRunner, interval: float = 0.5) -> None:
     """Block until ``stop()`` is true or a relay or consumer fails (then raise)."""
     while not stop():
         runner.raise_failures()
         if not runner.is_alive():
             runner.raise_failures()
-            raise SystemRunnerError("a relay or consumer thread ended unexpectedly")
+            ended = [r.describe() for r in runner.components if not r.thread.is_alive()]
+            raise SystemRunnerError(
+                "a relay or consumer thread ended unexpectedly",
+                [EsbridgeError(f"{name} ended without an error") for name in ended],
+                components=ended,
+            )
         time.sleep(interval)
