@@ -32,6 +32,7 @@ from eventsourcing.persistence import InterfaceError, OperationalError
 from eventsourcing.utils import Environment
 
 from esbridge.errors import ConfigurationError, PostgresUnavailableError
+from esbridge.runtime.postgres_privileges import privilege_advice
 
 log = logging.getLogger("esbridge.postgres")
 
@@ -115,8 +116,6 @@ def refusal_message(who: str, message: str, user: str | None) -> str:
 
     ``user`` None: the role is read from the message where it names it.
     """
-    from esbridge.runtime.postgres_privileges import privilege_advice
-
     if user is None and (named := re.search(r'for user "([^"]+)"', message)):
         user = named[1]
     if "password authentication failed" in message:

@@ -47,6 +47,7 @@ from esbridge.errors import (
 )
 from esbridge.kafka.config import kafka_config_from_env
 from esbridge.names import DEFAULT_PREFIX, MODES, PAYLOADS, PROMPTS, SystemTopics
+from esbridge.system.parts import PartSettings, make_consumer, make_relay
 from esbridge.system.setup import construct_app, ensure_topics, system_env
 from esbridge.system.status import EdgeProbe, EdgeStatus, read_only_app, relay_holder
 
@@ -227,6 +228,19 @@ class KafkaRunner(Runner[Any]):
                 "receive an event. Run the relays (run_relays=True), or run only some "
                 "applications here (apps=[...]) and their relays elsewhere."
             )
+        #: What this runner's relays and consumers are built from.
+        self.settings = PartSettings(
+            system=system,
+            env=self.full_env,
+            kafka_config=self.kafka_config,
+            names=self.names,
+            relay_modes=self.relay_modes,
+            partitions=self.partitions,
+            exactly_once=exactly_once,
+            worker_id=worker_id,
+            relay_options=self.relay_options,
+            consumer_options=self.consumer_options,
+        )
         self.apps: dict[str, Application[Any]] = {}
         self.components: list[RunningComponent] = []
         self._probes: list[EdgeProbe] | None = None
@@ -312,7 +326,7 @@ class KafkaRunner(Runner[Any]):
 
     def partitions_of(self, leader: str) -> int:
         """The partition count of ``leader``'s topic."""
-        return self.partitions.get(leader, self.partitions["*"])
+        return self.settings.partitions_of(leader)
 
     def tracking_partitions(self, leader: str) -> int:
         """How many tracking names a follower of ``leader`` records (prompts: one)."""
@@ -432,14 +446,10 @@ class KafkaRunner(Runner[Any]):
         running.start()
 
     def _make_relay(self, leader: str) -> Component:
-        from esbridge.system.parts import make_relay
-
-        return make_relay(self, leader)
+        return make_relay(self.settings, leader)
 
     def _make_consumer(self, leader: str, follower: str) -> Component:
-        from esbridge.system.parts import make_consumer
-
-        return make_consumer(self, leader, follower)
+        return make_consumer(self.settings, self.apps[follower], leader, follower)
 
 
 def resolve_relay_modes(system: System, modes: str | Mapping[str, str]) -> dict[str, str]:
