@@ -10,6 +10,7 @@ plugin in :mod:`esbridge.testing`; connectors live in ``esbridge_connectors``.
 from esbridge.consumer.adapter import ConsumerAdapter, ConsumerStatus
 from esbridge.errors import (
     BrokerUnavailable,
+    BrokerUnavailableError,
     ConfigurationError,
     ConsumerError,
     EsbridgeError,
@@ -22,14 +23,19 @@ from esbridge.errors import (
     PostgresUnavailableError,
     RelayError,
     RelayFencedError,
+    RelayPositionError,
     RelayStandbyError,
+    ServerUnavailableError,
+    SystemConfigurationError,
+    SystemRunnerError,
 )
 from esbridge.names import tracking_names
 from esbridge.relay.relay import Relay, RelayStatus
-from esbridge.system.runner import KafkaRunner, SystemRunnerError
+from esbridge.system.runner import KafkaRunner
 
 __all__ = [
     "BrokerUnavailable",
+    "BrokerUnavailableError",
     "ConfigurationError",
     "ConsumerAdapter",
     "ConsumerError",
@@ -46,8 +52,11 @@ __all__ = [
     "Relay",
     "RelayError",
     "RelayFencedError",
+    "RelayPositionError",
     "RelayStandbyError",
     "RelayStatus",
+    "ServerUnavailableError",
+    "SystemConfigurationError",
     "SystemRunnerError",
     "tracking_names",
 ]

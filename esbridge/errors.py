@@ -1,11 +1,45 @@
-"""Exception classes.
+"""Exception classes: one hierarchy under :class:`EsbridgeError`.
 
 Every error esbridge raises on purpose is an :class:`EsbridgeError`, and each
 says in its message what the user can do about it. Catch the specific class
 where you can recover; catch :class:`EsbridgeError` to log and stop.
+
+Like psycopg's errors carry ``sqlstate``, esbridge's carry what a program
+needs to act without parsing the message: the topic, partition, offset or
+notification id concerned, the servers tried. These attributes are keyword-only
+and optional (``None`` when the raise site did not know them); ``str(error)``
+is the message alone::
+
+    EsbridgeError
+    ├── ConfigurationError
+    │   ├── BrokerUnavailableError        (also a ServerUnavailableError)
+    │   ├── RelayPositionError            topic, partition, offset
+    │   ├── KafkaAuthorizationError       resource_type, resource_name, operation, prefixed
+    │   ├── KafkaAuthenticationError
+    │   └── KafkaTLSError
+    ├── ServerUnavailableError            waited
+    │   ├── BrokerUnavailableError        bootstrap_servers
+    │   └── PostgresUnavailableError      operation
+    ├── MessageFormatError                topic, partition, offset
+    ├── RelayError                        nid
+    │   └── RelayFencedError              transactional_id
+    ├── RelayStandbyError                 relay_id
+    ├── ConsumerError
+    │   └── GapNotReconciledError         topic, partition, position, held_nid
+    ├── HarnessError
+
+The two errors of a system runner are exception groups (``ExceptionGroup``): each failed
+relay or consumer's own exception (with its traceback) is in ``exceptions``,
+and ``components`` names them, in the same order; ``except*`` picks them out.
+
+``BrokerUnavailable`` is the former name of :class:`BrokerUnavailableError`,
+kept as an alias for one release.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Self
 
 
 class EsbridgeError(Exception):
@@ -20,21 +54,84 @@ class ConfigurationError(EsbridgeError):
     """
 
 
-class BrokerUnavailable(ConfigurationError):
+class ServerUnavailableError(EsbridgeError):
+    """A server (Kafka broker, Postgres) stayed unreachable for longer than allowed.
+
+    Raised only where a timeout was asked for, or when the process was
+    stopped while waiting; ``waited`` is how long it waited, in seconds (when
+    known). Catch this class to handle "a server is down" whichever it is.
+    """
+
+    def __init__(self, message: str, *, waited: float | None = None) -> None:
+        super().__init__(message)
+        self.waited = waited
+
+
+class BrokerUnavailableError(ServerUnavailableError, ConfigurationError):
     """No Kafka broker answered within the time allowed (``connect_timeout``).
 
     A configuration error because, after that long, the usual cause is a wrong
     ``bootstrap.servers`` (``KAFKA_BOOTSTRAP_SERVERS``) or a broker that was
-    never started; the message names the servers tried.
+    never started; the message and ``bootstrap_servers`` name the servers tried.
     """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        bootstrap_servers: str | None = None,
+        waited: float | None = None,
+    ) -> None:
+        super().__init__(message, waited=waited)
+        self.bootstrap_servers = bootstrap_servers
+
+
+#: Former name of :class:`BrokerUnavailableError`, kept for one release so
+#: that ``except BrokerUnavailable`` in existing code still catches it.
+BrokerUnavailable = BrokerUnavailableError
+
+
+class PostgresUnavailableError(ServerUnavailableError):
+    """Postgres stayed unreachable for longer than allowed (or the process was stopped meanwhile).
+
+    Raised only where a timeout was asked for (``connect_timeout``); by default
+    relays and consumers wait for the database, logging each retry. Check the
+    ``POSTGRES_*`` settings (host, port) and that the server runs.
+    ``operation`` says what was being done (e.g. ``"read the notification log"``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str | None = None,
+        waited: float | None = None,
+    ) -> None:
+        super().__init__(message, waited=waited)
+        self.operation = operation
 
 
 class MessageFormatError(EsbridgeError):
     """A Kafka message is not in esbridge's message format (or another version).
 
     The message is never dropped silently: a consumer parks it in the
-    dead-letter store with this error as the reason.
+    dead-letter store with this error as the reason. ``topic``, ``partition``
+    and ``offset`` say where the message is, when the raise site knew it (the
+    wire-format parsers see headers only and leave them ``None``).
     """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        topic: str | None = None,
+        partition: int | None = None,
+        offset: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
 
 
 class RelayError(EsbridgeError):
@@ -43,22 +140,53 @@ class RelayError(EsbridgeError):
     Raised for a message larger than the broker accepts or a stored event
     that cannot be read. Nothing after that notification was published; fix
     the cause and restart the relay, it resumes at that notification.
+    ``nid`` is that notification's id, when known.
     """
+
+    def __init__(self, message: str, *, nid: int | None = None) -> None:
+        super().__init__(message)
+        self.nid = nid
 
 
 class RelayPositionError(ConfigurationError):
     """The relay's position topic holds, for this relay, a message that is not a position.
 
-    The message names the topic, partition and offset. Only esbridge relays
-    may write to a position topic: stop whatever else writes there, then
-    either write the relay's last valid position (an earlier offset with the
-    same key) to the topic again, or give the relay a new position topic and
-    relay id (it then publishes the log from the start).
+    The message (and ``topic``, ``partition``, ``offset``) say where. Only
+    esbridge relays may write to a position topic: stop whatever else writes
+    there, then either write the relay's last valid position (an earlier offset
+    with the same key) to the topic again, or give the relay a new position
+    topic and relay id (it then publishes the log from the start).
     """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        topic: str | None = None,
+        partition: int | None = None,
+        offset: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
 
 
 class RelayFencedError(RelayError):
-    """Another relay with the same ``transactional.id`` took over: this one stopped."""
+    """Another relay with the same ``transactional.id`` took over: this one stopped.
+
+    ``transactional_id`` is that id, when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        transactional_id: str | None = None,
+        nid: int | None = None,
+    ) -> None:
+        super().__init__(message, nid=nid)
+        self.transactional_id = transactional_id
 
 
 class RelayStandbyError(EsbridgeError):
@@ -67,7 +195,12 @@ class RelayStandbyError(EsbridgeError):
     Raised by :meth:`~esbridge.relay.Relay.prepare` and
     :meth:`~esbridge.relay.Relay.publish_available` when their timeout ends
     first; :meth:`~esbridge.relay.Relay.run` waits for as long as it takes.
+    ``relay_id`` is the relay id whose lease another relay holds, when known.
     """
+
+    def __init__(self, message: str, *, relay_id: str | None = None) -> None:
+        super().__init__(message)
+        self.relay_id = relay_id
 
 
 class HarnessError(EsbridgeError):
@@ -85,16 +218,27 @@ class GapNotReconciledError(ConsumerError):
     consumer's position) and the upstream notification log cannot be read to
     fill the gap. Give the consumer read access to the upstream database
     (``upstream_env`` / ``--upstream-log``) or republish the missing range.
+
+    ``topic`` and ``partition`` say which partition is held; ``position`` is
+    the id of the last notification applied on it and ``held_nid`` the id of
+    the first message held behind the gap, so the missing ids are those after
+    ``position`` and before ``held_nid`` (that belong to the partition).
     """
 
-
-class PostgresUnavailableError(EsbridgeError):
-    """Postgres stayed unreachable for longer than allowed (or the process was stopped meanwhile).
-
-    Raised only where a timeout was asked for (``connect_timeout``); by default
-    relays and consumers wait for the database, logging each retry. Check the
-    ``POSTGRES_*`` settings (host, port) and that the server runs.
-    """
+    def __init__(
+        self,
+        message: str,
+        *,
+        topic: str | None = None,
+        partition: int | None = None,
+        position: int | None = None,
+        held_nid: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.partition = partition
+        self.position = position
+        self.held_nid = held_nid
 
 
 class KafkaAuthorizationError(ConfigurationError):
@@ -133,4 +277,64 @@ class KafkaTLSError(ConfigurationError):
 
     Usually ``ssl.ca.location`` does not name the CA that signed the
     broker's certificate (or the certificate is not for the broker's address).
+    """
+
+
+class _ComponentFailures(ExceptionGroup[Exception]):
+    """The exceptions that several components (relays, consumers, workers) stopped with.
+
+    An ``ExceptionGroup``, so each exception keeps its own traceback and
+    ``except*`` can select them, yet ``str()`` is the message alone (naming
+    each component and its error) as it was when this was a plain error.
+    ``components`` names the component of each exception, in the same order.
+
+    Without ``exceptions`` (a failure seen from outside, e.g. a worker
+    process's exit status) the group holds one :class:`EsbridgeError` with
+    the message, since an exception group cannot be empty.
+    """
+
+    def __new__(
+        cls,
+        message: str,
+        exceptions: Sequence[Exception] = (),
+        *,
+        components: Sequence[str] = (),
+    ) -> Self:
+        return super().__new__(cls, message, list(exceptions) or [EsbridgeError(message)])
+
+    def __init__(
+        self,
+        message: str,
+        exceptions: Sequence[Exception] = (),
+        *,
+        components: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message, list(exceptions) or [EsbridgeError(message)])
+        self.components = tuple(components)
+
+    def __str__(self) -> str:
+        return self.message
+
+    # typeshed overloads derive for BaseException groups too; these hold Exceptions only.
+    def derive(self, excs: Sequence[Exception], /) -> Self:  # type: ignore[override]
+        """A group of the same class holding ``excs`` (``except*`` and ``split`` call this)."""
+        names = dict(zip(map(id, self.exceptions), self.components, strict=False))
+        return type(self)(self.message, excs, components=[names.get(id(e), "") for e in excs])
+
+
+class SystemRunnerError(EsbridgeError, _ComponentFailures):
+    """Relays or consumers of a running system failed; the message names which and why.
+
+    A runtime failure: a restart resumes where they stopped (``esbridge run``
+    exits with status 1 so that a supervisor starts the worker again). Each
+    component's own exception, traceback included, is in ``exceptions``.
+    """
+
+
+class SystemConfigurationError(ConfigurationError, _ComponentFailures):
+    """Relays or consumers of a running system failed, one of them on its configuration.
+
+    A :class:`ConfigurationError`, since restarting cannot help (``esbridge
+    run`` exits with status 2); the message names every failed component and
+    why, and ``exceptions`` holds their own exceptions.
     """

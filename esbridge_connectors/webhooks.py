@@ -510,6 +510,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     (``--ops-host``/``--ops-port``, loopback by default) serves ``/healthz``
     and ``/metrics`` only. Both carry the head limits (:class:`HttpLimits`).
     """
+    # Lazy: only this command needs uvicorn (serving imports it too); an intake
+    # mounted in another ASGI server must import without it.
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 

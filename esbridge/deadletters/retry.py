@@ -1,18 +1,24 @@
-"""Replaying parked messages into their follower, after the cause was fixed.
+"""Retrying parked messages: running them through their follower again, after the cause was fixed.
 
-Parked rows are replayed per key (upstream aggregate) in parking order, each
-in its own transaction that also marks the row ``replayed`` (so a row is never
-replayed twice, even by two concurrent ``esbridge dlq replay`` runs). When a
-row fails again its attempt count and error are updated and the rest of that
-key stays parked, so per-aggregate order still holds; other keys go on.
+Parked rows are retried per key (upstream aggregate) in parking order, each
+in its own transaction that also marks the row done (stored status
+``replayed``, the table's name for it since its first release), so a row is
+never applied twice, even by two concurrent ``esbridge dlq retry`` runs. When
+a row fails again its attempt count and error are updated and the rest of
+that key stays parked, so per-aggregate order still holds; other keys go on.
 
 A consumer that runs meanwhile keeps parking new messages of a key while the
-key has parked rows; replay repeats its passes until one finds nothing new.
+key has parked rows; a retry repeats its passes until one finds nothing new.
+
+"Retry", not "replay": ``esbridge replay`` is the backfill of a notification-id
+range to a topic (:mod:`esbridge_connectors.replay`). ``replay_dead_letters``
+and ``ReplayResult`` are the former names, kept for one release.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,26 +39,35 @@ log = logging.getLogger("esbridge.dlq")
 
 
 @dataclass
-class ReplayResult:
-    """What a replay did: rows replayed, and rows that failed again (id -> error)."""
+class RetryResult:
+    """What a retry did: rows applied, and rows that failed again (id -> error)."""
 
-    replayed: list[int] = field(default_factory=list)
+    retried: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     skipped: list[int] = field(default_factory=list)  # behind a row that failed again
 
+    @property
+    def replayed(self) -> list[int]:
+        """Former name of :attr:`retried`, kept for one release."""
+        return self.retried
 
-def replay_dead_letters(
+
+#: Former name of :class:`RetryResult`, kept for one release.
+ReplayResult = RetryResult
+
+
+def retry_dead_letters(
     follower: Follower[Any],
     *,
     ids: Sequence[int] | None = None,
     upstream_classes: dict[str, type] | None = None,
     max_passes: int = 10,
-) -> ReplayResult:
-    """Replay parked rows of ``follower`` (all, or ``ids``); see the module docstring."""
+) -> RetryResult:
+    """Retry parked rows of ``follower`` (all, or ``ids``); see the module docstring."""
     sink = ProcessApplicationSink(follower)
     store: DeadLetterStore = sink.dead_letters
     factories: dict[str, StepFactory] = {}
-    result = ReplayResult()
+    result = RetryResult()
     blocked: set[tuple[str, str]] = set()
     for _pass in range(max_passes):
         rows = [
@@ -73,9 +88,9 @@ def replay_dead_letters(
                 cls = (upstream_classes or {}).get(letter.upstream)
                 factory = StepFactory(follower, UpstreamDecoder(follower, letter.upstream, cls))
                 factories[letter.upstream] = factory
-            error = _replay_one(sink, factory, letter)
+            error = _retry_one(sink, factory, letter)
             if error is None:
-                result.replayed.append(letter.id)
+                result.retried.append(letter.id)
                 continue
             store.record_attempt(letter.id, error)
             result.failed[letter.id] = error
@@ -87,18 +102,36 @@ def replay_dead_letters(
     return result
 
 
-def _replay_one(
+def replay_dead_letters(
+    follower: Follower[Any],
+    *,
+    ids: Sequence[int] | None = None,
+    upstream_classes: dict[str, type] | None = None,
+    max_passes: int = 10,
+) -> RetryResult:
+    """Former name of :func:`retry_dead_letters`, kept for one release (it warns)."""
+    warnings.warn(
+        "replay_dead_letters is now retry_dead_letters (esbridge.deadletters.retry)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return retry_dead_letters(
+        follower, ids=ids, upstream_classes=upstream_classes, max_passes=max_passes
+    )
+
+
+def _retry_one(
     sink: ProcessApplicationSink, factory: StepFactory, letter: DeadLetter
 ) -> str | None:
     """Apply one parked row; the error text when it fails (nothing recorded then)."""
     if letter.reason == REASON_FOREIGN:
         return (
-            "cannot replay: a foreign message (not in the upstream notification log it "
+            "cannot retry: a foreign message (not in the upstream notification log it "
             f"claims to come from: {letter.error}); it can only be inspected"
         )
     if letter.event_topic is None or letter.originator_version is None:
         return (
-            f"cannot replay: the message is not an esbridge payload ({letter.error}); "
+            f"cannot retry: the message is not an esbridge payload ({letter.error}); "
             "it can only be inspected"
         )
     source = Source(
@@ -112,7 +145,7 @@ def _replay_one(
     step = factory.step(source, None)
     if step.dead_letter is not None:
         return step.dead_letter.error
-    step.replay_of = letter.id
+    step.replay_of = letter.id  # the step marks the row done when it commits
     try:
         sink.apply([step], {})
     except StepFailed as e:

@@ -11,7 +11,7 @@ By default later messages with the same key (the same upstream aggregate) are
 parked behind it (reason ``held_behind``), so per-aggregate order is never
 broken (a row without a tracking position, such as a foreign or malformed
 message, has no place in that order and holds nothing back); ``esbridge dlq
-replay`` re-processes parked rows in order per key.
+retry`` runs parked rows through the follower again, in order per key.
 A table (not a topic) was chosen because parking must commit atomically with
 the tracking record, which lives in Postgres.
 """
@@ -40,10 +40,12 @@ REASON_HELD_BEHIND = "held_behind"
 # application, a broken esb_prev_nid chain, a notification id the log does not have or
 # holds a different event under). Parked without a position: it has no place in the
 # order, so it never moves a position, never holds its key's later messages back and is
-# never replayed (it can only be inspected).
+# never retried (it can only be inspected).
 REASON_FOREIGN = "foreign_message"
 
 STATUS_PARKED = "parked"
+#: A row that a retry applied. Stored value (and column ``replayed_at``) keep the name
+#: they had before "retry" named the command: rows written since stay readable.
 STATUS_REPLAYED = "replayed"
 
 _DDL = """
@@ -201,9 +203,10 @@ class DeadLetterStore:
             )  # fmt: skip
 
     def mark_replayed(self, curs: Any, ids: Iterable[int]) -> None:
-        """Mark rows replayed within the caller's transaction; fails if one was not parked.
+        """Mark rows done (status ``replayed``) within the caller's transaction; fails if one
+        was not parked.
 
-        The check makes two concurrent replays of one row impossible: the
+        The check makes two concurrent retries of one row impossible: the
         second one's transaction (with its new events) rolls back.
         """
         from eventsourcing.persistence import IntegrityError
@@ -220,7 +223,7 @@ class DeadLetterStore:
                 raise IntegrityError(f"dead letter {letter_id} is no longer parked")
 
     def record_attempt(self, letter_id: int, error: str) -> None:
-        """A replay failed again: count it and keep the latest error."""
+        """A retry failed again: count it and keep the latest error."""
         with self.datastore.transaction(commit=True) as curs:
             curs.execute(
                 SQL("UPDATE {0} SET attempts = attempts + 1, error = %s WHERE id = %s").format(

@@ -21,6 +21,7 @@ from eventsourcing.persistence import (
 from eventsourcing.utils import Environment
 
 from esbridge.errors import ConfigurationError
+from esbridge.runtime.postgres_privileges import current_role, privilege_advice
 from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
 
 DEFAULT_PAGE_SIZE = 1000
@@ -102,8 +103,6 @@ def check_readable(name: str, recorder: ApplicationRecorder) -> None:
     except TRANSIENT_ERRORS:
         raise
     except Exception as e:  # the driver's UndefinedTable, ProgrammingError, ...
-        from esbridge.runtime.postgres_privileges import current_role, privilege_advice
-
         table = getattr(recorder, "events_table_name", f"{name.lower()}_events")
         text = (
             f"cannot read the notification log of application {name!r} (table {table!r}): "

@@ -17,7 +17,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from esbridge.errors import BrokerUnavailable, ConfigurationError
+from esbridge.errors import BrokerUnavailableError, ConfigurationError
 from esbridge.kafka.access import authorization_error, raise_if_unauthorized
 from esbridge.runtime.logs import kafka_client_config
 
@@ -55,7 +55,7 @@ def wait_for_broker(
     """Block until a broker answers; retry with backoff, logging why.
 
     ``timeout=None`` waits for ever (until ``stop()`` returns true).
-    Raises :class:`BrokerUnavailable` when ``timeout`` seconds pass.
+    Raises :class:`BrokerUnavailableError` when ``timeout`` seconds pass.
     """
     start = time.monotonic()
     delay = 0.5
@@ -67,16 +67,20 @@ def wait_for_broker(
             admin.poll(0)  # librdkafka's own lines on why, before ours
             waited = time.monotonic() - start
             if timeout is not None and waited >= timeout:
-                raise BrokerUnavailable(
+                raise BrokerUnavailableError(
                     f"no Kafka broker answered at {servers!r} within {timeout:.0f} s ({e}); "
-                    "check bootstrap.servers (KAFKA_BOOTSTRAP_SERVERS) and that the broker runs"
+                    "check bootstrap.servers (KAFKA_BOOTSTRAP_SERVERS) and that the broker runs",
+                    bootstrap_servers=servers,
+                    waited=waited,
                 ) from e
             log.warning(
                 "Kafka broker at %s unreachable (%s); retrying in %.1f s", servers, e, delay
             )
             if stop is not None and stop():
-                raise BrokerUnavailable(
-                    f"stopped while waiting for the broker at {servers!r}"
+                raise BrokerUnavailableError(
+                    f"stopped while waiting for the broker at {servers!r}",
+                    bootstrap_servers=servers,
+                    waited=waited,
                 ) from e
             time.sleep(delay)
             delay = min(delay * 2, 10.0)

@@ -9,6 +9,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from esbridge.kafka.access import error_callback
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object a line, with the ``extra`` fields the components attach."""
@@ -84,8 +86,6 @@ def kafka_client_config(config: Mapping[str, Any]) -> dict[str, Any]:
     or an unverified broker certificate from the call that serves it
     (:func:`esbridge.kafka.access.error_callback`): no retry fixes those.
     """
-    from esbridge.kafka.access import error_callback
-
     conf = dict(config)
     conf.setdefault("logger", LIBRDKAFKA_LOGGER)
     conf.setdefault("error_cb", error_callback(config, LIBRDKAFKA_LOGGER))

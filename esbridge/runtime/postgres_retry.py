@@ -32,6 +32,7 @@ from eventsourcing.persistence import InterfaceError, OperationalError
 from eventsourcing.utils import Environment
 
 from esbridge.errors import ConfigurationError, PostgresUnavailableError
+from esbridge.runtime.postgres_privileges import privilege_advice
 
 log = logging.getLogger("esbridge.postgres")
 
@@ -94,12 +95,16 @@ def retry_unreachable(
             waited = time.monotonic() - start
             if stopped is not None and stopped():
                 raise PostgresUnavailableError(
-                    f"stopped while Postgres was unreachable ({what}): {detail}"
+                    f"stopped while Postgres was unreachable ({what}): {detail}",
+                    operation=what,
+                    waited=waited,
                 ) from e
             if timeout is not None and waited >= timeout:
                 raise PostgresUnavailableError(
                     f"Postgres stayed unreachable for {waited:.0f} s ({what}): {detail}. Check "
-                    "the POSTGRES_* settings (host, port) and that the server runs"
+                    "the POSTGRES_* settings (host, port) and that the server runs",
+                    operation=what,
+                    waited=waited,
                 ) from e
             log.warning("Postgres unreachable (%s: %s); retrying in %.1f s", what, detail, delay)
             sleep(delay)
@@ -111,8 +116,6 @@ def refusal_message(who: str, message: str, user: str | None) -> str:
 
     ``user`` None: the role is read from the message where it names it.
     """
-    from esbridge.runtime.postgres_privileges import privilege_advice
-
     if user is None and (named := re.search(r'for user "([^"]+)"', message)):
         user = named[1]
     if "password authentication failed" in message:

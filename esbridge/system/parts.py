@@ -2,7 +2,9 @@
 
 :class:`~esbridge.system.runner.KafkaRunner` decides *what* runs in this process;
 this module decides *how each part is configured*, so that every process
-of one system derives the same names and settings from the same ``System``:
+of one system derives the same names and settings from the same ``System``.
+The runner hands over a frozen :class:`PartSettings` (not itself), so this
+module depends on nothing of the runner and the runner imports it plainly:
 
 * a leader's relay publishes the leader's log to ``names.topic(leader)`` with
   the transactional id ``names.relay_id(leader)``: one relay per leader in the
@@ -22,63 +24,88 @@ broker rather than processing in parallel.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-from eventsourcing.system import ProcessApplication
+from eventsourcing.application import Application
+from eventsourcing.system import ProcessApplication, System
 
+from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.errors import ConfigurationError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from esbridge.consumer.adapter import ConsumerAdapter
-    from esbridge.relay.relay import Relay
-    from esbridge.system.runner import KafkaRunner
+from esbridge.names import SystemTopics
+from esbridge.relay.relay import Relay
 
 #: Session timeout for consumers of supervised workers (librdkafka's default is 45 s):
 #: a worker that dies and is *not* restarted gives its partitions to the others this soon.
 WORKER_SESSION_TIMEOUT_MS = "10000"
 
 
-def make_relay(runner: KafkaRunner, leader: str) -> Relay:
-    """The relay that publishes ``leader``'s notification log for ``runner``'s system."""
-    from esbridge.relay.relay import Relay
+@dataclass(frozen=True)
+class PartSettings:
+    """Everything the relays and consumers of one runner are built from.
 
+    The runner's settings after it resolved them (env with the system's
+    defaults, Kafka config from the environment, modes and partition counts
+    per leader), frozen: every part of a runner is built from the same values.
+    """
+
+    system: System
+    #: The environment of the applications (the runner's ``full_env``).
+    env: Mapping[str, str]
+    kafka_config: Mapping[str, Any]
+    names: SystemTopics
+    #: Relay mode of every leader.
+    relay_modes: Mapping[str, str]
+    #: Partition count by leader; ``"*"`` for leaders not named.
+    partitions: Mapping[str, int]
+    exactly_once: bool
+    worker_id: str | None
+    relay_options: Mapping[str, Any]
+    consumer_options: Mapping[str, Any]
+
+    def partitions_of(self, leader: str) -> int:
+        """The partition count of ``leader``'s topic."""
+        return self.partitions.get(leader, self.partitions["*"])
+
+
+def make_relay(settings: PartSettings, leader: str) -> Relay:
+    """The relay that publishes ``leader``'s notification log."""
     return Relay(
         leader,
-        kafka_config=dict(runner.kafka_config),
-        topic=runner.names.topic(leader),
-        mode=runner.relay_modes[leader],
-        env=runner.full_env,
-        relay_id=runner.names.relay_id(leader),
-        exactly_once=runner.exactly_once,
-        partitions=runner.partitions_of(leader),
-        **dict(runner.relay_options),
+        kafka_config=dict(settings.kafka_config),
+        topic=settings.names.topic(leader),
+        mode=settings.relay_modes[leader],
+        env=settings.env,
+        relay_id=settings.names.relay_id(leader),
+        exactly_once=settings.exactly_once,
+        partitions=settings.partitions_of(leader),
+        **dict(settings.relay_options),
     )
 
 
-def make_consumer(runner: KafkaRunner, leader: str, follower: str) -> ConsumerAdapter:
-    """The consumer adapter that feeds ``leader``'s topic into ``follower`` (run here)."""
-    from esbridge.consumer.adapter import ConsumerAdapter
-
-    app = runner.apps[follower]
+def make_consumer(
+    settings: PartSettings, app: Application[Any], leader: str, follower: str
+) -> ConsumerAdapter:
+    """The consumer adapter that feeds ``leader``'s topic into ``app`` (``follower``, run here)."""
     if not isinstance(app, ProcessApplication):
         raise ConfigurationError(
             f"application {follower!r} follows {leader!r} in the system but is a "
             f"{type(app).__name__}, not an eventsourcing ProcessApplication: it has no policy "
             "and no tracking records to consume into"
         )
-    group = runner.names.group(leader, follower)
+    group = settings.names.group(leader, follower)
     return ConsumerAdapter(
         app,
         upstream=leader,
-        topic=runner.names.topic(leader),
-        kafka_config=consumer_config(runner.kafka_config, group, runner.worker_id),
+        topic=settings.names.topic(leader),
+        kafka_config=consumer_config(settings.kafka_config, group, settings.worker_id),
         group_id=group,
-        mode=runner.relay_modes[leader],
-        upstream_env=runner.full_env,
+        mode=settings.relay_modes[leader],
+        upstream_env=settings.env,
         # The leader's class-level env supplies its cipher/compressor defaults for decoding.
-        upstream_class=runner.system.get_app_cls(leader),
-        partitions=runner.partitions_of(leader),
-        **runner.consumer_options,
+        upstream_class=settings.system.get_app_cls(leader),
+        partitions=settings.partitions_of(leader),
+        **settings.consumer_options,
     )
 
 

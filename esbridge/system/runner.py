@@ -39,9 +39,15 @@ from typing import Any, Protocol, TypeVar
 from eventsourcing.application import Application
 from eventsourcing.system import Runner, System
 
-from esbridge.errors import ConfigurationError, EsbridgeError
+from esbridge.errors import (
+    ConfigurationError,
+    EsbridgeError,
+    SystemConfigurationError,
+    SystemRunnerError,
+)
 from esbridge.kafka.config import kafka_config_from_env
 from esbridge.names import DEFAULT_PREFIX, MODES, PAYLOADS, PROMPTS, SystemTopics
+from esbridge.system.parts import PartSettings, make_consumer, make_relay
 from esbridge.system.setup import construct_app, ensure_topics, system_env
 from esbridge.system.status import EdgeProbe, EdgeStatus, read_only_app, relay_holder
 
@@ -54,10 +60,6 @@ RELAY_MODES = MODES
 #: Set to a directory to profile every relay and consumer thread with cProfile (see
 #: :meth:`RunningComponent._run_profiled`): a diagnostic aid, off by default.
 PROFILE_DIR_ENV = "ESBRIDGE_PROFILE_DIR"
-
-
-class SystemRunnerError(EsbridgeError):
-    """A relay or consumer of a running system failed; the message names which and why."""
 
 
 def load_system(path: str) -> System:
@@ -226,6 +228,19 @@ class KafkaRunner(Runner[Any]):
                 "receive an event. Run the relays (run_relays=True), or run only some "
                 "applications here (apps=[...]) and their relays elsewhere."
             )
+        #: What this runner's relays and consumers are built from.
+        self.settings = PartSettings(
+            system=system,
+            env=self.full_env,
+            kafka_config=self.kafka_config,
+            names=self.names,
+            relay_modes=self.relay_modes,
+            partitions=self.partitions,
+            exactly_once=exactly_once,
+            worker_id=worker_id,
+            relay_options=self.relay_options,
+            consumer_options=self.consumer_options,
+        )
         self.apps: dict[str, Application[Any]] = {}
         self.components: list[RunningComponent] = []
         self._probes: list[EdgeProbe] | None = None
@@ -311,7 +326,7 @@ class KafkaRunner(Runner[Any]):
 
     def partitions_of(self, leader: str) -> int:
         """The partition count of ``leader``'s topic."""
-        return self.partitions.get(leader, self.partitions["*"])
+        return self.settings.partitions_of(leader)
 
     def tracking_partitions(self, leader: str) -> int:
         """How many tracking names a follower of ``leader`` records (prompts: one)."""
@@ -330,17 +345,22 @@ class KafkaRunner(Runner[Any]):
     def raise_failures(self) -> None:
         """Raise if a relay or consumer stopped with an error.
 
-        :class:`ConfigurationError` when one of them refused its configuration
-        (restarting cannot help: ``esbridge run`` exits with status 2), else
-        :class:`SystemRunnerError` (a runtime failure: a restart resumes).
+        :class:`SystemConfigurationError` (a :class:`ConfigurationError`) when
+        one of them refused its configuration (restarting cannot help:
+        ``esbridge run`` exits with status 2), else :class:`SystemRunnerError`
+        (a runtime failure: a restart resumes). Both are exception groups of
+        the components' own exceptions, so no traceback is lost; the message
+        names each failed component and its error.
         """
-        failures = self.failures()
-        if not failures:
+        failed = [r for r in self.components if r.error is not None]
+        if not failed:
             return
-        message = "; ".join(failures)
-        if any(isinstance(r.error, ConfigurationError) for r in self.components):
-            raise ConfigurationError(message)
-        raise SystemRunnerError(message)
+        message = "; ".join(self.failures())
+        errors = [as_exception(r.error) for r in failed if r.error is not None]
+        names = [r.describe() for r in failed]
+        if any(isinstance(e, ConfigurationError) for e in errors):
+            raise SystemConfigurationError(message, errors, components=names)
+        raise SystemRunnerError(message, errors, components=names)
 
     def is_alive(self) -> bool:
         """True while every relay and consumer thread runs."""
@@ -426,14 +446,10 @@ class KafkaRunner(Runner[Any]):
         running.start()
 
     def _make_relay(self, leader: str) -> Component:
-        from esbridge.system.parts import make_relay
-
-        return make_relay(self, leader)
+        return make_relay(self.settings, leader)
 
     def _make_consumer(self, leader: str, follower: str) -> Component:
-        from esbridge.system.parts import make_consumer
-
-        return make_consumer(self, leader, follower)
+        return make_consumer(self.settings, self.apps[follower], leader, follower)
 
 
 def resolve_relay_modes(system: System, modes: str | Mapping[str, str]) -> dict[str, str]:
@@ -487,11 +503,29 @@ def check_local_apps(system: System, names: Iterable[str]) -> None:
             )
 
 
+def as_exception(error: BaseException) -> Exception:
+    """``error`` itself, or an :class:`EsbridgeError` caused by it if it is not an ``Exception``.
+
+    An ``ExceptionGroup`` holds only ``Exception`` instances, and a component's
+    thread may have ended on a ``SystemExit`` or ``KeyboardInterrupt``.
+    """
+    if isinstance(error, Exception):
+        return error
+    wrapped = EsbridgeError(f"{type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
+
+
 def run_until(stop: Callable[[], bool], runner: KafkaRunner, interval: float = 0.5) -> None:
     """Block until ``stop()`` is true or a relay or consumer fails (then raise)."""
     while not stop():
         runner.raise_failures()
         if not runner.is_alive():
             runner.raise_failures()
-            raise SystemRunnerError("a relay or consumer thread ended unexpectedly")
+            ended = [r.describe() for r in runner.components if not r.thread.is_alive()]
+            raise SystemRunnerError(
+                "a relay or consumer thread ended unexpectedly",
+                [EsbridgeError(f"{name} ended without an error") for name in ended],
+                components=ended,
+            )
         time.sleep(interval)

@@ -18,12 +18,18 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import NewTopic
 from eventsourcing.application import Application
-from eventsourcing.persistence import ProcessRecorder
+from eventsourcing.persistence import IntegrityError, ProcessRecorder
 from eventsourcing.system import System
+from eventsourcing.utils import Environment
 
+from esbridge.deadletters.store import DeadLetterStore
 from esbridge.errors import ConfigurationError
 from esbridge.eventlog.notification_log import check_readable
+from esbridge.kafka.topics import ensure_topic, kafka_admin, wait_for_broker
+from esbridge.names import DEAD_LETTER_TABLE
 from esbridge.runtime.postgres_privileges import (
     FOLLOWER_TABLE_PRIVILEGES,
     check_table_privileges,
@@ -126,8 +132,6 @@ def new_app(cls: type[Application[Any]], name: str, env: Mapping[str, str]) -> A
 
 def postgres_user(name: str, env: Mapping[str, str]) -> str | None:
     """The Postgres role application ``name`` connects as (``{NAME}_POSTGRES_USER`` first)."""
-    from eventsourcing.utils import Environment
-
     return Environment(name, env).get("POSTGRES_USER")
 
 
@@ -142,10 +146,6 @@ def create_dead_letter_table(name: str, app: Application[Any]) -> None:
     datastore = getattr(app.recorder, "datastore", None)
     if datastore is None or not hasattr(datastore, "transaction"):
         return  # not Postgres: the consumer adapter refuses it with a clear error
-    from eventsourcing.persistence import IntegrityError
-
-    from esbridge.deadletters.store import DeadLetterStore
-
     store = DeadLetterStore(datastore)
     for attempt in range(3):
         try:
@@ -177,13 +177,11 @@ def check_follower_privileges(name: str, app: Application[Any]) -> None:
     datastore = getattr(recorder, "datastore", None)
     if datastore is None or not hasattr(datastore, "transaction"):
         return
-    from esbridge.names import DEAD_LETTER_TABLE as TABLE
-
     schema = datastore.schema or "public"
     tables = [
         getattr(recorder, "events_table_name", None),
         getattr(recorder, "tracking_table_name", None),
-        TABLE,
+        DEAD_LETTER_TABLE,
     ]
     wanted = {f"{schema}.{t}": FOLLOWER_TABLE_PRIVILEGES for t in tables if t}
     check_table_privileges(f"application {name!r} cannot record its events", datastore, wanted)
@@ -218,11 +216,6 @@ def setup_system(system: System, env: Mapping[str, str] | None = None) -> None:
 def ensure_topics(kafka_config: Mapping[str, Any], partitions: Mapping[str, int]) -> None:
     """Create missing topics (``{topic: partition count}``); refuse existing ones with
     another partition count."""
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import NewTopic
-
-    from esbridge.kafka.topics import ensure_topic, kafka_admin, wait_for_broker
-
     with kafka_admin(kafka_config) as admin:
         wait_for_broker(admin, str(kafka_config.get("bootstrap.servers")), timeout=30.0)
         # Create before asking for a topic's metadata: a broker with

@@ -30,13 +30,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg.errors
 from eventsourcing.application import Application
 from eventsourcing.persistence import ApplicationRecorder, Notification, ProcessRecorder
 from eventsourcing.system import System
 
+from esbridge.deadletters.store import DeadLetterStore
 from esbridge.eventlog.notification_log import close_recorder, open_recorder, read_pages
 from esbridge.kafka.partitioning import partition_for_key
-from esbridge.names import tracking_names
+from esbridge.names import DEAD_LETTER_TABLE, tracking_names
+from esbridge.relay.lease import lease_holder
+from esbridge.runtime.postgres_privileges import current_role, with_advice
 from esbridge.runtime.postgres_retry import connection_diagnosis
 from esbridge.system.applications import construct_or_close
 
@@ -122,8 +126,6 @@ def event_age(app: Application[Any], notification: Notification | None) -> float
 
 def relay_holder(app: Application[Any], relay_id: str) -> str | None:
     """Who holds the lease of relay ``relay_id`` of ``app`` ("" when nobody); None: unknown."""
-    from esbridge.relay.lease import lease_holder
-
     datastore = getattr(app.recorder, "datastore", None)
     if datastore is None or not hasattr(datastore, "get_connection"):
         return None
@@ -140,12 +142,6 @@ def dlq_size(app: Application[Any], follower: str) -> tuple[int | None, str | No
     A missing table counts 0 (nothing was ever parked); any other error (a
     role without SELECT on the table, say) is returned, never shown as 0.
     """
-    import psycopg.errors
-
-    from esbridge.deadletters.store import DeadLetterStore
-    from esbridge.names import DEAD_LETTER_TABLE as TABLE
-    from esbridge.runtime.postgres_privileges import current_role, with_advice
-
     datastore = getattr(app.recorder, "datastore", None)
     if datastore is None or not hasattr(datastore, "transaction"):
         return None, None
@@ -154,7 +150,7 @@ def dlq_size(app: Application[Any], follower: str) -> tuple[int | None, str | No
     except Exception as e:  # reported, with what to do
         if isinstance(e.__cause__, psycopg.errors.UndefinedTable):
             return 0, None
-        text = f"cannot read {follower}'s dead-letter table {TABLE}: {e}"
+        text = f"cannot read {follower}'s dead-letter table {DEAD_LETTER_TABLE}: {e}"
         return None, with_advice(text, e, current_role(datastore), "SELECT")
 
 

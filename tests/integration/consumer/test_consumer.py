@@ -379,6 +379,27 @@ def test_dlq_command_lists_and_replays(
     fragile.close()
 
 
+def test_dlq_retry_is_the_command_and_replay_its_deprecated_name(
+    postgres_db: Any, monkeypatch: Any, capsys: Any
+) -> None:
+    """``esbridge replay`` backfills a topic; the dead-letter command is ``dlq retry``."""
+    from esbridge.cli import main
+
+    fragile = fragile_follower(postgres_db)
+    for key, value in postgres_db.env.items():
+        monkeypatch.setenv(key, value)
+    follower = "tests.integration.consumer_apps:Fragile"
+    capsys.readouterr()
+    assert main(["dlq", "retry", follower]) == 0
+    out, err = capsys.readouterr()
+    assert "retried 0 row(s)" in out and "deprecated" not in err
+    assert main(["dlq", "replay", follower]) == 0  # the former name still works, and says so
+    out, err = capsys.readouterr()
+    assert "replayed 0 row(s)" in out
+    assert "esbridge dlq replay is deprecated: use 'esbridge dlq retry'" in err
+    fragile.close()
+
+
 @pytest.mark.parametrize("hint", ["exact", "partial", "raising"])
 def test_prefetch_hint_never_changes_the_result(
     hint: str,

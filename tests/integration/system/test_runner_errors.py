@@ -76,7 +76,7 @@ def test_relay_settings_reach_every_worker_and_its_relays() -> None:
     runner = KafkaRunner(
         orders_system, kafka_config=KAFKA, relay_options=parse_tuning(args.relay_set)
     )
-    relay = make_relay(runner, "Orders")
+    relay = make_relay(runner.settings, "Orders")
     assert (relay.tuning.linger, relay.tuning.batch_size) == (0.2, 500)
 
 

@@ -21,6 +21,7 @@ IMPORTING = {
     "consume": ["consume", "shop:Mirror", "--upstream", "Ledger", "--topic", "t"],
     "dlq list": ["dlq", "list", "shop:Mirror"],
     "dlq replay": ["dlq", "replay", "shop:Mirror"],
+    "dlq retry": ["dlq", "retry", "shop:Mirror"],
     "replay": ["replay", "Ledger", "--topic", "t", "--from", "1"],
     "run": ["run", "shop:system"],
     "status": ["status", "shop:system"],
