@@ -11,8 +11,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"esbridge": ROOT / "esbridge", "esbridge_connectors": ROOT / "connectors"}
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = {"esbridge": ROOT / "esbridge", "esbridge_connectors": ROOT / "esbridge_connectors"}
 
 
 def module_files() -> dict[str, Path]:
