@@ -81,15 +81,9 @@ from esbridge.eventlog.notification_log import (
 from esbridge.kafka.access import authorization_error, raise_if_unauthorized
 from esbridge.kafka.partitioning import key_partitioner
 from esbridge.names import MODES, default_position_topic, tracking_names
-from esbridge.processing.process_application import (
-    BatchSink,
-    PrefetchFunc,
-    ProcessApplicationSink,
-    Source,
-    Step,
-    StepFactory,
-    UpstreamDecoder,
-)
+from esbridge.processing.application_sink import PrefetchFunc, ProcessApplicationSink
+from esbridge.processing.sink import BatchSink
+from esbridge.processing.steps import Source, Step, StepFactory, UpstreamDecoder
 from esbridge.relay.position import RelayProgress
 from esbridge.runtime import gc_pause
 from esbridge.runtime.logs import kafka_client_config
