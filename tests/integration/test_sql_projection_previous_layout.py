@@ -1,9 +1,11 @@
 """Data written by the previous layout of projection tracking keeps being read.
 
-Issue #22 moves projection dead letters into esbridge's one dead-letter table
-(and may change the tracking table). Whatever the new layout, a projection
-database written by the previous one must keep its place and its parked
-notifications. This test creates the previous tables with their exact DDL
+Issue #22 moved projection dead letters from ``esbridge_projection_dead_letters``
+into esbridge's one dead-letter table (``esbridge_dead_letters``). A projection
+database written by the previous layout must keep its place and its parked
+notifications, moved once, readable by esbridge's own dead-letter store.
+
+This test creates the previous tables with their exact DDL
 (as SQLAlchemy emitted it for ``connectors/sql_tracking.py`` up to then) and
 rows exactly as ``advance()`` and ``park()`` wrote them, then runs the
 current code on that database.
@@ -16,9 +18,12 @@ from datetime import UTC, datetime
 import pytest
 from esbridge_connectors.sql_projection import ProjectionRunner
 from esbridge_connectors.upstream import application_mapper
+from eventsourcing.postgres import PostgresDatastore
 from sql_projection_domain import DogNameProjection, DogSchool, table_contents
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Engine
+
+from esbridge.deadletters.store import REASON_POLICY, DeadLetterStore
 
 # The previous layout's DDL, per dialect, verbatim.
 PREVIOUS_DDL = {
@@ -147,11 +152,41 @@ def test_previous_tracking_and_dead_letter_rows_are_read(postgres_db, target):
         runner.setup()
         assert runner.position() == 2
         [letter] = runner.dead_letters()
-        assert letter.originator_id == str(dogs[1].id)
+        assert (letter.follower, letter.upstream, letter.nid) == ("dog_names", "DogSchool", 2)
+        assert letter.key == str(dogs[1].id)
         assert letter.originator_version == bad.originator_version
-        assert letter.topic == bad.topic
+        assert letter.event_topic == bad.topic
         assert letter.attempts == 3
-        assert letter.error == "RuntimeError: cannot project 'bad'"
+        assert letter.reason == REASON_POLICY
+        assert letter.error == (
+            "RuntimeError: cannot project 'bad'\nTraceback (most recent call last): ..."
+        )
+        assert letter.parked_at == parked_at or letter.parked_at.replace(tzinfo=UTC) == parked_at
+
+        # Moved in one go: the old table is kept under another name, and a second
+        # setup (another runner, a restart) moves nothing twice.
+        tables = set(inspect(target).get_table_names())
+        assert "esbridge_projection_dead_letters" not in tables
+        assert "esbridge_projection_dead_letters_migrated" in tables
+        runner.setup()
+        assert len(runner.dead_letters()) == 1
+        if target.dialect.name == "postgresql":
+            # esbridge's own dead-letter store (what 'esbridge dlq' reads) sees it too.
+            datastore = PostgresDatastore(
+                dbname=target.url.database,
+                host=target.url.host,
+                port=str(target.url.port),
+                user=target.url.username,
+                password=target.url.password or "",
+            )
+            try:
+                store = DeadLetterStore(datastore)
+                assert store.exists()
+                [seen] = store.list("dog_names")
+                assert (seen.nid, seen.key, seen.event_topic) == (2, letter.key, bad.topic)
+                assert store.count("dog_names") == 1
+            finally:
+                datastore.close()
 
         # It carries on from its place: 3 and 4 applied once, 1 and 2 not again.
         stats = runner.run_once()
