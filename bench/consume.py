@@ -43,7 +43,7 @@ from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.eventlog.notification_log import read_pages
 from esbridge.kafka.partitioning import partition_for_key
 from esbridge.names import tracking_names
-from esbridge.processing.process_application import ProcessApplicationSink
+from esbridge.processing.application_sink import ProcessApplicationSink
 from esbridge.relay.relay import Relay
 from esbridge.system.setup import new_app
 from esbridge.testing import make_kafka, make_postgres

@@ -52,14 +52,10 @@ from esbridge.deadletters.store import REASON_POLICY, DeadLetter, DeadLetterStor
 from esbridge.errors import ConfigurationError
 from esbridge.eventlog.follower import LogWaker
 from esbridge.eventlog.notification_log import close_recorder, open_recorder, read_pages
-from esbridge.processing.process_application import (
-    TRANSIENT_ERRORS,
-    ProcessApplicationSink,
-    Step,
-    StepFactory,
-    StepFailed,
-    UpstreamDecoder,
-)
+from esbridge.processing.application_sink import ProcessApplicationSink
+from esbridge.processing.sink import StepFailed
+from esbridge.processing.steps import Step, StepFactory, UpstreamDecoder
+from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
 from esbridge.runtime.signals import stop_on_signals
 from esbridge.wire import H_APP
 from esbridge_connectors.calling import (
@@ -359,13 +355,13 @@ def step_identity(step: Step) -> tuple[str, int]:
 
 
 class OutboundSink:
-    """A batch sink (:class:`~esbridge.processing.process_application.BatchSink`) for an
+    """A batch sink (:class:`~esbridge.processing.sink.BatchSink`) for an
     :class:`OutboundFollower`.
 
     Makes the batch's calls first (outside any transaction), then records all
     outcomes, the dead letters of failed calls and the tracking position in
     one transaction through
-    :class:`~esbridge.processing.process_application.ProcessApplicationSink`.
+    :class:`~esbridge.processing.application_sink.ProcessApplicationSink`.
     """
 
     def __init__(

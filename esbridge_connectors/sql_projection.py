@@ -46,10 +46,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError, TimeoutError
 from sqlalchemy.orm import Session
 
+from esbridge.deadletters.store import REASON_POLICY, DeadLetter
 from esbridge.errors import ConfigurationError, EsbridgeError
 from esbridge.eventlog.notification_log import open_recorder, read_pages, release_recorder
 from esbridge_connectors import sql_tracking
-from esbridge_connectors.sql_tracking import DeadLetter, Position, ProjectionConflictError
+from esbridge_connectors.sql_tracking import Position, ProjectionConflictError
 
 log = logging.getLogger("esbridge.connectors.projection")
 
@@ -459,15 +460,17 @@ class ProjectionRunner:
     def _park(self, notification: Notification, error: BaseException) -> None:
         reason = f"{type(error).__name__}: {error}"
         letter = DeadLetter(
-            projection=self.projection.name,
+            follower=self.projection.name,
             upstream=self.upstream,
-            notification_id=notification.id,
-            topic=notification.topic,
-            originator_id=str(notification.originator_id),
+            key=str(notification.originator_id),
+            reason=REASON_POLICY,
+            error=f"{reason}\n{''.join(traceback.format_exception(error))}",
+            value=notification.state,
+            tracking_name=self.upstream,
+            nid=notification.id,
+            event_topic=notification.topic,
             originator_version=notification.originator_version,
             attempts=self.max_attempts,
-            error=reason,
-            traceback="".join(traceback.format_exception(error)),
             parked_at=datetime.now(UTC),
         )
         with self.engine.begin() as conn:

@@ -14,9 +14,17 @@ A second runner of the same projection (a zombie, or one started by mistake)
 finds the row moved and rolls back its whole batch, so no notification is
 applied twice even then.
 
-``esbridge_projection_dead_letters``: notifications a handler could not
-apply after its retries, with the reason; parked in the transaction that
-moves the tracking row past them, so the projection keeps its place.
+Dead letters: notifications a handler could not apply after its retries, with
+the reason; parked in the transaction that moves the tracking row past them,
+so the projection keeps its place. They go to esbridge's one dead-letter table
+(``esbridge_dead_letters``, the columns of :mod:`esbridge.deadletters.store`,
+``follower`` = the projection's name) as esbridge's one
+:class:`~esbridge.deadletters.store.DeadLetter`, so a projection's parked
+notifications read like any follower's. The previous layout parked them in
+``esbridge_projection_dead_letters``: :func:`create_tracking_tables` moves its
+rows over in the caller's transaction, then renames it
+``esbridge_projection_dead_letters_migrated`` (kept, not dropped, so nothing is
+lost if the move has to be checked by hand; a second run finds nothing to move).
 """
 
 from __future__ import annotations
@@ -25,29 +33,40 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Column,
     Connection,
     DateTime,
+    Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
     Text,
     and_,
     delete,
+    func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
+from sqlalchemy.dialects.postgresql import BYTEA, JSONB
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
+from esbridge.deadletters.store import REASON_POLICY, STATUS_PARKED, DeadLetter
 from esbridge.errors import EsbridgeError
+from esbridge.names import DEAD_LETTER_TABLE
 
 TRACKING_TABLE = "esbridge_projection_tracking"
-DEAD_LETTER_TABLE = "esbridge_projection_dead_letters"
+PREVIOUS_DEAD_LETTER_TABLE = "esbridge_projection_dead_letters"
+"""Where the previous layout parked projection dead letters (migrated on setup)."""
+MIGRATED_DEAD_LETTER_TABLE = "esbridge_projection_dead_letters_migrated"
 
 metadata = MetaData()
 
@@ -61,19 +80,54 @@ tracking_table = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+# The columns and indexes of esbridge's dead-letter table (esbridge/deadletters/store.py),
+# in types every SQLAlchemy dialect has; on PostgreSQL the same types as its DDL.
 dead_letter_table = Table(
     DEAD_LETTER_TABLE,
     metadata,
-    Column("projection", String(200), primary_key=True),
-    Column("upstream", String(200), primary_key=True),
-    Column("notification_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("topic", String(500), nullable=False),
-    Column("originator_id", String(200), nullable=False),
-    Column("originator_version", BigInteger, nullable=False),
-    Column("attempts", Integer, nullable=False),
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("follower", Text, nullable=False),
+    Column("upstream", Text, nullable=False),
+    Column("tracking_name", Text),
+    Column("nid", BigInteger),
+    Column("key", Text, nullable=False),
+    Column("value", LargeBinary().with_variant(BYTEA(), "postgresql")),
+    Column(
+        "headers",
+        JSON().with_variant(JSONB(), "postgresql"),
+        nullable=False,
+        server_default=text("'[]'"),
+    ),
+    Column("kafka_topic", Text),
+    Column("kafka_partition", Integer),
+    Column("kafka_offset", BigInteger),
+    Column("event_topic", Text),
+    Column("originator_version", BigInteger),
+    Column("reason", Text, nullable=False),
     Column("error", Text, nullable=False),
-    Column("traceback", Text, nullable=False),
-    Column("parked_at", DateTime(timezone=True), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("1")),
+    Column("status", Text, nullable=False, server_default=text(f"'{STATUS_PARKED}'")),
+    Column("parked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("replayed_at", DateTime(timezone=True)),
+)
+Index(
+    f"{DEAD_LETTER_TABLE}_nid_uniq",
+    dead_letter_table.c.follower,
+    dead_letter_table.c.upstream,
+    dead_letter_table.c.nid,
+    unique=True,
+    postgresql_where=dead_letter_table.c.nid.isnot(None),
+    sqlite_where=dead_letter_table.c.nid.isnot(None),
+)
+Index(
+    f"{DEAD_LETTER_TABLE}_parked_key",
+    dead_letter_table.c.follower,
+    dead_letter_table.c.upstream,
+    dead_letter_table.c.key,
+    postgresql_where=dead_letter_table.c.status == STATUS_PARKED,
+    sqlite_where=dead_letter_table.c.status == STATUS_PARKED,
 )
 
 
@@ -93,25 +147,52 @@ class Position:
     version: int
 
 
-@dataclass(frozen=True)
-class DeadLetter:
-    """A notification that a projection's handler could not apply, with the reason."""
-
-    projection: str
-    upstream: str
-    notification_id: int
-    topic: str
-    originator_id: str
-    originator_version: int
-    attempts: int
-    error: str
-    traceback: str
-    parked_at: datetime
-
-
 def create_tracking_tables(engine: Engine | Connection) -> None:
-    """Create the tracking and dead-letter tables if they do not exist."""
+    """Create the tracking and dead-letter tables if they do not exist; migrate old dead letters."""
     metadata.create_all(engine, checkfirst=True)
+    if isinstance(engine, Connection):
+        _migrate_dead_letters(engine)
+    else:
+        with engine.begin() as conn:
+            _migrate_dead_letters(conn)
+
+
+def _migrate_dead_letters(conn: Connection) -> None:
+    """Move the previous layout's dead letters into the one dead-letter table (see module doc).
+
+    In the caller's transaction: the rows are copied, then the old table is
+    renamed, so either both happen or neither does, and a second run finds no
+    old table.
+    """
+    if not inspect(conn).has_table(PREVIOUS_DEAD_LETTER_TABLE):
+        return
+    old = Table(PREVIOUS_DEAD_LETTER_TABLE, MetaData(), autoload_with=conn)
+    rows = conn.execute(select(old).order_by(old.c.notification_id)).mappings().all()
+    for row in rows:
+        park(
+            conn,
+            DeadLetter(
+                follower=row["projection"],
+                upstream=row["upstream"],
+                key=row["originator_id"],
+                reason=REASON_POLICY,
+                error=_with_traceback(row["error"], row["traceback"]),
+                tracking_name=row["upstream"],
+                nid=int(row["notification_id"]),
+                event_topic=row["topic"],
+                originator_version=int(row["originator_version"]),
+                attempts=int(row["attempts"]),
+                parked_at=row["parked_at"],
+            ),
+        )
+    conn.execute(
+        text(f"ALTER TABLE {PREVIOUS_DEAD_LETTER_TABLE} RENAME TO {MIGRATED_DEAD_LETTER_TABLE}")
+    )
+
+
+def _with_traceback(error: str, traceback: str) -> str:
+    """The error line and its traceback in the one ``error`` column (cut as the store cuts)."""
+    return (f"{error}\n{traceback}" if traceback else error)[:4000]
 
 
 def _key(projection: str, upstream: str) -> ColumnElement[bool]:
@@ -182,30 +263,60 @@ def advance(
 
 def park(conn: Connection, letter: DeadLetter) -> None:
     """Record a dead letter (in the caller's transaction, with the tracking move)."""
-    conn.execute(insert(dead_letter_table).values(**letter.__dict__))
+    values: dict[str, object] = {
+        "follower": letter.follower,
+        "upstream": letter.upstream,
+        "tracking_name": letter.tracking_name,
+        "nid": letter.nid,
+        "key": letter.key,
+        "value": letter.value,
+        "headers": [],
+        "event_topic": letter.event_topic,
+        "originator_version": letter.originator_version,
+        "reason": letter.reason,
+        "error": letter.error[:4000],
+        "attempts": letter.attempts,
+        "status": letter.status,
+        "parked_at": letter.parked_at or datetime.now(UTC),
+    }
+    conn.execute(insert(dead_letter_table).values(values))
 
 
 def dead_letters(
     conn: Connection, projection: str, upstream: str | None = None
 ) -> list[DeadLetter]:
     """The parked notifications of a projection, in notification order."""
-    query = select(dead_letter_table).where(dead_letter_table.c.projection == projection)
+    t = dead_letter_table
+    query = select(t).where(t.c.follower == projection, t.c.status == STATUS_PARKED)
     if upstream is not None:
-        query = query.where(dead_letter_table.c.upstream == upstream)
-    rows = conn.execute(query.order_by(dead_letter_table.c.notification_id)).mappings()
-    return [DeadLetter(**dict(row)) for row in rows]
+        query = query.where(t.c.upstream == upstream)
+    rows = conn.execute(query.order_by(t.c.nid, t.c.id)).mappings()
+    return [
+        DeadLetter(
+            follower=row["follower"],
+            upstream=row["upstream"],
+            key=row["key"],
+            reason=row["reason"],
+            error=row["error"],
+            value=row["value"],
+            tracking_name=row["tracking_name"],
+            nid=row["nid"],
+            event_topic=row["event_topic"],
+            originator_version=row["originator_version"],
+            attempts=row["attempts"],
+            status=row["status"],
+            id=row["id"],
+            parked_at=row["parked_at"],
+        )
+        for row in rows
+    ]
 
 
 def forget_dead_letter(conn: Connection, projection: str, upstream: str, nid: int) -> int:
     """Delete one dead letter (after it was applied by hand or by ``retry_parked``)."""
+    t = dead_letter_table
     result = conn.execute(
-        delete(dead_letter_table).where(
-            and_(
-                dead_letter_table.c.projection == projection,
-                dead_letter_table.c.upstream == upstream,
-                dead_letter_table.c.notification_id == nid,
-            )
-        )
+        delete(t).where(and_(t.c.follower == projection, t.c.upstream == upstream, t.c.nid == nid))
     )
     return int(result.rowcount)
 
@@ -213,4 +324,4 @@ def forget_dead_letter(conn: Connection, projection: str, upstream: str, nid: in
 def reset(conn: Connection, projection: str) -> None:
     """Forget a projection's positions and dead letters (part of a rebuild)."""
     conn.execute(delete(tracking_table).where(tracking_table.c.projection == projection))
-    conn.execute(delete(dead_letter_table).where(dead_letter_table.c.projection == projection))
+    conn.execute(delete(dead_letter_table).where(dead_letter_table.c.follower == projection))

@@ -3,7 +3,7 @@
 A :class:`ConsumerAdapter` feeds the messages a relay published into a
 downstream ``ProcessApplication`` (its ``policy()`` unchanged) and records the
 new events together with the tracking position reached in ONE Postgres
-transaction per batch (:mod:`esbridge.processing.process_application`). Whatever crashes, each
+transaction per batch (:mod:`esbridge.processing.application_sink`). Whatever crashes, each
 upstream event has its effect exactly once:
 
 * the **position** of each tracking name lives in the follower's tracking
@@ -81,15 +81,9 @@ from esbridge.eventlog.notification_log import (
 from esbridge.kafka.access import authorization_error, raise_if_unauthorized
 from esbridge.kafka.partitioning import key_partitioner
 from esbridge.names import MODES, default_position_topic, tracking_names
-from esbridge.processing.process_application import (
-    BatchSink,
-    PrefetchFunc,
-    ProcessApplicationSink,
-    Source,
-    Step,
-    StepFactory,
-    UpstreamDecoder,
-)
+from esbridge.processing.application_sink import PrefetchFunc, ProcessApplicationSink
+from esbridge.processing.sink import BatchSink
+from esbridge.processing.steps import Source, Step, StepFactory, UpstreamDecoder
 from esbridge.relay.position import RelayProgress
 from esbridge.runtime import gc_pause
 from esbridge.runtime.logs import kafka_client_config
@@ -213,10 +207,10 @@ class ConsumerAdapter:
     broker at start-up; None, the default, waits for ever, logging each retry),
     ``upstream_class`` (its ``env`` supplies cipher/compressor defaults),
     ``partitions`` (expected count), ``registry`` (Prometheus), ``sink``
-    (another :class:`~esbridge.processing.process_application.BatchSink`), ``prefetch`` (a function
+    (another :class:`~esbridge.processing.sink.BatchSink`), ``prefetch`` (a function
     from an upstream event to the ids of the aggregates its policy gets: each
     batch then reads them in one query; see
-    :data:`~esbridge.processing.process_application.PrefetchFunc`).
+    :data:`~esbridge.processing.application_sink.PrefetchFunc`).
     """
 
     def __init__(

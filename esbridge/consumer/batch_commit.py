@@ -1,7 +1,7 @@
 """Committing a consumer's steps: one transaction per batch, and what to do with poison.
 
 The consumer adapter (:mod:`esbridge.consumer.adapter`) turns messages into
-:class:`~esbridge.processing.process_application.Step` objects, in order; this module records them.
+:class:`~esbridge.processing.steps.Step` objects, in order; this module records them.
 Each batch is one call of the sink (one Postgres transaction, the tracking
 positions moved with a compare-and-set against the positions the consumer last
 committed). A step whose policy raises is retried alone (``retries`` times,
@@ -29,14 +29,8 @@ from eventsourcing.persistence import IntegrityError
 
 from esbridge.consumer.metrics import ConsumerMetrics
 from esbridge.deadletters.store import REASON_HELD_BEHIND, REASON_POLICY
-from esbridge.processing.process_application import (
-    BatchSink,
-    Source,
-    Step,
-    StepFactory,
-    StepFailed,
-    iter_batches,
-)
+from esbridge.processing.sink import BatchSink, StepFailed
+from esbridge.processing.steps import Source, Step, StepFactory, iter_batches
 from esbridge.runtime import gc_pause
 
 log = logging.getLogger("esbridge.consumer")

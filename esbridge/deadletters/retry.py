@@ -26,13 +26,9 @@ from typing import Any
 from eventsourcing.system import Follower
 
 from esbridge.deadletters.store import REASON_FOREIGN, DeadLetter, DeadLetterStore
-from esbridge.processing.process_application import (
-    ProcessApplicationSink,
-    Source,
-    StepFactory,
-    StepFailed,
-    UpstreamDecoder,
-)
+from esbridge.processing.application_sink import ProcessApplicationSink
+from esbridge.processing.sink import StepFailed
+from esbridge.processing.steps import Source, StepFactory, UpstreamDecoder
 from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
 
 log = logging.getLogger("esbridge.dlq")

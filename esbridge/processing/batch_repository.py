@@ -3,7 +3,7 @@
 A batch applies many upstream events before anything is committed, so the
 follower's real repository does not yet hold what earlier events of the batch
 changed. :class:`BatchRepository` stands in for it while the batch runs
-(:mod:`esbridge.processing.process_application` switches it in for the running thread): ``get``
+(:mod:`esbridge.processing.application_sink` switches it in for the running thread): ``get``
 returns aggregates as changed by the batch so far, exactly the state a policy
 would see one event at a time, and everything else from the real repository.
 It also reads many aggregates in one query (``prefetch``) and copies cached

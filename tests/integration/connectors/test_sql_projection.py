@@ -130,9 +130,9 @@ def test_handler_that_raises_is_retried_then_parked_and_position_kept(school, ta
     assert runner.position() == total
     [letter] = runner.dead_letters()
     bad = school.repository.get(dogs[4].id)
-    assert letter.originator_id == str(bad.id)
+    assert letter.key == str(bad.id)
     assert letter.originator_version == 5  # Registered, trick-0..trick-3: trick-3 is v5
-    assert letter.topic.endswith("Dog.TrickAdded")
+    assert letter.event_topic.endswith("Dog.TrickAdded")
     assert letter.attempts == 3
     assert "RuntimeError: cannot project trick 'trick-3'" in letter.error
     contents = table_contents(target)

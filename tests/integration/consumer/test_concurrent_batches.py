@@ -27,8 +27,9 @@ from eventsourcing.persistence import IntegrityError, Tracking
 from eventsourcing.system import ProcessApplication
 
 from esbridge.eventlog.notification_log import read_pages
+from esbridge.processing.application_sink import ProcessApplicationSink
 from esbridge.processing.concurrent_batches import HINT_WINDOW, CommitLog, LearnedHints
-from esbridge.processing.process_application import ProcessApplicationSink, Step
+from esbridge.processing.steps import Step
 
 CACHED = {"AGGREGATE_CACHE_MAXSIZE": "1000", "AGGREGATE_CACHE_FASTFORWARD": "n"}
 #: The library's default cache: every read of a cached aggregate fast-forwards it.

@@ -21,7 +21,7 @@ from esbridge.deadletters.retry import replay_dead_letters
 from esbridge.deadletters.store import DeadLetterStore
 from esbridge.errors import GapNotReconciledError
 from esbridge.names import tracking_names
-from esbridge.processing.process_application import ProcessApplicationSink
+from esbridge.processing.application_sink import ProcessApplicationSink
 from esbridge.relay.relay import Relay
 from examples.dogschool.application import DogSchool
 from examples.dogschool.domainmodel import Dog

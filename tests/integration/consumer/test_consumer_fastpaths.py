@@ -28,7 +28,7 @@ from esbridge.consumer.reconcile import PartitionOrder
 from esbridge.errors import MessageFormatError
 from esbridge.processing.batch_repository import copy_aggregate
 from esbridge.processing.pg_binary import use_binary_stored_events
-from esbridge.processing.process_application import install_recorder_hook
+from esbridge.processing.recorder_hook import install_recorder_hook
 from esbridge.runtime import gc_pause
 from examples.dogschool.application import Counters
 from examples.dogschool.domainmodel import Counter, Dog

@@ -24,7 +24,7 @@ from esbridge.deadletters.retry import replay_dead_letters
 from esbridge.deadletters.store import REASON_FOREIGN, DeadLetterStore
 from esbridge.errors import ConfigurationError, GapNotReconciledError
 from esbridge.names import tracking_names
-from esbridge.processing.process_application import ProcessApplicationSink
+from esbridge.processing.application_sink import ProcessApplicationSink
 from examples.dogschool.application import DogSchool
 from tests.support.consumer_apps import (
     ManualPublisher,
