@@ -293,7 +293,7 @@ def test_prompt_mode_pulls_from_the_log(
         populate(school, 5, 1, seed=2)  # more events, then a prompt
         relay_all(school, topic, kafka_config, mode="prompts")
         assert consumer.process_available(timeout=30) == 10
-        upstream_log: Any = consumer._upstream_log
+        upstream_log: Any = consumer._upstream_log.recorder
     finally:
         consumer.close()
     verify_mirror(school, mirror, dogs)

@@ -22,7 +22,8 @@ from confluent_kafka import Consumer, TopicPartition
 from eventsourcing.persistence import PersistenceError
 
 from esbridge import wire
-from esbridge.consumer.adapter import ConsumerAdapter, offset_metadata
+from esbridge.consumer.adapter import ConsumerAdapter
+from esbridge.consumer.offsets import offset_metadata
 from esbridge.errors import GapNotReconciledError
 from esbridge.names import tracking_names
 from esbridge.relay.relay import Relay
