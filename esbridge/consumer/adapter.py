@@ -34,6 +34,10 @@ Prompt mode: the topic carries tiny prompts; on a prompt (or every
 ``prompt_interval`` seconds) the owner of the prompt partition pulls from the
 upstream log from its tracking position in large pages and processes them in
 batches: the library's ``pull_and_process`` without one transaction per event.
+
+The adapter only wires the parts together and runs the loop: the mode is a
+strategy chosen once (:mod:`esbridge.consumer.payloads`,
+:mod:`esbridge.consumer.prompts`); the package docstring lists the other parts.
 """
 
 from __future__ import annotations
@@ -41,18 +45,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    OFFSET_STORED,
-    Consumer,
-    KafkaException,
-    Message,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, KafkaException, Message
 from eventsourcing.system import Follower
 from prometheus_client import CollectorRegistry
 
@@ -63,17 +60,12 @@ from esbridge.consumer.metrics import ConsumerMetrics
 from esbridge.consumer.modes import Mode, ModeContext
 from esbridge.consumer.payloads import PayloadMode
 from esbridge.consumer.prompts import PromptMode
+from esbridge.consumer.rebalance import Rebalance
 from esbridge.consumer.reconcile import PartitionOrder
-from esbridge.consumer.state import (
-    Assignment,
-    ConsumerStatus,
-    HeldMessage,
-    HeldPartition,
-    Partition,
-    Tuning,
-)
+from esbridge.consumer.state import Assignment, ConsumerStatus, HeldMessage, HeldPartition, Tuning
 from esbridge.consumer.upstream import UpstreamLog
-from esbridge.errors import ConfigurationError, PostgresUnavailableError
+from esbridge.consumer.waiting import PostgresWait
+from esbridge.errors import ConfigurationError
 from esbridge.kafka.partitioning import key_partitioner
 from esbridge.names import MODES, PAYLOADS, PROMPTS
 from esbridge.processing.process_application import (
@@ -85,7 +77,6 @@ from esbridge.processing.process_application import (
     UpstreamDecoder,
 )
 from esbridge.runtime import gc_pause
-from esbridge.runtime.postgres_retry import Diagnosis, retry_unreachable
 
 __all__ = ["ConsumerAdapter", "ConsumerStatus", "HeldPartition"]
 
@@ -154,18 +145,7 @@ class ConsumerAdapter:
         self.kafka_config = dict(kafka_config)
         self.upstream_env = dict(upstream_env) if upstream_env is not None else None
         self.expected_partitions = partitions
-        known = set(Tuning.__dataclass_fields__) - {"extra"}
-        unknown = set(tuning) - known
-        if unknown:
-            raise ConfigurationError(
-                f"unknown ConsumerAdapter settings {sorted(unknown)}; known: {sorted(known)}"
-            )
-        self.tuning = Tuning(**tuning)
-        if self.tuning.verify_messages and self.upstream_env is None:
-            raise ConfigurationError(
-                "verify_messages checks every message against the upstream notification log: "
-                "pass upstream_env (read-only POSTGRES_* settings of the upstream application)"
-            )
+        self.tuning = Tuning.checked(tuning, upstream_log=self.upstream_env is not None)
         if mode == PROMPTS and self.upstream_env is None:
             raise ConfigurationError(
                 "prompt mode pulls events from the upstream notification log: pass "
@@ -183,18 +163,18 @@ class ConsumerAdapter:
             follower, UpstreamDecoder(follower, upstream, upstream_class)
         )
         self._assignment = Assignment(topic)
-        self._upstream_log = (
-            UpstreamLog(upstream, self.upstream_env, self.tuning, self._retry_db)
-            if self.upstream_env is not None
-            else None
-        )
         self._consumer: Consumer | None = None
-        self._pending_assign: list[TopicPartition] | None = None
         self._counts = ConsumerCounts()
         self._stop = threading.Event()
+        self._postgres = PostgresWait(f"consumer {follower.name} <- {upstream}", self._stop)
         self._running = False
         self._error: str | None = None
         self._last_lag: tuple[int, float] = (0, 0.0)
+        self._upstream_log = (
+            UpstreamLog(upstream, self.upstream_env, self.tuning, self._postgres.retry)
+            if self.upstream_env is not None
+            else None
+        )
         self._client = TopicClient(
             self.kafka_config, group_id, topic, upstream, self.tuning, self._stop
         )
@@ -207,7 +187,7 @@ class ConsumerAdapter:
             positions=self._assignment.positions,
             counts=self._counts,
             metrics=self.metrics,
-            retry_db=self._retry_db,
+            retry_db=self._postgres.retry,
             stop=self._stop,
         )
         self._mode: Mode = _MODES[mode](
@@ -226,6 +206,7 @@ class ConsumerAdapter:
                 update_gauges=self._update_gauges,
             )
         )
+        self._rebalance = Rebalance(self._assignment, self._mode, self._position, self._order)
 
     @property
     def partitions(self) -> int:
@@ -315,7 +296,7 @@ class ConsumerAdapter:
         if self._consumer is not None:
             return
         # Started while Postgres is down (restarting): wait for it, up to connect_timeout.
-        wait = partial(self._wait_for_postgres, timeout=self.tuning.connect_timeout)
+        wait = partial(self._postgres.wait, timeout=self.tuning.connect_timeout)
         if self.sink is None:
             self.sink = self._sink_arg or wait(
                 f"creating the dead-letter table of {self.follower.name}",
@@ -328,12 +309,7 @@ class ConsumerAdapter:
         assignment.partitions = count
         assignment.names = self._mode.tracking_names(count)
         assignment.partition_of = key_partitioner(max(1, count))
-        consumer.subscribe(
-            [self.topic],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
+        self._rebalance.subscribe(consumer)
         self._consumer = consumer
         log.info(
             "consumer %s <- %s: topic %s (%d partitions), group %s, mode %s, upstream log %s",
@@ -346,72 +322,11 @@ class ConsumerAdapter:
             "readable" if self._upstream_log is not None else "not configured",
         )
 
-    # -- rebalance callbacks (run inside consume()) ----------------------------------
-
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("assigned %s[%s]", self.topic, ",".join(str(p.partition) for p in partitions))
-        position_of = self._partition_position if self._mode.checks_offsets else None
-        starts = offsets.start_offsets(consumer, self.topic, partitions, position_of)
-        consumer.assign(starts)  # from here, not from an offset past what Postgres holds
-        self._pending_assign = (self._pending_assign or []) + starts
-
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("revoked %s[%s]", self.topic, ",".join(str(p.partition) for p in partitions))
-        revoked = {p.partition for p in partitions}
-        try:
-            offsets.commit_offsets(consumer, self._assignment, asynchronous=False, only=revoked)
-        except KafkaException as e:
-            log.debug("offset commit on revoke failed: %s", e)
-        self._forget(revoked)
-
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.warning("lost %s[%s]", self.topic, ",".join(str(p.partition) for p in partitions))
-        self._forget({p.partition for p in partitions})
-
-    def _forget(self, numbers: set[int]) -> None:
-        for n in numbers:
-            self._assignment.parts.pop(n, None)
-        if self._pending_assign:
-            self._pending_assign = [p for p in self._pending_assign if p.partition not in numbers]
-
-    def _partition_position(self, partition: int) -> int:
-        return self._position(self._mode.tracking_name(partition))
-
-    def _init_assigned(self) -> None:
-        """Read the Postgres positions of newly assigned partitions (they are the truth)."""
-        pending, self._pending_assign = self._pending_assign or [], None
-        if not pending:
-            return
-        now = time.monotonic()
-        for tp in pending:
-            name = self._mode.tracking_name(tp.partition)
-            position = self._position(name)
-            self._assignment.positions[name] = position
-            offset = tp.offset
-            self._assignment.parts[tp.partition] = Partition(
-                number=tp.partition,
-                tracking_name=name,
-                order=self._order(position),
-                resume_offset=offset if offset >= 0 else OFFSET_BEGINNING,
-                last_seen=now,
-            )
-            log.info(
-                "partition %s[%d]: position %d (%s), Kafka offset hint %s",
-                self.topic,
-                tp.partition,
-                position,
-                name,
-                {OFFSET_BEGINNING: "none: from the beginning", OFFSET_STORED: "none"}.get(
-                    offset, offset
-                ),
-            )
-        self._mode.assigned()
-
     # -- the loop ----------------------------------------------------------------------
 
     def _position(self, name: str) -> int:
         sink = self._sink()
-        position: int = self._retry_db(lambda: sink.position(name))
+        position: int = self._postgres.retry(lambda: sink.position(name))
         return position
 
     def _order(self, position: int) -> PartitionOrder[HeldMessage]:
@@ -443,7 +358,7 @@ class ConsumerAdapter:
 
     def _round(self, consumer: Consumer, messages: list[Message]) -> int:
         """Process what ``messages`` made ready (:attr:`_mode`); returns messages seen."""
-        self._init_assigned()
+        self._rebalance.init_assigned()
         return self._mode.round(consumer, messages)
 
     # -- committing batches ----------------------------------------------------------
@@ -455,37 +370,6 @@ class ConsumerAdapter:
             return True
         self._resync()
         return False
-
-    def _retry_db(self, call: Callable[[], Any]) -> Any:
-        """``call()``, retried with backoff while Postgres is unreachable (restarts)."""
-        return self._wait_for_postgres(f"consumer {self.follower.name} <- {self.upstream}", call)
-
-    def _wait_for_postgres(
-        self,
-        what: str,
-        call: Callable[[], Any],
-        timeout: float | None = None,
-        diagnose: Diagnosis | None = None,
-    ) -> Any:
-        """``call()``, retried while Postgres is unreachable, up to ``timeout`` (None: for ever).
-
-        Stopping meanwhile ends :meth:`run` quietly: nothing of the batch was
-        recorded, and the next start processes it.
-        """
-
-        def sleep(delay: float) -> None:
-            gc_pause.checkpoint()
-            time.sleep(delay)
-
-        try:
-            stopped = self._stop.is_set
-            return retry_unreachable(
-                what, call, timeout=timeout, stopped=stopped, diagnose=diagnose, sleep=sleep
-            )
-        except PostgresUnavailableError as e:
-            if self._stop.is_set():
-                raise Abandoned(str(e)) from e
-            raise
 
     def _resync(self) -> None:
         """Positions moved under us (another consumer): restart every partition from Postgres."""
@@ -500,7 +384,7 @@ class ConsumerAdapter:
     # -- status ------------------------------------------------------------------------
 
     def _caught_up(self) -> bool:
-        if not self._assignment.parts or self._pending_assign:
+        if not self._assignment.parts or self._rebalance.pending:
             return False
         consumer = self._consumer
         assert consumer is not None

@@ -44,6 +44,16 @@ def position_in_metadata(metadata: str | None) -> int | None:
     return None
 
 
+def resume_offset(offset: int) -> int:
+    """Where reading may safely start again, given an assigned partition's start ``offset``."""
+    return offset if offset >= 0 else OFFSET_BEGINNING
+
+
+def describe(offset: int) -> int | str:
+    """An assigned partition's start offset, for the log."""
+    return {OFFSET_BEGINNING: "none: from the beginning", OFFSET_STORED: "none"}.get(offset, offset)
+
+
 def start_offsets(
     consumer: Consumer,
     topic: str,

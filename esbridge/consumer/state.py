@@ -10,7 +10,7 @@ thread.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from confluent_kafka import Message
 
 from esbridge import wire
 from esbridge.consumer.reconcile import PartitionOrder
+from esbridge.errors import ConfigurationError
 from esbridge.eventlog.notification_log import DEFAULT_PAGE_SIZE
 
 #: What a partition holds while it waits for a gap to close: the messages, decoded.
@@ -48,6 +49,26 @@ class Tuning:
     pause_gc: bool = True
     fair_partitions: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def checked(cls, keywords: Mapping[str, Any], *, upstream_log: bool) -> Tuning:
+        """The tuning of ``keywords``, refusing unknown ones and settings that cannot work.
+
+        ``upstream_log``: whether the consumer may read the upstream log.
+        """
+        known = set(cls.__dataclass_fields__) - {"extra"}
+        unknown = set(keywords) - known
+        if unknown:
+            raise ConfigurationError(
+                f"unknown ConsumerAdapter settings {sorted(unknown)}; known: {sorted(known)}"
+            )
+        tuning = cls(**keywords)
+        if tuning.verify_messages and not upstream_log:
+            raise ConfigurationError(
+                "verify_messages checks every message against the upstream notification log: "
+                "pass upstream_env (read-only POSTGRES_* settings of the upstream application)"
+            )
+        return tuning
 
 
 @dataclass
