@@ -433,7 +433,7 @@ class KafkaRunner(Runner[Any]):
         """
         for running in self.components:
             if running.leader == leader and running.follower == follower:
-                held = getattr(running.component, "_held", None)
+                held = getattr(running.component, "held_partitions", None)
                 if callable(held):
                     return len(held())
                 return None

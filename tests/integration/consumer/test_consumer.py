@@ -270,8 +270,10 @@ def test_missing_without_log_access_is_held_then_fails_clearly(
     [held] = status.held_partitions
     assert held.partition == 0 and held.position == 6 and held.missing == "notification id 7"
     assert held.held_messages == len(notes) - 7
-    with pytest.raises(GapNotReconciledError, match=r"notification id 7 never arrived"):
+    with pytest.raises(GapNotReconciledError, match=r"notification id 7 never arrived") as e:
         consumer.run()  # fails once the gap is older than hold_timeout
+    assert (e.value.topic, e.value.partition) == (topic, 0)
+    assert (e.value.position, e.value.held_nid) == (6, 8)  # 7 is missing
     assert mirror.recorder.max_tracking_id("DogSchool") == 6  # nothing after the gap
 
 
@@ -293,7 +295,7 @@ def test_prompt_mode_pulls_from_the_log(
         populate(school, 5, 1, seed=2)  # more events, then a prompt
         relay_all(school, topic, kafka_config, mode="prompts")
         assert consumer.process_available(timeout=30) == 10
-        upstream_log: Any = consumer._upstream_log
+        upstream_log: Any = consumer._upstream_log.recorder
     finally:
         consumer.close()
     verify_mirror(school, mirror, dogs)

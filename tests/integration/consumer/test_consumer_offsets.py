@@ -22,7 +22,8 @@ from confluent_kafka import Consumer, TopicPartition
 from eventsourcing.persistence import PersistenceError
 
 from esbridge import wire
-from esbridge.consumer.adapter import ConsumerAdapter, offset_metadata
+from esbridge.consumer.adapter import ConsumerAdapter
+from esbridge.consumer.offsets import offset_metadata
 from esbridge.errors import GapNotReconciledError
 from esbridge.names import tracking_names
 from esbridge.relay.relay import Relay
@@ -315,4 +316,5 @@ def test_a_consumer_started_past_the_relay_s_messages_is_not_silent(
     [error] = failure  # once held for longer than hold_timeout
     assert isinstance(error, GapNotReconciledError)
     assert "published notifications up to" in str(error)
+    assert error.partition in (0, 1, 2) and error.position == 0 and error.held_nid is None
     assert positions(mirror) == [0, 0, 0]
