@@ -109,7 +109,7 @@ def parse_tuning(items: list[str], option: str = "--set") -> dict[str, Any]:
 
     ``option`` names the command-line option in the error a wrong name gets.
     """
-    from esbridge.relay.relay import RelayTuning
+    from esbridge.relay.tuning import RelayTuning
 
     fields = RelayTuning.__dataclass_fields__
     tuning: dict[str, Any] = {}

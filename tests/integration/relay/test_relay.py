@@ -315,7 +315,7 @@ def test_a_fenced_relay_says_fenced_when_a_call_gets_only_fatal(
     """After fencing, librdkafka answers produce() with a bare _FATAL: the cause is found."""
     topic = create_topic(partitions=1)
     with fenced_pair(postgres_db, kafka_config, topic, 10, 10) as (_, first, _):
-        publisher = first._publisher
+        publisher = first._publishing._publisher
         assert publisher is not None
         producer = publisher.producer
         publisher._begin(producer)
