@@ -54,7 +54,7 @@ from esbridge.eventlog.follower import LogWaker
 from esbridge.eventlog.notification_log import close_recorder, open_recorder, read_pages
 from esbridge.processing.application_sink import ProcessApplicationSink
 from esbridge.processing.sink import StepFailed
-from esbridge.processing.steps import Step, StepFactory, UpstreamDecoder
+from esbridge.processing.steps import Step, StepFactory
 from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
 from esbridge.runtime.signals import stop_on_signals
 from esbridge.wire import H_APP
@@ -440,7 +440,7 @@ class OutboundWorker:
         self.follower = follower
         self.upstream = upstream
         self.recorder = open_recorder(upstream, dict(env if env is not None else follower.env))
-        self.steps = StepFactory(follower, UpstreamDecoder(follower, upstream, upstream_class))
+        self.steps = StepFactory.for_follower(follower, upstream, upstream_class)
         self.sink = OutboundSink(follower)
         self.batch_size = batch_size
         self.poll_interval = poll_interval

@@ -162,6 +162,54 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
+def set_up_projection(
+    engine: Engine,
+    projection: SqlProjection,
+    upstreams: Sequence[str],
+    on_version_change: Literal["error", "rebuild"] = "error",
+) -> dict[str, Position | None]:
+    """Create the tracking and projection tables if missing and check the stored version.
+
+    Returns the stored position of each tracking name in ``upstreams`` (None:
+    nothing applied yet). A position written by another ``projection.version``
+    is a :class:`ProjectionVersionError`, or with ``on_version_change="rebuild"``
+    the projection is reset (:func:`reset_projection`) and starts from nothing.
+    """
+    with engine.begin() as conn:
+        sql_tracking.create_tracking_tables(conn)
+        projection.create_tables(conn)
+        positions = {u: sql_tracking.read_position(conn, projection.name, u) for u in upstreams}
+    stale = [p.version for p in positions.values() if p and p.version != projection.version]
+    if stale:
+        if on_version_change != "rebuild":
+            raise ProjectionVersionError(
+                f"projection {projection.name!r} was built by version {stale[0]} "
+                f"and the code is version {projection.version}: call rebuild() (or "
+                "pass on_version_change='rebuild'), or give the new version a new name "
+                "and new tables to build it beside the old one"
+            )
+        reset_projection(engine, projection)
+        positions = dict.fromkeys(upstreams)
+    return positions
+
+
+def reset_projection(engine: Engine, projection: SqlProjection) -> None:
+    """Drop and recreate ``projection``'s tables and forget its positions and dead letters.
+
+    One transaction, so a crash during it leaves either the old projection or
+    an empty one at position 0, never empty tables with the old position. The
+    tracking row is deleted first: on SQLite the driver only opens the
+    transaction at the first DML statement, and the DDL that follows must be
+    inside it. Other projections (other names) are untouched.
+    """
+    with engine.begin() as conn:
+        sql_tracking.create_tracking_tables(conn)
+    with engine.begin() as conn:
+        sql_tracking.reset(conn, projection.name)
+        projection.drop_tables(conn)
+        projection.create_tables(conn)
+
+
 class _HandlerFailure(Exception):
     """A handler (or the commit of its rows) failed at ``index`` of a batch (None: unknown)."""
 
@@ -245,20 +293,10 @@ class ProjectionRunner:
 
     def setup(self) -> None:
         """Create the tracking and projection tables if missing; check the version."""
-        with self.engine.begin() as conn:
-            sql_tracking.create_tracking_tables(conn)
-            self.projection.create_tables(conn)
-            self._position = sql_tracking.read_position(conn, self.projection.name, self.upstream)
-        stored = self._position
-        if stored is not None and stored.version != self.projection.version:
-            if self.on_version_change != "rebuild":
-                raise ProjectionVersionError(
-                    f"projection {self.projection.name!r} was built by version {stored.version} "
-                    f"and the code is version {self.projection.version}: call rebuild() (or "
-                    "pass on_version_change='rebuild'), or give the new version a new name "
-                    "and new tables to build it beside the old one"
-                )
-            self.rebuild(catch_up=False)
+        positions = set_up_projection(
+            self.engine, self.projection, [self.upstream], self.on_version_change
+        )
+        self._position = positions[self.upstream]
         self._set_up = True
 
     def position(self) -> int:
@@ -287,12 +325,7 @@ class ProjectionRunner:
         first: its next commit would fail with :class:`ProjectionConflictError`
         anyway, and nothing would be applied twice.
         """
-        with self.engine.begin() as conn:
-            sql_tracking.create_tracking_tables(conn)
-        with self.engine.begin() as conn:
-            sql_tracking.reset(conn, self.projection.name)
-            self.projection.drop_tables(conn)
-            self.projection.create_tables(conn)
+        reset_projection(self.engine, self.projection)
         self._position = None
         self._set_up = True
         return self.run_once() if catch_up else None

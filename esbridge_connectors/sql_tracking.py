@@ -29,6 +29,7 @@ lost if the move has to be checked by hand; a second run finds nothing to move).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -59,7 +60,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
-from esbridge.deadletters.store import REASON_POLICY, STATUS_PARKED, DeadLetter
+from esbridge.deadletters.store import (
+    REASON_POLICY,
+    STATUS_PARKED,
+    DeadLetter,
+    decode_headers,
+    encode_headers,
+)
 from esbridge.errors import EsbridgeError
 from esbridge.names import DEAD_LETTER_TABLE
 
@@ -270,7 +277,10 @@ def park(conn: Connection, letter: DeadLetter) -> None:
         "nid": letter.nid,
         "key": letter.key,
         "value": letter.value,
-        "headers": [],
+        "headers": json.loads(encode_headers(letter.headers)),
+        "kafka_topic": letter.kafka_topic,
+        "kafka_partition": letter.kafka_partition,
+        "kafka_offset": letter.kafka_offset,
         "event_topic": letter.event_topic,
         "originator_version": letter.originator_version,
         "reason": letter.reason,
@@ -299,7 +309,11 @@ def dead_letters(
             reason=row["reason"],
             error=row["error"],
             value=row["value"],
+            headers=decode_headers(row["headers"]),
             tracking_name=row["tracking_name"],
+            kafka_topic=row["kafka_topic"],
+            kafka_partition=row["kafka_partition"],
+            kafka_offset=row["kafka_offset"],
             nid=row["nid"],
             event_topic=row["event_topic"],
             originator_version=row["originator_version"],

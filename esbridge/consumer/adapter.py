@@ -50,6 +50,7 @@ from functools import partial
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message
+from eventsourcing.persistence import ApplicationRecorder
 from eventsourcing.system import Follower
 from prometheus_client import CollectorRegistry
 
@@ -70,7 +71,7 @@ from esbridge.kafka.partitioning import key_partitioner
 from esbridge.names import MODES, PAYLOADS, PROMPTS
 from esbridge.processing.application_sink import PrefetchFunc, ProcessApplicationSink
 from esbridge.processing.sink import BatchSink
-from esbridge.processing.steps import Step, StepFactory, UpstreamDecoder
+from esbridge.processing.steps import Step, StepFactory
 from esbridge.runtime import gc_pause
 
 __all__ = ["ConsumerAdapter", "ConsumerStatus", "HeldPartition"]
@@ -106,16 +107,24 @@ class ConsumerAdapter:
     ``connect_timeout`` (how long to wait for an unreachable Postgres or
     broker at start-up; None, the default, waits for ever, logging each retry),
     ``upstream_class`` (its ``env`` supplies cipher/compressor defaults),
+    ``upstream_recorder`` (an open recorder of the upstream log, used instead of
+    opening one with ``upstream_env``; never closed by the adapter),
     ``partitions`` (expected count), ``registry`` (Prometheus), ``sink``
     (another :class:`~esbridge.processing.sink.BatchSink`), ``prefetch`` (a function
     from an upstream event to the ids of the aggregates its policy gets: each
     batch then reads them in one query; see
     :data:`~esbridge.processing.application_sink.PrefetchFunc`).
+
+    A sink that is not a process application (a SQL projection: see
+    ``esbridge_connectors.sql_projection_kafka``) passes ``follower=None``
+    with its ``sink`` and the ``steps`` that decode the upstream events for it
+    (:class:`~esbridge.processing.steps.StepFactory`): the same loop, the same
+    ordering, gap filling, parking and offsets-as-hints.
     """
 
     def __init__(
         self,
-        follower: Follower[Any],
+        follower: Follower[Any] | None,
         *,
         upstream: str,
         topic: str,
@@ -128,10 +137,17 @@ class ConsumerAdapter:
         registry: CollectorRegistry | None = None,
         sink: BatchSink | None = None,
         prefetch: PrefetchFunc | None = None,
+        steps: StepFactory | None = None,
+        upstream_recorder: ApplicationRecorder | None = None,
         **tuning: Any,
     ) -> None:
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {MODES}, not {mode!r}")
+        if follower is None and (sink is None or steps is None):
+            raise ConfigurationError(
+                "a consumer without a follower application needs both its sink and its steps "
+                "(a StepFactory that decodes the upstream events for that sink)"
+            )
         self.follower = follower
         self.upstream = upstream
         self.topic = topic
@@ -139,6 +155,8 @@ class ConsumerAdapter:
         self.mode = mode
         self.kafka_config = dict(kafka_config)
         self.upstream_env = dict(upstream_env) if upstream_env is not None else None
+        if upstream_recorder is not None and self.upstream_env is None:
+            self.upstream_env = {}  # the log is readable: through the caller's recorder
         self.expected_partitions = partitions
         self.tuning = Tuning.checked(tuning, upstream_log=self.upstream_env is not None)
         if mode == PROMPTS and self.upstream_env is None:
@@ -146,7 +164,11 @@ class ConsumerAdapter:
                 "prompt mode pulls events from the upstream notification log: pass "
                 "upstream_env (read-only POSTGRES_* settings of the upstream application)"
             )
-        self.metrics = ConsumerMetrics(follower.name, upstream, topic, registry)
+        self.steps: StepFactory = steps or StepFactory.for_follower(
+            _given(follower), upstream, upstream_class
+        )
+        self.name = self.steps.follower_name
+        self.metrics = ConsumerMetrics(self.name, upstream, topic, registry)
         if sink is not None and prefetch is not None:
             raise ConfigurationError(
                 "prefetch is a hint for the default sink: give it to your sink instead"
@@ -154,19 +176,18 @@ class ConsumerAdapter:
         self._sink_arg = sink
         self._prefetch = prefetch
         self.sink: BatchSink | None = None
-        self.steps: StepFactory = StepFactory(
-            follower, UpstreamDecoder(follower, upstream, upstream_class)
-        )
         self._assignment = Assignment(topic)
         self._consumer: Consumer | None = None
         self._counts = ConsumerCounts()
         self._stop = threading.Event()
-        self._postgres = PostgresWait(f"consumer {follower.name} <- {upstream}", self._stop)
+        self._postgres = PostgresWait(f"consumer {self.name} <- {upstream}", self._stop)
         self._running = False
         self._error: str | None = None
         self._last_lag: tuple[int, float] = (0, 0.0)
         self._upstream_log = (
-            UpstreamLog(upstream, self.upstream_env, self.tuning, self._postgres.retry)
+            UpstreamLog(
+                upstream, self.upstream_env, self.tuning, self._postgres.retry, upstream_recorder
+            )
             if self.upstream_env is not None
             else None
         )
@@ -176,7 +197,7 @@ class ConsumerAdapter:
         self._committer = BatchCommitter(
             sink=self._sink,
             steps=self.steps,
-            follower=follower.name,
+            follower=self.name,
             upstream=upstream,
             tuning=self.tuning,
             positions=self._assignment.positions,
@@ -235,7 +256,7 @@ class ConsumerAdapter:
                 log.info(
                     "consumer %s <- %s stopped: %d events processed, %d duplicates skipped, "
                     "%d messages parked by this process",
-                    self.follower.name,
+                    self.name,
                     self.upstream,
                     counts.processed,
                     counts.duplicates,
@@ -276,6 +297,11 @@ class ConsumerAdapter:
                 break
         return self._counts.processed - before
 
+    @property
+    def upstream_log(self) -> UpstreamLog | None:
+        """The upstream notification log, when the consumer may read it (else None)."""
+        return self._upstream_log
+
     def held_partitions(self) -> list[HeldPartition]:
         """The partitions held behind a gap, from the consumer's in-memory bookkeeping only.
 
@@ -294,8 +320,8 @@ class ConsumerAdapter:
         wait = partial(self._postgres.wait, timeout=self.tuning.connect_timeout)
         if self.sink is None:
             self.sink = self._sink_arg or wait(
-                f"creating the dead-letter table of {self.follower.name}",
-                lambda: ProcessApplicationSink(self.follower, prefetch=self._prefetch),
+                f"creating the dead-letter table of {self.name}",
+                lambda: ProcessApplicationSink(_given(self.follower), prefetch=self._prefetch),
             )
         if self._upstream_log is not None:
             self._upstream_log.open(wait)
@@ -308,7 +334,7 @@ class ConsumerAdapter:
         self._consumer = consumer
         log.info(
             "consumer %s <- %s: topic %s (%d partitions), group %s, mode %s, upstream log %s",
-            self.follower.name,
+            self.name,
             self.upstream,
             self.topic,
             count,
@@ -404,7 +430,7 @@ class ConsumerAdapter:
         events, seconds = self._last_lag
         counts = self._counts
         return ConsumerStatus(
-            follower=self.follower.name,
+            follower=self.name,
             upstream=self.upstream,
             topic=self.topic,
             mode=self.mode,
@@ -424,3 +450,8 @@ class ConsumerAdapter:
             lag_seconds=seconds,
             error=self._error,
         )
+
+
+def _given(follower: Follower[Any] | None) -> Follower[Any]:
+    assert follower is not None  # checked in ConsumerAdapter.__init__
+    return follower

@@ -9,7 +9,7 @@ committed). A step whose policy raises is retried alone (``retries`` times,
 same transaction that moves the position past it, so it is never processed
 twice and never lost. With ``park_behind``, later messages of a key that has a
 parked message are parked too (``held_behind``), so an aggregate's events are
-never applied out of order; ``esbridge dlq replay`` puts them back in order.
+never applied out of order; ``esbridge dlq retry`` puts them back in order.
 
 Kept apart from the adapter because none of it depends on Kafka: the same rules
 apply to messages from a topic and to notifications pulled from the upstream
@@ -172,7 +172,7 @@ class BatchCommitter:
                     step,
                     REASON_HELD_BEHIND,
                     "an earlier message of this key is parked; replay it first "
-                    "('esbridge dlq replay')",
+                    "('esbridge dlq retry')",
                 )
             if step.dead_letter is not None and step.tracking is not None:
                 parked.add(step.key)  # a letter without a position holds nothing back

@@ -27,7 +27,8 @@ Wait = Callable[..., Any]
 class UpstreamLog:
     """Reads the upstream log of ``name`` with read-only settings ``env``, opened on demand.
 
-    ``retry_db(call)`` retries a read while Postgres is unreachable.
+    ``retry_db(call)`` retries a read while Postgres is unreachable. A
+    ``recorder`` given here is the caller's: used as it is, never closed.
     """
 
     def __init__(
@@ -36,12 +37,14 @@ class UpstreamLog:
         env: Mapping[str, str],
         tuning: Tuning,
         retry_db: Callable[[Callable[[], Any]], Any],
+        recorder: ApplicationRecorder | None = None,
     ) -> None:
         self.name = name
         self.env = env
         self._tuning = tuning
         self._retry_db = retry_db
-        self.recorder: ApplicationRecorder | None = None
+        self._given = recorder
+        self.recorder: ApplicationRecorder | None = recorder
         self.known_max = 0  # the log's highest id, as last read
 
     def open(self, wait: Wait) -> None:
@@ -56,8 +59,9 @@ class UpstreamLog:
 
     def close(self) -> None:
         """Close the log's pool now: closed at exit, it would hang the process."""
-        recorder, self.recorder = self.recorder, None
-        close_recorder(recorder)
+        recorder, self.recorder = self.recorder, self._given
+        if recorder is not self._given:
+            close_recorder(recorder)
 
     def _opened(self) -> ApplicationRecorder:
         recorder = self.recorder

@@ -28,7 +28,7 @@ from eventsourcing.system import Follower
 from esbridge.deadletters.store import REASON_FOREIGN, DeadLetter, DeadLetterStore
 from esbridge.processing.application_sink import ProcessApplicationSink
 from esbridge.processing.sink import StepFailed
-from esbridge.processing.steps import Source, StepFactory, UpstreamDecoder
+from esbridge.processing.steps import Source, StepFactory
 from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
 
 log = logging.getLogger("esbridge.dlq")
@@ -82,7 +82,7 @@ def retry_dead_letters(
             factory = factories.get(letter.upstream)
             if factory is None:
                 cls = (upstream_classes or {}).get(letter.upstream)
-                factory = StepFactory(follower, UpstreamDecoder(follower, letter.upstream, cls))
+                factory = StepFactory.for_follower(follower, letter.upstream, cls)
                 factories[letter.upstream] = factory
             error = _retry_one(sink, factory, letter)
             if error is None:

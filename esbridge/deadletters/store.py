@@ -122,11 +122,13 @@ class DeadLetter:
         }
 
 
-def _encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
+def encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
+    """Message headers as the table's JSON: ``[[name, base64 value], ...]``."""
     return json.dumps([[k, base64.b64encode(v or b"").decode()] for k, v in headers])
 
 
-def _decode_headers(raw: Any) -> list[tuple[str, bytes]]:
+def decode_headers(raw: Any) -> list[tuple[str, bytes]]:
+    """The headers :func:`encode_headers` stored (a JSON string, or the decoded list)."""
     items = json.loads(raw) if isinstance(raw, str) else raw
     return [(k, base64.b64decode(v)) for k, v in items or ()]
 
@@ -196,7 +198,7 @@ class DeadLetterStore:
                 statement,
                 (
                     d.follower, d.upstream, d.tracking_name, d.nid, d.key, d.value,
-                    _encode_headers(d.headers), d.kafka_topic, d.kafka_partition,
+                    encode_headers(d.headers), d.kafka_topic, d.kafka_partition,
                     d.kafka_offset, d.event_topic, d.originator_version, d.reason,
                     d.error[:4000], d.attempts,
                 ),
@@ -302,7 +304,7 @@ class DeadLetterStore:
             nid=r["nid"],
             key=r["key"],
             value=bytes(r["value"]) if r["value"] is not None else None,
-            headers=_decode_headers(r["headers"]),
+            headers=decode_headers(r["headers"]),
             kafka_topic=r["kafka_topic"],
             kafka_partition=r["kafka_partition"],
             kafka_offset=r["kafka_offset"],

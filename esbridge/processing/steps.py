@@ -10,7 +10,7 @@ step instead of an exception, so one bad message never stops a partition.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -44,26 +44,32 @@ class Step:
 class UpstreamDecoder:
     """Turns upstream stored-event bytes into domain events, as ``Follower.follow()`` does.
 
-    The mapper is built from the follower's environment read under the
-    upstream application's name (so ``{UPSTREAM}_CIPHER_KEY`` etc. apply),
-    with the follower's transcoder and mapper class. ``upstream_class``
-    contributes its class-level ``env`` defaults (cipher/compressor topics).
+    Built from a follower (:meth:`for_follower`) or, for a sink that is not a
+    process application (a SQL projection), from the upstream application's
+    mapper itself.
     """
 
-    def __init__(
-        self,
-        follower: Follower[Any],
-        upstream_name: str,
-        upstream_class: type | None = None,
-    ) -> None:
+    def __init__(self, mapper: Mapper[Any], upstream_name: str) -> None:
+        self.mapper = mapper
+        self.upstream_name = upstream_name
+
+    @classmethod
+    def for_follower(
+        cls, follower: Follower[Any], upstream_name: str, upstream_class: type | None = None
+    ) -> UpstreamDecoder:
+        """The decoder ``follower`` would use for ``upstream_name``.
+
+        The mapper is built from the follower's environment read under the
+        upstream application's name (so ``{UPSTREAM}_CIPHER_KEY`` etc. apply),
+        with the follower's transcoder and mapper class. ``upstream_class``
+        contributes its class-level ``env`` defaults (cipher/compressor topics).
+        """
         base_env = dict(getattr(upstream_class, "env", {}) or {})
         base_env.update(follower.env)
         env = follower.construct_env(upstream_name, base_env)
         factory = follower.construct_factory(env)
-        self.mapper: Mapper[Any] = factory.mapper(
-            follower.construct_transcoder(), mapper_class=type(follower.mapper)
-        )
-        self.upstream_name = upstream_name
+        mapper = factory.mapper(follower.construct_transcoder(), mapper_class=type(follower.mapper))
+        return cls(mapper, upstream_name)
 
     def decode(self, stored: StoredEvent) -> DomainEventProtocol[Any]:
         return self.mapper.to_domain_event(stored)
@@ -85,14 +91,27 @@ class Source:
 
 
 class StepFactory:
-    """Builds batch steps for one follower of one upstream application."""
+    """Builds batch steps for one follower (or sink) ``follower_name`` of one upstream application.
 
-    def __init__(self, follower: Follower[Any], decoder: UpstreamDecoder) -> None:
-        self.follower = follower
+    ``topics``: the event topics the follower follows (empty: all); the others
+    become steps that only move the position, never decoded.
+    """
+
+    def __init__(
+        self, follower_name: str, decoder: UpstreamDecoder, topics: Iterable[str] = ()
+    ) -> None:
         self.decoder = decoder
-        self.follower_name = follower.name
+        self.follower_name = follower_name
         self.upstream = decoder.upstream_name
-        self.topics = set(follower.topics or ())
+        self.topics = set(topics)
+
+    @classmethod
+    def for_follower(
+        cls, follower: Follower[Any], upstream_name: str, upstream_class: type | None = None
+    ) -> StepFactory:
+        """The steps of a process application (or any ``Follower``) following ``upstream_name``."""
+        decoder = UpstreamDecoder.for_follower(follower, upstream_name, upstream_class)
+        return cls(follower.name, decoder, follower.topics or ())
 
     def dead_letter(
         self, source: Source, tracking_name: str | None, reason: str, error: str
@@ -134,7 +153,7 @@ class StepFactory:
                 name,
                 REASON_UNKNOWN_TYPE,
                 f"event type {source.event_topic!r} cannot be imported here ({e}); deploy "
-                "the upstream event classes to the consumer, then run 'esbridge dlq replay'",
+                "the upstream event classes to the consumer, then run 'esbridge dlq retry'",
             )
             return Step(tracking=tracking, key=source.key, dead_letter=letter, source=source)
         except Exception as e:

@@ -163,3 +163,30 @@ def main() -> None:
     )
     print("started", flush=True)
     runner.run_forever()
+
+
+def main_kafka() -> None:
+    """``... m.main_kafka()' URL ENV_JSON TOPIC KAFKA_JSON``: feed the projection from Kafka.
+
+    Run by the Kafka-fed kill -9 test as a subprocess; small pages make it commit often.
+    """
+    import json
+    import sys
+
+    from sqlalchemy import create_engine
+
+    from esbridge_connectors.sql_projection_kafka import KafkaProjectionFeed
+    from esbridge_connectors.upstream import application_mapper
+
+    url, env, topic, kafka_config = sys.argv[1], json.loads(sys.argv[2]), *sys.argv[3:5]
+    feed = KafkaProjectionFeed(
+        DogProjection(),
+        create_engine(url),
+        upstream="DogSchool",
+        topic=topic,
+        kafka_config=json.loads(kafka_config),
+        mapper=application_mapper(DogSchool, env),
+        page_size=7,
+    )
+    print("started", flush=True)
+    feed.run()

@@ -43,19 +43,6 @@ from tests.support.sql_projection_domain import (
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(autouse=True)
-def _reset_failures():
-    FailureSwitch.failing.clear()
-    FailureSwitch.calls.clear()
-    yield
-    FailureSwitch.failing.clear()
-
-
-@pytest.fixture
-def school(postgres_db) -> DogSchool:
-    return DogSchool(env=postgres_db.env)
-
-
 @pytest.fixture(params=["postgresql", "sqlite"])
 def target(request, postgres_server, tmp_path) -> Engine:
     """The projection's database: another PostgreSQL database, or a SQLite file."""
@@ -147,28 +134,30 @@ def test_handler_that_raises_is_retried_then_parked_and_position_kept(school, ta
     assert len(runner.dead_letters()) == 1
 
 
-def _start_projection(url: str, env: dict[str, str]) -> subprocess.Popen[str]:
+def start_projection_process(entry: str, *args: str) -> subprocess.Popen[str]:
+    """``tests.support.sql_projection_domain.<entry>()`` in a subprocess, once it has started."""
     environ = dict(os.environ)
     environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), environ.get("PYTHONPATH", "")])
+    code = f"import tests.support.sql_projection_domain as m; m.{entry}()"
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import tests.support.sql_projection_domain as m; m.main()",
-            url,
-            json.dumps(env),
-        ],
+        [sys.executable, "-c", code, *args],
         env=environ,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     assert process.stdout is not None
-    assert process.stdout.readline().strip() == "started"
-    return process
+    for line in process.stdout:  # librdkafka may warn about settings first
+        if line.strip() == "started":
+            return process
+    raise AssertionError(f"the projection process exited with {process.wait()}")
 
 
-def _wait_for(condition, timeout: float, what: str) -> None:
+def _start_projection(url: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return start_projection_process("main", url, json.dumps(env))
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -195,7 +184,7 @@ def test_projection_killed_mid_stream_equals_a_rebuild(
     killed_at: list[int] = []
     try:
         for threshold in (60, 250):
-            _wait_for(lambda t=threshold: _position(engine) > t, 60, f"position > {threshold}")
+            wait_for(lambda t=threshold: _position(engine) > t, 60, f"position > {threshold}")
             process.send_signal(signal.SIGKILL)  # kill -9: no cleanup, mid-transaction likely
             process.wait(10)
             killed_at.append(_position(engine))
@@ -204,7 +193,7 @@ def test_projection_killed_mid_stream_equals_a_rebuild(
         writer.join(120)
         assert writing_done.is_set()
         total = school.recorder.max_notification_id()
-        _wait_for(lambda: _position(engine) == total, 60, f"position == {total}")
+        wait_for(lambda: _position(engine) == total, 60, f"position == {total}")
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait(10)
@@ -245,7 +234,7 @@ def test_rebuild_from_the_log_while_another_projection_keeps_running(school, tar
     names_thread = threading.Thread(target=names.run_forever)
     names_thread.start()
     try:
-        _wait_for(lambda: names.position() == 90, 30, "dog_names caught up")
+        wait_for(lambda: names.position() == 90, 30, "dog_names caught up")
         # Corrupt the dogs projection (a bug, a manual edit), then rebuild it from scratch
         # while dog_names keeps following new events.
         with target.begin() as conn:
@@ -267,7 +256,7 @@ def test_rebuild_from_the_log_while_another_projection_keeps_running(school, tar
         assert stats is not None and stats.applied >= 90
         total = school.recorder.max_notification_id()
         dogs.run_once()
-        _wait_for(lambda: names.position() == total, 30, "dog_names caught up again")
+        wait_for(lambda: names.position() == total, 30, "dog_names caught up again")
     finally:
         names.stop()
         names_thread.join(10)
