@@ -16,6 +16,11 @@ from __future__ import annotations
 import os
 
 from esbridge.errors import HarnessError
+from esbridge.testing.containers import ContainerKafkaBroker, ContainerPostgresServer
+from esbridge.testing.engine import docker_ping
+from esbridge.testing.external import ExternalKafkaBroker, ExternalPostgresServer
+from esbridge.testing.local_kafka import LocalKafkaBroker
+from esbridge.testing.local_postgres import LocalPostgresServer
 from esbridge.testing.servers import KafkaBroker, PostgresServer
 
 BACKENDS = ("auto", "local", "containers", "external")
@@ -23,8 +28,6 @@ BACKENDS = ("auto", "local", "containers", "external")
 
 def docker_available() -> bool:
     """True when a Docker API (Docker engine or podman) answers a ping."""
-    from esbridge.testing.engine import docker_ping
-
     return docker_ping()
 
 
@@ -55,16 +58,10 @@ def make_postgres(backend: str | None = None, *, fsync: bool = False) -> Postgre
         dsn = os.environ.get("ESBRIDGE_POSTGRES_DSN")
         if not dsn:
             raise HarnessError("the external backend needs ESBRIDGE_POSTGRES_DSN")
-        from esbridge.testing.external import ExternalPostgresServer
-
         server = ExternalPostgresServer(dsn)
     elif backend == "containers":
-        from esbridge.testing.containers import ContainerPostgresServer
-
         server = ContainerPostgresServer(fsync=fsync)
     else:
-        from esbridge.testing.local_postgres import LocalPostgresServer
-
         server = LocalPostgresServer(fsync=fsync)
     try:
         server.start()
@@ -82,16 +79,10 @@ def make_kafka(backend: str | None = None) -> KafkaBroker:
         bootstrap = os.environ.get("ESBRIDGE_KAFKA_BOOTSTRAP")
         if not bootstrap:
             raise HarnessError("the external backend needs ESBRIDGE_KAFKA_BOOTSTRAP")
-        from esbridge.testing.external import ExternalKafkaBroker
-
         broker = ExternalKafkaBroker(bootstrap)
     elif backend == "containers":
-        from esbridge.testing.containers import ContainerKafkaBroker
-
         broker = ContainerKafkaBroker()
     else:
-        from esbridge.testing.local_kafka import LocalKafkaBroker
-
         broker = LocalKafkaBroker()
     try:
         broker.start()

@@ -23,7 +23,13 @@ from collections.abc import Callable
 from typing import Any
 
 from esbridge.errors import HarnessError
-from esbridge.testing.engine import ContainerEngine, acquire_engine, record
+from esbridge.testing.engine import (
+    ContainerEngine,
+    acquire_engine,
+    containers_required,
+    record,
+    unavailable_reason,
+)
 from esbridge.testing.local_kafka import SERVER_PROPERTIES, random_cluster_id
 from esbridge.testing.servers import KafkaBroker, PostgresServer, free_port
 
@@ -324,8 +330,6 @@ def require_container_engine() -> None:
     silently left out there.
     """
     import pytest
-
-    from esbridge.testing.engine import containers_required, unavailable_reason
 
     reason = unavailable_reason()
     if reason is None:

@@ -38,7 +38,9 @@ import time
 from typing import Any
 
 from esbridge.errors import HarnessError
+from esbridge.testing import images
 from esbridge.testing.podman import PODMAN_MISSING, PodmanService, oci_runtime
+from esbridge.testing.provision import may_install
 
 _lock = threading.Lock()
 _engine: ContainerEngine | None = None
@@ -118,8 +120,6 @@ def unavailable_reason() -> str | None:
 
 def containers_required() -> bool:
     """Whether a missing engine must fail (CI, or where provisioning could install podman)."""
-    from esbridge.testing.provision import may_install
-
     if os.environ.get("ESBRIDGE_REQUIRE_CONTAINERS", "") in ("0", "false", "no"):
         return False
     return bool(os.environ.get("CI") or os.environ.get("ESBRIDGE_REQUIRE_CONTAINERS")) or (
@@ -151,9 +151,7 @@ class ContainerEngine:
                 "Docker (or `podman system service`) and set DOCKER_HOST"
             )
         else:
-            from esbridge.testing.images import image_store_dir
-
-            self.service = PodmanService(image_store=image_store_dir())
+            self.service = PodmanService(image_store=images.image_store_dir())
             self.service.start()
             record("podman service start", self.service.startup_seconds)
             self._use_service_env(self.service.client_env())
@@ -195,8 +193,6 @@ class ContainerEngine:
         if kind in self.images:
             return self.images[kind]
         if self.image_mode == "local":
-            from esbridge.testing import images
-
             try:
                 local = images.postgres_image() if kind == "postgres" else images.kafka_image()
             except HarnessError as e:

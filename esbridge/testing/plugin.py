@@ -21,16 +21,14 @@ import contextlib
 import gc
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
 from esbridge.errors import HarnessError
 from esbridge.testing.backends import chosen_backend, make_kafka, make_postgres
+from esbridge.testing.secure_kafka import SecureKafkaBroker
 from esbridge.testing.servers import KafkaBroker, PostgresDatabase, PostgresServer, unique_name
-
-if TYPE_CHECKING:
-    from esbridge.testing.secure_kafka import SecureKafkaBroker
 
 _started: dict[str, Any] = {}
 _startup_lines: list[str] = []  # kept for the terminal summary, after the servers are closed
@@ -111,8 +109,6 @@ def kafka_broker() -> Iterator[KafkaBroker]:
 
 
 def _start_secure_kafka() -> SecureKafkaBroker:
-    from esbridge.testing.secure_kafka import SecureKafkaBroker
-
     broker = SecureKafkaBroker()
     try:
         broker.start(timeout=90)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from esbridge.errors import HarnessError
+from esbridge.kafka.topics import kafka_admin
 from esbridge.testing.local_kafka import LocalKafkaBroker
 from esbridge.testing.servers import free_port, unique_name
 from esbridge.testing.tls import BrokerTLS, make_broker_tls
@@ -195,8 +196,6 @@ class SecureKafkaBroker(LocalKafkaBroker):
         time.sleep(0.2)
 
     def _admin(self) -> Any:
-        from esbridge.kafka.topics import kafka_admin
-
         return kafka_admin(self.config())
 
     def _wait_until_authenticates(self, user: KafkaUser, timeout: float = 30.0) -> None:

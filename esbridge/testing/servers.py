@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from esbridge.errors import HarnessError
+from esbridge.kafka.topics import wait_for_leaders
 
 
 def free_port() -> int:
@@ -175,8 +176,6 @@ class KafkaBroker(abc.ABC):
     ) -> str:
         """Create a topic (unique name unless given) and wait until it is usable."""
         from confluent_kafka.admin import AdminClient, NewTopic
-
-        from esbridge.kafka.topics import wait_for_leaders
 
         name = name or unique_name("t")
         admin = AdminClient(self.config())
