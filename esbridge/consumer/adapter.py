@@ -90,22 +90,8 @@ class ConsumerAdapter:
     library); needed for prompt mode and to fill gaps. Without it a gap holds
     its partition and fails after ``hold_timeout`` seconds.
 
-    Tuning keywords: ``batch_size`` (messages per transaction, default 1000),
-    ``poll_timeout``, ``hold_timeout`` (60 s), ``retries`` (3) and
-    ``retry_backoff`` (0.2 s, doubling) for a failing policy, ``page_size``
-    (log reads), ``prompt_interval`` (1 s), ``park_behind`` (True), ``pause_gc``
-    (True: Python's cyclic garbage collector waits while a batch is processed,
-    see :func:`~esbridge.runtime.gc_pause.gc_paused`), ``fair_partitions`` (True: smaller
-    fetches per partition, so no partition waits long behind the others' backlog,
-    see :mod:`~esbridge.consumer.partition_flow`),
-    ``topic_timeout`` (how long to wait for the topic to exist),
-    ``trailing_gap_after`` (10 s: how long a partition is idle before the
-    upstream log, or the relay's ``position_topic``, is asked whether its
-    last messages are missing), ``verify_messages`` (False: with the upstream
-    log, check every message against it, one read a batch, so that not even a
-    forgery that continues a partition's chain exactly is applied),
-    ``connect_timeout`` (how long to wait for an unreachable Postgres or
-    broker at start-up; None, the default, waits for ever, logging each retry),
+    The tuning keywords (``batch_size``, ``hold_timeout``, ``retries``...) are
+    documented on :class:`~esbridge.consumer.state.Tuning`. Also:
     ``upstream_class`` (its ``env`` supplies cipher/compressor defaults),
     ``upstream_recorder`` (an open recorder of the upstream log, used instead of
     opening one with ``upstream_env``; never closed by the adapter),
@@ -141,13 +127,7 @@ class ConsumerAdapter:
         upstream_recorder: ApplicationRecorder | None = None,
         **tuning: Any,
     ) -> None:
-        if mode not in MODES:
-            raise ConfigurationError(f"mode must be one of {MODES}, not {mode!r}")
-        if follower is None and (sink is None or steps is None):
-            raise ConfigurationError(
-                "a consumer without a follower application needs both its sink and its steps "
-                "(a StepFactory that decodes the upstream events for that sink)"
-            )
+        _check_arguments(mode, follower, sink, steps, prefetch)
         self.follower = follower
         self.upstream = upstream
         self.topic = topic
@@ -169,10 +149,6 @@ class ConsumerAdapter:
         )
         self.name = self.steps.follower_name
         self.metrics = ConsumerMetrics(self.name, upstream, topic, registry)
-        if sink is not None and prefetch is not None:
-            raise ConfigurationError(
-                "prefetch is a hint for the default sink: give it to your sink instead"
-            )
         self._sink_arg = sink
         self._prefetch = prefetch
         self.sink: BatchSink | None = None
@@ -449,6 +425,27 @@ class ConsumerAdapter:
             lag_events=events,
             lag_seconds=seconds,
             error=self._error,
+        )
+
+
+def _check_arguments(
+    mode: str,
+    follower: Follower[Any] | None,
+    sink: BatchSink | None,
+    steps: StepFactory | None,
+    prefetch: PrefetchFunc | None,
+) -> None:
+    """Refuse argument combinations that cannot work, before anything is opened."""
+    if mode not in MODES:
+        raise ConfigurationError(f"mode must be one of {MODES}, not {mode!r}")
+    if follower is None and (sink is None or steps is None):
+        raise ConfigurationError(
+            "a consumer without a follower application needs both its sink and its steps "
+            "(a StepFactory that decodes the upstream events for that sink)"
+        )
+    if sink is not None and prefetch is not None:
+        raise ConfigurationError(
+            "prefetch is a hint for the default sink: give it to your sink instead"
         )
 
 

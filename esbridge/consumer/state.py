@@ -27,7 +27,26 @@ HeldMessage = tuple[Message, wire.PayloadHeaders]
 
 @dataclass
 class Tuning:
-    """The adapter's tuning keywords (documented on :class:`~esbridge.consumer.ConsumerAdapter`).
+    """The tuning keywords of :class:`~esbridge.consumer.ConsumerAdapter`.
+
+    ``batch_size`` (messages per transaction, default 1000), ``poll_timeout``,
+    ``hold_timeout`` (60 s: how long a partition may be held behind a gap the
+    consumer cannot fill), ``retries`` (3) and ``retry_backoff`` (0.2 s,
+    doubling) for a failing policy, ``page_size`` (log reads),
+    ``prompt_interval`` (1 s), ``park_behind`` (True), ``pause_gc`` (True:
+    Python's cyclic garbage collector waits while a batch is processed, see
+    :func:`~esbridge.runtime.gc_pause.gc_paused`), ``fair_partitions`` (True:
+    smaller fetches per partition, so no partition waits long behind the
+    others' backlog, see :mod:`~esbridge.consumer.partition_flow`),
+    ``topic_timeout`` (how long to wait for the topic to exist),
+    ``trailing_gap_after`` (10 s: how long a partition is idle before the
+    upstream log, or the relay's ``position_topic``, is asked whether its last
+    messages are missing), ``verify_messages`` (False: with the upstream log,
+    check every message against it, one read a batch, so that not even a
+    forgery that continues a partition's chain exactly is applied),
+    ``connect_timeout`` (how long to wait for an unreachable Postgres or broker
+    at start-up; None, the default, waits for ever, logging each retry),
+    ``dlq_refresh`` (2 s: how often the dead-letter count is re-read).
 
     Read at each use, never copied: changing one on a running adapter takes effect.
     """
