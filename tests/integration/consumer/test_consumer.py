@@ -17,7 +17,7 @@ from eventsourcing.utils import get_topic
 
 from esbridge import wire
 from esbridge.consumer.adapter import ConsumerAdapter
-from esbridge.deadletters.retry import replay_dead_letters
+from esbridge.deadletters.retry import retry_dead_letters
 from esbridge.deadletters.store import DeadLetterStore
 from esbridge.errors import GapNotReconciledError
 from esbridge.names import tracking_names
@@ -337,12 +337,12 @@ def test_poison_messages_are_parked_then_replayed(
     assert "cannot learn poison" in rows[0].error and rows[0].attempts == 3
     assert wire.H_NID in dict(rows[0].headers)
     # Still failing: nothing replayed, the rest of the key stays parked.
-    result = replay_dead_letters(fragile)
-    assert result.replayed == [] and rows[0].id in result.failed
+    result = retry_dead_letters(fragile)
+    assert result.retried == [] and rows[0].id in result.failed
     # After the fix, the key's messages replay in order.
     Fragile.healed = True
-    result = replay_dead_letters(fragile)
-    assert result.replayed == [rows[0].id, rows[1].id, rows[2].id]
+    result = retry_dead_letters(fragile)
+    assert result.retried == [rows[0].id, rows[1].id, rows[2].id]
     assert list(result.failed) == [rows[3].id]  # not an esbridge message: inspect only
     verify_mirror(school, fragile, dogs)
     assert [r.reason for r in store.list("Fragile")] == ["malformed_message"]
@@ -390,7 +390,7 @@ def test_dlq_retry_is_the_command_and_replay_its_deprecated_name(
     fragile = fragile_follower(postgres_db)
     for key, value in postgres_db.env.items():
         monkeypatch.setenv(key, value)
-    follower = "tests.integration.consumer_apps:Fragile"
+    follower = "tests.support.consumer_apps:Fragile"
     capsys.readouterr()
     assert main(["dlq", "retry", follower]) == 0
     out, err = capsys.readouterr()

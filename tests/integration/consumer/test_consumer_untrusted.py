@@ -20,7 +20,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from esbridge import wire
 from esbridge.consumer.adapter import ConsumerAdapter
-from esbridge.deadletters.retry import replay_dead_letters
+from esbridge.deadletters.retry import retry_dead_letters
 from esbridge.deadletters.store import REASON_FOREIGN, DeadLetterStore
 from esbridge.errors import ConfigurationError, GapNotReconciledError
 from esbridge.names import tracking_names
@@ -138,8 +138,8 @@ def test_a_forged_decodable_message_is_not_applied(
     [letter] = parked(mirror)
     assert (letter.reason, letter.nid, letter.tracking_name) == (REASON_FOREIGN, 48, None)
     # A foreign message is never replayed: it can only be inspected.
-    result = replay_dead_letters(mirror)
-    assert result.replayed == [] and "foreign message" in result.failed[letter.id]
+    result = retry_dead_letters(mirror)
+    assert result.retried == [] and "foreign message" in result.failed[letter.id]
     verify_mirror(school, mirror, dogs)
 
 
