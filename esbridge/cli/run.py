@@ -197,21 +197,21 @@ def run_here(args: argparse.Namespace, system: Any) -> int:
     stopping = threading.Event()
 
     stop_on_signals(lambda name: stopping.set())
-    with runner:
-        print(
-            f"esbridge run: {', '.join(runner.local)} "
-            f"(worker {worker_index}, pid {os.getpid()}) running",
-            file=sys.stderr,
-            flush=True,
-        )
-        try:
+    try:
+        with runner:  # leaving it raises a failure that run_until had not seen yet
+            print(
+                f"esbridge run: {', '.join(runner.local)} "
+                f"(worker {worker_index}, pid {os.getpid()}) running",
+                file=sys.stderr,
+                flush=True,
+            )
             run_until(stopping.is_set, runner)
-        except SystemRunnerError as e:
-            # A runtime failure (not a configuration error, which exits with 2):
-            # exit 1, so that a supervisor starts the worker again and it resumes.
-            logging.getLogger("esbridge.run").error("%s", e)
-            print(f"esbridge run: {e}", file=sys.stderr, flush=True)
-            return 1
+    except SystemRunnerError as e:
+        # A runtime failure (not a configuration error, which exits with 2):
+        # exit 1, so that a supervisor starts the worker again and it resumes.
+        logging.getLogger("esbridge.run").error("%s", e)
+        print(f"esbridge run: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -10,7 +10,8 @@ whose relay publishes the leader's log (its lease holder), or ``none``. A
 dead-letter table that cannot be read shows ``unreadable`` (the reason on
 stderr), never 0. Exit status 0; ``--fail-on-lag`` exits 1 when any follower
 is behind, holds a gap or has an unreadable dead-letter table (for health
-checks).
+checks). Settings it cannot read with (applications not stored in
+PostgreSQL, a password Postgres refuses) exit 2, with or without ``--fail-on-lag``.
 """
 
 from __future__ import annotations

@@ -73,6 +73,7 @@ from esbridge.processing.application_sink import PrefetchFunc, ProcessApplicatio
 from esbridge.processing.sink import BatchSink
 from esbridge.processing.steps import Step, StepFactory
 from esbridge.runtime import gc_pause
+from esbridge.runtime.persistence import require_postgres, require_postgres_app
 
 __all__ = ["ConsumerAdapter", "ConsumerStatus", "HeldPartition"]
 
@@ -128,6 +129,11 @@ class ConsumerAdapter:
         **tuning: Any,
     ) -> None:
         _check_arguments(mode, follower, sink, steps, prefetch)
+        # Now, not in run(): with in-memory storage nothing would ever be consumed.
+        if follower is not None and sink is None:
+            require_postgres_app(follower)
+        if upstream_env is not None and upstream_recorder is None:
+            require_postgres(upstream, upstream_env)
         self.follower = follower
         self.upstream = upstream
         self.topic = topic

@@ -23,6 +23,7 @@ from psycopg.sql import SQL, Identifier
 from esbridge.deadletters.store import DeadLetter, DeadLetterStore
 from esbridge.errors import ConfigurationError
 from esbridge.processing.pg_binary import use_binary_stored_events
+from esbridge.runtime.persistence import require_postgres_app
 
 WRITE_KWARG = "esbridge_write"
 """The keyword that carries esbridge's extra writes through ``EventStore.put``."""
@@ -93,11 +94,11 @@ def install_recorder_hook(follower: Follower[Any]) -> None:
     recorder = follower.recorder
     if isinstance(recorder, _RecorderHook):
         return
+    require_postgres_app(follower)
     if not isinstance(recorder, PostgresProcessRecorder):
         raise ConfigurationError(
-            f"follower {follower.name!r} does not use eventsourcing's Postgres process "
-            f"recorder ({type(recorder).__name__}): set PERSISTENCE_MODULE=eventsourcing.postgres "
-            "and the POSTGRES_* settings for it"
+            f"follower {follower.name!r} has no Postgres process recorder "
+            f"({type(recorder).__name__}): it has no tracking records to consume into"
         )
     datastore = recorder.datastore
     if datastore.enable_db_functions:

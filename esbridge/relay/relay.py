@@ -52,6 +52,7 @@ from esbridge.relay.standby import Tenure
 from esbridge.relay.status import Progress, RelayStatus
 from esbridge.relay.strategy import PublishingStrategy
 from esbridge.relay.tuning import RelayTuning
+from esbridge.runtime.persistence import require_postgres
 from esbridge.runtime.postgres_retry import connection_diagnosis
 from esbridge.wire.encoding import Encoder
 
@@ -64,7 +65,8 @@ class Relay:
     """Publishes application ``app_name``'s notification log to Kafka topic ``topic``.
 
     ``env`` holds the ``POSTGRES_*`` settings used to read the log (default
-    ``os.environ``; ``{APP}_POSTGRES_*`` names win, as in eventsourcing).
+    ``os.environ``; ``{APP}_POSTGRES_*`` names win, as in eventsourcing); a log
+    not stored in Postgres is a :class:`ConfigurationError` here.
     ``kafka_config`` is passed to librdkafka (``bootstrap.servers`` at least).
     See :class:`RelayTuning` for the other keyword arguments; ``encoder`` (a
     :data:`~esbridge.wire.encoding.Encoder`) and ``registry`` (Prometheus) are
@@ -108,6 +110,8 @@ class Relay:
         self.topic = topic
         self.mode = mode
         self.env = dict(os.environ if env is None else env)
+        # Now, not in run(): an in-memory log would be empty, and the relay would wait for ever.
+        require_postgres(app_name, self.env)
         self.relay_id = relay_id or default_relay_id(app_name, topic)
         self.exactly_once = exactly_once
         self.partitions = partitions

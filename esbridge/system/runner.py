@@ -47,6 +47,7 @@ from esbridge.errors import (
 )
 from esbridge.kafka.config import kafka_config_from_env
 from esbridge.names import DEFAULT_PREFIX, MODES, PAYLOADS, PROMPTS, SystemTopics
+from esbridge.runtime.persistence import require_postgres, require_postgres_app
 from esbridge.system.parts import PartSettings, make_consumer, make_relay
 from esbridge.system.setup import construct_app, ensure_topics, system_env
 from esbridge.system.status import EdgeProbe, EdgeStatus, read_only_app, relay_holder
@@ -60,6 +61,14 @@ RELAY_MODES = MODES
 #: Set to a directory to profile every relay and consumer thread with cProfile (see
 #: :meth:`RunningComponent._run_profiled`): a diagnostic aid, off by default.
 PROFILE_DIR_ENV = "ESBRIDGE_PROFILE_DIR"
+
+#: Appended to the error for applications not stored in Postgres: where a runner's settings
+#: come from.
+ENV_ADVICE = (
+    ", in the environment or in KafkaRunner's env= argument (os.environ updated with it), "
+    "for example KafkaRunner(system, env=postgres_db.env, kafka_config=kafka_config) in a "
+    "test with esbridge's pytest fixtures"
+)
 
 
 def load_system(path: str) -> System:
@@ -132,6 +141,8 @@ class RunningComponent:
     component: Component
     thread: threading.Thread = field(init=False)
     error: BaseException | None = None
+    #: True once ``error`` was raised to the runner's caller: it is raised once.
+    reported: bool = False
 
     def describe(self) -> str:
         if self.follower is None:
@@ -251,12 +262,19 @@ class KafkaRunner(Runner[Any]):
         """Construct this process's applications, then start their relays and consumers.
 
         Everything that can be wrong with the configuration is checked before
-        any relay or consumer starts.
+        any relay or consumer starts; first of all that every application run
+        here, and every leader whose log is read here, is stored in Postgres
+        (the library's default, in memory, would leave every follower idle and
+        ``wait_idle()`` satisfied).
         """
+        for leader in self.leaders_used():  # relays and consumers read their logs by name
+            require_postgres(leader, self.full_env, advice=ENV_ADVICE)
         super().start()
         try:
             for name in self.local:
                 self.apps[name] = construct_app(self.system, name, self.full_env)
+                # Its class env may choose its storage: what counts is what it was built with.
+                require_postgres_app(self.apps[name], advice=ENV_ADVICE)
             if self.create_topics:
                 ensure_topics(
                     self.kafka_config,
@@ -268,11 +286,41 @@ class KafkaRunner(Runner[Any]):
                 component = self._make_consumer(leader, follower)
                 self._start(RunningComponent("consumer", leader, follower, component))
         except BaseException:
-            self.stop()
+            self._stop_all()  # the failure to start is what the caller must see
             raise
 
     def stop(self) -> None:
-        """Stop consumers, then relays, then close the applications (idempotent)."""
+        """Stop consumers, then relays, then close the applications (idempotent).
+
+        Then raises, as :meth:`raise_failures` does, if a relay or consumer had
+        failed before ``stop()`` and its failure was not raised yet (by
+        :meth:`wait_idle`, say): a test cannot pass while one of them is dead.
+        Everything is stopped and closed first. Errors of components while they
+        stop are logged only.
+        """
+        failure = self._stop_all()
+        if failure is not None:
+            raise failure
+
+    def __exit__(self, *args: object, **kwargs: Any) -> None:
+        """Stop; raise a component's failure unless the with-block is raising already.
+
+        Then the propagating exception is kept (it is often the consequence: an
+        assertion on a follower that processed nothing) and the failure is
+        logged and added to it as a note.
+        """
+        raising = args[1] if len(args) > 1 else None
+        if not isinstance(raising, BaseException):
+            self.stop()
+            return
+        failure = self._stop_all()
+        if failure is not None:
+            logger.error("%s (while the with-block raised %s)", failure, type(raising).__name__)
+            raising.add_note(f"KafkaRunner: {type(failure).__name__}: {failure}")
+
+    def _stop_all(self) -> ComponentFailure | None:
+        """Stop and close everything; the failure of components that had failed, unreported."""
+        failed = [r for r in self.components if r.error is not None and not r.reported]
         for running in reversed(self.components):
             try:
                 running.component.stop()
@@ -289,17 +337,32 @@ class KafkaRunner(Runner[Any]):
         for app in self.apps.values():
             app.close()
         self.apps.clear()
+        return failure_of(failed)
 
     def get(self, cls: type[TApp]) -> TApp:
+        """The application ``cls`` run by this runner (started: see :meth:`start`)."""
         name = getattr(cls, "name", cls.__name__)
-        try:
-            app = self.apps[name]
-        except KeyError:
-            raise ConfigurationError(
-                f"application {name!r} is not run by this runner (it runs {self.local})"
-            ) from None
+        app = self.apps.get(name)
+        if app is None:
+            raise ConfigurationError(self._not_here(name))
         assert isinstance(app, cls)
         return app
+
+    def _not_here(self, name: str) -> str:
+        """Why :meth:`get` has no application ``name``: each cause has its own remedy."""
+        if name not in self.system.nodes:
+            return f"application {name!r} is not in the system (it has {list(self.system.nodes)})"
+        if name not in self.local:
+            return (
+                f"application {name!r} is not run by this runner (apps={self.local} excludes "
+                "it): it runs in another process, or add it to apps=[...]"
+            )
+        if not self.is_started:
+            return (
+                f"application {name!r} is not started yet: call runner.start() first "
+                "(or use `with runner:`)"
+            )
+        return f"application {name!r} is closed: this runner was stopped"
 
     # -- what runs here --------------------------------------------------------
 
@@ -336,31 +399,13 @@ class KafkaRunner(Runner[Any]):
 
     def failures(self) -> list[str]:
         """Descriptions of relays and consumers that stopped with an error."""
-        return [
-            f"{r.describe()}: {type(r.error).__name__}: {r.error}"
-            for r in self.components
-            if r.error is not None
-        ]
+        return [describe_failure(r) for r in self.components if r.error is not None]
 
     def raise_failures(self) -> None:
-        """Raise if a relay or consumer stopped with an error.
-
-        :class:`SystemConfigurationError` (a :class:`ConfigurationError`) when
-        one of them refused its configuration (restarting cannot help:
-        ``esbridge run`` exits with status 2), else :class:`SystemRunnerError`
-        (a runtime failure: a restart resumes). Both are exception groups of
-        the components' own exceptions, so no traceback is lost; the message
-        names each failed component and its error.
-        """
-        failed = [r for r in self.components if r.error is not None]
-        if not failed:
-            return
-        message = "; ".join(self.failures())
-        errors = [as_exception(r.error) for r in failed if r.error is not None]
-        names = [r.describe() for r in failed]
-        if any(isinstance(e, ConfigurationError) for e in errors):
-            raise SystemConfigurationError(message, errors, components=names)
-        raise SystemRunnerError(message, errors, components=names)
+        """Raise if a relay or consumer stopped with an error (see :func:`failure_of`)."""
+        failure = failure_of([r for r in self.components if r.error is not None])
+        if failure is not None:
+            raise failure
 
     def is_alive(self) -> bool:
         """True while every relay and consumer thread runs."""
@@ -501,6 +546,38 @@ def check_local_apps(system: System, names: Iterable[str]) -> None:
             raise ConfigurationError(
                 f"application {name!r} is not in the system (it has {list(system.nodes)})"
             )
+
+
+#: What :meth:`KafkaRunner.raise_failures` raises.
+ComponentFailure = SystemRunnerError | SystemConfigurationError
+
+
+def describe_failure(running: RunningComponent) -> str:
+    """``"consumer A -> B: ErrorClass: message"``."""
+    return f"{running.describe()}: {type(running.error).__name__}: {running.error}"
+
+
+def failure_of(failed: Sequence[RunningComponent]) -> ComponentFailure | None:
+    """The error to raise for the ``failed`` components (which are then marked reported).
+
+    :class:`SystemConfigurationError` (a :class:`ConfigurationError`) when
+    one of them refused its configuration (restarting cannot help:
+    ``esbridge run`` exits with status 2), else :class:`SystemRunnerError`
+    (a runtime failure: a restart resumes). Both are exception groups of
+    the components' own exceptions, so no traceback is lost; the message
+    names each failed component and its error.
+    """
+    failed = [r for r in failed if r.error is not None]
+    if not failed:
+        return None
+    for running in failed:
+        running.reported = True
+    message = "; ".join(describe_failure(r) for r in failed)
+    errors = [as_exception(r.error) for r in failed if r.error is not None]
+    names = [r.describe() for r in failed]
+    if any(isinstance(e, ConfigurationError) for e in errors):
+        return SystemConfigurationError(message, errors, components=names)
+    return SystemRunnerError(message, errors, components=names)
 
 
 def as_exception(error: BaseException) -> Exception:

@@ -30,6 +30,7 @@ from esbridge.errors import ConfigurationError
 from esbridge.eventlog.notification_log import check_readable
 from esbridge.kafka.topics import ensure_topic, kafka_admin, wait_for_broker
 from esbridge.names import DEAD_LETTER_TABLE
+from esbridge.runtime.persistence import require_postgres
 from esbridge.runtime.postgres_privileges import (
     FOLLOWER_TABLE_PRIVILEGES,
     check_table_privileges,
@@ -209,6 +210,8 @@ def setup_system(system: System, env: Mapping[str, str] | None = None) -> None:
     log finds its table even if the upstream process has not started yet.
     """
     full_env = system_env(env)
+    for name in system.nodes:
+        require_postgres(name, full_env)  # in memory, nothing would be set up
     for name in system.nodes:
         construct_app(system, name, full_env).close()
 

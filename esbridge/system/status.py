@@ -40,6 +40,7 @@ from esbridge.eventlog.notification_log import close_recorder, open_recorder, re
 from esbridge.kafka.partitioning import partition_for_key
 from esbridge.names import DEAD_LETTER_TABLE, tracking_names
 from esbridge.relay.lease import lease_holder
+from esbridge.runtime.persistence import require_postgres
 from esbridge.runtime.postgres_privileges import current_role, with_advice
 from esbridge.runtime.postgres_retry import connection_diagnosis
 from esbridge.system.applications import construct_or_close
@@ -219,7 +220,12 @@ def edge_statuses(
     ``held_gaps``: held partitions per (leader, follower), from
     :func:`held_gaps_from_metrics`; edges not in it show ``None`` (unknown).
     ``relay_ids``: the relay id of each leader, to show who publishes its log.
+    An application not stored in Postgres is a :class:`ConfigurationError`
+    (in memory, every lag would read 0).
     """
+    edges = list(edges if edges is not None else system.edges)
+    for name in sorted({name for edge in edges for name in edge}):
+        require_postgres(name, env)
     apps: dict[str, Application[Any]] = {}
     holders: dict[str, str | None] = {}  # one lease lookup per leader, not per edge
 
@@ -233,7 +239,7 @@ def edge_statuses(
 
     try:
         result = []
-        for leader, follower in edges if edges is not None else system.edges:
+        for leader, follower in edges:
             n = partitions if isinstance(partitions, int) else partitions.get(leader, 1)
             app(leader)
             probe = EdgeProbe(leader, follower, app(follower), env, n)

@@ -16,9 +16,11 @@ from esbridge.errors import ConfigurationError
 from esbridge.system.applications import construct_or_close
 from esbridge.system.runner import KafkaRunner, load_system
 from esbridge.system.setup import new_app
+from examples.orders.application import Payments
 from examples.orders.system import system as orders_system
 
 KAFKA = {"bootstrap.servers": "127.0.0.1:1"}  # never contacted: these errors come first
+POSTGRES = {"PERSISTENCE_MODULE": "eventsourcing.postgres"}  # never connected to either
 
 
 @pytest.mark.parametrize(
@@ -74,7 +76,10 @@ def test_relay_settings_reach_every_worker_and_its_relays() -> None:
     command = worker_command(args, "Orders", 1)
     assert command[-4:] == ["--relay-set", "linger=0.2", "--relay-set", "batch_size=500"]
     runner = KafkaRunner(
-        orders_system, kafka_config=KAFKA, relay_options=parse_tuning(args.relay_set)
+        orders_system,
+        env=POSTGRES,  # a relay refuses in-memory storage when it is made
+        kafka_config=KAFKA,
+        relay_options=parse_tuning(args.relay_set),
     )
     relay = make_relay(runner.settings, "Orders")
     assert (relay.tuning.linger, relay.tuning.batch_size) == (0.2, 500)
@@ -118,10 +123,27 @@ def test_no_broker_configured(monkeypatch: pytest.MonkeyPatch) -> None:
         KafkaRunner(orders_system)
 
 
-def test_get_of_an_application_run_elsewhere(postgres_db: Any) -> None:
-    runner = KafkaRunner(orders_system, env=postgres_db.env, kafka_config=KAFKA, apps=["Orders"])
-    with pytest.raises(ConfigurationError, match="'Payments' is not run by this runner"):
-        runner.get(type("Payments", (), {"name": "Payments"}))
+def test_get_of_an_application_run_elsewhere() -> None:
+    runner = KafkaRunner(orders_system, env=POSTGRES, kafka_config=KAFKA, apps=["Orders"])
+    with pytest.raises(ConfigurationError) as raised:
+        runner.get(Payments)
+    assert str(raised.value) == (
+        "application 'Payments' is not run by this runner (apps=['Orders'] excludes it): "
+        "it runs in another process, or add it to apps=[...]"
+    )
+    with pytest.raises(ConfigurationError, match=r"'Shipping' is not in the system \(it has"):
+        runner.get(type("Shipping", (), {"name": "Shipping"}))
+
+
+def test_get_before_start_says_to_start() -> None:
+    """Not "not run by this runner (it runs [...Payments...])", which contradicted itself."""
+    runner = KafkaRunner(orders_system, env=POSTGRES, kafka_config=KAFKA)
+    with pytest.raises(ConfigurationError) as raised:
+        runner.get(Payments)
+    assert str(raised.value) == (
+        "application 'Payments' is not started yet: call runner.start() first "
+        "(or use `with runner:`)"
+    )
 
 
 def test_supervised_workers_stop_on_a_configuration_error(
