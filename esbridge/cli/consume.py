@@ -26,7 +26,7 @@ from esbridge.cli.common import (
     add_metrics_options,
     load_class,
 )
-from esbridge.runtime.signals import stop_on_signals
+from esbridge.runtime.signals import catch_stop_signals, stop_on_signals
 
 
 def register(subparsers: Any) -> None:
@@ -95,6 +95,7 @@ def consume(args: argparse.Namespace) -> int:
     from esbridge.runtime.postgres_retry import connection_diagnosis, retry_unreachable
     from esbridge.system.setup import prepared_app
 
+    catch_stop_signals()  # a signal during the start-up waits ends the command at once
     follower_cls = load_class(args.follower, args.app_dir)
     upstream_cls = load_class(args.upstream_class, args.app_dir) if args.upstream_class else None
     env = dict(os.environ)

@@ -26,7 +26,7 @@ from esbridge.cli.common import (
     load_class,
 )
 from esbridge.errors import ConfigurationError
-from esbridge.runtime.signals import stop_on_signals
+from esbridge.runtime.signals import catch_stop_signals, stop_on_signals
 
 log = logging.getLogger("esbridge.relay")
 
@@ -143,6 +143,7 @@ def relay_command(args: argparse.Namespace) -> int:
     from esbridge.relay.relay import Relay
     from esbridge.runtime.metrics import serve_metrics
 
+    catch_stop_signals()  # a signal during the start-up waits ends the command at once
     app = application_name(args.app, args.app_dir)
     topic = args.topic or f"esbridge.{app.lower()}"
     tuning = parse_tuning(args.set)

@@ -53,6 +53,7 @@ from esbridge.relay.status import Progress, RelayStatus
 from esbridge.relay.strategy import PublishingStrategy
 from esbridge.relay.tuning import RelayTuning
 from esbridge.runtime.postgres_retry import connection_diagnosis
+from esbridge.runtime.signals import waiting_for
 from esbridge.wire.encoding import Encoder
 
 __all__ = ["Relay", "RelayStatus", "RelayTuning"]
@@ -261,9 +262,10 @@ class Relay:
     def _setup(self, timeout: float | None) -> None:
         """Check the configuration, connect, and read the position (idempotent)."""
         if self._recorder is None:
-            self._recorder = self._loop.retry(
-                "open the notification log", self._open_recorder, timeout
-            )
+            with waiting_for(f"Postgres (the notification log of {self.app})"):
+                self._recorder = self._loop.retry(
+                    "open the notification log", self._open_recorder, timeout
+                )
         recorder = self._recorder
         assert recorder is not None
         partitions = None
@@ -274,14 +276,15 @@ class Relay:
         if not self._take_lease(recorder, timeout):
             return  # stopped while standing by
         if partitions is not None:
-            self._publishing.start(
-                partitions,
-                recorder,
-                self._gap_guard,
-                took_over=self._tenure.waited,
-                retry=self._loop.retry,
-                timeout=timeout,
-            )
+            with waiting_for(f"the Kafka producer of relay {self.relay_id!r} to start"):
+                self._publishing.start(
+                    partitions,
+                    recorder,
+                    self._gap_guard,
+                    took_over=self._tenure.waited,
+                    retry=self._loop.retry,
+                    timeout=timeout,
+                )
         if self._waker is None:
             self._waker = LogWaker(recorder, name=f"esbridge relay waker {self.app}")
 
@@ -296,10 +299,9 @@ class Relay:
 
     def _check_topics(self, timeout: float | None) -> int:
         """Wait for the broker, then create or check the mode's topics: their partitions."""
-        with kafka_admin(self.kafka_config) as admin:
-            wait_for_broker(
-                admin, str(self.kafka_config["bootstrap.servers"]), timeout, self._stop.is_set
-            )
+        servers = str(self.kafka_config["bootstrap.servers"])
+        with kafka_admin(self.kafka_config) as admin, waiting_for(f"topic {self.topic!r}"):
+            wait_for_broker(admin, servers, timeout, self._stop.is_set)
             return self._publishing.check_topics(admin)
 
     def _take_lease(self, recorder: ApplicationRecorder, timeout: float | None) -> bool:
