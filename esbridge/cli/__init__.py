@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from esbridge.cli.common import Parser
 from esbridge.errors import EsbridgeError
 
 SUBCOMMAND_MODULES = (
@@ -27,7 +28,7 @@ SUBCOMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every available subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="esbridge",
         description="Bridge event-sourced applications (eventsourcing, PostgreSQL) and Kafka, "
         "exactly once.",

@@ -23,7 +23,7 @@ from esbridge.cli.common import (
     add_command,
     add_connect_timeout,
     add_metrics_options,
-    load_class,
+    application_name,
 )
 from esbridge.errors import ConfigurationError
 from esbridge.runtime.signals import catch_stop_signals, stop_on_signals
@@ -79,29 +79,6 @@ def register(subparsers: Any) -> None:
         help="relay tuning (page_size, batch_size, batch_seconds, poll_interval, ...)",
     )
     parser.set_defaults(func=relay_command)
-
-
-def application_name(spec: str, app_dir: str = ".") -> str:
-    """The application name of ``module:Class`` / ``module.Class``, or ``spec`` itself.
-
-    ``app_dir`` is put on the Python path first.
-    """
-    if ":" not in spec and "." not in spec:
-        return spec
-    module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
-    try:
-        cls = load_class(f"{module_name}:{attr}", app_dir)
-    except ConfigurationError as e:
-        cause = e.__cause__
-        raise ConfigurationError(
-            f"cannot import application {spec!r}: {type(cause).__name__}: {cause}. "
-            "Give module:Class (importable from --app-dir, default the current directory) "
-            "or the application's name"
-        ) from cause
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise ConfigurationError(f"{spec!r} is not an eventsourcing Application class")
-    return name
 
 
 def parse_tuning(items: list[str], option: str = "--set") -> dict[str, Any]:
