@@ -150,13 +150,5 @@ def relay_command(args: argparse.Namespace) -> int:
     stop_on_signals(on_signal)
     if args.metrics_port:
         serve_metrics(args.metrics_port, args.metrics_addr)
-    relay.run()
-    s = relay.status()
-    log.info(
-        "relay %s stopped at notification %d (%d published by this process)",
-        app,
-        s.position,
-        s.published,
-        extra={"app": app, "topic": topic, "position": s.position},
-    )
+    relay.run()  # it logs its stop summary
     return 0

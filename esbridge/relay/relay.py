@@ -52,6 +52,7 @@ from esbridge.relay.standby import Tenure
 from esbridge.relay.status import Progress, RelayStatus
 from esbridge.relay.strategy import PublishingStrategy
 from esbridge.relay.tuning import RelayTuning
+from esbridge.runtime.catch_up import CatchUpLog
 from esbridge.runtime.postgres_retry import connection_diagnosis
 from esbridge.runtime.signals import waiting_for
 from esbridge.wire.encoding import Encoder
@@ -119,7 +120,9 @@ class Relay:
         self._lock = threading.Lock()
         self._running = False
         self._error: str | None = None
-        self._progress = Progress(self.metrics)
+        self._progress = Progress(
+            self.metrics, CatchUpLog(log, f"relay {app_name} -> {topic}", "notifications")
+        )
         self._recorder: ApplicationRecorder | None = None
         self._gap_guard: GapGuard | None = None
         self._tenure = Tenure(
@@ -205,6 +208,19 @@ class Relay:
             self._teardown()
             with self._lock:
                 self._running = False
+            if self._error is None:
+                self._log_stop()
+
+    def _log_stop(self) -> None:
+        """The stop summary, the same from ``esbridge relay`` and from a runner's relay."""
+        s = self.status()
+        log.info(
+            "relay %s stopped at notification %d (%d published by this process)",
+            self.app,
+            s.position,
+            s.published,
+            extra={"app": self.app, "topic": self.topic, "position": s.position},
+        )
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the current batch (thread-safe, idempotent)."""
