@@ -125,6 +125,11 @@ class Replay:
     ) -> None:
         import os
 
+        if ":" in app_name:
+            raise ConfigurationError(
+                f"{app_name!r} is an import path, not an application's name: give the name "
+                "(the application class's name attribute, e.g. 'DogSchool')"
+            )
         self.app = app_name
         self.kafka_config = dict(kafka_config)
         self.topic = topic

@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from esbridge.cli.common import Parser
 from esbridge.errors import EsbridgeError
 
 SUBCOMMAND_MODULES = (
@@ -27,7 +28,7 @@ SUBCOMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every available subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="esbridge",
         description="Bridge event-sourced applications (eventsourcing, PostgreSQL) and Kafka, "
         "exactly once.",
@@ -59,10 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(args.log_level, args.log_format)
     from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
+    from esbridge.runtime.signals import interruption
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except EsbridgeError as e:
+        if (interrupted := interruption()) is not None:
+            return interrupted.exit_code  # what the wait raised on its way out is no news
         logging.getLogger("esbridge").error("%s: %s", type(e).__name__, e)
         print(f"esbridge: error: {e}", file=sys.stderr)
         return 2
@@ -76,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    interrupted = interruption()
+    return code if interrupted is None else interrupted.exit_code
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from esbridge.cli.common import (
     add_command,
     add_connect_timeout,
     add_metrics_options,
-    load_class,
+    load_application,
 )
-from esbridge.runtime.signals import stop_on_signals
+from esbridge.runtime.signals import catch_stop_signals, stop_on_signals
 
 
 def register(subparsers: Any) -> None:
@@ -95,8 +95,11 @@ def consume(args: argparse.Namespace) -> int:
     from esbridge.runtime.postgres_retry import connection_diagnosis, retry_unreachable
     from esbridge.system.setup import prepared_app
 
-    follower_cls = load_class(args.follower, args.app_dir)
-    upstream_cls = load_class(args.upstream_class, args.app_dir) if args.upstream_class else None
+    catch_stop_signals()  # a signal during the start-up waits ends the command at once
+    follower_cls = load_application(args.follower, args.app_dir)
+    upstream_cls = (
+        load_application(args.upstream_class, args.app_dir) if args.upstream_class else None
+    )
     env = dict(os.environ)
     name = getattr(follower_cls, "name", follower_cls.__name__)
     # prepared_app: several consumer processes starting at once race to create the tables;

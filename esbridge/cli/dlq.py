@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any
 
-from esbridge.cli.common import add_app_dir, add_command, load_class
+from esbridge.cli.common import add_app_dir, add_command, load_application
 
 #: Former name of ``dlq retry``, kept for one release.
 DEPRECATED_RETRY = "replay"
@@ -58,7 +58,7 @@ def register(subparsers: Any) -> None:
 def _follower(args: argparse.Namespace) -> Any:
     from esbridge.system.applications import construct_or_close
 
-    return construct_or_close(load_class(args.follower, args.app_dir), os.environ)
+    return construct_or_close(load_application(args.follower, args.app_dir), os.environ)
 
 
 def list_letters(args: argparse.Namespace) -> int:
@@ -98,7 +98,7 @@ def retry(args: argparse.Namespace) -> int:
     follower = _follower(args)
     classes = {}
     for path in args.upstream_class:
-        cls = load_class(path, args.app_dir)
+        cls = load_application(path, args.app_dir)
         classes[cls.name] = cls
     try:
         result = retry_dead_letters(follower, ids=args.ids, upstream_classes=classes)

@@ -23,10 +23,10 @@ from esbridge.cli.common import (
     add_command,
     add_connect_timeout,
     add_metrics_options,
-    load_class,
+    application_name,
 )
 from esbridge.errors import ConfigurationError
-from esbridge.runtime.signals import stop_on_signals
+from esbridge.runtime.signals import catch_stop_signals, stop_on_signals
 
 log = logging.getLogger("esbridge.relay")
 
@@ -81,29 +81,6 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=relay_command)
 
 
-def application_name(spec: str, app_dir: str = ".") -> str:
-    """The application name of ``module:Class`` / ``module.Class``, or ``spec`` itself.
-
-    ``app_dir`` is put on the Python path first.
-    """
-    if ":" not in spec and "." not in spec:
-        return spec
-    module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
-    try:
-        cls = load_class(f"{module_name}:{attr}", app_dir)
-    except ConfigurationError as e:
-        cause = e.__cause__
-        raise ConfigurationError(
-            f"cannot import application {spec!r}: {type(cause).__name__}: {cause}. "
-            "Give module:Class (importable from --app-dir, default the current directory) "
-            "or the application's name"
-        ) from cause
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise ConfigurationError(f"{spec!r} is not an eventsourcing Application class")
-    return name
-
-
 def parse_tuning(items: list[str], option: str = "--set") -> dict[str, Any]:
     """Relay tuning from ``name=value`` pairs (values as int, float, bool, None or text).
 
@@ -143,6 +120,7 @@ def relay_command(args: argparse.Namespace) -> int:
     from esbridge.relay.relay import Relay
     from esbridge.runtime.metrics import serve_metrics
 
+    catch_stop_signals()  # a signal during the start-up waits ends the command at once
     app = application_name(args.app, args.app_dir)
     topic = args.topic or f"esbridge.{app.lower()}"
     tuning = parse_tuning(args.set)
@@ -172,13 +150,5 @@ def relay_command(args: argparse.Namespace) -> int:
     stop_on_signals(on_signal)
     if args.metrics_port:
         serve_metrics(args.metrics_port, args.metrics_addr)
-    relay.run()
-    s = relay.status()
-    log.info(
-        "relay %s stopped at notification %d (%d published by this process)",
-        app,
-        s.position,
-        s.published,
-        extra={"app": app, "topic": topic, "position": s.position},
-    )
+    relay.run()  # it logs its stop summary
     return 0

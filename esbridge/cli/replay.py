@@ -1,5 +1,7 @@
 """``esbridge replay APP --topic T --from N [--to M]``: republish a range of a notification log.
 
+APP is the application class as an import path (``package.module:DogSchool``)
+or just the application's name (``DogSchool``), as for ``esbridge relay``.
 Each notification is published with the key, partition and headers its relay
 gave it, so consumers that already processed it skip it as a duplicate and
 the others process it in order. The topic must exist. The application's
@@ -8,7 +10,8 @@ database is read with the ``POSTGRES_*`` settings (prefixed ones such as
 ``--kafka-config FILE``.
 
 For an analytics topic give ``--analytics structured|binary`` and the
-application class (``--app-class package.module:Class``, for its transcodings).
+application class (as APP, or ``--app-class package.module:Class``), for its
+transcodings.
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from esbridge.cli.common import add_app_dir, add_command, load_class, missing_extra
+from esbridge.cli.common import (
+    add_app_dir,
+    add_command,
+    application_name,
+    load_application,
+    missing_extra,
+)
 from esbridge.errors import ConfigurationError
 from esbridge.kafka.config import load_kafka_config
 from esbridge.wire.encoding import Encoder
@@ -32,7 +41,9 @@ def register(subparsers: Any) -> None:
         "republish a notification-id range of an application to a topic",
         __doc__,
     )
-    parser.add_argument("app", help="the application's name (as its events table is named)")
+    parser.add_argument(
+        "app", help="application class (package.module:Class) or the application's name"
+    )
     parser.add_argument("--topic", required=True, help="the topic to publish to (must exist)")
     parser.add_argument(
         "--from", dest="start", type=int, default=1, help="first notification id (default 1)"
@@ -65,10 +76,12 @@ def replay_command(args: argparse.Namespace) -> int:
         raise missing_extra("connectors", "esbridge replay", e) from e
 
     env = dict(os.environ)
+    app = application_name(args.app, args.app_dir)  # as esbridge relay takes it
+    app_class_path = args.app_class or (args.app if args.app != app else None)
     kafka_config = load_kafka_config(args.kafka_config, env)
     encoder: Encoder | None = None
     if args.analytics:
-        if not args.app_class:
+        if not app_class_path:
             raise ConfigurationError(
                 "--analytics needs --app-class package.module:Class (the application's "
                 "transcodings decode its events)"
@@ -79,12 +92,10 @@ def replay_command(args: argparse.Namespace) -> int:
         except ModuleNotFoundError as e:
             raise missing_extra("connectors", "esbridge replay --analytics", e) from e
 
-        app_class = load_class(args.app_class, args.app_dir)
-        encoder = CloudEventsEncoder(
-            args.app, application_mapper(app_class, env), mode=args.analytics
-        )
-    result = Replay(
-        args.app, kafka_config=kafka_config, topic=args.topic, env=env, encoder=encoder
-    ).run(args.start, args.stop)
+        app_class = load_application(app_class_path, args.app_dir)
+        encoder = CloudEventsEncoder(app, application_mapper(app_class, env), mode=args.analytics)
+    result = Replay(app, kafka_config=kafka_config, topic=args.topic, env=env, encoder=encoder).run(
+        args.start, args.stop
+    )
     print(json.dumps(asdict(result)))
     return 0

@@ -13,6 +13,7 @@ restarts a worker that dies (kill -9 included).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 from esbridge.cli.common import add_app_dir, add_command, add_metrics_options, use_app_dir
 from esbridge.cli.relay import parse_tuning
 from esbridge.errors import ConfigurationError
-from esbridge.runtime.signals import stop_on_signals
+from esbridge.runtime.signals import catch_stop_signals, stop_on_signals, waiting_for
 
 #: The ``esbridge`` command run by this interpreter (works without the console script on PATH).
 ESBRIDGE_COMMAND = [
@@ -137,6 +138,7 @@ def kafka_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    catch_stop_signals()  # a signal during the start-up waits ends the command at once
     if args.workers < 1:
         raise ConfigurationError("--workers must be at least 1")
     if args.no_relay and args.relay_only:
@@ -198,7 +200,10 @@ def run_here(args: argparse.Namespace, system: Any) -> int:
 
     stop_on_signals(lambda name: stopping.set())
     try:
-        with runner:  # leaving it raises a failure that run_until had not seen yet
+        # Leaving the stack raises a failure that run_until had not seen yet.
+        with contextlib.ExitStack() as started:
+            with waiting_for(f"{', '.join(runner.local)} to start"):
+                started.enter_context(runner)
             print(
                 f"esbridge run: {', '.join(runner.local)} "
                 f"(worker {worker_index}, pid {os.getpid()}) running",
@@ -226,7 +231,7 @@ def supervise(args: argparse.Namespace, system: Any) -> int:
             commands[f"{app}[{index}]"] = worker_command(args, app, index)
     supervisor = Supervisor(commands, restart=args.supervise)
 
-    stop_on_signals(lambda name: supervisor.request_stop())
+    stop_on_signals(supervisor.request_stop)
     return supervisor.run()
 
 

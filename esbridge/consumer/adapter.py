@@ -73,6 +73,7 @@ from esbridge.processing.application_sink import PrefetchFunc, ProcessApplicatio
 from esbridge.processing.sink import BatchSink
 from esbridge.processing.steps import Step, StepFactory
 from esbridge.runtime import gc_pause
+from esbridge.runtime.catch_up import CatchUpLog
 from esbridge.runtime.persistence import require_postgres, require_postgres_app
 
 __all__ = ["ConsumerAdapter", "ConsumerStatus", "HeldPartition"]
@@ -166,6 +167,7 @@ class ConsumerAdapter:
         self._running = False
         self._error: str | None = None
         self._last_lag: tuple[int, float] = (0, 0.0)
+        self._catch_up = CatchUpLog(log, f"consumer {self.name} <- {upstream}", "messages", done=0)
         self._upstream_log = (
             UpstreamLog(
                 upstream, self.upstream_env, self.tuning, self._postgres.retry, upstream_recorder
@@ -403,6 +405,8 @@ class ConsumerAdapter:
         self._last_lag = (events, seconds)
         self.metrics.lag_events.set(events)
         self.metrics.lag_seconds.set(seconds)
+        counts = self._counts
+        self._catch_up.update(counts.processed + counts.duplicates + counts.parked, events)
 
     def status(self) -> ConsumerStatus:
         """A snapshot of counters, positions, held partitions and lag (thread-safe).

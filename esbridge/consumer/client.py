@@ -20,7 +20,9 @@ from esbridge.consumer.batch_commit import Abandoned
 from esbridge.consumer.state import Tuning
 from esbridge.errors import BrokerUnavailable, ConfigurationError, ConsumerError
 from esbridge.kafka.access import authorization_error, raise_if_unauthorized
+from esbridge.kafka.topics import list_topics_logged
 from esbridge.runtime.logs import kafka_client_config
+from esbridge.runtime.signals import waiting_for
 
 log = logging.getLogger("esbridge.consumer")
 
@@ -62,8 +64,10 @@ class TopicClient:
         for key in ("transactional.id", "enable.idempotence", "linger.ms", "acks"):
             config.pop(key, None)
         consumer = Consumer(kafka_client_config(config))
+        servers = self.kafka_config.get("bootstrap.servers")
         try:
-            return consumer, self._partition_count(consumer, expected_partitions)
+            with waiting_for(f"topic {self.topic!r} on the Kafka broker at {servers}"):
+                return consumer, self._partition_count(consumer, expected_partitions)
         except BaseException:
             consumer.close()
             raise
@@ -75,9 +79,8 @@ class TopicClient:
         deadline: float | None = None  # counted from the broker's first answer
         while True:
             try:
-                metadata = consumer.list_topics(self.topic, timeout=5)
+                metadata = list_topics_logged(consumer, self.topic)
             except KafkaException as e:
-                consumer.poll(0)  # its error_cb raises a refused login or certificate
                 self._broker_unreachable(e, time.monotonic() - started)
                 continue
             info = metadata.topics.get(self.topic)

@@ -118,7 +118,9 @@ def security_error(config: Mapping[str, Any], error: KafkaError) -> Configuratio
     return None
 
 
-def error_callback(config: Mapping[str, Any], logger: logging.Logger) -> Callable[..., None]:
+def error_callback(
+    config: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter[Any]
+) -> Callable[..., None]:
     """An ``error_cb``: raises a login or TLS failure, logs any other error.
 
     Raised inside the callback, the error comes out of the ``poll()``,

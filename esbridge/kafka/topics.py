@@ -15,11 +15,12 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicCollection
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import AdminClient, ClusterMetadata, ConfigResource, NewTopic
 
 from esbridge.errors import BrokerUnavailableError, ConfigurationError
 from esbridge.kafka.access import authorization_error, raise_if_unauthorized
 from esbridge.runtime.logs import kafka_client_config
+from esbridge.runtime.signals import waiting_for
 
 log = logging.getLogger("esbridge.topics")
 
@@ -49,6 +50,33 @@ def kafka_admin(config: Mapping[str, Any]) -> Iterator[AdminClient]:
             admin.poll(0)
 
 
+#: Seconds of one metadata request while waiting for a broker: its log lines
+#: (the first says what to check) are handed over between two requests.
+LOG_SLICE = 1.0
+
+
+def list_topics_logged(
+    client: Any, topic: str | None = None, timeout: float = 5.0
+) -> ClusterMetadata:
+    """``client.list_topics(topic, timeout)``, handing over librdkafka's lines every second.
+
+    librdkafka's log lines come out only when the client is polled
+    (:func:`esbridge.runtime.logs.kafka_client_config`): a single request
+    that waits 5 s for an unreachable broker would keep the line that says
+    what is wrong back until then. Raises the last request's ``KafkaException``
+    when ``timeout`` passes.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            return client.list_topics(topic, timeout=max(0.01, min(LOG_SLICE, remaining)))
+        except KafkaException:
+            client.poll(0)  # its error_cb raises a refused login or certificate
+            if remaining <= LOG_SLICE:
+                raise
+
+
 def wait_for_broker(
     admin: AdminClient, servers: str, timeout: float | None, stop: Any = None
 ) -> None:
@@ -56,15 +84,21 @@ def wait_for_broker(
 
     ``timeout=None`` waits for ever (until ``stop()`` returns true).
     Raises :class:`BrokerUnavailableError` when ``timeout`` seconds pass.
+    A start-up wait: SIGINT or SIGTERM end an ``esbridge`` command waiting here
+    at once (:func:`esbridge.runtime.signals.waiting_for`).
     """
+    with waiting_for(f"the Kafka broker at {servers}"):
+        _wait_for_broker(admin, servers, timeout, stop)
+
+
+def _wait_for_broker(admin: AdminClient, servers: str, timeout: float | None, stop: Any) -> None:
     start = time.monotonic()
     delay = 0.5
     while True:
         try:
-            admin.list_topics(timeout=min(5.0, timeout or 5.0))
+            list_topics_logged(admin, timeout=min(5.0, timeout or 5.0))
             return
         except KafkaException as e:
-            admin.poll(0)  # librdkafka's own lines on why, before ours
             waited = time.monotonic() - start
             if timeout is not None and waited >= timeout:
                 raise BrokerUnavailableError(

@@ -52,8 +52,10 @@ from esbridge.relay.standby import Tenure
 from esbridge.relay.status import Progress, RelayStatus
 from esbridge.relay.strategy import PublishingStrategy
 from esbridge.relay.tuning import RelayTuning
+from esbridge.runtime.catch_up import CatchUpLog
 from esbridge.runtime.persistence import require_postgres
 from esbridge.runtime.postgres_retry import connection_diagnosis
+from esbridge.runtime.signals import waiting_for
 from esbridge.wire.encoding import Encoder
 
 __all__ = ["Relay", "RelayStatus", "RelayTuning"]
@@ -122,7 +124,9 @@ class Relay:
         self._lock = threading.Lock()
         self._running = False
         self._error: str | None = None
-        self._progress = Progress(self.metrics)
+        self._progress = Progress(
+            self.metrics, CatchUpLog(log, f"relay {app_name} -> {topic}", "notifications")
+        )
         self._recorder: ApplicationRecorder | None = None
         self._gap_guard: GapGuard | None = None
         self._tenure = Tenure(
@@ -208,6 +212,19 @@ class Relay:
             self._teardown()
             with self._lock:
                 self._running = False
+            if self._error is None:
+                self._log_stop()
+
+    def _log_stop(self) -> None:
+        """The stop summary, the same from ``esbridge relay`` and from a runner's relay."""
+        s = self.status()
+        log.info(
+            "relay %s stopped at notification %d (%d published by this process)",
+            self.app,
+            s.position,
+            s.published,
+            extra={"app": self.app, "topic": self.topic, "position": s.position},
+        )
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the current batch (thread-safe, idempotent)."""
@@ -265,9 +282,10 @@ class Relay:
     def _setup(self, timeout: float | None) -> None:
         """Check the configuration, connect, and read the position (idempotent)."""
         if self._recorder is None:
-            self._recorder = self._loop.retry(
-                "open the notification log", self._open_recorder, timeout
-            )
+            with waiting_for(f"Postgres (the notification log of {self.app})"):
+                self._recorder = self._loop.retry(
+                    "open the notification log", self._open_recorder, timeout
+                )
         recorder = self._recorder
         assert recorder is not None
         partitions = None
@@ -278,14 +296,15 @@ class Relay:
         if not self._take_lease(recorder, timeout):
             return  # stopped while standing by
         if partitions is not None:
-            self._publishing.start(
-                partitions,
-                recorder,
-                self._gap_guard,
-                took_over=self._tenure.waited,
-                retry=self._loop.retry,
-                timeout=timeout,
-            )
+            with waiting_for(f"the Kafka producer of relay {self.relay_id!r} to start"):
+                self._publishing.start(
+                    partitions,
+                    recorder,
+                    self._gap_guard,
+                    took_over=self._tenure.waited,
+                    retry=self._loop.retry,
+                    timeout=timeout,
+                )
         if self._waker is None:
             self._waker = LogWaker(recorder, name=f"esbridge relay waker {self.app}")
 
@@ -300,10 +319,9 @@ class Relay:
 
     def _check_topics(self, timeout: float | None) -> int:
         """Wait for the broker, then create or check the mode's topics: their partitions."""
-        with kafka_admin(self.kafka_config) as admin:
-            wait_for_broker(
-                admin, str(self.kafka_config["bootstrap.servers"]), timeout, self._stop.is_set
-            )
+        servers = str(self.kafka_config["bootstrap.servers"])
+        with kafka_admin(self.kafka_config) as admin, waiting_for(f"topic {self.topic!r}"):
+            wait_for_broker(admin, servers, timeout, self._stop.is_set)
             return self._publishing.check_topics(admin)
 
     def _take_lease(self, recorder: ApplicationRecorder, timeout: float | None) -> bool:

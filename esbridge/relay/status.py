@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from esbridge.relay.metrics import RelayMetrics
+from esbridge.runtime.catch_up import CatchUpLog
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,14 @@ class RelayStatus:
 
 
 class Progress:
-    """The relay's position, the log's largest id seen, and messages published."""
+    """The relay's position, the log's largest id seen, and messages published.
 
-    def __init__(self, metrics: RelayMetrics) -> None:
+    ``catch_up`` (if given) reports the relay's way through a backlog.
+    """
+
+    def __init__(self, metrics: RelayMetrics, catch_up: CatchUpLog | None = None) -> None:
         self.metrics = metrics
+        self.catch_up = catch_up
         #: Last notification id published (payloads) or prompted (prompts).
         self.position = 0
         #: Largest notification id seen in the log.
@@ -49,6 +54,7 @@ class Progress:
         """The committed position read back when a producer (re)starts."""
         self.position = nid
         self.metrics.position.set(nid)
+        self._report()
 
     def committed(self, count: int, nid: int) -> None:
         """A transaction of ``count`` notifications up to ``nid`` was committed."""
@@ -60,6 +66,7 @@ class Progress:
         metrics.batch_size.observe(count)
         metrics.position.set(nid)
         self.update_lag()
+        self._report()
 
     def prompted(self, nid: int) -> None:
         """A prompt saying the log has notifications up to ``nid`` was sent."""
@@ -68,6 +75,11 @@ class Progress:
         self.metrics.prompts.inc()
         self.metrics.position.set(nid)
         self.update_lag()
+        self._report()
+
+    def _report(self) -> None:
+        if self.catch_up is not None:
+            self.catch_up.update(self.position, max(0, self.upstream_max - self.position))
 
     def update_lag(self) -> None:
         upstream = max(self.upstream_max, self.position)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from esbridge.kafka.access import error_callback
+from esbridge.kafka.client_log import ClientLog
 
 
 class JsonFormatter(logging.Formatter):
@@ -69,6 +70,10 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
 #: like esbridge's own. Filter them with ``logging.getLogger("esbridge.librdkafka")``.
 LIBRDKAFKA_LOGGER = logging.getLogger("esbridge.librdkafka")
 
+#: What every esbridge client hands its lines to: repeats counted, transient
+#: noise at DEBUG, a hint before the first failed connection (:mod:`esbridge.kafka.client_log`).
+LIBRDKAFKA_LOG = ClientLog(LIBRDKAFKA_LOGGER)
+
 
 def kafka_client_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` for a confluent-kafka client whose log lines go to :data:`LIBRDKAFKA_LOGGER`.
@@ -81,14 +86,16 @@ def kafka_client_config(config: Mapping[str, Any]) -> dict[str, Any]:
     polled once before it is dropped (admin clients: :func:`esbridge.kafka.topics.kafka_admin`).
     A ``logger`` already in ``config`` is kept. librdkafka's ``debug`` setting
     asks for its debug lines, so it lowers this logger's level to DEBUG.
+    Lines go through :data:`LIBRDKAFKA_LOG`, which collapses repeats (a
+    broker that refuses connections is said once, with what to check).
 
     The ``error_cb`` (unless ``config`` has one) raises a refused SASL login
     or an unverified broker certificate from the call that serves it
     (:func:`esbridge.kafka.access.error_callback`): no retry fixes those.
     """
     conf = dict(config)
-    conf.setdefault("logger", LIBRDKAFKA_LOGGER)
-    conf.setdefault("error_cb", error_callback(config, LIBRDKAFKA_LOGGER))
-    if conf.get("debug") and conf["logger"] is LIBRDKAFKA_LOGGER:
+    conf.setdefault("logger", LIBRDKAFKA_LOG)
+    conf.setdefault("error_cb", error_callback(config, LIBRDKAFKA_LOG))
+    if conf.get("debug") and conf["logger"] is LIBRDKAFKA_LOG:
         LIBRDKAFKA_LOGGER.setLevel(logging.DEBUG)
     return conf

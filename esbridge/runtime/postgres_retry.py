@@ -22,6 +22,7 @@ which waiting cannot mend, so that is a :class:`ConfigurationError` at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -33,6 +34,7 @@ from eventsourcing.utils import Environment
 
 from esbridge.errors import ConfigurationError, PostgresUnavailableError
 from esbridge.runtime.postgres_privileges import privilege_advice
+from esbridge.runtime.signals import waiting_for
 
 log = logging.getLogger("esbridge.postgres")
 
@@ -77,38 +79,49 @@ def retry_unreachable(
     pool's connect timeout) and after each failure: it raises
     :class:`ConfigurationError` when the server refuses the settings, or
     returns the real reason to log.
+
+    While it waits, SIGINT or SIGTERM end an ``esbridge`` command at once
+    (:func:`esbridge.runtime.signals.waiting_for`).
     """
     start = time.monotonic()
     delay = 0.2
-    if diagnose is not None:
-        diagnose()
-    while True:
-        try:
-            return call()
-        except TRANSIENT_ERRORS as e:
-            message = " ".join(str(e).split())
-            if any(refusal in message for refusal in REFUSALS):
-                # The server answered and refused: waiting cannot mend it.
-                raise ConfigurationError(refusal_message(what, message, None)) from e
-            reason = diagnose() if diagnose is not None else None
-            detail = f"{e} ({reason})" if reason else str(e)
-            waited = time.monotonic() - start
-            if stopped is not None and stopped():
-                raise PostgresUnavailableError(
-                    f"stopped while Postgres was unreachable ({what}): {detail}",
-                    operation=what,
-                    waited=waited,
-                ) from e
-            if timeout is not None and waited >= timeout:
-                raise PostgresUnavailableError(
-                    f"Postgres stayed unreachable for {waited:.0f} s ({what}): {detail}. Check "
-                    "the POSTGRES_* settings (host, port) and that the server runs",
-                    operation=what,
-                    waited=waited,
-                ) from e
-            log.warning("Postgres unreachable (%s: %s); retrying in %.1f s", what, detail, delay)
-            sleep(delay)
-            delay = min(delay * 2, max_delay)
+    with contextlib.ExitStack() as marked:
+        # Marked from the first sign that Postgres is down, not while it answers.
+        down = diagnose is not None and diagnose() is not None
+        if down:
+            marked.enter_context(waiting_for(f"Postgres ({what})"))
+        while True:
+            try:
+                return call()
+            except TRANSIENT_ERRORS as e:
+                message = " ".join(str(e).split())
+                if any(refusal in message for refusal in REFUSALS):
+                    # The server answered and refused: waiting cannot mend it.
+                    raise ConfigurationError(refusal_message(what, message, None)) from e
+                if not down:
+                    down = True
+                    marked.enter_context(waiting_for(f"Postgres ({what})"))
+                reason = diagnose() if diagnose is not None else None
+                detail = f"{e} ({reason})" if reason else str(e)
+                waited = time.monotonic() - start
+                if stopped is not None and stopped():
+                    raise PostgresUnavailableError(
+                        f"stopped while Postgres was unreachable ({what}): {detail}",
+                        operation=what,
+                        waited=waited,
+                    ) from e
+                if timeout is not None and waited >= timeout:
+                    raise PostgresUnavailableError(
+                        f"Postgres stayed unreachable for {waited:.0f} s ({what}): {detail}. "
+                        "Check the POSTGRES_* settings (host, port) and that the server runs",
+                        operation=what,
+                        waited=waited,
+                    ) from e
+                log.warning(
+                    "Postgres unreachable (%s: %s); retrying in %.1f s", what, detail, delay
+                )
+                sleep(delay)
+                delay = min(delay * 2, max_delay)
 
 
 def refusal_message(who: str, message: str, user: str | None) -> str:

@@ -48,6 +48,7 @@ from esbridge.errors import (
 from esbridge.kafka.config import kafka_config_from_env
 from esbridge.names import DEFAULT_PREFIX, MODES, PAYLOADS, PROMPTS, SystemTopics
 from esbridge.runtime.persistence import require_postgres, require_postgres_app
+from esbridge.system.loading import kind_of
 from esbridge.system.parts import PartSettings, make_consumer, make_relay
 from esbridge.system.setup import construct_app, ensure_topics, system_env
 from esbridge.system.status import EdgeProbe, EdgeStatus, read_only_app, relay_holder
@@ -103,7 +104,8 @@ def load_system(path: str) -> System:
         ) from None
     if not isinstance(system, System):
         raise ConfigurationError(
-            f"{path!r} is a {type(system).__name__}, not an eventsourcing.system.System"
+            f"{path!r} is {kind_of(system)}, not an eventsourcing.system.System: name the "
+            "System object (package.module:system)"
         )
     check_importable(system)
     return system

@@ -42,6 +42,7 @@ from esbridge.runtime.postgres_retry import (
     connection_diagnosis,
     retry_unreachable,
 )
+from esbridge.runtime.signals import waiting_for
 from esbridge.system.applications import construct_or_close
 
 logger = logging.getLogger("esbridge.system_setup")
@@ -219,7 +220,7 @@ def setup_system(system: System, env: Mapping[str, str] | None = None) -> None:
 def ensure_topics(kafka_config: Mapping[str, Any], partitions: Mapping[str, int]) -> None:
     """Create missing topics (``{topic: partition count}``); refuse existing ones with
     another partition count."""
-    with kafka_admin(kafka_config) as admin:
+    with kafka_admin(kafka_config) as admin, waiting_for(f"topics {', '.join(partitions)}"):
         wait_for_broker(admin, str(kafka_config.get("bootstrap.servers")), timeout=30.0)
         # Create before asking for a topic's metadata: a broker with
         # auto.create.topics.enable=true creates a missing topic with its default

@@ -27,6 +27,10 @@ logger = logging.getLogger("esbridge.supervisor")
 #: Exit status of ``esbridge`` for a configuration error: restarting cannot help.
 CONFIGURATION_ERROR_EXIT = 2
 
+#: Exit statuses of a worker that a signal interrupted while it waited to start
+#: (:mod:`esbridge.runtime.signals`): 128 + SIGINT, 128 + SIGTERM.
+INTERRUPTED_EXITS = frozenset(128 + int(s) for s in (signal.SIGINT, signal.SIGTERM))
+
 MIN_BACKOFF = 0.2
 MAX_BACKOFF = 10.0
 STABLE_AFTER = 30.0  # a worker that ran this long gets the minimum backoff again
@@ -69,6 +73,7 @@ class Supervisor:
         self.env = dict(env) if env is not None else None
         self.stop_timeout = stop_timeout
         self._stopping = threading.Event()
+        self._stop_signal: str | None = None
 
     def start(self) -> None:
         for worker in self.workers:
@@ -134,7 +139,12 @@ class Supervisor:
         return None
 
     def run(self, interval: float = 0.2) -> int:
-        """Supervise until :meth:`request_stop` (returns 0) or, without restart, a worker exits."""
+        """Supervise until :meth:`request_stop` or, without restart, until a worker exits.
+
+        Returns that worker's exit code; after :meth:`request_stop`, 0, or
+        128 + the signal named there when a worker was interrupted while it
+        waited to start (see :mod:`esbridge.runtime.signals`).
+        """
         self.start()
         try:
             while not self._stopping.is_set():
@@ -142,11 +152,20 @@ class Supervisor:
                 if code is not None:
                     return code
                 self._stopping.wait(interval)
-            return 0
         finally:
             self.stop()
+        interrupted = [w.name for w in self.workers if set(w.exit_codes[-1:]) & INTERRUPTED_EXITS]
+        if self._stop_signal is None or not interrupted:
+            return 0
+        logger.warning("%s interrupted while starting", ", ".join(interrupted))
+        return 128 + int(signal.Signals[self._stop_signal])
 
-    def request_stop(self) -> None:
+    def request_stop(self, signal_name: str | None = None) -> None:
+        """Make :meth:`run` stop the workers and return (thread-safe).
+
+        ``signal_name``: the signal that asked for it (``"SIGINT"``), if one did.
+        """
+        self._stop_signal = signal_name
         self._stopping.set()
 
     def stop(self) -> None:

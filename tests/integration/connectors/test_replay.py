@@ -191,6 +191,33 @@ def test_cli_replays_a_range(school, postgres_db, kafka_config, create_topic):
     assert "topic 'no-such-topic' does not exist" in missing.stderr
 
 
+def test_cli_takes_the_application_class_as_the_relay_does(
+    school, postgres_db, kafka_config, create_topic
+):
+    """``replay package.module:Class`` read ``public.package.module:class_events`` before."""
+    topic = create_topic(partitions=PARTITIONS)
+    env = dict(os.environ)
+    env.update(postgres_db.env)
+    env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_config["bootstrap.servers"]
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [ESBRIDGE, "replay", "tests.support.sql_projection_domain:DogSchool", "--topic", topic,
+         "--to", "5", "--analytics", "binary"],  # the class gives the transcodings too
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (summary["app"], summary["count"]) == ("DogSchool", 5)
+    assert len(read_all(kafka_config, topic, 5)) == 5
+
+
+def test_an_import_path_is_no_application_name(kafka_config):
+    with pytest.raises(ConfigurationError, match="is an import path, not an application's name"):
+        Replay(
+            "tests.support.sql_projection_domain:DogSchool", kafka_config=kafka_config, topic="x"
+        )
+
+
 def test_bad_ranges_are_refused(postgres_db, kafka_config):
     replay = Replay("DogSchool", kafka_config=kafka_config, topic="x", env=postgres_db.env)
     with pytest.raises(ConfigurationError, match="invalid range"):
