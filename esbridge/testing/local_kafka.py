@@ -90,17 +90,21 @@ class LocalKafkaBroker(KafkaBroker):
         self.heap = heap
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_seconds = 0.0
-        self.config_file.write_text(
-            SERVER_PROPERTIES.format(
-                port=self.port,
-                controller_port=self.controller_port,
-                log_dir=self.base / "data",
-                internal_partitions=internal_partitions,
+        try:
+            self.config_file.write_text(
+                SERVER_PROPERTIES.format(
+                    port=self.port,
+                    controller_port=self.controller_port,
+                    log_dir=self.base / "data",
+                    internal_partitions=internal_partitions,
+                )
+                + "".join(f"{name}={value}\n" for name, value in (properties or {}).items())
             )
-            + "".join(f"{name}={value}\n" for name, value in (properties or {}).items())
-        )
-        shutil.copy(Path(__file__).with_name("log4j2.xml"), self.base / "log4j2.xml")
-        self._format_storage(storage_args)
+            shutil.copy(Path(__file__).with_name("log4j2.xml"), self.base / "log4j2.xml")
+            self._format_storage(storage_args)
+        except BaseException:  # failed or interrupted (Ctrl-C): leave no directory behind
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise
 
     def _java(self, *args: str) -> list[str]:
         return [
