@@ -132,7 +132,8 @@ def dev_servers(args: argparse.Namespace) -> int:
         print(export_lines(servers.env), end="", flush=True)
         if env_file is not None:
             write_env_file(env_file, servers.env)
-            say(f"wrote these lines to {env_file}; load them in a shell with: . {env_file}")
+            source = env_file if env_file.is_absolute() else f"./{env_file}"  # not from PATH
+            say(f"wrote these lines to {env_file}; load them in a shell with: . {source}")
         say("ready; Ctrl-C to stop")
         while True:
             time.sleep(CHECK_INTERVAL)
