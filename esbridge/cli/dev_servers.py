@@ -34,6 +34,7 @@ from typing import Any
 
 from esbridge.cli.common import add_command
 from esbridge.runtime.signals import STOP_SIGNALS
+from esbridge.testing.processes import interrupt
 
 #: Seconds between two checks that both servers still accept connections.
 CHECK_INTERVAL = 1.0
@@ -89,15 +90,17 @@ def stop_on_signals() -> dict[signal.Signals, Any]:
     """Make SIGINT and SIGTERM raise :class:`StopRequested` in the main thread, once.
 
     Raising (rather than setting a flag, as the long-running commands do)
-    interrupts any start-up wait at once; the servers started so far are
-    then stopped by the caller. Later signals are ignored, so that a second
-    Ctrl-C cannot cut that clean-up short and leave a server behind.
+    interrupts any start-up wait at once (only the creation of a child
+    process is let finish, see esbridge.testing.processes.spawning); the
+    servers started so far are then stopped by the caller. Later signals
+    are ignored, so that a second Ctrl-C cannot cut that clean-up short and
+    leave a server behind.
     """
 
     def handler(signum: int, frame: FrameType | None) -> None:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-        raise StopRequested(signal.Signals(signum).name)
+        interrupt(StopRequested(signal.Signals(signum).name))
 
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in STOP_SIGNALS:

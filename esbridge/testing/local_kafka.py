@@ -14,7 +14,13 @@ from pathlib import Path
 
 from esbridge.errors import HarnessError
 from esbridge.testing.kafka_dist import java_executable, kafka_libs
-from esbridge.testing.processes import die_with_parent, tail, wait_pid_gone
+from esbridge.testing.processes import (
+    die_with_parent,
+    run_tool,
+    spawning,
+    tail,
+    wait_pid_gone,
+)
 from esbridge.testing.servers import KafkaBroker, free_port, wait_for_port
 
 SERVER_PROPERTIES = """\
@@ -123,7 +129,7 @@ class LocalKafkaBroker(KafkaBroker):
         ]
 
     def _format_storage(self, extra: Sequence[str]) -> None:
-        result = subprocess.run(
+        result = run_tool(
             self._java(
                 "kafka.tools.StorageTool", "format",
                 "-t", random_cluster_id(),
@@ -131,15 +137,15 @@ class LocalKafkaBroker(KafkaBroker):
                 "--standalone",
                 *extra,
             ),
-            capture_output=True, text=True, timeout=120,
+            timeout=120,
         )  # fmt: skip
         if result.returncode != 0 and "--standalone" in result.stderr:
-            result = subprocess.run(
+            result = run_tool(
                 self._java(
                     "kafka.tools.StorageTool", "format",
                     "-t", random_cluster_id(), "-c", str(self.config_file), *extra,
                 ),
-                capture_output=True, text=True, timeout=120,
+                timeout=120,
             )  # fmt: skip
         if result.returncode != 0:
             raise HarnessError(
@@ -150,16 +156,15 @@ class LocalKafkaBroker(KafkaBroker):
         if self.process is not None and self.process.poll() is None:
             return
         t0 = time.monotonic()
-        log = self.logfile.open("ab")
-        self.process = subprocess.Popen(
-            self._java("kafka.Kafka", str(self.config_file)),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
-            cwd=self.base,
-        )
-        log.close()
+        with self.logfile.open("ab") as log, spawning():
+            self.process = subprocess.Popen(
+                self._java("kafka.Kafka", str(self.config_file)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+                cwd=self.base,
+            )
         deadline = time.monotonic() + timeout
         if not wait_for_port("127.0.0.1", self.port, timeout):
             self._fail(f"did not listen on 127.0.0.1:{self.port} within {timeout:.0f} s")

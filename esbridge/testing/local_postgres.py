@@ -22,7 +22,9 @@ from esbridge.testing.processes import (
     die_with_parent,
     give_to,
     pid_alive,
+    run_tool,
     server_user,
+    spawning,
     tail,
     wait_pid_gone,
 )
@@ -88,13 +90,7 @@ class LocalPostgresServer(PostgresServer):
             raise
 
     def _run(self, *cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            as_user(cmd, self.os_user),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=self.base,
-        )
+        return run_tool(as_user(cmd, self.os_user), timeout, cwd=self.base)
 
     def _initdb(self) -> None:
         pwfile = self.base / "pw"
@@ -145,8 +141,7 @@ class LocalPostgresServer(PostgresServer):
         t0 = time.monotonic()
         # The postmaster runs as a direct child (not daemonised by pg_ctl) with a
         # parent-death signal, so a test run killed with SIGKILL leaves no server behind.
-        log = self.logfile.open("ab")
-        try:
+        with self.logfile.open("ab") as log, spawning():
             self.process = subprocess.Popen(
                 [str(self.pg_bin / "postgres"), "-D", str(self.data)],
                 stdout=log,
@@ -158,8 +153,6 @@ class LocalPostgresServer(PostgresServer):
                 extra_groups=[] if self.os_user else None,
                 preexec_fn=die_with_parent,
             )
-        finally:
-            log.close()
         deadline = time.monotonic() + timeout
         while not self._accepts_connections():
             if self.process.poll() is not None or time.monotonic() > deadline:

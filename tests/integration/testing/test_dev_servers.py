@@ -100,6 +100,9 @@ def test_ctrl_c_while_starting_stops_and_removes_what_started(start_dev_servers)
     assert time.monotonic() - started < 30
     assert "interrupted while starting" in servers.stderr()
     assert "ready" not in servers.stderr()
+    deadline = time.monotonic() + 5  # a process killed a moment ago may take that long to die
+    while processes_using(servers.tmpdir) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert processes_using(servers.tmpdir) == []
     assert list(servers.tmpdir.iterdir()) == []
 
