@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = (
     "esbridge.cli.status",
     "esbridge.cli.demo",
     "esbridge.cli.replay",
+    "esbridge.cli.dev_servers",
 )
 
 

@@ -221,12 +221,17 @@ class _ContainerServer:
 
 
 class ContainerPostgresServer(_ContainerServer, PostgresServer):
-    """PostgreSQL in a container (``postgres`` image interface), on 127.0.0.1:<free port>."""
+    """PostgreSQL in a container (``postgres`` image interface), on 127.0.0.1:``port``.
+
+    ``port`` defaults to a free port.
+    """
 
     backend = "containers"
 
-    def __init__(self, fsync: bool = False, max_connections: int = 300) -> None:
-        self.port = free_port()
+    def __init__(
+        self, fsync: bool = False, max_connections: int = 300, port: int | None = None
+    ) -> None:
+        self.port = port or free_port()
         self.fsync = fsync
         self.max_connections = max_connections
         self.box = _ServerContainer(
@@ -269,12 +274,17 @@ class ContainerPostgresServer(_ContainerServer, PostgresServer):
 
 
 class ContainerKafkaBroker(_ContainerServer, KafkaBroker):
-    """Apache Kafka (KRaft, one node, transactions enabled) in a container (``apache/kafka``)."""
+    """Apache Kafka (KRaft, one node, transactions enabled) in a container (``apache/kafka``).
+
+    It listens on 127.0.0.1:``port`` (default: a free port).
+    """
 
     backend = "containers"
 
-    def __init__(self, heap: str = "768m", internal_partitions: int = 4) -> None:
-        self.port = free_port()
+    def __init__(
+        self, heap: str = "768m", internal_partitions: int = 4, port: int | None = None
+    ) -> None:
+        self.port = port or free_port()
         self.controller_port = free_port()
         self.bootstrap_servers = f"127.0.0.1:{self.port}"
         self.heap = heap

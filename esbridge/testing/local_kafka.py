@@ -14,7 +14,13 @@ from pathlib import Path
 
 from esbridge.errors import HarnessError
 from esbridge.testing.kafka_dist import java_executable, kafka_libs
-from esbridge.testing.processes import die_with_parent, tail, wait_pid_gone
+from esbridge.testing.processes import (
+    die_with_parent,
+    run_tool,
+    spawning,
+    tail,
+    wait_pid_gone,
+)
 from esbridge.testing.servers import KafkaBroker, free_port, wait_for_port
 
 SERVER_PROPERTIES = """\
@@ -90,17 +96,21 @@ class LocalKafkaBroker(KafkaBroker):
         self.heap = heap
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_seconds = 0.0
-        self.config_file.write_text(
-            SERVER_PROPERTIES.format(
-                port=self.port,
-                controller_port=self.controller_port,
-                log_dir=self.base / "data",
-                internal_partitions=internal_partitions,
+        try:
+            self.config_file.write_text(
+                SERVER_PROPERTIES.format(
+                    port=self.port,
+                    controller_port=self.controller_port,
+                    log_dir=self.base / "data",
+                    internal_partitions=internal_partitions,
+                )
+                + "".join(f"{name}={value}\n" for name, value in (properties or {}).items())
             )
-            + "".join(f"{name}={value}\n" for name, value in (properties or {}).items())
-        )
-        shutil.copy(Path(__file__).with_name("log4j2.xml"), self.base / "log4j2.xml")
-        self._format_storage(storage_args)
+            shutil.copy(Path(__file__).with_name("log4j2.xml"), self.base / "log4j2.xml")
+            self._format_storage(storage_args)
+        except BaseException:  # failed or interrupted (Ctrl-C): leave no directory behind
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise
 
     def _java(self, *args: str) -> list[str]:
         return [
@@ -119,7 +129,7 @@ class LocalKafkaBroker(KafkaBroker):
         ]
 
     def _format_storage(self, extra: Sequence[str]) -> None:
-        result = subprocess.run(
+        result = run_tool(
             self._java(
                 "kafka.tools.StorageTool", "format",
                 "-t", random_cluster_id(),
@@ -127,15 +137,15 @@ class LocalKafkaBroker(KafkaBroker):
                 "--standalone",
                 *extra,
             ),
-            capture_output=True, text=True, timeout=120,
+            timeout=120,
         )  # fmt: skip
         if result.returncode != 0 and "--standalone" in result.stderr:
-            result = subprocess.run(
+            result = run_tool(
                 self._java(
                     "kafka.tools.StorageTool", "format",
                     "-t", random_cluster_id(), "-c", str(self.config_file), *extra,
                 ),
-                capture_output=True, text=True, timeout=120,
+                timeout=120,
             )  # fmt: skip
         if result.returncode != 0:
             raise HarnessError(
@@ -146,16 +156,15 @@ class LocalKafkaBroker(KafkaBroker):
         if self.process is not None and self.process.poll() is None:
             return
         t0 = time.monotonic()
-        log = self.logfile.open("ab")
-        self.process = subprocess.Popen(
-            self._java("kafka.Kafka", str(self.config_file)),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
-            cwd=self.base,
-        )
-        log.close()
+        with self.logfile.open("ab") as log, spawning():
+            self.process = subprocess.Popen(
+                self._java("kafka.Kafka", str(self.config_file)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+                cwd=self.base,
+            )
         deadline = time.monotonic() + timeout
         if not wait_for_port("127.0.0.1", self.port, timeout):
             self._fail(f"did not listen on 127.0.0.1:{self.port} within {timeout:.0f} s")

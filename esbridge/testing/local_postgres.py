@@ -22,7 +22,9 @@ from esbridge.testing.processes import (
     die_with_parent,
     give_to,
     pid_alive,
+    run_tool,
     server_user,
+    spawning,
     tail,
     wait_pid_gone,
 )
@@ -58,18 +60,20 @@ def find_pg_bin() -> Path | None:
 class LocalPostgresServer(PostgresServer):
     """A PostgreSQL cluster of its own: ``initdb`` once, then ``postgres`` as a child process.
 
-    It listens on 127.0.0.1 only, on a free port chosen once, so a restart
-    keeps the address and the data.
+    It listens on 127.0.0.1 only, on ``port`` or a free port chosen once, so a
+    restart keeps the address and the data.
     """
 
     backend = "local"
 
-    def __init__(self, fsync: bool = False, max_connections: int = 300) -> None:
+    def __init__(
+        self, fsync: bool = False, max_connections: int = 300, port: int | None = None
+    ) -> None:
         pg_bin = find_pg_bin()
         if pg_bin is None:
             raise HarnessError(MISSING_POSTGRES)
         self.pg_bin = pg_bin
-        self.port = free_port()
+        self.port = port or free_port()
         self.os_user = server_user()
         self.base = Path(tempfile.mkdtemp(prefix="esbridge-pg-"))
         os.chmod(self.base, 0o755)
@@ -79,16 +83,14 @@ class LocalPostgresServer(PostgresServer):
         self.max_connections = max_connections
         self.startup_seconds = 0.0
         self.process: subprocess.Popen[bytes] | None = None
-        self._initdb()
+        try:
+            self._initdb()
+        except BaseException:  # failed or interrupted (Ctrl-C): leave no directory behind
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise
 
     def _run(self, *cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            as_user(cmd, self.os_user),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=self.base,
-        )
+        return run_tool(as_user(cmd, self.os_user), timeout, cwd=self.base)
 
     def _initdb(self) -> None:
         pwfile = self.base / "pw"
@@ -120,6 +122,12 @@ class LocalPostgresServer(PostgresServer):
                 "log_line_prefix = '%m [%p] '\n"
             )
 
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's process id while it runs (None when stopped)."""
+        pid = self._postmaster_pid()
+        return pid if pid is not None and pid_alive(pid) else None
+
     def _postmaster_pid(self) -> int | None:
         try:
             return int((self.data / "postmaster.pid").read_text().split()[0])
@@ -133,8 +141,7 @@ class LocalPostgresServer(PostgresServer):
         t0 = time.monotonic()
         # The postmaster runs as a direct child (not daemonised by pg_ctl) with a
         # parent-death signal, so a test run killed with SIGKILL leaves no server behind.
-        log = self.logfile.open("ab")
-        try:
+        with self.logfile.open("ab") as log, spawning():
             self.process = subprocess.Popen(
                 [str(self.pg_bin / "postgres"), "-D", str(self.data)],
                 stdout=log,
@@ -146,8 +153,6 @@ class LocalPostgresServer(PostgresServer):
                 extra_groups=[] if self.os_user else None,
                 preexec_fn=die_with_parent,
             )
-        finally:
-            log.close()
         deadline = time.monotonic() + timeout
         while not self._accepts_connections():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -175,6 +180,8 @@ class LocalPostgresServer(PostgresServer):
 
     def stop(self, kill: bool = False) -> None:
         pid = self._postmaster_pid()
+        if pid is None and self.process is not None and self.process.poll() is None:
+            pid = self.process.pid  # stopped so early that it wrote no postmaster.pid yet
         if pid is None or not pid_alive(pid):
             return
         if kill:

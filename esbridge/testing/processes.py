@@ -7,6 +7,7 @@ Only processes the harness started are ever signalled, by their PID.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pwd
@@ -14,8 +15,9 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from esbridge.errors import HarnessError
 
@@ -70,6 +72,66 @@ def die_with_parent() -> None:
     except OSError:
         pass
     os.setpgrp()
+
+
+_spawning = 0
+_held: list[BaseException] = []
+
+
+@contextlib.contextmanager
+def spawning() -> Iterator[None]:
+    """Mark the creation of a child process: :func:`interrupt` waits until it is over.
+
+    A signal handler that raises (Ctrl-C) can fire inside ``subprocess.Popen``
+    after the child started but before ``Popen`` returned it: nobody then
+    holds the child, and it outlives the clean-up. Held until the block
+    ends, the exception is raised once the caller has the ``Popen`` object
+    (assign it inside the block) and can stop the child.
+    """
+    global _spawning
+    _spawning += 1
+    try:
+        yield
+    finally:
+        _spawning -= 1
+    if not _spawning and _held:
+        error = _held[0]
+        _held.clear()
+        raise error
+
+
+def interrupt(error: BaseException) -> None:
+    """From a signal handler: raise ``error`` now, or when the child being created is held."""
+    if _spawning:
+        _held.append(error)
+    else:
+        raise error
+
+
+def run_tool(cmd: Sequence[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run`` of a set-up tool (``initdb``, Kafka's storage format), output captured.
+
+    Unlike ``subprocess.run``, an interruption can never leave the tool
+    running: it is created under :func:`spawning`, dies with this process
+    (:func:`die_with_parent`), and is killed when waiting for it is
+    interrupted.
+    """
+    with spawning():
+        process = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=die_with_parent,
+            **kwargs,
+        )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def children_of(pid: int) -> list[int]:

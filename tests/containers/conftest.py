@@ -9,6 +9,9 @@ import pytest
 
 from esbridge.testing.containers import require_container_engine
 from esbridge.testing.engine import TIMINGS
+from tests.support.dev_servers import start_dev_servers, tmpdir_for_servers
+
+__all__ = ["start_dev_servers", "tmpdir_for_servers"]  # fixtures of test_dev_servers_containers
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,6 +12,7 @@ import pytest
 from esbridge.cli import build_parser
 from esbridge.cli.demo import demo_module
 from esbridge.errors import ConfigurationError, HarnessError
+from esbridge.testing.dev_servers import check_options
 from esbridge.testing.engine import ContainerEngine, containers_extra_missing
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -31,6 +32,16 @@ def test_containers_backend_without_its_extra_names_it(monkeypatch: pytest.Monke
     assert reason is not None and "pip install 'esbridge[containers]'" in reason
     with pytest.raises(HarnessError, match=r"pip install 'esbridge\[containers\]'"):
         ContainerEngine()
+
+
+def test_dev_servers_in_containers_without_the_extra_names_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "testcontainers", None)
+    fix = r"pip install 'esbridge\[containers\]', or use --backend local"
+    with pytest.raises(HarnessError, match=fix):
+        check_options("containers", None, None, keep=False)
+    check_options("local", None, None, keep=False)  # the local backend needs no extra
 
 
 def test_demo_outside_a_source_checkout_says_where_to_run_it(tmp_path: Path) -> None:
