@@ -60,7 +60,8 @@ def register(subparsers: Any) -> None:
 
 
 def status(args: argparse.Namespace) -> int:
-    from esbridge.cli.run import kafka_config_from_args, load_from_args, relay_modes
+    from esbridge.cli.run import load_from_args, relay_modes
+    from esbridge.kafka.config import load_kafka_config
     from esbridge.names import PROMPTS, SystemTopics
     from esbridge.system.runner import resolve_relay_modes
     from esbridge.system.status import edge_statuses, format_table, held_gaps_from_metrics
@@ -72,7 +73,9 @@ def status(args: argparse.Namespace) -> int:
     # Followers of a prompted leader keep one tracking record; of a relayed one, one per
     # partition: how many, the topic says (None: the followers' tracking records do).
     relayed = {name: names.topic(name) for name, mode in modes.items() if mode != PROMPTS}
-    kafka = read_topic_partitions(kafka_config_from_args(args), list(relayed.values()))
+    # Without Kafka settings the status is taken from the databases alone.
+    kafka_config = load_kafka_config(file=args.kafka_config, require_servers=False)
+    kafka = read_topic_partitions(kafka_config, list(relayed.values()))
     partitions: dict[str, int | None] = {name: 1 for name in modes}
     for leader, topic in relayed.items():
         count = partitions[leader] = kafka.counts[topic]
