@@ -23,11 +23,13 @@ from esbridge.errors import (
     PostgresUnavailableError,
     RelayError,
     RelayFencedError,
+    RelayIdConflictError,
     RelayPositionError,
     RelayStandbyError,
     ServerUnavailableError,
     SystemConfigurationError,
     SystemRunnerError,
+    UpstreamMismatchError,
 )
 from esbridge.names import tracking_names
 from esbridge.relay.relay import Relay, RelayStatus
@@ -52,12 +54,14 @@ __all__ = [
     "Relay",
     "RelayError",
     "RelayFencedError",
+    "RelayIdConflictError",
     "RelayPositionError",
     "RelayStandbyError",
     "RelayStatus",
     "ServerUnavailableError",
     "SystemConfigurationError",
     "SystemRunnerError",
+    "UpstreamMismatchError",
     "tracking_names",
 ]
 __version__ = "0.1.0"

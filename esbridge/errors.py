@@ -16,7 +16,9 @@ is the message alone::
     │   ├── RelayPositionError            topic, partition, offset
     │   ├── KafkaAuthorizationError       resource_type, resource_name, operation, prefixed
     │   ├── KafkaAuthenticationError
-    │   └── KafkaTLSError
+    │   ├── KafkaTLSError
+    │   ├── UpstreamMismatchError         upstream, topic, applications
+    │   └── RelayIdConflictError          relay_id, topic, other_relay_ids
     ├── ServerUnavailableError            waited
     │   ├── BrokerUnavailableError        bootstrap_servers
     │   └── PostgresUnavailableError      operation
@@ -278,6 +280,57 @@ class KafkaTLSError(ConfigurationError):
     Usually ``ssl.ca.location`` does not name the CA that signed the
     broker's certificate (or the certificate is not for the broker's address).
     """
+
+
+class UpstreamMismatchError(ConfigurationError):
+    """A consumer's topic carries another application's messages than its configured upstream.
+
+    Raised before anything is parked, when the first messages a consumer reads
+    (with no tracking position yet) all come from other applications: a typo
+    in the upstream's name, or the wrong topic. ``upstream`` is the configured
+    name, ``topic`` the topic, ``applications`` the names in the messages'
+    ``esb_app`` headers (most frequent first). Fix the configuration (the
+    message names the option); nothing was recorded.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream: str | None = None,
+        topic: str | None = None,
+        applications: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.upstream = upstream
+        self.topic = topic
+        self.applications = list(applications)
+
+
+class RelayIdConflictError(ConfigurationError):
+    """Another relay id already published to this relay's topic: starting would publish again.
+
+    A relay keeps its position under its relay id; a relay with a new id
+    starts from the log's beginning, so a second id on the same topic
+    republishes the whole log into it. ``relay_id`` is the refused relay's
+    id, ``topic`` its topic, ``other_relay_ids`` the ids whose positions the
+    position topic holds for that topic. Pass the other id to continue it
+    (``--relay-id``), or allow a second relay deliberately
+    (``allow_other_relays=True``, ``--allow-other-relays``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        relay_id: str | None = None,
+        topic: str | None = None,
+        other_relay_ids: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.relay_id = relay_id
+        self.topic = topic
+        self.other_relay_ids = list(other_relay_ids)
 
 
 class _ComponentFailures(ExceptionGroup[Exception]):

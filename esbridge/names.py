@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     from eventsourcing.system import System
 
-#: Version of these naming rules (bump with a migration when one changes).
-NAMES_VERSION = 1
+#: Version of these naming rules (bump with a migration when one changes). 2: a
+#: stand-alone relay's default id follows the system's rule (:func:`default_relay_id`);
+#: a relay started under its version 1 id is refused with that id to pass.
+NAMES_VERSION = 2
 
 # -- modes: how a relay publishes and a consumer reads (``--mode``) ---------
 
@@ -39,8 +41,19 @@ POSITION_GROUP_PREFIX = "esbridge-position-"
 
 
 def default_relay_id(app_name: str, topic: str) -> str:
-    """A stand-alone relay's id (its ``transactional.id`` and lease key) by default."""
-    return f"esbridge-relay.{app_name.lower()}.{topic}"
+    """The relay id (``transactional.id``, position key, lease key) of ``app_name`` on ``topic``.
+
+    The one rule for ``esbridge relay`` and ``esbridge run``: for a topic named
+    ``{prefix}{app}`` (lower case), as every system topic is, ``{prefix}relay.{app}``
+    (so ``esbridge.shop`` gives ``esbridge.relay.shop`` whichever command
+    relays it); for any other topic, ``{topic}.relay.{app}``. Two commands
+    that derived different ids for one topic each published the whole log
+    into it (names version 1).
+    """
+    app = app_name.lower()
+    if topic.endswith(app):
+        return f"{topic[: len(topic) - len(app)]}relay.{app}"
+    return f"{topic}.relay.{app}"
 
 
 def default_position_topic(topic: str) -> str:
@@ -102,7 +115,8 @@ class SystemTopics:
         return f"{self.prefix}{follower.lower()}.{leader.lower()}"
 
     def relay_id(self, leader: str) -> str:
-        return f"{self.prefix}relay.{leader.lower()}"
+        """``{prefix}relay.{leader}``: :func:`default_relay_id` of the leader's topic."""
+        return default_relay_id(leader, self.topic(leader))
 
     def relay_ids(self, system: System) -> dict[str, str]:
         """The relay id of every leader of ``system`` (for ``edge_statuses``)."""

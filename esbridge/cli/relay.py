@@ -39,7 +39,9 @@ def register(subparsers: Any) -> None:
         __doc__,
     )
     parser.add_argument("app", help="application class (module:Class) or application name")
-    parser.add_argument("--topic", help="Kafka topic (default esbridge.<app name, lower case>)")
+    parser.add_argument(
+        "--topic", help="Kafka topic (default esbridge.<app name, lower case>, as esbridge run)"
+    )
     parser.add_argument(
         "--mode", choices=["payloads", "prompts"], default="payloads", help="default payloads"
     )
@@ -54,7 +56,14 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--relay-id",
-        help="transactional.id and position key (default esbridge-relay.<app, lower case>.<topic>)",
+        help="transactional.id and position key (default: as esbridge run, esbridge.relay.<app> "
+        "for topic esbridge.<app>; see docs/message-format.md)",
+    )
+    parser.add_argument(
+        "--allow-other-relays",
+        action="store_true",
+        help="start although other relay ids already published to the topic: a second relay "
+        "on purpose, which publishes the whole log again (default: refuse, naming their ids)",
     )
     parser.add_argument(
         "--at-least-once",
@@ -117,13 +126,16 @@ def parse_tuning(items: list[str], option: str = "--set") -> dict[str, Any]:
 
 def relay_command(args: argparse.Namespace) -> int:
     from esbridge.kafka.config import load_kafka_config
+    from esbridge.names import SystemTopics
     from esbridge.relay.relay import Relay
     from esbridge.runtime.metrics import serve_metrics
 
     catch_stop_signals()  # a signal during the start-up waits ends the command at once
     app = application_name(args.app, args.app_dir)
-    topic = args.topic or f"esbridge.{app.lower()}"
+    topic = args.topic or SystemTopics().topic(app)
     tuning = parse_tuning(args.set)
+    if args.allow_other_relays:
+        tuning["allow_other_relays"] = True
     if args.no_create_topics:
         tuning["create_topics"] = False
     if args.no_standby:

@@ -8,9 +8,17 @@ message) live only in the consumer processes: give their metrics endpoints
 ``esbridge run``/``consume``) to see them. The relay column names the process
 whose relay publishes the leader's log (its lease holder), or ``none``. A
 dead-letter table that cannot be read shows ``unreadable`` (the reason on
-stderr), never 0. Exit status 0; ``--fail-on-lag`` exits 1 when any follower
-is behind, holds a gap or has an unreadable dead-letter table (for health
-checks). Settings it cannot read with (applications not stored in
+stderr), never 0.
+
+Each topic's partition count is read from Kafka (``KAFKA_*`` settings, as
+``esbridge run``); when no broker answers within 10 s, or no Kafka is
+configured, from the followers' tracking records. ``--partitions`` is not
+needed: given, it must agree with the topic (else exit 2). A refused Kafka
+login, certificate or ACL stops it at once (exit 2), as every command.
+
+Exit status 0; ``--fail-on-lag`` exits 1 when any follower is behind, holds a
+gap or has an unreadable dead-letter table, or Kafka could not be read (for
+health checks). Settings it cannot read with (applications not stored in
 PostgreSQL, a password Postgres refuses) exit 2, with or without ``--fail-on-lag``.
 """
 
@@ -34,11 +42,13 @@ def register(subparsers: Any) -> None:
     # The same options as ``esbridge run``: the same command line names the same
     # topics and tracking records.
     add_system_arguments(parser)
+    # Read from each topic, not assumed: given, it is only checked against the topic.
+    parser.set_defaults(partitions=None)
     parser.add_argument("--json", action="store_true", help="one JSON object per edge")
     parser.add_argument(
         "--fail-on-lag",
         action="store_true",
-        help="exit 1 when any follower is behind (or its dead-letter table unreadable)",
+        help="exit 1 when any follower is behind, its dead-letter table or Kafka unreadable",
     )
     parser.add_argument(
         "--metrics",
@@ -52,25 +62,45 @@ def register(subparsers: Any) -> None:
 
 def status(args: argparse.Namespace) -> int:
     from esbridge.cli.run import load_from_args, relay_modes
+    from esbridge.kafka.config import load_kafka_config
     from esbridge.names import PROMPTS, SystemTopics
     from esbridge.system.runner import resolve_relay_modes
     from esbridge.system.status import edge_statuses, format_table, held_gaps_from_metrics
+    from esbridge.system.topic_partitions import check_given_count, read_topic_partitions
 
     system = load_from_args(args)
     modes = resolve_relay_modes(system, relay_modes(args.mode))
-    # Followers of a prompted leader keep one tracking record; of a relayed one, one per partition.
-    partitions = {name: 1 if mode == PROMPTS else args.partitions for name, mode in modes.items()}
+    names = SystemTopics(args.topic_prefix)
+    # Followers of a prompted leader keep one tracking record; of a relayed one, one per
+    # partition: how many, the topic says (None: the followers' tracking records do).
+    relayed = {name: names.topic(name) for name, mode in modes.items() if mode != PROMPTS}
+    # Without Kafka settings the status is taken from the databases alone.
+    kafka_config = load_kafka_config(file=args.kafka_config, require_servers=False)
+    kafka = read_topic_partitions(kafka_config, list(relayed.values()))
+    partitions: dict[str, int | None] = {name: 1 for name in modes}
+    for leader, topic in relayed.items():
+        count = partitions[leader] = kafka.counts[topic]
+        if count is not None:
+            check_given_count(topic, count, args.partitions, "Kafka's metadata")
+    for note in kafka.notes:
+        print(f"esbridge status: {note}", file=sys.stderr)
     held = None
     if args.metrics:
         held, errors = held_gaps_from_metrics(args.metrics)
         for error in errors:
             print(f"esbridge status: cannot read metrics {error}", file=sys.stderr)
         held = {edge: held.get(edge, 0) for edge in system.edges} if not errors else held
-    relay_ids = SystemTopics(args.topic_prefix).relay_ids(system)
     statuses = edge_statuses(
-        system, dict(os.environ), partitions=partitions, held_gaps=held, relay_ids=relay_ids
+        system,
+        dict(os.environ),
+        partitions=partitions,
+        held_gaps=held,
+        relay_ids=names.relay_ids(system),
     )
     for s in statuses:
+        if s.leader in relayed and partitions[s.leader] is None and any(s.positions.values()):
+            source = f"{s.follower}'s tracking records"
+            check_given_count(relayed[s.leader], len(s.positions), args.partitions, source)
         if s.dlq_error is not None:
             print(f"esbridge status: {s.dlq_error}", file=sys.stderr)
     if args.json:
@@ -78,8 +108,9 @@ def status(args: argparse.Namespace) -> int:
             print(json.dumps({**asdict(s), "position": s.position}))
     else:
         print(format_table(statuses))
-    if args.fail_on_lag and any(
-        not s.caught_up or s.held_gaps or s.dlq_error is not None for s in statuses
+    if args.fail_on_lag and (
+        kafka.kafka_error is not None
+        or any(not s.caught_up or s.held_gaps or s.dlq_error is not None for s in statuses)
     ):
         return 1
     return 0

@@ -253,6 +253,7 @@ class ConsumerAdapter:
 
     def close(self) -> None:
         """Leave the consumer group and release connections (idempotent)."""
+        self._committer.parking.flush()  # parked counts not said yet
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             try:
@@ -364,7 +365,9 @@ class ConsumerAdapter:
     def _round(self, consumer: Consumer, messages: list[Message]) -> int:
         """Process what ``messages`` made ready (:attr:`_mode`); returns messages seen."""
         self._rebalance.init_assigned()
-        return self._mode.round(consumer, messages)
+        seen = self._mode.round(consumer, messages)
+        self._committer.parking.tick()  # parked counts not yet said, once the interval passed
+        return seen
 
     # -- committing batches ----------------------------------------------------------
 

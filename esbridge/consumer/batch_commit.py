@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from eventsourcing.persistence import IntegrityError
 
 from esbridge.consumer.metrics import ConsumerMetrics
+from esbridge.consumer.parking_report import ParkingReport
 from esbridge.deadletters.store import REASON_HELD_BEHIND, REASON_POLICY
 from esbridge.processing.sink import BatchSink, StepFailed
 from esbridge.processing.steps import Source, Step, StepFactory, iter_batches
@@ -98,6 +99,8 @@ class BatchCommitter:
         self._retry_db = retry_db
         self._stop = stop
         self._dlq_checked = 0.0
+        #: A warning as soon as anything is parked, rate-limited (the adapter ticks it).
+        self.parking = ParkingReport(follower, upstream)
 
     def commit(self, steps: Sequence[Step]) -> bool:
         """Record ``steps`` in batches; False when another consumer moved a position first.
@@ -214,6 +217,7 @@ class BatchCommitter:
                 counts.parked += 1
                 counts.dead_letters += 1
                 metrics.parked.inc()
+                self.parking.parked(step.dead_letter.reason, step.dead_letter.error)
         counts.processed += processed
         counts.batches += 1
         metrics.processed.inc(processed)

@@ -27,6 +27,7 @@ from esbridge.consumer.offsets import commit_offsets, lag
 from esbridge.consumer.state import Partition
 from esbridge.consumer.trailing import TrailingGaps
 from esbridge.consumer.upstream import not_in_log, same_event
+from esbridge.consumer.upstream_check import UpstreamCheck
 from esbridge.deadletters.store import REASON_FOREIGN, REASON_MALFORMED
 from esbridge.errors import GapNotReconciledError
 from esbridge.names import PAYLOADS, tracking_names
@@ -44,6 +45,7 @@ class PayloadMode(Mode):
     def __init__(self, context: ModeContext) -> None:
         super().__init__(context)
         self.trailing = TrailingGaps(context)
+        self.upstream_check = UpstreamCheck(context.upstream, context.assignment.topic)
 
     def tracking_names(self, partitions: int) -> list[str]:
         return tracking_names(self.context.upstream, partitions)
@@ -83,6 +85,9 @@ class PayloadMode(Mode):
         now = time.time()
         parts = context.assignment.parts
         last: dict[int, Message] = {}  # the last message of each partition
+        # Before anything of the round is parked: all of it from another application is
+        # a wrong --upstream (or --topic), not a flood of foreign messages to park.
+        self.upstream_check.check(messages, context.assignment.positions)
         truth = self._log_events_for(messages) if tuning.verify_messages else None
         for message in messages:
             error = message.error()
@@ -197,7 +202,7 @@ class PayloadMode(Mode):
         every genuine event below that id look like a duplicate (silent loss).
         """
         source = _source(message, payload)
-        log.warning(
+        log.debug(  # the rate-limited warning of BatchCommitter says it, counted
             "partition %s[%s]: parking a foreign message at offset %s (key %s): %s",
             message.topic(),
             message.partition(),

@@ -294,6 +294,27 @@ class DeadLetterStore:
             row = curs.fetchone()
         return int(row["n"]) if row else 0
 
+    def counts(self, follower: str, status: str = STATUS_PARKED) -> dict[str, dict[str, int]]:
+        """``follower``'s rows by upstream, then reason (for ``esbridge status``).
+
+        By upstream as stored, so rows parked under a name that is no upstream
+        of the follower (a consumer started with a wrong ``--upstream``) show too.
+        """
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(
+                SQL(
+                    "SELECT upstream, reason, count(*) AS n FROM {0} "
+                    "WHERE follower = %s AND status = %s GROUP BY upstream, reason "
+                    "ORDER BY upstream, reason"
+                ).format(self._table),
+                (follower, status),
+            )
+            rows = curs.fetchall()
+        result: dict[str, dict[str, int]] = {}
+        for r in rows:
+            result.setdefault(r["upstream"], {})[r["reason"]] = int(r["n"])
+        return result
+
     @staticmethod
     def _row(r: Any) -> DeadLetter:
         return DeadLetter(

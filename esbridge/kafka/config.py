@@ -230,10 +230,13 @@ def load_kafka_config(
     env: Mapping[str, str] | None = None,
     prefix: str = "KAFKA_",
     overrides: Mapping[str, Any] | None = None,
+    *,
+    require_servers: bool = True,
 ) -> dict[str, Any]:
     """Merged settings: properties ``file``, then ``{prefix}*`` variables, then ``overrides``.
 
-    Raises :class:`ConfigurationError` when no ``bootstrap.servers`` results.
+    Raises :class:`ConfigurationError` when no ``bootstrap.servers`` results,
+    unless ``require_servers`` is false (a command that can do without Kafka).
     """
     config: dict[str, Any] = {}
     if file is not None:
@@ -243,7 +246,7 @@ def load_kafka_config(
     config.update(kafka_config_from_env(env, prefix))
     config.update(overrides or {})
     log.debug("Kafka settings: %s", redact_config(config))
-    if not config.get("bootstrap.servers"):
+    if require_servers and not config.get("bootstrap.servers"):
         raise ConfigurationError(
             f"no Kafka brokers configured: set {prefix}BOOTSTRAP_SERVERS "
             "(for example 127.0.0.1:9092) or bootstrap.servers in the Kafka config file"

@@ -172,6 +172,7 @@ class PayloadPublishing:
             transactional_id=self.relay_id,
             init_timeout=self.tuning.init_timeout,
             commit_timeout=self.tuning.commit_timeout,
+            allow_other_relays=self.tuning.allow_other_relays,
         )
 
     def restart(self) -> None:

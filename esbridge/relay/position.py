@@ -18,6 +18,13 @@ not hide a later committed position of ours.
 The position records, besides the last published notification id, the last
 id published to each partition: the next message on a partition names it in
 ``esb_prev_nid``, so the chain stays unbroken across restarts.
+
+A relay id without a position starts at the log's beginning. When the
+position topic holds positions of *other* relay ids for the same topic, that
+would publish the whole log into the topic a second time (a relay id changed,
+or two commands deriving different default ids): the relay refuses with
+:class:`~esbridge.errors.RelayIdConflictError` naming those ids, unless
+``allow_other_relays`` says that a second relay is meant.
 """
 
 from __future__ import annotations
@@ -39,7 +46,12 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from esbridge.errors import ConfigurationError, EsbridgeError, RelayPositionError
+from esbridge.errors import (
+    ConfigurationError,
+    EsbridgeError,
+    RelayIdConflictError,
+    RelayPositionError,
+)
 from esbridge.kafka.access import authorization_error, raise_if_unauthorized
 from esbridge.names import POSITION_GROUP_PREFIX
 from esbridge.runtime.logs import kafka_client_config
@@ -114,11 +126,15 @@ def read_position(
     relay_id: str,
     partitions: int,
     timeout: float = 60.0,
+    *,
+    topic: str | None = None,
 ) -> RelayPosition:
     """The last committed position of ``relay_id`` (a fresh one when there is none).
 
     Raises :class:`ConfigurationError` when the stored position was written
-    for another partition count.
+    for another partition count. With ``topic``: raises
+    :class:`RelayIdConflictError` when ``relay_id`` has no position but other
+    relay ids have positions for ``topic`` (see the module docstring).
     """
     base = {
         k: v
@@ -137,10 +153,13 @@ def read_position(
     finally:
         probe.poll(0)  # librdkafka's log lines (it is assigned nothing: no message comes)
         probe.close()
-    found: tuple[bytes | None, int] | None = None
+    scan = _Scan(relay_id.encode())
     if high > low:
-        found = _last_value_for_key(common, tp, relay_id.encode(), high, timeout)
+        _read_to(common, tp, high, timeout, scan)
+    found = scan.found
     if found is None or found[0] is None:
+        if topic is not None:
+            _refuse_other_relays(relay_id, topic, position_topic, scan.relays_of(topic))
         return RelayPosition.start(partitions)
     position = _decode_at(found[0], tp, found[1], relay_id)
     if len(position.last_per_partition) != partitions:
@@ -168,16 +187,62 @@ def _decode_at(value: bytes, tp: TopicPartition, offset: int, relay_id: str) -> 
         ) from e
 
 
-def _last_value_for_key(
-    config: dict[str, Any], tp: TopicPartition, key: bytes, high: int, timeout: float
-) -> tuple[bytes | None, int] | None:
-    """The last value with ``key`` below offset ``high`` and its offset (None: no such message)."""
+class _Scan:
+    """What a read of the position topic found: the last value with ``key`` and its offset,
+    and the topic of each other relay id's last position."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.found: tuple[bytes | None, int] | None = None
+        self.others: dict[str, str | None] = {}  # relay id -> topic of its last position
+
+    def take(self, key: bytes | None, value: bytes | None, offset: int) -> None:
+        if key == self.key:
+            self.found = (value, offset)
+        elif key is not None:
+            relay = key.decode("utf-8", "replace")
+            self.others.pop(relay, None)  # kept in the order of their last positions
+            self.others[relay] = _topic_of(value)
+
+    def relays_of(self, topic: str) -> list[str]:
+        """The other relay ids whose last position is for ``topic``, the latest last."""
+        return [relay for relay, their in self.others.items() if their == topic]
+
+
+def _topic_of(value: bytes | None) -> str | None:
+    """The topic a position message is for (None: not a position this reader knows)."""
+    try:
+        data = json.loads(value or b"")
+        return str(data["topic"]) if isinstance(data, dict) and "topic" in data else None
+    except ValueError:
+        return None
+
+
+def _refuse_other_relays(relay_id: str, topic: str, position_topic: str, others: list[str]) -> None:
+    if not others:
+        return
+    raise RelayIdConflictError(
+        f"relay {relay_id!r} has never published to topic {topic!r}, but relay id(s) "
+        f"{others} did (their positions are in {position_topic!r}): starting would publish "
+        "the whole notification log into the topic again. To continue that relay, pass its "
+        f"id: --relay-id {others[-1]} (relay_id={others[-1]!r}). To start a second relay "
+        "on the topic deliberately (its messages duplicate the first one's), pass "
+        "--allow-other-relays (allow_other_relays=True)",
+        relay_id=relay_id,
+        topic=topic,
+        other_relay_ids=others,
+    )
+
+
+def _read_to(
+    config: dict[str, Any], tp: TopicPartition, high: int, timeout: float, scan: _Scan
+) -> None:
+    """Read every committed message below offset ``high`` into ``scan``."""
     consumer = Consumer(
         kafka_client_config(
             config | {"isolation.level": "read_committed", "enable.partition.eof": True}
         )
     )
-    found: tuple[bytes | None, int] | None = None
     deadline = time.monotonic() + timeout
     try:
         consumer.assign([TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING)])
@@ -195,15 +260,15 @@ def _last_value_for_key(
                 if error.code() == KafkaError._PARTITION_EOF:
                     offset = msg.offset()
                     if offset is not None and offset >= high:
-                        return found
+                        return
                     continue
                 _raise_if_unauthorized(config, error, tp.topic)
                 raise KafkaException(error)
             offset = msg.offset()
-            if msg.key() == key and offset is not None:
-                found = (msg.value(), offset)
+            if offset is not None:
+                scan.take(msg.key(), msg.value(), offset)
             if offset is not None and offset >= high - 1:
-                return found
+                return
     finally:
         consumer.close()
 

@@ -94,8 +94,10 @@ class KafkaPublisher:
         transactional_id: str,
         init_timeout: float = 60.0,
         commit_timeout: float = 60.0,
+        allow_other_relays: bool = False,
     ) -> None:
         self.config = dict(config)
+        self.allow_other_relays = allow_other_relays
         self.app = app
         self.topic = topic
         self.position_topic = position_topic
@@ -160,8 +162,15 @@ class KafkaPublisher:
                 ) from e
         self._producer = producer
         self._in_transaction = False
+        # On the first start only: a relay that another one's refusal would stop later is
+        # one started deliberately (allow_other_relays), or one started before it.
+        checked = first and not self.allow_other_relays
         self.committed = read_position(
-            self.config, self.position_topic, self.relay_id, self.num_partitions
+            self.config,
+            self.position_topic,
+            self.relay_id,
+            self.num_partitions,
+            topic=self.topic if checked else None,
         )
         self._working = self.committed.copy()
         self._last_bytes = self._working.last_bytes()

@@ -34,6 +34,10 @@ class RelayTuning:
     replication_factor: int | None = None
     #: Compacted topic holding the relay position (default ``<topic>.esbridge-relay-position``).
     position_topic: str | None = None
+    #: Start although the position topic holds positions of other relay ids for this
+    #: topic: a second relay on purpose (it publishes the log again). False: a relay id
+    #: without a position refuses then (RelayIdConflictError), naming the other ids.
+    allow_other_relays: bool = False
     #: Prompt mode: minimum seconds between prompts (coalescing) and repeat period.
     prompt_interval: float = 0.05
     prompt_repeat: float = 10.0

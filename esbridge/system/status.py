@@ -13,10 +13,13 @@ machine that can read the databases, whether or not the system runs:
 * **held gaps**: partitions a consumer holds waiting for a missing message
   (known only to the consumers' processes: read from their Prometheus
   ``/metrics`` endpoints when given, by a runner in the same process, else ``-``);
-* **DLQ**: messages of the follower parked in the dead-letter table (``0`` when
-  there is no such table: nothing was ever parked; ``unreadable`` when it could
-  not be read, with the reason and the GRANT to run on stderr, and then
-  ``--fail-on-lag`` fails: an unknown count is never shown as ``0``);
+* **DLQ**: messages of the follower from this leader parked in the dead-letter
+  table, with the count of each reason (``0`` when there is no such table:
+  nothing was ever parked; ``unreadable`` when it could not be read, with the
+  reason and the GRANT to run on stderr, and then ``--fail-on-lag`` fails: an
+  unknown count is never shown as ``0``). Messages parked under an upstream
+  name that is no leader of the follower (a consumer started with a wrong
+  ``--upstream``) are listed under the table (:func:`parked_elsewhere`);
 * **relay**: who publishes the leader's log: the process holding its relay's
   lease (:mod:`esbridge.relay.lease`), ``none`` when no relay does (nothing
   reaches the followers), ``-`` when not asked.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -44,6 +47,7 @@ from esbridge.runtime.persistence import require_postgres
 from esbridge.runtime.postgres_privileges import current_role, with_advice
 from esbridge.runtime.postgres_retry import connection_diagnosis
 from esbridge.system.applications import construct_or_close
+from esbridge.system.topic_partitions import tracked_partitions
 
 MAX_LAG_SCAN = 200_000  # notifications read to count a lag; beyond, the count is a lower bound
 
@@ -60,6 +64,9 @@ class EdgeStatus:
     dlq: int | None
     relay: str | None = None  # the leader relay's lease holder; "" none; None: not asked
     dlq_error: str | None = None  # why the dead-letter table could not be read (dlq is None)
+    #: The follower's parked messages by upstream (every one, not only this leader), then
+    #: reason: ``dlq`` is this leader's sum.
+    parked: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def position(self) -> int:
@@ -137,20 +144,23 @@ def relay_holder(app: Application[Any], relay_id: str) -> str | None:
         return None
 
 
-def dlq_size(app: Application[Any], follower: str) -> tuple[int | None, str | None]:
-    """Parked messages of ``follower``, and why they could not be counted (None: they were).
+def parked_counts(
+    app: Application[Any], follower: str
+) -> tuple[dict[str, dict[str, int]] | None, str | None]:
+    """Parked messages of ``follower`` by upstream and reason, and why they could not be
+    counted (None: they were).
 
-    A missing table counts 0 (nothing was ever parked); any other error (a
+    A missing table counts none (nothing was ever parked); any other error (a
     role without SELECT on the table, say) is returned, never shown as 0.
     """
     datastore = getattr(app.recorder, "datastore", None)
     if datastore is None or not hasattr(datastore, "transaction"):
         return None, None
     try:
-        return DeadLetterStore(datastore).count(follower), None
+        return DeadLetterStore(datastore).counts(follower), None
     except Exception as e:  # reported, with what to do
         if isinstance(e.__cause__, psycopg.errors.UndefinedTable):
-            return 0, None
+            return {}, None
         text = f"cannot read {follower}'s dead-letter table {DEAD_LETTER_TABLE}: {e}"
         return None, with_advice(text, e, current_role(datastore), "SELECT")
 
@@ -164,7 +174,7 @@ class EdgeProbe:
         follower: str,
         follower_app: Application[Any],
         env: Mapping[str, str],
-        partitions: int = 1,
+        partitions: int | None = 1,
     ) -> None:
         self.leader = leader
         self.follower = follower
@@ -174,7 +184,8 @@ class EdgeProbe:
             raise TypeError(f"{follower!r} has no tracking records: it is not a follower")
         self.recorder = recorder
         self.upstream = open_recorder(leader, env)
-        self.partitions = partitions
+        # None: the count the follower consumed with, from its tracking names.
+        self.partitions = partitions or tracked_partitions(recorder, leader) or 1
         self.topics = list(getattr(follower_app, "topics", ()) or ())
 
     def close(self) -> None:
@@ -189,7 +200,8 @@ class EdgeProbe:
 
     def status(self, leader_app: Application[Any], held_gaps: int | None = None) -> EdgeStatus:
         positions = self.positions()
-        dlq, dlq_error = dlq_size(self.follower_app, self.follower)
+        parked, dlq_error = parked_counts(self.follower_app, self.follower)
+        dlq = None if parked is None else sum(parked.get(self.leader, {}).values())
         backlog = unprocessed(self.upstream, positions, self.partitions, self.topics)
         names = tracking_names(self.leader, self.partitions)
         return EdgeStatus(
@@ -202,6 +214,7 @@ class EdgeProbe:
             held_gaps=held_gaps,
             dlq=dlq,
             dlq_error=dlq_error,
+            parked=parked or {},
         )
 
 
@@ -209,14 +222,15 @@ def edge_statuses(
     system: System,
     env: Mapping[str, str],
     *,
-    partitions: Mapping[str, int] | int = 1,
+    partitions: Mapping[str, int | None] | int = 1,
     edges: Sequence[tuple[str, str]] | None = None,
     held_gaps: Mapping[tuple[str, str], int] | None = None,
     relay_ids: Mapping[str, str] | None = None,
 ) -> list[EdgeStatus]:
     """The status of every edge (or of ``edges``), read from the databases.
 
-    ``partitions``: the partition count of each leader's topic (or one for all).
+    ``partitions``: the partition count of each leader's topic (or one for all); None
+    for a leader: the count each follower's tracking records were made with.
     ``held_gaps``: held partitions per (leader, follower), from
     :func:`held_gaps_from_metrics`; edges not in it show ``None`` (unknown).
     ``relay_ids``: the relay id of each leader, to show who publishes its log.
@@ -329,10 +343,40 @@ def _positions_cell(status: EdgeStatus) -> str:
     return " ".join(f"p{i}={v}" for i, v in enumerate(status.positions.values()))
 
 
+def _reasons(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
+
+
 def _dlq_cell(status: EdgeStatus) -> str:
+    """The count, and when any, each reason's (``3 (foreign_message 1, policy_error 2)``)."""
     if status.dlq_error is not None:
         return "unreadable"
-    return "-" if status.dlq is None else str(status.dlq)
+    if status.dlq is None:
+        return "-"
+    reasons = status.parked.get(status.leader)
+    return f"{status.dlq} ({_reasons(reasons)})" if status.dlq and reasons else str(status.dlq)
+
+
+def parked_elsewhere(statuses: Sequence[EdgeStatus]) -> list[str]:
+    """Lines for messages parked under an upstream name that no edge of their follower has.
+
+    Typically a consumer once started with a wrong ``--upstream``: its
+    messages are in the follower's dead-letter table but in no edge's count.
+    """
+    leaders: dict[str, set[str]] = {}
+    parked: dict[str, dict[str, dict[str, int]]] = {}
+    for s in statuses:
+        leaders.setdefault(s.follower, set()).add(s.leader)
+        parked[s.follower] = s.parked
+    lines = []
+    for follower, by_upstream in parked.items():
+        for upstream, reasons in sorted(by_upstream.items()):
+            if upstream not in leaders[follower]:
+                lines.append(
+                    f"{follower}: {sum(reasons.values())} messages parked from {upstream!r}, "
+                    f"which {follower} does not follow in this system ({_reasons(reasons)})"
+                )
+    return lines
 
 
 def format_table(statuses: Sequence[EdgeStatus]) -> str:
@@ -356,4 +400,5 @@ def format_table(statuses: Sequence[EdgeStatus]) -> str:
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    elsewhere = parked_elsewhere(statuses)
+    return "\n".join([*lines, *(["", *elsewhere] if elsewhere else [])])

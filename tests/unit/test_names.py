@@ -14,7 +14,11 @@ def test_tracking_names() -> None:
 
 
 def test_relay_names() -> None:
-    assert names.default_relay_id("DogSchool", "dogschool") == "esbridge-relay.dogschool.dogschool"
+    # One rule for `esbridge relay` and `esbridge run`: derived from the topic (version 2).
+    assert names.default_relay_id("Shop", "esbridge.shop") == "esbridge.relay.shop"
+    assert names.default_relay_id("Shop", "x-shop") == "x-relay.shop"
+    assert names.default_relay_id("DogSchool", "dogschool") == "relay.dogschool"
+    assert names.default_relay_id("Shop", "orders-v2") == "orders-v2.relay.shop"
     assert names.default_position_topic("t") == "t.esbridge-relay-position"
     assert names.lease_name("r") == "esbridge.relay:r"
     assert names.POSITION_GROUP_PREFIX == "esbridge-position-"
@@ -26,9 +30,13 @@ def test_system_names() -> None:
     assert topics.group("Orders", "Payments") == "esbridge.payments.orders"
     assert topics.relay_id("Orders") == "esbridge.relay.orders"
     assert names.SystemTopics("x-").topic("A") == "x-a"
+    for prefix in ("esbridge.", "x-", ""):
+        system = names.SystemTopics(prefix)
+        assert system.relay_id("Orders") == f"{prefix}relay.orders"
+        assert system.relay_id("Orders") == names.default_relay_id("Orders", system.topic("Orders"))
 
 
 def test_modes_and_tables() -> None:
     assert names.MODES == ("payloads", "prompts")
     assert names.DEAD_LETTER_TABLE == "esbridge_dead_letters"
-    assert names.NAMES_VERSION == 1
+    assert names.NAMES_VERSION == 2

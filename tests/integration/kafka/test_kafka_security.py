@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from esbridge.names import default_position_topic
+from esbridge.names import default_position_topic, default_relay_id
 from esbridge.relay.position import POSITION_TOPIC_CONFIG
 from esbridge.testing.secure_kafka import KafkaUser, SecureKafkaBroker
 from esbridge.testing.servers import unique_name
@@ -28,6 +28,8 @@ TRICKS = 3
 #: A refused command must end in seconds: before, they retried for ever or for a minute.
 FAIL_FAST = 30.0
 MIRROR = "tests.support.consumer_apps:Mirror"
+#: esbridge status reads each topic's partition count from Kafka, refused like the others.
+STATUS = [ESBRIDGE, "status", "tests.integration.runtime.test_postgres_privileges:SYSTEM"]
 
 
 def relay_command(topic: str) -> list[str]:
@@ -49,7 +51,7 @@ def consume_command(topic: str, group: str) -> list[str]:
 
 
 def relay_id(topic: str) -> str:
-    return f"esbridge-relay.dogschool.{topic}"
+    return default_relay_id("DogSchool", topic)
 
 
 def command_env(
@@ -172,7 +174,7 @@ def test_relay_and_consumer_with_the_minimal_acls_deliver_exactly_once(
     [
         ("topic", "topic {topic!r}", "WRITE"),
         ("position", "topic '{topic}.esbridge-relay-position'", "READ"),
-        ("transactional_id", "transactional id 'esbridge-relay.dogschool.{topic}'", "WRITE"),
+        ("transactional_id", "transactional id '{topic}.relay.dogschool'", "WRITE"),
     ],
 )
 def test_a_relay_without_an_acl_stops_naming_it(
@@ -331,7 +333,7 @@ def test_a_wrong_password_is_reported_as_such(
     user = broker.add_user()
     wrong = KafkaUser(user.name, "not-the-password-4711")
     env = command_env(postgres_db, broker, wrong)
-    for command in (relay_command(topic), consume_command(topic, unique_name("g"))):
+    for command in (relay_command(topic), consume_command(topic, unique_name("g")), STATUS):
         stderr = refused(command, env)
         assert "KafkaAuthenticationError" in stderr, stderr[-3000:]
         assert f"refused the SASL login of user {user.name!r} (SCRAM-SHA-512)" in stderr
@@ -347,7 +349,7 @@ def test_an_untrusted_broker_certificate_is_reported_as_such(
     user = broker.add_user()
     other_ca = make_ca(tmp_path, "other-ca")
     env = command_env(postgres_db, broker, user, **{"ssl.ca.location": str(other_ca)})
-    for command in (relay_command(topic), consume_command(topic, unique_name("g"))):
+    for command in (relay_command(topic), consume_command(topic, unique_name("g")), STATUS):
         stderr = refused(command, env)
         assert "KafkaTLSError" in stderr, stderr[-3000:]
         assert "certificate verify failed" in stderr

@@ -22,6 +22,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from esbridge.errors import ConfigurationError, RelayFencedError, RelayStandbyError
+from esbridge.names import default_relay_id
 from esbridge.relay.relay import Relay
 from tests.integration.relay.test_relay import check_exactly_once_in_order
 from tests.integration.relay.test_relay_kill import PARTITIONS, _kill, _start_relay
@@ -210,7 +211,7 @@ class RelayPair:
         self.topic = topic
         self.tmp_path = tmp_path
         self.settings = settings
-        self.relay_id = f"esbridge-relay.ledger.{topic}"
+        self.relay_id = default_relay_id("Ledger", topic)
         self.env = subprocess_env(postgres_db, kafka_broker)
         self.logs: dict[int, Path] = {}
         self._writer_log = open(tmp_path / "writer.log", "wb")  # noqa: SIM115
