@@ -11,6 +11,12 @@ all come from other applications stops the consumer with
 :class:`~esbridge.errors.UpstreamMismatchError`, nothing parked and no offset
 committed past them.
 
+A round of at least :data:`NOT_ESBRIDGE_MIN` messages of which none is an
+esbridge message at all (no esbridge headers: the topic of another producer,
+a wrong ``--topic``) stops the consumer the same way, before any of them is
+parked as malformed. Fewer such messages are parked (a stray message on a
+fresh consumer is not proof of a wrong topic).
+
 The evidence that ends the check: a message of the upstream itself, or a
 tracking position above 0 (this follower processed the upstream's events
 before under these tracking names: a typo in the upstream's name gives fresh
@@ -27,6 +33,9 @@ from confluent_kafka import Message
 
 from esbridge import wire
 from esbridge.errors import UpstreamMismatchError
+
+#: How many messages, none of them esbridge's, make a round proof of a wrong topic.
+NOT_ESBRIDGE_MIN = 5
 
 
 class UpstreamCheck:
@@ -45,9 +54,13 @@ class UpstreamCheck:
         if any(position > 0 for position in positions.values()):
             self.confirmed = True
             return
-        apps = Counter(_applications(messages))
+        decoded = list(_kinds(messages))
+        apps = Counter(app for app in decoded if app is not _NOT_ESBRIDGE and app is not None)
         if not apps:
-            return  # prompts, undecodable messages, or nothing: no evidence either way
+            foreign = sum(1 for app in decoded if app is _NOT_ESBRIDGE)
+            if foreign >= NOT_ESBRIDGE_MIN and foreign == len(decoded):
+                raise not_esbridge_error(self.upstream, self.topic, foreign)
+            return  # prompts, a few undecodable messages, or nothing: no evidence either way
         if self.upstream in apps:
             self.confirmed = True
             return
@@ -76,15 +89,34 @@ def mismatch_error(upstream: str, topic: str, apps: Mapping[str, int]) -> Upstre
     )
 
 
-def _applications(messages: Iterable[Message]) -> Iterable[str]:
-    """The ``esb_app`` of each payload message (prompts and undecodable messages skipped)."""
+def not_esbridge_error(upstream: str, topic: str, count: int) -> UpstreamMismatchError:
+    """The error for a round of messages that are not esbridge's at all."""
+    return UpstreamMismatchError(
+        f"none of the {count} messages read from topic {topic!r} is an esbridge message (no "
+        f"esbridge headers): this topic is not published by a relay of {upstream!r}. Give the "
+        "topic the relay publishes to (--topic; `esbridge relay` and `esbridge run` print it); "
+        "nothing was parked or committed. If another producer wrote these messages to the "
+        "topic by mistake, move the consumer group's offsets past them "
+        "(kafka-consumer-groups.sh --reset-offsets)",
+        upstream=upstream,
+        topic=topic,
+    )
+
+
+_NOT_ESBRIDGE = "\x00not esbridge"
+
+
+def _kinds(messages: Iterable[Message]) -> Iterable[str | None]:
+    """Per message: the ``esb_app`` of a payload, ``None`` for a prompt or an esbridge message
+    of another version, ``_NOT_ESBRIDGE`` for a message without esbridge headers."""
     for message in messages:
         if message.error() is not None:
             continue
         headers: Any = message.headers()  # consumed header values are bytes
         try:
             payload = wire.decode_payload(headers, message.key())
-        except Exception:  # parked as malformed later, if at all: not evidence of either
+        except Exception:  # parked as malformed later, if at all
+            names = {name for name, _ in headers or ()}
+            yield None if wire.H_FORMAT in names else _NOT_ESBRIDGE
             continue
-        if payload is not None:
-            yield payload.app
+        yield None if payload is None else payload.app

@@ -200,3 +200,37 @@ def test_once_a_position_is_recorded_a_round_of_foreign_messages_is_parked(
     verify_mirror(school, mirror, dogs)
     [letter] = parked(mirror)
     assert letter.reason == REASON_FOREIGN and "'Kennels'" in letter.error
+
+
+def test_a_topic_of_another_producer_stops_before_parking_anything(
+    mirror: Mirror, create_topic: Any, kafka_config: dict[str, Any]
+) -> None:
+    """A wrong ``--topic`` (messages without esbridge headers) is refused, not parked as
+    malformed; a couple of stray such messages are still parked."""
+    topic = create_topic(partitions=PARTITIONS)
+    publisher = ManualPublisher(kafka_config, topic, "DogSchool", PARTITIONS)
+    for i in range(20):
+        publisher.send_raw(f"order-{i}".encode(), b'{"total": 1}', [("source", b"shop")])
+    consumer = adapter(mirror, topic, kafka_config, "DogSchool")
+    try:
+        with pytest.raises(UpstreamMismatchError) as raised:
+            consumer.process_available(timeout=30)
+    finally:
+        consumer.close()
+    text = str(raised.value)
+    assert f"messages read from topic {topic!r} is an esbridge message" in text
+    assert "not published by a relay of 'DogSchool'" in text and "--topic" in text
+    assert (raised.value.upstream, raised.value.topic) == ("DogSchool", topic)
+    assert parked(mirror) == []
+    assert all(offset < 0 for offset in committed_offsets(kafka_config, topic))
+
+    few = create_topic(partitions=PARTITIONS)
+    strays = ManualPublisher(kafka_config, few, "DogSchool", PARTITIONS)
+    strays.send_raw(b"a", b"{}", [("source", b"shop")])
+    strays.send_raw(b"b", b"{}", [("source", b"shop")])
+    consumer = adapter(mirror, few, kafka_config, "DogSchool")
+    try:
+        consumer.process_available(timeout=30)
+    finally:
+        consumer.close()
+    assert sorted(letter.reason for letter in parked(mirror)) == ["malformed_message"] * 2
