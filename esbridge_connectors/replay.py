@@ -206,15 +206,18 @@ class Replay:
             done_word="published",
             terminal=self.progress,
         )
-        for page in read_pages(self.recorder, start - 1, stop=stop, page_size=self.page_size):
-            self._publish(producer, encoder, page, chain)
-            self._flush(producer)
-            count += len(page)
-            first = page[0].id if first is None else first
-            last = page[-1].id
-            end = max(end, last)
-            # Ids left to the end as the replay started: the count of notifications in them.
-            progress.update(count, end - last)
+        try:
+            for page in read_pages(self.recorder, start - 1, stop=stop, page_size=self.page_size):
+                self._publish(producer, encoder, page, chain)
+                self._flush(producer)
+                count += len(page)
+                first = page[0].id if first is None else first
+                last = page[-1].id
+                end = max(end, last)
+                # Ids left to the end as the replay started: the count of notifications in them.
+                progress.update(count, end - last)
+        finally:
+            progress.close()  # an error's message on a line of its own
         return ReplayResult(self.app, self.topic, start, stop, count, first, last)
 
     # -- producing ---------------------------------------------------------------------

@@ -358,13 +358,17 @@ class ProjectionRunner:
         if stop is not None:
             top = min(top, stop)
         self._progress.update(after, max(0, top - after))
-        for page in read_pages(self.recorder, after, stop=stop, page_size=self.page_size):
-            a, p, t = self.apply(page)
-            applied, parked, transactions = applied + a, parked + p, transactions + t
-            top = max(top, page[-1].id)
-            self._progress.update(page[-1].id, top - page[-1].id)
-            if self._stopping.is_set():
-                break
+        try:
+            for page in read_pages(self.recorder, after, stop=stop, page_size=self.page_size):
+                a, p, t = self.apply(page)
+                applied, parked, transactions = applied + a, parked + p, transactions + t
+                top = max(top, page[-1].id)
+                self._progress.update(page[-1].id, top - page[-1].id)
+                if self._stopping.is_set():
+                    break
+        except BaseException:
+            self._progress.close()  # an error's message on a line of its own
+            raise
         return RunStats(applied, parked, transactions, self._current().notification_id)
 
     def run_forever(self) -> None:

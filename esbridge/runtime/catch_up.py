@@ -113,6 +113,13 @@ class CatchUpLog:
             self._logged_at = now
             self._line(done, behind, now)
 
+    def close(self) -> None:
+        """End a terminal's progress line left open (the work stopped on an error)."""
+        if self.terminal is not None and self._start is not None:
+            self.terminal.write("\n")
+            self.terminal.flush()
+        self._start = None
+
     def _finished(self, count: int, elapsed: float) -> None:
         rate = speed(count, elapsed)
         text = (

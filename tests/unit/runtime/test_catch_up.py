@@ -115,3 +115,20 @@ def test_bar_and_progress_text() -> None:
     assert bar(0, 0, width=4) == "[####] 100%"
     assert progress_text(0, 10, "events", 0.0) == "0 / 10 events"
     assert progress_text(50, 150, "events", 10.0) == "50 / 150 events (5/s, ETA 20 s)"
+
+
+def test_work_stopped_by_an_error_ends_the_terminal_line() -> None:
+    master, slave = os.openpty()
+    with os.fdopen(slave, "w") as terminal:
+        clock = Clock()
+        progress = CatchUpLog(
+            logging.getLogger("test"), "x", "items", done=0, clock=clock, terminal=terminal
+        )
+        clock.now += 1
+        progress.update(1000, 1000)
+        progress.close()
+        progress.close()  # once
+    shown = os.read(master, 65536).decode()
+    os.close(master)
+    assert shown.startswith(CLEAR_LINE + "x catching up: 1000 / 2000 items")
+    assert shown.endswith("%\r\n") and shown.count("\n") == 1
