@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TextIO, cast
 
 from confluent_kafka import KafkaError, Message, Producer
 from eventsourcing.persistence import ApplicationRecorder, Notification
@@ -43,6 +43,7 @@ from esbridge.eventlog.notification_log import (
     upstream_environment,
 )
 from esbridge.kafka.topics import kafka_admin, partition_count
+from esbridge.runtime.catch_up import CatchUpLog
 from esbridge.runtime.logs import kafka_client_config
 from esbridge.wire.encoding import Encoder, PayloadEncoder, content_type_for
 
@@ -109,6 +110,9 @@ class Replay:
     :class:`~esbridge_connectors.analytics.CloudEventsEncoder` for an analytics
     topic; ``None`` for the default format. The topic must exist; its
     partition count decides the partitions, as for the relay.
+
+    Progress (count, rate, ETA) is logged every few seconds, or redrawn on one
+    line of ``progress`` (e.g. ``sys.stderr``) when that is a terminal.
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class Replay:
         encoder: Encoder | None = None,
         page_size: int = 1000,
         timeout: float = 60.0,
+        progress: TextIO | None = None,
     ) -> None:
         import os
 
@@ -140,6 +145,7 @@ class Replay:
         self.page_size = page_size
         self.timeout = timeout
         self._error: tuple[KafkaError, int | None] | None = None
+        self.progress = progress
 
     @property
     def recorder(self) -> ApplicationRecorder:
@@ -188,13 +194,30 @@ class Replay:
         count = 0
         first: int | None = None
         last: int | None = None
-        for page in read_pages(self.recorder, start - 1, stop=stop, page_size=self.page_size):
-            self._publish(producer, encoder, page, chain)
-            self._flush(producer)
-            count += len(page)
-            first = page[0].id if first is None else first
-            last = page[-1].id
-            log.info("replay %s -> %s: published up to notification %d", self.app, self.topic, last)
+        end = self.recorder.max_notification_id() or 0
+        end = end if stop is None else min(stop, end)
+        progress = CatchUpLog(
+            log,
+            f"replay {self.app} -> {self.topic}",
+            "notifications",
+            done=0,
+            min_backlog=1,
+            doing="publishing",
+            done_word="published",
+            terminal=self.progress,
+        )
+        try:
+            for page in read_pages(self.recorder, start - 1, stop=stop, page_size=self.page_size):
+                self._publish(producer, encoder, page, chain)
+                self._flush(producer)
+                count += len(page)
+                first = page[0].id if first is None else first
+                last = page[-1].id
+                end = max(end, last)
+                # Ids left to the end as the replay started: the count of notifications in them.
+                progress.update(count, end - last)
+        finally:
+            progress.close()  # an error's message on a line of its own
         return ReplayResult(self.app, self.topic, start, stop, count, first, last)
 
     # -- producing ---------------------------------------------------------------------

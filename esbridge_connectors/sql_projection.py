@@ -36,7 +36,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TextIO, TypeVar
 
 from eventsourcing.persistence import ApplicationRecorder, Mapper, Notification
 from eventsourcing.persistence import OperationalError as EventStoreOperationalError
@@ -49,6 +49,7 @@ from sqlalchemy.orm import Session
 from esbridge.deadletters.store import REASON_POLICY, DeadLetter
 from esbridge.errors import ConfigurationError, EsbridgeError
 from esbridge.eventlog.notification_log import open_recorder, read_pages, release_recorder
+from esbridge.runtime.catch_up import CatchUpLog
 from esbridge_connectors import sql_tracking
 from esbridge_connectors.sql_tracking import Position, ProjectionConflictError
 
@@ -242,6 +243,10 @@ class ProjectionRunner:
     raises is retried ``max_attempts`` times (``retry_delay`` seconds, doubling)
     and then parked. ``on_version_change``: ``"error"`` (default) or
     ``"rebuild"`` when the stored version differs from ``projection.version``.
+
+    A rebuild or a catch-up of a backlog (1000 notifications or more) logs its
+    progress (count, rate, ETA) every few seconds, or redraws it on one line of
+    ``progress`` (e.g. ``sys.stderr``) when that is a terminal.
     """
 
     def __init__(
@@ -258,6 +263,7 @@ class ProjectionRunner:
         retry_delay: float = 0.1,
         poll_interval: float = 0.5,
         on_version_change: Literal["error", "rebuild"] = "error",
+        progress: TextIO | None = None,
     ) -> None:
         self.projection = projection
         self.engine = engine
@@ -275,6 +281,12 @@ class ProjectionRunner:
         self._stopping = threading.Event()
         self._topics: dict[str, type | None] = {}
         self._set_up = False
+        self._progress = CatchUpLog(
+            log,
+            f"projection {projection.name} <- {upstream}",
+            "notifications",
+            terminal=progress,
+        )
 
     # -- setup and state ------------------------------------------------------------------------
 
@@ -342,11 +354,21 @@ class ProjectionRunner:
             self.setup()
         applied = parked = transactions = 0
         after = self._current().notification_id if self._position else 0
-        for page in read_pages(self.recorder, after, stop=stop, page_size=self.page_size):
-            a, p, t = self.apply(page)
-            applied, parked, transactions = applied + a, parked + p, transactions + t
-            if self._stopping.is_set():
-                break
+        top = self.recorder.max_notification_id() or 0
+        if stop is not None:
+            top = min(top, stop)
+        self._progress.update(after, max(0, top - after))
+        try:
+            for page in read_pages(self.recorder, after, stop=stop, page_size=self.page_size):
+                a, p, t = self.apply(page)
+                applied, parked, transactions = applied + a, parked + p, transactions + t
+                top = max(top, page[-1].id)
+                self._progress.update(page[-1].id, top - page[-1].id)
+                if self._stopping.is_set():
+                    break
+        except BaseException:
+            self._progress.close()  # an error's message on a line of its own
+            raise
         return RunStats(applied, parked, transactions, self._current().notification_id)
 
     def run_forever(self) -> None:

@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES = (
     "esbridge.cli.demo",
     "esbridge.cli.replay",
     "esbridge.cli.dev_servers",
+    "esbridge.cli.dashboard",
 )
 
 

@@ -9,6 +9,9 @@ database is read with the ``POSTGRES_*`` settings (prefixed ones such as
 ``DOGSCHOOL_POSTGRES_DBNAME`` win), Kafka with ``KAFKA_*`` settings or
 ``--kafka-config FILE``.
 
+Progress (count, rate, ETA) is one line redrawn on a terminal, a log line
+every few seconds otherwise.
+
 For an analytics topic give ``--analytics structured|binary`` and the
 application class (as APP, or ``--app-class package.module:Class``), for its
 transcodings.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -94,8 +98,15 @@ def replay_command(args: argparse.Namespace) -> int:
 
         app_class = load_application(app_class_path, args.app_dir)
         encoder = CloudEventsEncoder(app, application_mapper(app_class, env), mode=args.analytics)
-    result = Replay(app, kafka_config=kafka_config, topic=args.topic, env=env, encoder=encoder).run(
-        args.start, args.stop
+    # Progress: one redrawn line on a terminal, log lines otherwise (see Replay).
+    replay = Replay(
+        app,
+        kafka_config=kafka_config,
+        topic=args.topic,
+        env=env,
+        encoder=encoder,
+        progress=sys.stderr,
     )
+    result = replay.run(args.start, args.stop)
     print(json.dumps(asdict(result)))
     return 0

@@ -16,6 +16,11 @@ configured, from the followers' tracking records. ``--partitions`` is not
 needed: given, it must agree with the topic (else exit 2). A refused Kafka
 login, certificate or ACL stops it at once (exit 2), as every command.
 
+``--watch`` redraws the table every ``--interval`` seconds (default 2) with a
+progress bar per edge that is behind: events behind, rate and ETA, from
+successive samples. On a terminal the screen is redrawn in place; piped, each
+sample prints one line per edge. Ctrl-C stops it (exit 0).
+
 Exit status 0; ``--fail-on-lag`` exits 1 when any follower is behind, holds a
 gap or has an unreadable dead-letter table, or Kafka could not be read (for
 health checks). Settings it cannot read with (applications not stored in
@@ -57,7 +62,37 @@ def register(subparsers: Any) -> None:
         metavar="HOST:PORT",
         help="a consumer process's metrics endpoint, for the held-gaps column (repeatable)",
     )
+    parser.add_argument(
+        "--watch", action="store_true", help="redraw the table and catch-up bars until Ctrl-C"
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds between two samples of --watch (default 2)",
+    )
     parser.set_defaults(func=status)
+
+
+def check_watch_options(args: argparse.Namespace) -> float:
+    """The --watch interval; one-shot options with --watch are a ConfigurationError."""
+    from esbridge.errors import ConfigurationError
+
+    if not args.watch:
+        if args.interval is not None:
+            raise ConfigurationError("--interval is the period of --watch: add --watch")
+        return 0.0
+    for option, given in (("--json", args.json), ("--fail-on-lag", args.fail_on_lag)):
+        if given:
+            raise ConfigurationError(
+                f"{option} is for one look (a script, a health check) and --watch redraws a "
+                f"table until Ctrl-C: drop one of them"
+            )
+    interval = 2.0 if args.interval is None else args.interval
+    if not interval > 0:
+        raise ConfigurationError(f"--interval {args.interval:g}: give a number of seconds above 0")
+    return interval
 
 
 def status(args: argparse.Namespace) -> int:
@@ -65,9 +100,16 @@ def status(args: argparse.Namespace) -> int:
     from esbridge.kafka.config import load_kafka_config
     from esbridge.names import PROMPTS, SystemTopics
     from esbridge.system.runner import resolve_relay_modes
-    from esbridge.system.status import edge_statuses, format_table, held_gaps_from_metrics
+    from esbridge.system.status import (
+        EdgeStatus,
+        edge_statuses,
+        format_table,
+        held_gaps_from_metrics,
+    )
+    from esbridge.system.status_watch import watch
     from esbridge.system.topic_partitions import check_given_count, read_topic_partitions
 
+    interval = check_watch_options(args)
     system = load_from_args(args)
     modes = resolve_relay_modes(system, relay_modes(args.mode))
     names = SystemTopics(args.topic_prefix)
@@ -84,25 +126,31 @@ def status(args: argparse.Namespace) -> int:
             check_given_count(topic, count, args.partitions, "Kafka's metadata")
     for note in kafka.notes:
         print(f"esbridge status: {note}", file=sys.stderr)
-    held = None
-    if args.metrics:
-        held, errors = held_gaps_from_metrics(args.metrics)
-        for error in errors:
-            print(f"esbridge status: cannot read metrics {error}", file=sys.stderr)
-        held = {edge: held.get(edge, 0) for edge in system.edges} if not errors else held
-    statuses = edge_statuses(
-        system,
-        dict(os.environ),
-        partitions=partitions,
-        held_gaps=held,
-        relay_ids=names.relay_ids(system),
-    )
+
+    def sample(report: bool) -> list[EdgeStatus]:
+        held = None
+        if args.metrics:
+            held, errors = held_gaps_from_metrics(args.metrics)
+            for error in errors if report else ():
+                print(f"esbridge status: cannot read metrics {error}", file=sys.stderr)
+            held = {edge: held.get(edge, 0) for edge in system.edges} if not errors else held
+        return edge_statuses(
+            system,
+            dict(os.environ),
+            partitions=partitions,
+            held_gaps=held,
+            relay_ids=names.relay_ids(system),
+        )
+
+    statuses = sample(report=True)
     for s in statuses:
         if s.leader in relayed and partitions[s.leader] is None and any(s.positions.values()):
             source = f"{s.follower}'s tracking records"
             check_given_count(relayed[s.leader], len(s.positions), args.partitions, source)
         if s.dlq_error is not None:
             print(f"esbridge status: {s.dlq_error}", file=sys.stderr)
+    if args.watch:
+        return watch(lambda: sample(report=False), sys.stdout, interval)
     if args.json:
         for s in statuses:
             print(json.dumps({**asdict(s), "position": s.position}))

@@ -1,7 +1,8 @@
 """Provision what the test harness and the demo need: ``python -m esbridge.testing.provision``.
 
 Installs missing system packages when it may (running as root with apt-get:
-Java 17, Maven, the PostgreSQL server), then fetches the Apache Kafka jars into
+Java 17, Maven, the PostgreSQL server, tmux for the test of ``esbridge status
+--watch`` in a real terminal), then fetches the Apache Kafka jars into
 the cache. Prints what it found; exits non-zero with one clear message when
 something cannot be provided.
 """
@@ -69,6 +70,13 @@ def ensure_podman() -> None:
     print(f"provision: podman: {shutil.which('podman') or 'MISSING'}", flush=True)
 
 
+def ensure_tmux() -> None:
+    """tmux: a real terminal for the test of ``esbridge status --watch``."""
+    if shutil.which("tmux") is None and may_install():
+        apt_install("tmux")
+    print(f"provision: tmux: {shutil.which('tmux') or 'MISSING'}", flush=True)
+
+
 def main() -> int:
     try:
         if not os.environ.get("ESBRIDGE_POSTGRES_DSN"):
@@ -76,6 +84,7 @@ def main() -> int:
         if not os.environ.get("ESBRIDGE_KAFKA_BOOTSTRAP"):
             ensure_kafka()
         ensure_podman()
+        ensure_tmux()
     except HarnessError as e:
         print(str(e), file=sys.stderr)
         return 2
