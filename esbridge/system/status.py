@@ -39,6 +39,7 @@ from eventsourcing.persistence import ApplicationRecorder, Notification, Process
 from eventsourcing.system import System
 
 from esbridge.deadletters.store import DeadLetterStore
+from esbridge.errors import ConfigurationError
 from esbridge.eventlog.notification_log import close_recorder, open_recorder, read_pages
 from esbridge.kafka.partitioning import partition_for_key
 from esbridge.names import DEAD_LETTER_TABLE, tracking_names
@@ -165,6 +166,41 @@ def parked_counts(
         return None, with_advice(text, e, current_role(datastore), "SELECT")
 
 
+def require_tables(name: str, app: Application[Any]) -> None:
+    """Raise :class:`ConfigurationError` when ``app``'s tables are not in its database.
+
+    An application that was never set up there (or settings that point at
+    another database) would otherwise end the status in a raw
+    ``relation ... does not exist``.
+    """
+    recorder = app.recorder
+    datastore = getattr(recorder, "datastore", None)
+    if datastore is None or not hasattr(datastore, "transaction"):
+        return
+    tables = [
+        table
+        for attr in ("events_table_name", "tracking_table_name")
+        if (table := getattr(recorder, attr, None))
+    ]
+    schema = datastore.schema or "public"
+    with datastore.transaction(commit=False) as curs:
+        curs.execute("SELECT current_database() AS db")
+        database = (curs.fetchone() or {}).get("db")
+        missing = []
+        for table in tables:
+            curs.execute("SELECT to_regclass(%s) AS found", (f'{schema}."{table}"',))
+            row = curs.fetchone()
+            if row is None or row["found"] is None:
+                missing.append(f"{schema}.{table}")
+    if missing:
+        raise ConfigurationError(
+            f"{name}'s table(s) {', '.join(missing)} do not exist in database "
+            f"{database!r}: {name} was never set up there. Create its tables with "
+            "`esbridge run <system> --setup` (or start it once), or check that "
+            f"POSTGRES_DBNAME (or {name.upper()}_POSTGRES_DBNAME) names its database"
+        )
+
+
 class EdgeProbe:
     """Reads one edge's positions and backlog (recorders opened once, reused per call)."""
 
@@ -249,6 +285,7 @@ def edge_statuses(
             # not reported as an unreachable server after the pool's timeout.
             connection_diagnosis(name, env)()
             apps[name] = read_only_app(system, name, env)
+            require_tables(name, apps[name])
         return apps[name]
 
     try:

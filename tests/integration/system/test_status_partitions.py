@@ -154,3 +154,25 @@ def test_postgres_unreachable_fails_the_health_check(
     code, out, err = status(capsys, environment, "--fail-on-lag")
     assert code == 1 and out == ""
     assert "esbridge: error: Postgres unreachable" in err
+
+
+def test_a_system_never_set_up_in_the_database_is_named_not_a_raw_sql_error(
+    postgres_db: Any, kafka_broker: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """Before: ``relation "public.dogschool_events" does not exist`` and a traceback."""
+    for key, value in postgres_db.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_broker.bootstrap_servers)
+    prefix = unique_name("st") + "."
+    code, out, err = status(capsys, prefix, "--fail-on-lag")
+    assert code == 2 and out == ""
+    assert (
+        "DogSchool's table(s) public.dogschool_events do not exist in database "
+        f"{postgres_db.dbname!r}: DogSchool was never set up there. Create its tables with "
+        "`esbridge run <system> --setup`"
+    ) in err
+    assert "Traceback" not in err
+    # The leader set up, the follower not: the follower is named.
+    DogSchool(env=postgres_db.env).close()
+    code, out, err = status(capsys, prefix)
+    assert code == 2 and "Mirror's table(s) public.mirror_events" in err
