@@ -9,6 +9,7 @@ plugin in :mod:`esbridge.testing`; connectors live in ``esbridge_connectors``.
 
 from esbridge.consumer.adapter import ConsumerAdapter, ConsumerStatus
 from esbridge.errors import (
+    ApplicationNotFoundError,
     BrokerUnavailable,
     BrokerUnavailableError,
     ConfigurationError,
@@ -36,6 +37,7 @@ from esbridge.relay.relay import Relay, RelayStatus
 from esbridge.system.runner import KafkaRunner
 
 __all__ = [
+    "ApplicationNotFoundError",
     "BrokerUnavailable",
     "BrokerUnavailableError",
     "ConfigurationError",

@@ -18,6 +18,7 @@ is the message alone::
     │   ├── KafkaAuthenticationError
     │   ├── KafkaTLSError
     │   ├── UpstreamMismatchError         upstream, topic, applications
+    │   ├── ApplicationNotFoundError      application (also a KeyError)
     │   └── RelayIdConflictError          relay_id, topic, other_relay_ids
     ├── ServerUnavailableError            waited
     │   ├── BrokerUnavailableError        bootstrap_servers
@@ -305,6 +306,22 @@ class UpstreamMismatchError(ConfigurationError):
         self.upstream = upstream
         self.topic = topic
         self.applications = list(applications)
+
+
+class ApplicationNotFoundError(ConfigurationError, KeyError):
+    """``KafkaRunner.get()`` has no such application: not in the system, run elsewhere, or closed.
+
+    Also a ``KeyError``, which is what the library's runners raise there, so
+    code written for them (``except KeyError``) works unchanged; the message
+    says which of the causes it is. ``application`` is the name asked for.
+    """
+
+    def __init__(self, message: str, *, application: str | None = None) -> None:
+        super().__init__(message)
+        self.application = application
+
+    # KeyError's str() is the repr of its argument: keep the message as it is.
+    __str__ = EsbridgeError.__str__
 
 
 class RelayIdConflictError(ConfigurationError):

@@ -6,7 +6,7 @@ For esbridge that default is never what the user meant, and nothing fails
 with it: a relay reads an empty log that no other process writes to and
 publishes nothing, a consumer has no Postgres transaction to record its
 tracking positions in, ``esbridge status`` reads lag 0, and a test's
-``wait_idle()`` returns at once. So every entry point (``KafkaRunner.start``,
+``wait_idle()`` returns at once. So every entry point (``KafkaRunner``,
 ``Relay``, ``ConsumerAdapter``, ``edge_statuses``, and with them the CLI
 commands) asks :func:`require_postgres` or :func:`require_postgres_app`
 before it starts anything, and the user gets one error naming what to set.

@@ -23,6 +23,13 @@ topic's partitions through the edge's consumer group; each runs the
 application's relay too, but one log has one publisher: the relay that holds
 the relay id's lease (:mod:`esbridge.relay.lease`) publishes, the others stand
 by and take over when it stops or dies.
+
+It behaves like the library's runners where code written for them relies on
+it: the applications are constructed with the runner (so ``get()`` works
+before ``start()``), ``start()`` twice raises the library's
+``RunnerAlreadyStartedError``, ``watch_for_errors()`` is the
+``MultiThreadedRunner``'s. Where Kafka makes it differ (catching up at start,
+a failing policy), docs/systems.md says how and why.
 """
 
 from __future__ import annotations
@@ -37,9 +44,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from eventsourcing.application import Application
-from eventsourcing.system import Runner, System
+from eventsourcing.system import Runner, RunnerAlreadyStartedError, System
 
 from esbridge.errors import (
+    ApplicationNotFoundError,
     ConfigurationError,
     EsbridgeError,
     SystemConfigurationError,
@@ -58,6 +66,9 @@ logger = logging.getLogger("esbridge.runner")
 TApp = TypeVar("TApp")
 
 RELAY_MODES = MODES
+
+#: Seconds between two looks at the components in :meth:`KafkaRunner.watch_for_errors`.
+WATCH_INTERVAL = 0.05
 
 #: Set to a directory to profile every relay and consumer thread with cProfile (see
 #: :meth:`RunningComponent._run_profiled`): a diagnostic aid, off by default.
@@ -191,6 +202,11 @@ class RunningComponent:
 class KafkaRunner(Runner[Any]):
     """Runs an ``eventsourcing`` ``System`` with relays and consumer adapters over Kafka.
 
+    As the library's runners do, it constructs its applications when it is
+    constructed (after every configuration check that needs no server: an
+    application not stored in Postgres is refused before any is built), and
+    starts no thread and contacts no broker before :meth:`start`.
+
     ``relay_modes``: ``"payloads"`` or ``"prompts"`` for every leader, or a
     mapping per leader (leaders not named get payloads). ``partitions``: how
     many partitions each topic is created with (existing topics are used as they are).
@@ -254,29 +270,27 @@ class KafkaRunner(Runner[Any]):
             relay_options=self.relay_options,
             consumer_options=self.consumer_options,
         )
-        self.apps: dict[str, Application[Any]] = {}
         self.components: list[RunningComponent] = []
         self._probes: list[EdgeProbe] | None = None
+        #: True once stopped (or once a start failed): the applications are closed.
+        self.is_stopped = False
+        self.apps: dict[str, Application[Any]] = construct_apps(
+            system, self.local, self.leaders_used(), self.full_env
+        )
 
     # -- the Runner interface ------------------------------------------------
 
     def start(self) -> None:
-        """Construct this process's applications, then start their relays and consumers.
+        """Start the relays and consumers of this process's applications.
 
-        Everything that can be wrong with the configuration is checked before
-        any relay or consumer starts; first of all that every application run
-        here, and every leader whose log is read here, is stored in Postgres
-        (the library's default, in memory, would leave every follower idle and
-        ``wait_idle()`` satisfied).
+        Creates the topics first (unless ``create_topics=False``). A start
+        that fails stops what it had started and closes the applications: the
+        failure is what the caller sees, and a runner starts once (as the
+        library's: a second ``start()`` raises ``RunnerAlreadyStartedError``).
         """
-        for leader in self.leaders_used():  # relays and consumers read their logs by name
-            require_postgres(leader, self.full_env, advice=ENV_ADVICE)
+        self._check_can_start()
         super().start()
         try:
-            for name in self.local:
-                self.apps[name] = construct_app(self.system, name, self.full_env)
-                # Its class env may choose its storage: what counts is what it was built with.
-                require_postgres_app(self.apps[name], advice=ENV_ADVICE)
             if self.create_topics:
                 ensure_topics(
                     self.kafka_config,
@@ -290,6 +304,37 @@ class KafkaRunner(Runner[Any]):
         except BaseException:
             self._stop_all()  # the failure to start is what the caller must see
             raise
+
+    def _check_can_start(self) -> None:
+        """Refuse a second start, as the library's runners do (with the remedy said)."""
+        if self.is_started:
+            raise RunnerAlreadyStartedError(
+                "this KafkaRunner was started already"
+                + (" and then stopped" if self.is_stopped else "")
+                + ": a runner starts once. Construct a new KafkaRunner to run the system "
+                "again (it resumes where this one stopped)"
+            )
+        if self.is_stopped:
+            raise ConfigurationError(
+                "this KafkaRunner was stopped before it started: its applications are "
+                "closed. Construct a new KafkaRunner"
+            )
+
+    def watch_for_errors(self, timeout: float | None = None) -> bool:
+        """Wait until a relay or consumer failed, then stop: the library's ``watch_for_errors``.
+
+        As the ``MultiThreadedRunner``'s: returns False after ``timeout``
+        seconds (None: waits for ever) if nothing failed; else stops the
+        runner, which raises the failure (see :meth:`stop`), or returns True if
+        that failure was raised already (by :meth:`wait_idle`, say).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not any(r.error is not None for r in self.components):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(WATCH_INTERVAL)
+        self.stop()
+        return True
 
     def stop(self) -> None:
         """Stop consumers, then relays, then close the applications (idempotent).
@@ -339,14 +384,15 @@ class KafkaRunner(Runner[Any]):
         for app in self.apps.values():
             app.close()
         self.apps.clear()
+        self.is_stopped = True
         return failure_of(failed)
 
     def get(self, cls: type[TApp]) -> TApp:
-        """The application ``cls`` run by this runner (started: see :meth:`start`)."""
+        """The application ``cls`` run by this runner (from construction until :meth:`stop`)."""
         name = getattr(cls, "name", cls.__name__)
         app = self.apps.get(name)
         if app is None:
-            raise ConfigurationError(self._not_here(name))
+            raise ApplicationNotFoundError(self._not_here(name), application=name)
         assert isinstance(app, cls)
         return app
 
@@ -358,11 +404,6 @@ class KafkaRunner(Runner[Any]):
             return (
                 f"application {name!r} is not run by this runner (apps={self.local} excludes "
                 "it): it runs in another process, or add it to apps=[...]"
-            )
-        if not self.is_started:
-            return (
-                f"application {name!r} is not started yet: call runner.start() first "
-                "(or use `with runner:`)"
             )
         return f"application {name!r} is closed: this runner was stopped"
 
@@ -497,6 +538,32 @@ class KafkaRunner(Runner[Any]):
 
     def _make_consumer(self, leader: str, follower: str) -> Component:
         return make_consumer(self.settings, self.apps[follower], leader, follower)
+
+
+def construct_apps(
+    system: System, names: Sequence[str], leaders: Sequence[str], env: Mapping[str, str]
+) -> dict[str, Application[Any]]:
+    """The applications ``names``, constructed; all closed again if one cannot be.
+
+    Refuses first, before any is built, an application run here or a leader
+    whose log is read here (``leaders``) that ``env`` does not store in
+    Postgres (the library's default, in memory, would leave every follower
+    idle and ``wait_idle()`` satisfied); then each constructed application
+    whose class chose other storage.
+    """
+    for name in leaders:  # relays and consumers read their logs by name
+        require_postgres(name, env, advice=ENV_ADVICE)
+    apps: dict[str, Application[Any]] = {}
+    try:
+        for name in names:
+            apps[name] = construct_app(system, name, env)
+            # Its class env may choose its storage: what counts is what it was built with.
+            require_postgres_app(apps[name], advice=ENV_ADVICE)
+    except BaseException:
+        for app in apps.values():
+            app.close()
+        raise
+    return apps
 
 
 def resolve_relay_modes(system: System, modes: str | Mapping[str, str]) -> dict[str, str]:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from esbridge.cli.run import ESBRIDGE_COMMAND
-from esbridge.errors import ConfigurationError
+from esbridge.errors import ApplicationNotFoundError, ConfigurationError
 from esbridge.system.applications import construct_or_close
 from esbridge.system.runner import KafkaRunner, load_system
 from esbridge.system.setup import new_app
@@ -20,7 +20,6 @@ from examples.orders.application import Payments
 from examples.orders.system import system as orders_system
 
 KAFKA = {"bootstrap.servers": "127.0.0.1:1"}  # never contacted: these errors come first
-POSTGRES = {"PERSISTENCE_MODULE": "eventsourcing.postgres"}  # never connected to either
 
 
 @pytest.mark.parametrize(
@@ -61,7 +60,7 @@ def test_cli_reports_a_configuration_error_and_exits_2(args: list[str], message:
     assert message in result.stderr
 
 
-def test_relay_settings_reach_every_worker_and_its_relays() -> None:
+def test_relay_settings_reach_every_worker_and_its_relays(postgres_db: Any) -> None:
     """``esbridge run --relay-set`` is passed to each supervised worker, whose runner
     gives it to the relays it makes."""
     from esbridge.cli import build_parser
@@ -77,20 +76,22 @@ def test_relay_settings_reach_every_worker_and_its_relays() -> None:
     assert command[-4:] == ["--relay-set", "linger=0.2", "--relay-set", "batch_size=500"]
     runner = KafkaRunner(
         orders_system,
-        env=POSTGRES,  # a relay refuses in-memory storage when it is made
+        env=postgres_db.env,  # the runner constructs its applications, as the library's do
         kafka_config=KAFKA,
         relay_options=parse_tuning(args.relay_set),
     )
-    relay = make_relay(runner.settings, "Orders")
-    assert (relay.tuning.linger, relay.tuning.batch_size) == (0.2, 500)
+    try:
+        relay = make_relay(runner.settings, "Orders")
+        assert (relay.tuning.linger, relay.tuning.batch_size) == (0.2, 500)
+    finally:
+        runner.stop()
 
 
 def test_missing_tables_with_table_creation_disabled(postgres_db: Any) -> None:
     env = {**postgres_db.env, "CREATE_TABLE": "n"}
-    runner = KafkaRunner(orders_system, env=env, kafka_config=KAFKA, apps=["Reservations"])
     with pytest.raises(ConfigurationError, match="reservations_events"):
-        runner.start()
-    assert runner.components == []  # nothing was started
+        # The applications are constructed with the runner, as the library's runners do.
+        KafkaRunner(orders_system, env=env, kafka_config=KAFKA, apps=["Reservations"])
 
 
 def test_leader_without_relay() -> None:
@@ -123,27 +124,34 @@ def test_no_broker_configured(monkeypatch: pytest.MonkeyPatch) -> None:
         KafkaRunner(orders_system)
 
 
-def test_get_of_an_application_run_elsewhere() -> None:
-    runner = KafkaRunner(orders_system, env=POSTGRES, kafka_config=KAFKA, apps=["Orders"])
-    with pytest.raises(ConfigurationError) as raised:
-        runner.get(Payments)
-    assert str(raised.value) == (
-        "application 'Payments' is not run by this runner (apps=['Orders'] excludes it): "
-        "it runs in another process, or add it to apps=[...]"
-    )
-    with pytest.raises(ConfigurationError, match=r"'Shipping' is not in the system \(it has"):
-        runner.get(type("Shipping", (), {"name": "Shipping"}))
+def test_get_of_an_application_run_elsewhere(postgres_db: Any) -> None:
+    runner = KafkaRunner(orders_system, env=postgres_db.env, kafka_config=KAFKA, apps=["Orders"])
+    try:
+        with pytest.raises(ApplicationNotFoundError) as raised:
+            runner.get(Payments)
+        assert str(raised.value) == (
+            "application 'Payments' is not run by this runner (apps=['Orders'] excludes it): "
+            "it runs in another process, or add it to apps=[...]"
+        )
+        assert raised.value.application == "Payments"
+        assert isinstance(raised.value, ConfigurationError | KeyError)  # KeyError: the library's
+        with pytest.raises(ConfigurationError, match=r"'Shipping' is not in the system \(it has"):
+            runner.get(type("Shipping", (), {"name": "Shipping"}))
+    finally:
+        runner.stop()
 
 
-def test_get_before_start_says_to_start() -> None:
-    """Not "not run by this runner (it runs [...Payments...])", which contradicted itself."""
-    runner = KafkaRunner(orders_system, env=POSTGRES, kafka_config=KAFKA)
-    with pytest.raises(ConfigurationError) as raised:
-        runner.get(Payments)
-    assert str(raised.value) == (
-        "application 'Payments' is not started yet: call runner.start() first "
-        "(or use `with runner:`)"
-    )
+def test_get_before_start_returns_the_application_without_contacting_kafka(
+    postgres_db: Any,
+) -> None:
+    """As the library's runners: the applications exist from construction (this used to
+    raise "not started yet"); the broker (none listens at KAFKA's address) is not contacted."""
+    runner = KafkaRunner(orders_system, env=postgres_db.env, kafka_config=KAFKA)
+    try:
+        assert isinstance(runner.get(Payments), Payments)
+        assert runner.components == [] and not runner.is_started
+    finally:
+        runner.stop()
 
 
 def test_supervised_workers_stop_on_a_configuration_error(

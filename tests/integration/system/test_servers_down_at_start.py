@@ -120,17 +120,26 @@ def test_relay_and_consumer_wait_for_postgres_at_start(
 def test_runner_waits_for_postgres_while_constructing_its_applications(
     postgres_server: Any, postgres_db: Any, kafka_broker: Any, caplog: Any
 ) -> None:
-    runner = KafkaRunner(
-        system,
-        # The library's pool waits this long for a connection (30 s by default):
-        # shorter, so the runner's own waiting is what bridges the outage.
-        env={**postgres_db.env, "POSTGRES_CONNECT_TIMEOUT": "1"},
-        kafka_config={"bootstrap.servers": kafka_broker.bootstrap_servers},
-    )
+    made: list[KafkaRunner] = []
+
+    def construct_and_start() -> None:
+        # The runner constructs its applications when it is constructed (as the
+        # library's runners do): that is where it waits.
+        made.append(
+            KafkaRunner(
+                system,
+                # The library's pool waits this long for a connection (30 s by default):
+                # shorter, so the runner's own waiting is what bridges the outage.
+                env={**postgres_db.env, "POSTGRES_CONNECT_TIMEOUT": "1"},
+                kafka_config={"bootstrap.servers": kafka_broker.bootstrap_servers},
+            )
+        )
+        made[0].start()
+
     postgres_server.stop()
     # Postgres is started again from this thread: the harness ties the server's
     # life to the thread that starts it (a parent-death signal).
-    starting = Background(runner.start)
+    starting = Background(construct_and_start)
     errors = starting.errors
     try:
         with caplog.at_level(logging.WARNING, logger="esbridge.postgres"):
@@ -141,6 +150,7 @@ def test_runner_waits_for_postgres_while_constructing_its_applications(
             starting.join(120)
         assert not starting.is_alive() and not errors, errors
         assert "Postgres unreachable (constructing application" in caplog.text
+        (runner,) = made
         school = runner.get(DogSchool)
         dog_id = school.register_dog("Fido")
         school.add_trick(dog_id, "roll over")
@@ -152,7 +162,8 @@ def test_runner_waits_for_postgres_while_constructing_its_applications(
     finally:
         postgres_server.start()
         starting.join(120)
-        runner.stop()
+        for made_runner in made:
+            made_runner.stop()
 
 
 def test_diagnosis_tells_refused_settings_from_a_server_that_is_down(postgres_db: Any) -> None:
