@@ -8,6 +8,7 @@ plugin in :mod:`esbridge.testing`; connectors live in ``esbridge_connectors``.
 """
 
 from esbridge.consumer.adapter import ConsumerAdapter, ConsumerStatus
+from esbridge.deadletters.policy import DeadLetterPolicy
 from esbridge.errors import (
     BrokerUnavailable,
     BrokerUnavailableError,
@@ -20,6 +21,7 @@ from esbridge.errors import (
     KafkaAuthorizationError,
     KafkaTLSError,
     MessageFormatError,
+    PoisonMessageError,
     PostgresUnavailableError,
     RelayError,
     RelayFencedError,
@@ -42,6 +44,7 @@ __all__ = [
     "ConsumerAdapter",
     "ConsumerError",
     "ConsumerStatus",
+    "DeadLetterPolicy",
     "EsbridgeError",
     "GapNotReconciledError",
     "HarnessError",
@@ -50,6 +53,7 @@ __all__ = [
     "KafkaRunner",
     "KafkaTLSError",
     "MessageFormatError",
+    "PoisonMessageError",
     "PostgresUnavailableError",
     "Relay",
     "RelayError",
