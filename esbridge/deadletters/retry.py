@@ -101,11 +101,13 @@ def retry_dead_letters(
                 cls = (upstream_classes or {}).get(letter.upstream)
                 factory = StepFactory.for_follower(follower, letter.upstream, cls)
                 factories[letter.upstream] = factory
-            error = _retry_one(sink, factory, letter)
+            refusal = _inspect_only(letter)
+            error = refusal or _retry_one(sink, factory, letter)
             if error is None:
                 result.retried.append(letter.id)
                 continue
-            store.record_attempt(letter.id, error)
+            if refusal is None:  # the row keeps the error it was parked with
+                store.record_attempt(letter.id, error)
             result.failed[letter.id] = error
             blocked.add(group)
             log.error("dead letter %d (key %s) failed again: %s", letter.id, letter.key, error)
@@ -154,10 +156,8 @@ def replay_dead_letters(
     )
 
 
-def _retry_one(
-    sink: ProcessApplicationSink, factory: StepFactory, letter: DeadLetter
-) -> str | None:
-    """Apply one parked row; the error text when it fails (nothing recorded then)."""
+def _inspect_only(letter: DeadLetter) -> str | None:
+    """Why ``letter`` cannot be retried at all (None when it can)."""
     if letter.reason == REASON_FOREIGN:
         return (
             "cannot retry: a foreign message (not in the upstream notification log it "
@@ -168,6 +168,14 @@ def _retry_one(
             f"cannot retry: the message is not an esbridge payload ({letter.error}); "
             "it can only be inspected"
         )
+    return None
+
+
+def _retry_one(
+    sink: ProcessApplicationSink, factory: StepFactory, letter: DeadLetter
+) -> str | None:
+    """Apply one parked row; the error text when it fails (nothing recorded then)."""
+    assert letter.event_topic is not None and letter.originator_version is not None
     source = Source(
         key=letter.key,
         value=letter.value,
