@@ -221,8 +221,11 @@ class DeadLetterStore:
         with self.datastore.transaction(commit=False) as curs:
             curs.execute(
                 "SELECT count(to_regclass(format('%%I.%%I', %s::text, n))) AS n, "
-                "(SELECT count(*) FROM information_schema.columns WHERE table_schema = %s "
-                "AND table_name = %s AND column_name = ANY(%s)) AS columns "
+                # pg_attribute, not information_schema: that hides the columns of a
+                # table the role has no privilege on, and this check must not need any.
+                "(SELECT count(*) FROM pg_attribute WHERE attrelid = "
+                "to_regclass(format('%%I.%%I', %s::text, %s::text)) AND attname = ANY(%s) "
+                "AND NOT attisdropped) AS columns "
                 "FROM unnest(%s::text[]) AS n",
                 (schema, schema, TABLE, added, names),
             )
