@@ -8,6 +8,7 @@ plugin in :mod:`esbridge.testing`; connectors live in ``esbridge_connectors``.
 """
 
 from esbridge.consumer.adapter import ConsumerAdapter, ConsumerStatus
+from esbridge.deadletters.policy import DeadLetterPolicy
 from esbridge.errors import (
     ApplicationNotFoundError,
     BrokerUnavailable,
@@ -21,6 +22,7 @@ from esbridge.errors import (
     KafkaAuthorizationError,
     KafkaTLSError,
     MessageFormatError,
+    PoisonMessageError,
     PostgresUnavailableError,
     RelayError,
     RelayFencedError,
@@ -44,6 +46,7 @@ __all__ = [
     "ConsumerAdapter",
     "ConsumerError",
     "ConsumerStatus",
+    "DeadLetterPolicy",
     "EsbridgeError",
     "GapNotReconciledError",
     "HarnessError",
@@ -52,6 +55,7 @@ __all__ = [
     "KafkaRunner",
     "KafkaTLSError",
     "MessageFormatError",
+    "PoisonMessageError",
     "PostgresUnavailableError",
     "Relay",
     "RelayError",

@@ -28,7 +28,8 @@ is the message alone::
     │   └── RelayFencedError              transactional_id
     ├── RelayStandbyError                 relay_id
     ├── ConsumerError
-    │   └── GapNotReconciledError         topic, partition, position, held_nid
+    │   ├── GapNotReconciledError         topic, partition, position, held_nid
+    │   └── PoisonMessageError            follower, upstream, key, nid, topic, partition, offset
     ├── HarnessError
 
 The two errors of a system runner are exception groups (``ExceptionGroup``): each failed
@@ -242,6 +243,42 @@ class GapNotReconciledError(ConsumerError):
         self.partition = partition
         self.position = position
         self.held_nid = held_nid
+
+
+class PoisonMessageError(ConsumerError):
+    """A message kept failing and the follower's dead-letter policy says ``on_exhausted="stop"``.
+
+    Nothing after the message was processed and its tracking position did not
+    move: a restarted consumer tries it again. The policy's own exception is
+    the ``__cause__``. Fix the cause (the policy's code, or the data it
+    reads) and restart, or run the follower with ``on_exhausted="park"`` or
+    ``"skip"`` to go on without it.
+
+    ``key`` is the message's key (the upstream aggregate), ``nid`` its
+    notification id, ``topic``/``partition``/``offset`` its Kafka coordinates
+    (``None`` for events read from the upstream log).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        follower: str | None = None,
+        upstream: str | None = None,
+        key: str | None = None,
+        nid: int | None = None,
+        topic: str | None = None,
+        partition: int | None = None,
+        offset: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.follower = follower
+        self.upstream = upstream
+        self.key = key
+        self.nid = nid
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
 
 
 class KafkaAuthorizationError(ConfigurationError):

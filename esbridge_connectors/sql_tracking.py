@@ -25,6 +25,9 @@ notifications read like any follower's. The previous layout parked them in
 rows over in the caller's transaction, then renames it
 ``esbridge_projection_dead_letters_migrated`` (kept, not dropped, so nothing is
 lost if the move has to be checked by hand; a second run finds nothing to move).
+A dead-letter table created before the columns of
+:data:`esbridge.deadletters.store.ADDED_COLUMNS` existed gets them the same way
+(added, nullable, in the caller's transaction).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from esbridge.deadletters.store import (
+    ADDED_COLUMNS,
     REASON_POLICY,
     STATUS_PARKED,
     DeadLetter,
@@ -118,7 +122,12 @@ dead_letter_table = Table(
     Column("status", Text, nullable=False, server_default=text(f"'{STATUS_PARKED}'")),
     Column("parked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("replayed_at", DateTime(timezone=True)),
+    Column("traceback", Text),
+    Column("discarded_at", DateTime(timezone=True)),
+    Column("discarded_by", Text),
+    Column("discard_reason", Text),
 )
+assert {name for name, _kind in ADDED_COLUMNS} <= set(dead_letter_table.c.keys())
 Index(
     f"{DEAD_LETTER_TABLE}_nid_uniq",
     dead_letter_table.c.follower,
@@ -158,10 +167,21 @@ def create_tracking_tables(engine: Engine | Connection) -> None:
     """Create the tracking and dead-letter tables if they do not exist; migrate old dead letters."""
     metadata.create_all(engine, checkfirst=True)
     if isinstance(engine, Connection):
+        _add_columns(engine)
         _migrate_dead_letters(engine)
     else:
         with engine.begin() as conn:
+            _add_columns(conn)
             _migrate_dead_letters(conn)
+
+
+def _add_columns(conn: Connection) -> None:
+    """Add the dead-letter columns of this release that an older table lacks (see module doc)."""
+    present = {c["name"] for c in inspect(conn).get_columns(DEAD_LETTER_TABLE)}
+    for name, _kind in ADDED_COLUMNS:
+        if name not in present:
+            kind = dead_letter_table.c[name].type.compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {DEAD_LETTER_TABLE} ADD COLUMN {name} {kind}"))
 
 
 def _migrate_dead_letters(conn: Connection) -> None:

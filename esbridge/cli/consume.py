@@ -26,6 +26,7 @@ from esbridge.cli.common import (
     add_metrics_options,
     load_application,
 )
+from esbridge.cli.dead_letter_options import add_dead_letter_options, policy_from_args
 from esbridge.runtime.signals import catch_stop_signals, stop_on_signals
 
 
@@ -81,9 +82,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--retries",
         type=int,
-        default=3,
-        help="attempts more for a failing policy before its message is parked (default 3)",
+        default=None,
+        help="attempts more for a failing policy before its message is parked (default 3; "
+        "the former form of --max-attempts)",
     )
+    add_dead_letter_options(parser)
     add_connect_timeout(parser)
     parser.set_defaults(func=consume)
 
@@ -96,6 +99,10 @@ def consume(args: argparse.Namespace) -> int:
     from esbridge.system.setup import prepared_app
 
     catch_stop_signals()  # a signal during the start-up waits ends the command at once
+    policy = policy_from_args(args)  # a wrong flag fails before anything starts
+    poison: dict[str, Any] = {"dead_letter_policy": policy} if policy is not None else {}
+    if args.retries is not None:
+        poison["retries"] = args.retries
     follower_cls = load_application(args.follower, args.app_dir)
     upstream_cls = (
         load_application(args.upstream_class, args.app_dir) if args.upstream_class else None
@@ -123,9 +130,9 @@ def consume(args: argparse.Namespace) -> int:
         partitions=args.partitions,
         batch_size=args.batch_size,
         hold_timeout=args.hold_timeout,
-        retries=args.retries,
         connect_timeout=args.connect_timeout,
         verify_messages=args.verify_messages,
+        **poison,
     )
     if args.metrics_port:
         serve_metrics(args.metrics_port, args.metrics_addr)

@@ -21,6 +21,11 @@ import threading
 from typing import Any
 
 from esbridge.cli.common import add_app_dir, add_command, add_metrics_options, use_app_dir
+from esbridge.cli.dead_letter_options import (
+    add_dead_letter_options,
+    dead_letter_argv,
+    policy_from_args,
+)
 from esbridge.cli.relay import parse_tuning
 from esbridge.errors import ConfigurationError
 from esbridge.runtime.signals import catch_stop_signals, stop_on_signals, waiting_for
@@ -84,6 +89,7 @@ def register(subparsers: Any) -> None:
         metavar="NAME=VALUE",
         help="tuning of the relays run here, as `esbridge relay --set` (linger, batch_size, ...)",
     )
+    add_dead_letter_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -147,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         args.apps = [name.strip() for value in args.apps for name in value.split(",") if name]
     # Parsed before anything starts, so that a wrong name fails first.
     args.relay_options = parse_tuning(args.relay_set, "--relay-set")
+    args.dead_letter_policy = policy_from_args(args)
     system = load_from_args(args)
     if args.setup:
         return setup(args, system)
@@ -182,6 +189,11 @@ def run_here(args: argparse.Namespace, system: Any) -> int:
         relay_modes=relay_modes(args.mode),
         exactly_once=not args.at_least_once,
         relay_options=args.relay_options,
+        consumer_options=(
+            {"dead_letter_policy": args.dead_letter_policy}
+            if args.dead_letter_policy is not None
+            else None
+        ),
         # Every worker runs its application's relay: one publishes (it holds the relay's
         # lease), the others stand by and take over at once when it dies. Without the
         # lease (--relay-set standby=false) they would fence each other: worker 0 only.
@@ -272,4 +284,4 @@ def worker_command(args: argparse.Namespace, app: str, index: int) -> list[str]:
         command += ["--metrics-port", str(args.metrics_port), "--metrics-addr", args.metrics_addr]
     for item in args.relay_set:
         command += ["--relay-set", item]
-    return command
+    return command + dead_letter_argv(args)

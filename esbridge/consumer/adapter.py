@@ -20,7 +20,9 @@ upstream event has its effect exactly once:
   raising) are retried, then parked in the dead-letter table in the same
   transaction that moves the position past them; later messages of the same
   key are parked behind them (``held_behind``) so per-aggregate order holds
-  (:mod:`esbridge.consumer.batch_commit`).
+  (:mod:`esbridge.consumer.batch_commit`). A ``dead_letter_policy``
+  (:class:`~esbridge.deadletters.policy.DeadLetterPolicy`) sets the attempts,
+  the backoff, and whether to park, skip (recorded) or stop instead.
 
 Tracking names: a single-partition topic (and prompt mode) records under the
 upstream application's name, exactly like the library's runners, so a system
@@ -403,6 +405,7 @@ class ConsumerAdapter:
         self.metrics.held.set(len(held))
         self.metrics.held_age.set(max((h.age_seconds for h in held), default=0.0))
         self.metrics.dlq.set(self._counts.dead_letters)
+        self._committer.parked_gauges()
         consumer = self._consumer
         events, seconds = (0, 0.0) if consumer is None else self._mode.lag(consumer)
         self._last_lag = (events, seconds)
@@ -438,6 +441,7 @@ class ConsumerAdapter:
             lag_events=events,
             lag_seconds=seconds,
             error=self._error,
+            skipped=counts.skipped,
         )
 
 

@@ -24,6 +24,9 @@ class _Family:
     reconciled: Counter
     batches: Counter
     parked: Counter
+    skipped: Counter
+    parked_messages: Gauge
+    parked_age: Gauge
     foreign: Counter
     trailing: Counter
     held: Gauge
@@ -44,6 +47,19 @@ def _build(registry: CollectorRegistry) -> _Family:
         ),
         batches=make.counter("batches", "Postgres transactions committed"),
         parked=make.counter("parked", "Messages parked in the dead-letter table"),
+        skipped=make.counter(
+            "skipped",
+            "Messages that kept failing, recorded as skipped (a 'skip' dead-letter policy)",
+        ),
+        parked_messages=make.gauge(
+            "parked_messages",
+            "Messages of this upstream parked in the follower's dead-letter table, waiting",
+        ),
+        parked_age=make.gauge(
+            "parked_oldest_age_seconds",
+            "Age of the oldest message of this upstream parked in the dead-letter table "
+            "(0 when none)",
+        ),
         foreign=make.counter(
             "foreign_messages",
             "Messages parked as foreign: not in the upstream log they claim (no position moved)",
@@ -77,6 +93,9 @@ class ConsumerMetrics:
         self.reconciled = family.reconciled.labels(**labels)
         self.batches = family.batches.labels(**labels)
         self.parked = family.parked.labels(**labels)
+        self.skipped = family.skipped.labels(**labels)
+        self.parked_messages = family.parked_messages.labels(**labels)
+        self.parked_age = family.parked_age.labels(**labels)
         self.foreign = family.foreign.labels(**labels)
         self.trailing = family.trailing.labels(**labels)
         self.held = family.held.labels(**labels)

@@ -18,6 +18,7 @@ from confluent_kafka import Message
 
 from esbridge import wire
 from esbridge.consumer.reconcile import PartitionOrder
+from esbridge.deadletters.policy import DeadLetterPolicy
 from esbridge.errors import ConfigurationError
 from esbridge.eventlog.notification_log import DEFAULT_PAGE_SIZE
 
@@ -46,7 +47,11 @@ class Tuning:
     forgery that continues a partition's chain exactly is applied),
     ``connect_timeout`` (how long to wait for an unreachable Postgres or broker
     at start-up; None, the default, waits for ever, logging each retry),
-    ``dlq_refresh`` (2 s: how often the dead-letter count is re-read).
+    ``dlq_refresh`` (2 s: how often the dead-letter count is re-read),
+    ``dead_letter_policy`` (a :class:`~esbridge.deadletters.policy.DeadLetterPolicy`,
+    or a mapping of follower names to policies with ``"*"`` for the others:
+    attempts, backoff and what to do with a message that keeps failing; without
+    one, ``retries`` and ``retry_backoff`` make a policy that parks).
 
     Read at each use, never copied: changing one on a running adapter takes effect.
     """
@@ -67,7 +72,17 @@ class Tuning:
     connect_timeout: float | None = None
     pause_gc: bool = True
     fair_partitions: bool = True
+    dead_letter_policy: DeadLetterPolicy | Mapping[str, DeadLetterPolicy] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def policy_for(self, follower: str) -> DeadLetterPolicy:
+        """``follower``'s dead-letter policy (read at each use: a change takes effect)."""
+        given = self.dead_letter_policy
+        if isinstance(given, Mapping):
+            given = given.get(follower, given.get("*"))
+        if given is None:
+            return DeadLetterPolicy.from_retries(self.retries, self.retry_backoff)
+        return given
 
     @classmethod
     def checked(cls, keywords: Mapping[str, Any], *, upstream_log: bool) -> Tuning:
@@ -82,12 +97,33 @@ class Tuning:
                 f"unknown ConsumerAdapter settings {sorted(unknown)}; known: {sorted(known)}"
             )
         tuning = cls(**keywords)
+        _check_policy(tuning.dead_letter_policy, keywords)
         if tuning.verify_messages and not upstream_log:
             raise ConfigurationError(
                 "verify_messages checks every message against the upstream notification log: "
                 "pass upstream_env (read-only POSTGRES_* settings of the upstream application)"
             )
         return tuning
+
+
+def _check_policy(given: Any, keywords: Mapping[str, Any]) -> None:
+    """Refuse a dead-letter policy that is not one, or that contradicts ``retries``."""
+    if given is None:
+        return
+    policies = list(given.values()) if isinstance(given, Mapping) else [given]
+    for policy in policies:
+        if not isinstance(policy, DeadLetterPolicy):
+            raise ConfigurationError(
+                "dead_letter_policy must be a DeadLetterPolicy (from esbridge import "
+                "DeadLetterPolicy) or a mapping of follower names to them, not "
+                f"{type(policy).__name__} {policy!r}"
+            )
+    both = sorted({"retries", "retry_backoff"} & set(keywords))
+    if both:
+        raise ConfigurationError(
+            f"give either dead_letter_policy or {' and '.join(both)}, not both: the policy's "
+            "max_attempts and backoff replace them"
+        )
 
 
 @dataclass
@@ -138,6 +174,8 @@ class ConsumerStatus:
     lag_events: int
     lag_seconds: float
     error: str | None = None
+    #: Messages recorded as skipped by this process (a ``skip`` dead-letter policy).
+    skipped: int = 0
 
 
 @dataclass

@@ -10,6 +10,11 @@ that key stays parked, so per-aggregate order still holds; other keys go on.
 A consumer that runs meanwhile keeps parking new messages of a key while the
 key has parked rows; a retry repeats its passes until one finds nothing new.
 
+Rows may be chosen (``ids``, ``keys``, ``since``); a chosen row with an
+earlier parked row of its key that was not chosen stays parked (reported as
+skipped): applying it first would break its aggregate's order. Skipped (by a
+``skip`` policy) and discarded rows are never retried.
+
 "Retry", not "replay": ``esbridge replay`` is the backfill of a notification-id
 range to a topic (:mod:`esbridge_connectors.replay`). ``replay_dead_letters``
 and ``ReplayResult`` are the former names, kept for one release.
@@ -21,6 +26,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from eventsourcing.system import Follower
@@ -58,19 +64,30 @@ def retry_dead_letters(
     ids: Sequence[int] | None = None,
     upstream_classes: dict[str, type] | None = None,
     max_passes: int = 10,
+    keys: Sequence[str] | None = None,
+    since: int | datetime | None = None,
 ) -> RetryResult:
-    """Retry parked rows of ``follower`` (all, or ``ids``); see the module docstring."""
+    """Retry parked rows of ``follower`` (all, or those chosen); see the module docstring.
+
+    ``keys``: only rows of these keys; ``since``: only rows from this id on
+    (an int) or parked at or after this time (a datetime).
+    """
     sink = ProcessApplicationSink(follower)
     store: DeadLetterStore = sink.dead_letters
     factories: dict[str, StepFactory] = {}
     result = RetryResult()
     blocked: set[tuple[str, str]] = set()
+    chosen = ids is not None or keys is not None or since is not None
     for _pass in range(max_passes):
         rows = [
             r
-            for r in store.list(follower.name, ids=ids)
-            if r.id not in result.failed and (r.upstream, r.key) not in blocked
+            for r in store.list(follower.name, ids=ids, keys=keys, since=since)
+            if r.id not in result.failed
+            and r.id not in result.skipped
+            and (r.upstream, r.key) not in blocked
         ]
+        if chosen:
+            rows = _behind_unchosen(store.list(follower.name), rows, result)
         if not rows:
             break
         for letter in rows:
@@ -84,11 +101,13 @@ def retry_dead_letters(
                 cls = (upstream_classes or {}).get(letter.upstream)
                 factory = StepFactory.for_follower(follower, letter.upstream, cls)
                 factories[letter.upstream] = factory
-            error = _retry_one(sink, factory, letter)
+            refusal = _inspect_only(letter)
+            error = refusal or _retry_one(sink, factory, letter)
             if error is None:
                 result.retried.append(letter.id)
                 continue
-            store.record_attempt(letter.id, error)
+            if refusal is None:  # the row keeps the error it was parked with
+                store.record_attempt(letter.id, error)
             result.failed[letter.id] = error
             blocked.add(group)
             log.error("dead letter %d (key %s) failed again: %s", letter.id, letter.key, error)
@@ -96,6 +115,27 @@ def retry_dead_letters(
             break
     result.skipped = sorted(set(result.skipped))
     return result
+
+
+def _behind_unchosen(
+    parked: Sequence[DeadLetter], rows: list[DeadLetter], result: RetryResult
+) -> list[DeadLetter]:
+    """``rows`` without those behind an earlier parked row of their key that was not chosen."""
+    chosen = {r.id for r in rows}
+    first_unchosen: dict[tuple[str, str], int] = {}
+    for r in parked:
+        assert r.id is not None
+        if r.id not in chosen and r.tracking_name is not None:
+            first_unchosen.setdefault((r.upstream, r.key), r.id)
+    kept = []
+    for r in rows:
+        assert r.id is not None
+        earlier = first_unchosen.get((r.upstream, r.key))
+        if earlier is not None and earlier < r.id:
+            result.skipped.append(r.id)
+        else:
+            kept.append(r)
+    return kept
 
 
 def replay_dead_letters(
@@ -116,10 +156,8 @@ def replay_dead_letters(
     )
 
 
-def _retry_one(
-    sink: ProcessApplicationSink, factory: StepFactory, letter: DeadLetter
-) -> str | None:
-    """Apply one parked row; the error text when it fails (nothing recorded then)."""
+def _inspect_only(letter: DeadLetter) -> str | None:
+    """Why ``letter`` cannot be retried at all (None when it can)."""
     if letter.reason == REASON_FOREIGN:
         return (
             "cannot retry: a foreign message (not in the upstream notification log it "
@@ -130,6 +168,14 @@ def _retry_one(
             f"cannot retry: the message is not an esbridge payload ({letter.error}); "
             "it can only be inspected"
         )
+    return None
+
+
+def _retry_one(
+    sink: ProcessApplicationSink, factory: StepFactory, letter: DeadLetter
+) -> str | None:
+    """Apply one parked row; the error text when it fails (nothing recorded then)."""
+    assert letter.event_topic is not None and letter.originator_version is not None
     source = Source(
         key=letter.key,
         value=letter.value,

@@ -14,6 +14,18 @@ message, has no place in that order and holds nothing back); ``esbridge dlq
 retry`` runs parked rows through the follower again, in order per key.
 A table (not a topic) was chosen because parking must commit atomically with
 the tracking record, which lives in Postgres.
+
+Statuses: ``parked`` (waiting), ``replayed`` (a retry applied it), ``skipped``
+(the follower's :class:`~esbridge.deadletters.policy.DeadLetterPolicy` said
+``skip``: recorded, the key went on without it) and ``discarded`` (an operator
+gave it up with ``esbridge dlq discard``: who, when and why are kept in the
+row; it is never deleted). Only ``parked`` rows hold their key, count, and are
+retried.
+
+Tables created by an earlier release lack the newer columns (``traceback``,
+``discarded_*``): :meth:`DeadLetterStore.create_table` adds them (nullable,
+nothing rewritten), so every process that opens the store migrates the table
+once, under the same advisory lock as its creation.
 """
 
 from __future__ import annotations
@@ -47,6 +59,10 @@ STATUS_PARKED = "parked"
 #: A row that a retry applied. Stored value (and column ``replayed_at``) keep the name
 #: they had before "retry" named the command: rows written since stay readable.
 STATUS_REPLAYED = "replayed"
+#: Recorded under a ``skip`` policy: the key's later messages went on without it.
+STATUS_SKIPPED = "skipped"
+#: Given up by an operator (``esbridge dlq discard``): kept for audit, never retried.
+STATUS_DISCARDED = "discarded"
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS {schema}.{table} (
@@ -70,11 +86,25 @@ CREATE TABLE IF NOT EXISTS {schema}.{table} (
     parked_at timestamptz NOT NULL DEFAULT now(),
     replayed_at timestamptz
 );
+{migrate}
 CREATE UNIQUE INDEX IF NOT EXISTS {uniq} ON {schema}.{table} (follower, upstream, nid)
     WHERE nid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS {bykey} ON {schema}.{table} (follower, upstream, key)
     WHERE status = 'parked';
 """
+
+
+#: Columns added after the table's first release: (name, type). Added to older tables.
+ADDED_COLUMNS = (
+    ("traceback", "text"),
+    ("discarded_at", "timestamptz"),
+    ("discarded_by", "text"),
+    ("discard_reason", "text"),
+)
+_MIGRATE = "\n".join(
+    f"ALTER TABLE {{schema}}.{{table}} ADD COLUMN IF NOT EXISTS {name} {kind};"
+    for name, kind in ADDED_COLUMNS
+)
 
 
 @dataclass
@@ -99,6 +129,10 @@ class DeadLetter:
     status: str = STATUS_PARKED
     id: int | None = None
     parked_at: datetime | None = None
+    traceback: str | None = None
+    discarded_at: datetime | None = None
+    discarded_by: str | None = None
+    discard_reason: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly view (for ``esbridge dlq list``)."""
@@ -113,13 +147,16 @@ class DeadLetter:
             "error": self.error,
             "attempts": self.attempts,
             "status": self.status,
-            "kafka": (
-                f"{self.kafka_topic}[{self.kafka_partition}]@{self.kafka_offset}"
-                if self.kafka_topic
-                else None
-            ),
+            "kafka": self.kafka,
             "parked_at": self.parked_at.isoformat() if self.parked_at else None,
         }
+
+    @property
+    def kafka(self) -> str | None:
+        """``topic[partition]@offset``, or None for a message not read from Kafka."""
+        if not self.kafka_topic:
+            return None
+        return f"{self.kafka_topic}[{self.kafka_partition}]@{self.kafka_offset}"
 
 
 def encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
@@ -135,8 +172,10 @@ def decode_headers(raw: Any) -> list[tuple[str, bytes]]:
 
 _COLUMNS = (
     "follower, upstream, tracking_name, nid, key, value, headers, kafka_topic, "
-    "kafka_partition, kafka_offset, event_topic, originator_version, reason, error, attempts"
+    "kafka_partition, kafka_offset, event_topic, originator_version, reason, error, attempts, "
+    "status, traceback"
 )
+_READ_COLUMNS = _COLUMNS + ", parked_at, discarded_at, discarded_by, discard_reason"
 
 
 class DeadLetterStore:
@@ -155,6 +194,7 @@ class DeadLetterStore:
             table=Identifier(TABLE),
             uniq=Identifier(f"{TABLE}_nid_uniq"),
             bykey=Identifier(f"{TABLE}_parked_key"),
+            migrate=SQL(_MIGRATE).format(schema=schema, table=Identifier(TABLE)),
         )
 
     def create_table(self) -> None:
@@ -174,23 +214,29 @@ class DeadLetterStore:
             curs.execute(self._ddl)
 
     def exists(self) -> bool:
-        """Whether the table and both its indexes exist."""
+        """Whether the table, both its indexes and every column of this release exist."""
         schema = self.datastore.schema or "public"
         names = [f"{TABLE}", f"{TABLE}_nid_uniq", f"{TABLE}_parked_key"]
+        added = [name for name, _kind in ADDED_COLUMNS]
         with self.datastore.transaction(commit=False) as curs:
             curs.execute(
-                "SELECT count(to_regclass(format('%%I.%%I', %s::text, n))) AS n "
+                "SELECT count(to_regclass(format('%%I.%%I', %s::text, n))) AS n, "
+                # pg_attribute, not information_schema: that hides the columns of a
+                # table the role has no privilege on, and this check must not need any.
+                "(SELECT count(*) FROM pg_attribute WHERE attrelid = "
+                "to_regclass(format('%%I.%%I', %s::text, %s::text)) AND attname = ANY(%s) "
+                "AND NOT attisdropped) AS columns "
                 "FROM unnest(%s::text[]) AS n",
-                (schema, names),
+                (schema, schema, TABLE, added, names),
             )
             row = curs.fetchone()
-        return bool(row) and int(row["n"]) == len(names)
+        return bool(row) and int(row["n"]) == len(names) and int(row["columns"]) == len(added)
 
     def insert(self, curs: Any, letters: Iterable[DeadLetter]) -> None:
         """Park ``letters`` within the caller's transaction (idempotent per notification id)."""
         statement = SQL(
             "INSERT INTO {0} (" + _COLUMNS + ") VALUES "
-            "(%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "(%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
             "ON CONFLICT DO NOTHING"
         ).format(self._table)
         for d in letters:
@@ -200,7 +246,8 @@ class DeadLetterStore:
                     d.follower, d.upstream, d.tracking_name, d.nid, d.key, d.value,
                     encode_headers(d.headers), d.kafka_topic, d.kafka_partition,
                     d.kafka_offset, d.event_topic, d.originator_version, d.reason,
-                    d.error[:4000], d.attempts,
+                    d.error[:4000], d.attempts, d.status,
+                    d.traceback[-20000:] if d.traceback else None,
                 ),
             )  # fmt: skip
 
@@ -241,8 +288,14 @@ class DeadLetterStore:
         status: str | None = STATUS_PARKED,
         ids: Sequence[int] | None = None,
         limit: int | None = None,
+        keys: Sequence[str] | None = None,
+        since: int | datetime | None = None,
     ) -> list[DeadLetter]:
-        """Stored rows in parking order (oldest first)."""
+        """Stored rows in parking order (oldest first).
+
+        ``keys``: only rows of these keys. ``since``: only rows from this id on
+        (an int) or parked at or after this time (a datetime).
+        """
         where = ["TRUE"]
         params: list[Any] = []
         if follower is not None:
@@ -254,10 +307,19 @@ class DeadLetterStore:
         if ids:
             where.append("id = ANY(%s)")
             params.append(list(ids))
+        if keys:
+            where.append("key = ANY(%s)")
+            params.append(list(keys))
+        if isinstance(since, datetime):
+            where.append("parked_at >= %s")
+            params.append(since)
+        elif since is not None:
+            where.append("id >= %s")
+            params.append(int(since))
         query = SQL(
             "SELECT id, "
-            + _COLUMNS
-            + ", status, parked_at FROM {0} WHERE "
+            + _READ_COLUMNS
+            + " FROM {0} WHERE "
             + " AND ".join(where)
             + " ORDER BY id"
             + (f" LIMIT {int(limit)}" if limit else "")
@@ -282,6 +344,50 @@ class DeadLetterStore:
                 prepare=True,
             )
             return {r["key"] for r in curs.fetchall()}
+
+    def discard(
+        self, follower: str, ids: Sequence[int], *, by: str, reason: str
+    ) -> Sequence[DeadLetter]:
+        """Mark parked or skipped rows ``discarded`` (who, when, why); returns them.
+
+        Nothing is deleted: the row stays for audit, out of retries and counts.
+        Raises :class:`LookupError` naming the ids that are not ``follower``'s
+        parked or skipped rows; then nothing is discarded.
+        """
+        wanted = sorted(set(ids))
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(
+                SQL(
+                    "UPDATE {0} SET status = %s, discarded_at = now(), discarded_by = %s, "
+                    "discard_reason = %s WHERE follower = %s AND id = ANY(%s) "
+                    "AND status IN (%s, %s) RETURNING id"
+                ).format(self._table),
+                (
+                    STATUS_DISCARDED, by, reason, follower, wanted,
+                    STATUS_PARKED, STATUS_SKIPPED,
+                ),
+            )  # fmt: skip
+            done = {int(r["id"]) for r in curs.fetchall()}
+            missing = [i for i in wanted if i not in done]
+            if missing:
+                raise LookupError(missing)  # rolls the transaction back
+        return self.list(follower, status=STATUS_DISCARDED, ids=wanted)
+
+    def oldest_parked(self, follower: str, upstream: str) -> tuple[int, datetime | None]:
+        """How many rows of ``follower`` from ``upstream`` are parked, and when the oldest was."""
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(
+                SQL(
+                    "SELECT count(*) AS n, min(parked_at) AS oldest FROM {0} "
+                    "WHERE follower = %s AND upstream = %s AND status = 'parked'"
+                ).format(self._table),
+                (follower, upstream),
+                prepare=True,
+            )
+            row = curs.fetchone()
+        if not row:
+            return 0, None
+        return int(row["n"]), row["oldest"]
 
     def count(self, follower: str, status: str = STATUS_PARKED) -> int:
         with self.datastore.transaction(commit=False) as curs:
@@ -336,4 +442,8 @@ class DeadLetterStore:
             attempts=r["attempts"],
             status=r["status"],
             parked_at=r["parked_at"],
+            traceback=r["traceback"],
+            discarded_at=r["discarded_at"],
+            discarded_by=r["discarded_by"],
+            discard_reason=r["discard_reason"],
         )

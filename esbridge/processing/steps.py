@@ -140,7 +140,7 @@ class StepFactory:
         if self.topics and source.event_topic not in self.topics:
             return Step(tracking=tracking, key=source.key, source=source)
         stored = StoredEvent(
-            originator_id=_originator_id(source.key),
+            originator_id=originator_id(source.key),
             originator_version=source.originator_version,
             topic=source.event_topic,
             state=source.value or b"",
@@ -175,7 +175,7 @@ class StepFactory:
 _last_id: tuple[str, Any] = ("", "")  # consecutive messages often share a key (one save)
 
 
-def _originator_id(key: str) -> Any:
+def originator_id(key: str) -> Any:
     """The upstream originator id from a message key (the mapper converts it as the event needs)."""
     global _last_id
     last = _last_id

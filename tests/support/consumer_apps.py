@@ -10,6 +10,7 @@ that every upstream event had exactly one effect, in per-aggregate order.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
@@ -69,9 +70,12 @@ class Mirror(ProcessApplication[UUID]):
 
 class Fragile(Mirror):
     healed = False
+    #: When the policy met "poison" (monotonic clock): the attempts, for backoff tests.
+    poison_attempts: list[float] = []
 
     def check(self, domain_event: Any) -> None:
         if domain_event.trick == "poison" and not Fragile.healed:
+            Fragile.poison_attempts.append(time.monotonic())
             raise ValueError("cannot learn poison")
 
 

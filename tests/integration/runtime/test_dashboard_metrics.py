@@ -35,8 +35,6 @@ ADDED_BY_OTHER_PARTS = frozenset(
     {
         "esbridge_end_to_end_latency_seconds_bucket",
         "esbridge_partition_lso_gap_messages",
-        "esbridge_dead_letters_parked",
-        "esbridge_dead_letters_oldest_age_seconds",
     }
 )
 
