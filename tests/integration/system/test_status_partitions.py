@@ -50,6 +50,9 @@ def run_system(postgres_db: Any, kafka_broker: Any, prefix: str, partitions: int
 
 
 def status(capsys: Any, prefix: str, *options: str) -> tuple[int, str, str]:
+    # Only what the command prints: an earlier CLI call in the session may have left a
+    # log handler on stderr that the runner's log lines reached.
+    capsys.readouterr()
     code = main(["status", SYSTEM_PATH, "--topic-prefix", prefix, *options])
     out, err = capsys.readouterr()
     return code, out, err
