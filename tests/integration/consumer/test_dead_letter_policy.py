@@ -184,3 +184,54 @@ def test_undecodable_messages_meet_the_policy_s_choice_at_once(
     assert [(r.nid, r.status) for r in rows] == [(1, "skipped")]
     verify_mirror(school, fragile, dogs[1:])
     fragile.close()
+
+
+def test_esbridge_consume_takes_the_policy_flags(
+    school: DogSchool,
+    create_topic: Any,
+    kafka_config: dict[str, Any],
+    postgres_db: Any,
+    kafka_broker: Any,
+) -> None:
+    """The flags reach a real ``esbridge consume``: ``--on-poison stop`` ends the command on
+    the poison message, having committed what came before; ``skip`` then records it and
+    goes on, exactly once."""
+    import subprocess
+
+    from tests.support.relay_support import ESBRIDGE, ROOT, subprocess_env
+
+    fragile = fragile_follower(postgres_db)
+    topic = create_topic(partitions=1)
+    dogs = poisoned(school, topic, kafka_config)
+
+    def consume(*flags: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        command = [
+            ESBRIDGE, "consume", "tests.support.consumer_apps:Fragile",
+            "--upstream", "DogSchool", "--topic", topic, "--group", f"{topic}.g",
+            "--max-attempts", "2", "--backoff", "0.01", *flags,
+        ]  # fmt: skip
+        try:
+            return subprocess.run(
+                command,
+                env=subprocess_env(postgres_db, kafka_broker),
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as e:  # runs until killed (-9): counts stay exact
+            return subprocess.CompletedProcess(command, -1, "", str(e.stderr or ""))
+
+    stopped = consume("--on-poison", "stop", timeout=90)
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    assert "PoisonMessageError" in stopped.stderr and "notification 7" in stopped.stderr
+    assert fragile.recorder.max_tracking_id("DogSchool") == 6  # nothing after the poison
+    store = DeadLetterStore(fragile.recorder.datastore)  # type: ignore[attr-defined]
+    assert store.list("Fragile", status=None) == []
+
+    consume("--on-poison", "skip", timeout=20)  # runs until the timeout ends it
+    assert fragile.recorder.max_tracking_id("DogSchool") == 9
+    rows = store.list("Fragile", status=None)
+    assert [(r.nid, r.status) for r in rows] == [(7, "skipped")]
+    assert count_notifications(fragile) == 8  # 3 dogs, 3 tricks, "later", "fine"
+    verify_mirror(school, fragile, dogs[1:])
