@@ -31,6 +31,10 @@ is the message alone::
     │   ├── GapNotReconciledError         topic, partition, position, held_nid
     │   └── PoisonMessageError            follower, upstream, key, nid, topic, partition, offset
     ├── HarnessError
+    └── RemoteLogError                    url, status
+        ├── RemoteLogUnreachableError     (also a ServerUnavailableError)
+        ├── RemoteLogRefusedError         reason
+        └── RemoteLogResponseError
 
 The two errors of a system runner are exception groups (``ExceptionGroup``): each failed
 relay or consumer's own exception (with its traceback) is in ``exceptions``,
@@ -209,6 +213,61 @@ class RelayStandbyError(EsbridgeError):
 
 class HarnessError(EsbridgeError):
     """The test harness could not provide a server (missing tool or server failed to start)."""
+
+
+class RemoteLogError(EsbridgeError):
+    """A remote notification log (``esbridge serve-log``) could not be read.
+
+    ``url`` is the request's address (never its token) and ``status`` the HTTP
+    status when the server answered.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class RemoteLogUnreachableError(RemoteLogError, ServerUnavailableError):
+    """The log service did not answer (refused connection, timeout, 5xx) after the retries.
+
+    Check the URL, that ``esbridge serve-log`` runs there, and the network.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        status: int | None = None,
+        waited: float | None = None,
+    ) -> None:
+        RemoteLogError.__init__(self, message, url=url, status=status)
+        self.waited = waited
+
+
+class RemoteLogRefusedError(RemoteLogError, ConfigurationError):
+    """The log service refused the request (401, 403, 400, 404): retrying cannot help.
+
+    ``reason`` is the server's own explanation (its JSON ``error`` code and
+    ``detail``): a missing or unknown token, a token not allowed for the
+    application, a malformed parameter.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        status: int | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message, url=url, status=status)
+        self.reason = reason
+
+
+class RemoteLogResponseError(RemoteLogError):
+    """The log service answered something that is not the documented wire format."""
 
 
 class ConsumerError(EsbridgeError):

@@ -34,6 +34,7 @@ from sqlalchemy.engine import Engine
 
 from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.errors import ConfigurationError, GapNotReconciledError
+from esbridge.eventlog.notification_log import NotificationReader
 from esbridge.kafka.topics import kafka_admin, partition_count
 from esbridge.names import tracking_names
 from esbridge.processing.steps import StepFactory, UpstreamDecoder
@@ -147,7 +148,7 @@ class KafkaProjectionFeed:
     # -- state -------------------------------------------------------------------------
 
     @property
-    def recorder(self) -> ApplicationRecorder | None:
+    def recorder(self) -> NotificationReader | None:
         """The upstream log's recorder, once opened to fill a gap (None without one)."""
         log = self.adapter.upstream_log
         return None if log is None else log.recorder

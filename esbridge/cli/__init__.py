@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = (
     "esbridge.cli.status",
     "esbridge.cli.demo",
     "esbridge.cli.replay",
+    "esbridge.cli.serve_log",
     "esbridge.cli.dev_servers",
     "esbridge.cli.dashboard",
 )

@@ -10,7 +10,10 @@ The follower application is constructed with the process environment
 from ``--kafka-config FILE`` and ``KAFKA_*`` variables. ``--upstream-log``
 lets the consumer read the upstream application's notification log (with the
 same environment; ``{UPSTREAM}_POSTGRES_*`` win) to fill gaps; prompt mode
-needs it. SIGTERM/SIGINT stop it gracefully after the current batch.
+needs it. ``--upstream-url URL`` reads that log over HTTP from the upstream's
+``esbridge serve-log`` instead (the token in ``UPSTREAM_LOG_TOKEN``): no
+upstream database settings needed. SIGTERM/SIGINT stop it gracefully after
+the current batch.
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ def register(subparsers: Any) -> None:
         help="read the upstream notification log (fills gaps; required for prompts)",
     )
     parser.add_argument(
+        "--upstream-url",
+        default=os.environ.get("UPSTREAM_LOG_URL") or None,
+        help="read the upstream notification log over HTTP from its esbridge serve-log at this "
+        "address (token: UPSTREAM_LOG_TOKEN) instead of its database; default $UPSTREAM_LOG_URL",
+    )
+    parser.add_argument(
         "--verify-messages",
         action="store_true",
         help="with --upstream-log: check every message against the upstream log (one read a "
@@ -93,6 +102,7 @@ def register(subparsers: Any) -> None:
 
 def consume(args: argparse.Namespace) -> int:
     from esbridge.consumer.adapter import ConsumerAdapter
+    from esbridge.eventlog.remote import TOKEN_VARIABLE
     from esbridge.kafka.config import load_kafka_config
     from esbridge.runtime.metrics import serve_metrics
     from esbridge.runtime.postgres_retry import connection_diagnosis, retry_unreachable
@@ -117,6 +127,8 @@ def consume(args: argparse.Namespace) -> int:
         timeout=args.connect_timeout,
         diagnose=connection_diagnosis(name, env),
     )
+    wants_log = args.upstream_log or args.mode == "prompts"
+    upstream_env = env if wants_log and args.upstream_url is None else None
     group = args.group or f"esbridge.{follower.name.lower()}.{args.upstream.lower()}"
     adapter = ConsumerAdapter(
         follower,
@@ -125,7 +137,9 @@ def consume(args: argparse.Namespace) -> int:
         kafka_config=load_kafka_config(file=args.kafka_config),
         group_id=group,
         mode=args.mode,
-        upstream_env=env if args.upstream_log or args.mode == "prompts" else None,
+        upstream_env=upstream_env,
+        upstream_url=args.upstream_url,
+        upstream_token=env.get(TOKEN_VARIABLE) or None,
         upstream_class=upstream_cls,
         partitions=args.partitions,
         batch_size=args.batch_size,

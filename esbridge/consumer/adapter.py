@@ -52,7 +52,6 @@ from functools import partial
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message
-from eventsourcing.persistence import ApplicationRecorder
 from eventsourcing.system import Follower
 from prometheus_client import CollectorRegistry
 
@@ -69,6 +68,8 @@ from esbridge.consumer.state import Assignment, ConsumerStatus, HeldMessage, Hel
 from esbridge.consumer.upstream import UpstreamLog
 from esbridge.consumer.waiting import PostgresWait
 from esbridge.errors import ConfigurationError
+from esbridge.eventlog.notification_log import NotificationReader
+from esbridge.eventlog.remote import RemoteNotificationLog
 from esbridge.kafka.partitioning import key_partitioner
 from esbridge.names import MODES, PAYLOADS, PROMPTS
 from esbridge.processing.application_sink import PrefetchFunc, ProcessApplicationSink
@@ -99,6 +100,8 @@ class ConsumerAdapter:
     ``upstream_class`` (its ``env`` supplies cipher/compressor defaults),
     ``upstream_recorder`` (an open recorder of the upstream log, used instead of
     opening one with ``upstream_env``; never closed by the adapter),
+    ``upstream_url`` and ``upstream_token`` (the upstream log read over HTTP from
+    ``esbridge serve-log``, instead of its database: docs/remote-log.md),
     ``partitions`` (expected count), ``registry`` (Prometheus), ``sink``
     (another :class:`~esbridge.processing.sink.BatchSink`), ``prefetch`` (a function
     from an upstream event to the ids of the aggregates its policy gets: each
@@ -128,10 +131,21 @@ class ConsumerAdapter:
         sink: BatchSink | None = None,
         prefetch: PrefetchFunc | None = None,
         steps: StepFactory | None = None,
-        upstream_recorder: ApplicationRecorder | None = None,
+        upstream_recorder: NotificationReader | None = None,
+        upstream_url: str | None = None,
+        upstream_token: str | None = None,
         **tuning: Any,
     ) -> None:
         _check_arguments(mode, follower, sink, steps, prefetch)
+        self._remote_log: RemoteNotificationLog | None = None
+        if upstream_url is not None:
+            if upstream_recorder is not None or upstream_env is not None:
+                raise ConfigurationError(
+                    "give the upstream log one way only: upstream_url (its log service), "
+                    "upstream_env (its database) or upstream_recorder"
+                )
+            self._remote_log = RemoteNotificationLog(upstream_url, upstream, upstream_token)
+            upstream_recorder = self._remote_log
         # Now, not in run(): with in-memory storage nothing would ever be consumed.
         if follower is not None and sink is None:
             require_postgres_app(follower)
@@ -151,7 +165,8 @@ class ConsumerAdapter:
         if mode == PROMPTS and self.upstream_env is None:
             raise ConfigurationError(
                 "prompt mode pulls events from the upstream notification log: pass "
-                "upstream_env (read-only POSTGRES_* settings of the upstream application)"
+                "upstream_env (read-only POSTGRES_* settings of the upstream application) "
+                "or upstream_url (the address of its esbridge serve-log)"
             )
         self.steps: StepFactory = steps or StepFactory.for_follower(
             _given(follower), upstream, upstream_class
@@ -267,6 +282,8 @@ class ConsumerAdapter:
         self._mode.close()
         if self._upstream_log is not None:
             self._upstream_log.close()  # now: closed at exit, its pool would hang the process
+        if self._remote_log is not None:
+            self._remote_log.close()
 
     def process_available(self, timeout: float = 10.0) -> int:
         """Consume until caught up with the topic (or the upstream log); returns events processed.

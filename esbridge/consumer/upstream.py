@@ -13,11 +13,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import Message
-from eventsourcing.persistence import ApplicationRecorder, Notification
+from eventsourcing.persistence import Notification
 
 from esbridge import wire
 from esbridge.consumer.state import Tuning
-from esbridge.eventlog.notification_log import close_recorder, open_recorder, read_pages
+from esbridge.eventlog.notification_log import (
+    NotificationReader,
+    close_recorder,
+    open_recorder,
+    read_pages,
+)
 from esbridge.runtime.postgres_retry import connection_diagnosis
 
 #: ``wait(what, call, diagnose=...)``: ``call()``, retried while Postgres is unreachable.
@@ -37,14 +42,14 @@ class UpstreamLog:
         env: Mapping[str, str],
         tuning: Tuning,
         retry_db: Callable[[Callable[[], Any]], Any],
-        recorder: ApplicationRecorder | None = None,
+        recorder: NotificationReader | None = None,
     ) -> None:
         self.name = name
         self.env = env
         self._tuning = tuning
         self._retry_db = retry_db
         self._given = recorder
-        self.recorder: ApplicationRecorder | None = recorder
+        self.recorder: NotificationReader | None = recorder
         self.known_max = 0  # the log's highest id, as last read
 
     def open(self, wait: Wait) -> None:
@@ -63,7 +68,7 @@ class UpstreamLog:
         if recorder is not self._given:
             close_recorder(recorder)
 
-    def _opened(self) -> ApplicationRecorder:
+    def _opened(self) -> NotificationReader:
         recorder = self.recorder
         assert recorder is not None
         return recorder

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol
 
 from eventsourcing.persistence import (
     ApplicationRecorder,
@@ -25,6 +26,27 @@ from esbridge.runtime.postgres_privileges import current_role, privilege_advice
 from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
 
 DEFAULT_PAGE_SIZE = 1000
+
+
+class NotificationReader(Protocol):
+    """The two reads of a notification log that relays' and consumers' readers make.
+
+    An ``ApplicationRecorder`` is one; so is a remote log read over HTTP
+    (:class:`esbridge.eventlog.remote.RemoteNotificationLog`), which is how a
+    follower reads an upstream log without the upstream's database credentials.
+    """
+
+    def select_notifications(
+        self,
+        start: int | None,
+        limit: int,
+        stop: int | None = None,
+        topics: Sequence[str] = (),
+        *,
+        inclusive_of_start: bool = True,
+    ) -> Sequence[Notification]: ...
+
+    def max_notification_id(self) -> int | None: ...
 
 
 def upstream_environment(name: str, env: Mapping[str, str]) -> Environment:
@@ -62,7 +84,7 @@ def open_recorder(name: str, env: Mapping[str, str]) -> ApplicationRecorder:
     return recorder
 
 
-def close_recorder(recorder: ApplicationRecorder | None) -> None:
+def close_recorder(recorder: NotificationReader | None) -> None:
     """Close the connection pool behind a recorder from :func:`open_recorder` (idempotent).
 
     Why explicitly: a pool left to the garbage collector may be closed by the
@@ -121,7 +143,7 @@ def check_readable(name: str, recorder: ApplicationRecorder) -> None:
 
 
 def read_pages(
-    recorder: ApplicationRecorder,
+    recorder: NotificationReader,
     after: int,
     *,
     stop: int | None = None,
