@@ -46,7 +46,10 @@ class Tuning:
     forgery that continues a partition's chain exactly is applied),
     ``connect_timeout`` (how long to wait for an unreachable Postgres or broker
     at start-up; None, the default, waits for ever, logging each retry),
-    ``dlq_refresh`` (2 s: how often the dead-letter count is re-read).
+    ``dlq_refresh`` (2 s: how often the dead-letter count is re-read),
+    ``lso_interval`` (5 s: how often the last stable offset of each assigned
+    partition is asked, for ``esbridge_partition_lso_gap_messages``; a round
+    trip per partition, see :mod:`~esbridge.consumer.stable_offsets`).
 
     Read at each use, never copied: changing one on a running adapter takes effect.
     """
@@ -67,6 +70,7 @@ class Tuning:
     connect_timeout: float | None = None
     pause_gc: bool = True
     fair_partitions: bool = True
+    lso_interval: float = 5.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
