@@ -17,13 +17,14 @@ partition), the partition's high watermark minus its last stable offset as a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from esbridge.processing.steps import Step
-from esbridge.runtime.metrics import MetricNamer, PerRegistry
+from esbridge.runtime.metrics import BulkHistogram, MetricNamer, PerRegistry
 
 LABELS = ("follower", "upstream", "topic")
 EDGE_LABELS = ("follower", "upstream")
@@ -50,7 +51,7 @@ class _Family:
     dlq: Gauge
     lag_events: Gauge
     lag_seconds: Gauge
-    end_to_end: Histogram
+    end_to_end: BulkHistogram
     lso_gap: Gauge
 
 
@@ -78,11 +79,13 @@ def _build(registry: CollectorRegistry) -> _Family:
         dlq=make.gauge("dead_letters", "Parked messages of this follower"),
         lag_events=make.gauge("lag_events", "Messages on the topic not yet consumed"),
         lag_seconds=make.gauge("lag_seconds", "Age of the last processed message while behind"),
-        end_to_end=MetricNamer("esbridge_", EDGE_LABELS, registry).histogram(
-            "end_to_end_latency_seconds",
+        end_to_end=BulkHistogram(
+            "esbridge_end_to_end_latency_seconds",
             "From an event's time upstream (its ce_time header, else its Kafka timestamp) "
             "to the commit of its effects downstream",
+            EDGE_LABELS,
             LATENCY_BUCKETS,
+            registry,
         ),
         lso_gap=MetricNamer("esbridge_partition_", PARTITION_LABELS, registry).gauge(
             "lso_gap_messages",
@@ -116,10 +119,10 @@ class ConsumerMetrics:
         self.dlq = family.dlq.labels(**labels)
         self.lag_events = family.lag_events.labels(**labels)
         self.lag_seconds = family.lag_seconds.labels(**labels)
-        self.end_to_end = family.end_to_end.labels(follower=follower, upstream=upstream)
+        self._end_to_end = family.end_to_end
+        self._edge = (follower, upstream)
         self._lso_gap = family.lso_gap
         self._topic = topic
-        self._parsed: tuple[str, float] = ("", 0.0)
 
     def lso_gap(self, partition: int) -> Gauge:
         """The LSO gap gauge of ``partition`` of this consumer's topic."""
@@ -130,34 +133,29 @@ class ConsumerMetrics:
 
         Only steps that moved a position and were not parked (a replay of a parked
         message has no position: it happened long ago by design), and whose event
-        time is known: the message's
-        ``ce_time`` header, else its Kafka timestamp, else the decoded event's
-        ``timestamp`` (prompt mode, gaps filled from the log).
+        time is known: the message's ``ce_time`` header, else its Kafka timestamp,
+        else the decoded event's ``timestamp`` (prompt mode, gaps filled from the log).
         """
-        observe = self.end_to_end.observe
+        latencies = []
+        parse = datetime.fromisoformat
         for step in steps:
             if step.tracking is None or step.dead_letter is not None:
                 continue
-            happened = self._event_seconds(step)
+            source = step.source
+            text = getattr(source, "event_time", None)
+            happened: float | None = None
+            if text:
+                with suppress(ValueError):  # not a time: the Kafka timestamp, below
+                    happened = parse(text).timestamp()
+            if happened is None:
+                happened = getattr(source, "kafka_timestamp", None) or _event_timestamp(step)
             if happened is not None:
-                observe(max(0.0, now - happened))
+                latencies.append(max(0.0, now - happened))
+        if latencies:
+            self._end_to_end.observe_many(self._edge, latencies)
 
-    def _event_seconds(self, step: Step) -> float | None:
-        source = step.source
-        text = getattr(source, "event_time", None)
-        if text:
-            last_text, last_value = self._parsed  # consecutive events often share a time
-            if text == last_text:
-                return last_value
-            try:
-                value = datetime.fromisoformat(text).timestamp()
-            except ValueError:
-                pass  # not a time: fall back to the Kafka timestamp
-            else:
-                self._parsed = (text, value)
-                return value
-        stamp = getattr(source, "kafka_timestamp", None)
-        if stamp:
-            return float(stamp)
-        when = getattr(step.event, "timestamp", None)
-        return when.timestamp() if isinstance(when, datetime) else None
+
+def _event_timestamp(step: Step) -> float | None:
+    """The decoded event's own time (steps that came from the log, not from a message)."""
+    when = getattr(step.event, "timestamp", None)
+    return when.timestamp() if isinstance(when, datetime) else None
