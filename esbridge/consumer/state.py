@@ -48,8 +48,8 @@ class Tuning:
     at start-up; None, the default, waits for ever, logging each retry),
     ``dlq_refresh`` (2 s: how often the dead-letter count is re-read),
     ``lso_interval`` (5 s: how often the last stable offset of each assigned
-    partition is asked, for ``esbridge_partition_lso_gap_messages``; a round
-    trip per partition, see :mod:`~esbridge.consumer.stable_offsets`).
+    partition is asked, for ``esbridge_partition_lso_gap_messages``, in the
+    background, see :mod:`~esbridge.consumer.stable_offsets`).
 
     Read at each use, never copied: changing one on a running adapter takes effect.
     """
