@@ -64,6 +64,7 @@ from esbridge.consumer.payloads import PayloadMode
 from esbridge.consumer.prompts import PromptMode
 from esbridge.consumer.rebalance import Rebalance
 from esbridge.consumer.reconcile import PartitionOrder
+from esbridge.consumer.stable_offsets import LsoGapProbe
 from esbridge.consumer.state import Assignment, ConsumerStatus, HeldMessage, HeldPartition, Tuning
 from esbridge.consumer.upstream import UpstreamLog
 from esbridge.consumer.waiting import PostgresWait
@@ -173,6 +174,9 @@ class ConsumerAdapter:
         )
         self.name = self.steps.follower_name
         self.metrics = ConsumerMetrics(self.name, upstream, topic, registry)
+        self._lso_gap = LsoGapProbe(
+            self.kafka_config, lambda: self.tuning.lso_interval, self.metrics.lso_gap
+        )
         self._sink_arg = sink
         self._prefetch = prefetch
         self.sink: BatchSink | None = None
@@ -271,6 +275,7 @@ class ConsumerAdapter:
     def close(self) -> None:
         """Leave the consumer group and release connections (idempotent)."""
         self._committer.parking.flush()  # parked counts not said yet
+        self._lso_gap.close()
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             try:
@@ -385,6 +390,7 @@ class ConsumerAdapter:
         """Process what ``messages`` made ready (:attr:`_mode`); returns messages seen."""
         self._rebalance.init_assigned()
         seen = self._mode.round(consumer, messages)
+        self._lso_gap.tick(self._assignment.topic, self._assignment.parts)
         self._committer.parking.tick()  # parked counts not yet said, once the interval passed
         return seen
 

@@ -312,6 +312,7 @@ class BatchCommitter:
         names = {s.tracking.application_name for s in steps if s.tracking is not None}
         expected = {name: positions.get(name, 0) for name in names}
         self._retry_db(lambda: self._sink().apply(steps, expected))
+        self._metrics.committed(steps, time.time())
         processed = 0
         counts, metrics = self._counts, self._metrics
         for step in steps:

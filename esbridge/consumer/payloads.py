@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, Message, TopicPartition
 from eventsourcing.persistence import Notification, Tracking
 
 from esbridge import wire
@@ -351,4 +351,12 @@ def _source(message: Message, payload: wire.PayloadHeaders | None) -> Source:
         event_topic=payload.topic if payload else None,
         originator_version=payload.originator_version if payload else None,
         nid=payload.nid if payload else None,
+        event_time=payload.time if payload else None,
+        kafka_timestamp=_timestamp(message),
     )
+
+
+def _timestamp(message: Message) -> float | None:
+    """The message's Kafka timestamp in epoch seconds, when it has one."""
+    kind, millis = message.timestamp()
+    return millis / 1000.0 if kind != TIMESTAMP_NOT_AVAILABLE and millis > 0 else None

@@ -51,7 +51,10 @@ class Tuning:
     ``dead_letter_policy`` (a :class:`~esbridge.deadletters.policy.DeadLetterPolicy`,
     or a mapping of follower names to policies with ``"*"`` for the others:
     attempts, backoff and what to do with a message that keeps failing; without
-    one, ``retries`` and ``retry_backoff`` make a policy that parks).
+    one, ``retries`` and ``retry_backoff`` make a policy that parks),
+    ``lso_interval`` (5 s: how often the last stable offset of each assigned
+    partition is asked, for ``esbridge_partition_lso_gap_messages``, in the
+    background, see :mod:`~esbridge.consumer.stable_offsets`).
 
     Read at each use, never copied: changing one on a running adapter takes effect.
     """
@@ -73,6 +76,7 @@ class Tuning:
     pause_gc: bool = True
     fair_partitions: bool = True
     dead_letter_policy: DeadLetterPolicy | Mapping[str, DeadLetterPolicy] | None = None
+    lso_interval: float = 5.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def policy_for(self, follower: str) -> DeadLetterPolicy:

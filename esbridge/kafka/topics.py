@@ -25,6 +25,34 @@ from esbridge.runtime.signals import waiting_for
 log = logging.getLogger("esbridge.topics")
 
 
+#: Producer and consumer settings an admin client would warn about (CONFWARN) and ignore.
+NOT_ADMIN_PREFIXES = (
+    "transactional.",
+    "enable.idempotence",
+    "isolation.",
+    "group.",
+    "auto.",
+    "enable.auto.",
+    "enable.partition.eof",
+    "fetch.",
+    "queued.",
+)
+NOT_ADMIN_SETTINGS = frozenset(
+    {
+        "linger.ms",
+        "batch.size",
+        "compression.type",
+        "acks",
+        "session.timeout.ms",
+        "heartbeat.interval.ms",
+        "partition.assignment.strategy",
+        "max.poll.interval.ms",
+        "max.partition.fetch.bytes",
+        "check.crcs",
+    }
+)
+
+
 @contextlib.contextmanager
 def kafka_admin(config: Mapping[str, Any]) -> Iterator[AdminClient]:
     """An admin client for ``config`` (producer and consumer settings are left out).
@@ -36,8 +64,7 @@ def kafka_admin(config: Mapping[str, Any]) -> Iterator[AdminClient]:
     keep = {
         k: v
         for k, v in config.items()
-        if not k.startswith(("transactional.", "enable.idempotence", "isolation.", "group."))
-        and k not in ("linger.ms", "batch.size", "compression.type", "acks")
+        if not k.startswith(NOT_ADMIN_PREFIXES) and k not in NOT_ADMIN_SETTINGS
     }
     # A metadata request for a missing topic must not create it with the
     # broker's default partition count (librdkafka producers allow that).

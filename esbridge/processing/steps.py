@@ -88,6 +88,10 @@ class Source:
     event_topic: str | None = None
     originator_version: int | None = None
     nid: int | None = None
+    #: When the event happened, for the end-to-end latency metric: the message's
+    #: ``ce_time`` header (RFC 3339), and its Kafka timestamp (epoch seconds).
+    event_time: str | None = None
+    kafka_timestamp: float | None = None
 
 
 class StepFactory:

@@ -30,7 +30,7 @@ from esbridge.relay.publisher import KafkaPublisher, TransientPublishError
 from esbridge.relay.reader import read_pages_for_publishing
 from esbridge.relay.status import Progress
 from esbridge.relay.strategy import Retry, publish_access
-from esbridge.relay.tuning import RelayTuning
+from esbridge.relay.tuning import RelayTuning, linger_after
 from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
 from esbridge.wire.encoding import Encoder, PayloadEncoder, content_type_for
 
@@ -270,9 +270,10 @@ class PayloadPublishing:
         return count
 
     def after_step(self, count: int) -> None:
-        """Linger after a transaction that did not fill a batch (see ``RelayTuning.linger``)."""
-        if 0 < count < self.tuning.batch_size:
-            self._sleep(self.tuning.linger)
+        """Linger after a transaction that did not fill a batch (:func:`linger_after`)."""
+        wait = linger_after(count, self.tuning)
+        if wait > 0:
+            self._sleep(wait)
 
     def idle_wait(self) -> float:
         guard = self._gap_guard

@@ -105,6 +105,11 @@ class Relay:
         except TypeError as e:
             known = ", ".join(RelayTuning.__dataclass_fields__)
             raise ConfigurationError(f"unknown relay setting: {e}; known: {known}") from None
+        if self.tuning.linger_at < 1:
+            raise ConfigurationError(
+                f"linger_at must be at least 1 (notifications), not {self.tuning.linger_at}; "
+                "1 waits the whole linger after every transaction"
+            )
         if self.tuning.standby:
             check_expiry(self.tuning.lease_check, self.tuning.lease_expiry)
         self.app = app_name

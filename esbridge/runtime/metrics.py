@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -79,3 +83,67 @@ def serve_metrics(
 ) -> None:
     """Serve ``/metrics`` for Prometheus on ``addr:port`` in a daemon thread."""
     start_http_server(port, addr=addr, registry=registry)
+
+
+class BulkHistogram(Collector):
+    """A Prometheus histogram observed a batch at a time.
+
+    ``prometheus_client``'s ``Histogram.observe`` takes a lock and walks the
+    buckets for every value: ~1-3 µs, which a consumer observing every event
+    of every batch would pay per event (measured: 7 µs an event with the
+    event-time parsing, a tenth of a consumer's CPU per event). Here a batch's
+    values are counted into buckets first (``bisect``), then added under the
+    lock once. Exposed as an ordinary histogram (``_bucket``, ``_count``,
+    ``_sum``, cumulative ``le`` buckets).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.doc = doc
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(sorted(buckets))
+        self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, labels: Sequence[str], values: Iterable[float]) -> None:
+        """Observe ``values`` under ``labels`` (in the order of ``labelnames``)."""
+        bounds = self.bounds
+        counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf only)
+        total = 0.0
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+            total += value
+        if not any(counts):
+            return  # no series for labels that observed nothing, as Histogram
+        key = tuple(labels)
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = ([0] * len(counts), [0.0])
+            kept, sums = series
+            for i, n in enumerate(counts):
+                kept[i] += n
+            sums[0] += total
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        with self._lock:
+            series = [(key, list(kept), sums[0]) for key, (kept, sums) in self._series.items()]
+        for key, kept, total in series:
+            cumulative, buckets = 0, []
+            for bound, n in zip((*self.bounds, float("inf")), kept, strict=True):
+                cumulative += n
+                buckets.append((floatToGoString(bound), cumulative))
+            family.add_metric(list(key), buckets, total)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)

@@ -173,19 +173,27 @@ def test_run_wakes_on_commit_and_resumes_after_stop(postgres_db, kafka_config, c
     check_exactly_once_in_order(read_all(kafka_config, topic, 500), db_ids(postgres_db.dsn), 3)
 
 
-@pytest.mark.parametrize(("linger", "most", "fewest"), [(5.0, 2, 1), (0.0, 25, 4)])
+@pytest.mark.parametrize(
+    ("linger", "linger_at", "most", "fewest"),
+    [(5.0, 1, 2, 1), (5.0, 500, 25, 4), (0.0, 500, 25, 4)],
+    ids=["whole-linger", "adaptive", "no-linger"],
+)
 def test_linger_gathers_a_trickle_into_few_transactions(
-    postgres_db, kafka_config, create_topic, linger, most, fewest
+    postgres_db, kafka_config, create_topic, linger, linger_at, most, fewest
 ):
-    """25 commits 40 ms apart (about 1.5 s): with a 5 s linger the relay publishes them in at
-    most two transactions; with none, as they come."""
+    """25 commits 40 ms apart (about 1.5 s): with a 5 s linger after every transaction
+    (``linger_at=1``) the relay publishes them in at most two transactions. Adaptive (the
+    default ``linger_at``), a transaction of one event is followed by 1/500 of the linger
+    (10 ms), so the trickle is published as it comes, as with no linger at all."""
     from prometheus_client import CollectorRegistry
 
     app = ledger(postgres_db.env)
     topic = create_topic(partitions=1)
     registry = CollectorRegistry()
     labels = {"app": APP_NAME, "topic": topic}
-    relay = ledger_relay(postgres_db, kafka_config, topic, linger=linger, registry=registry)
+    relay = ledger_relay(
+        postgres_db, kafka_config, topic, linger=linger, linger_at=linger_at, registry=registry
+    )
     write_events(app, 1)
     thread = threading.Thread(target=relay.run)
     thread.start()
