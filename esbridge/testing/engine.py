@@ -161,6 +161,16 @@ class ContainerEngine:
         self.image_mode = _choice(
             "ESBRIDGE_CONTAINER_IMAGES", ("official", "local"), default_images
         )
+        if self.service is not None:
+            # Child processes (``esbridge dev-servers`` started by a test) see DOCKER_HOST
+            # and would take the service for a Docker daemon with official images (which
+            # cannot be pulled here): they get this engine's choices too.
+            self._use_service_env(
+                {
+                    "ESBRIDGE_CONTAINER_NETWORK": self.network,
+                    "ESBRIDGE_CONTAINER_IMAGES": self.image_mode,
+                }
+            )
         try:
             self.client: Any = docker.from_env(timeout=120)
         except Exception as e:
