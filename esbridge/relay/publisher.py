@@ -364,6 +364,12 @@ class KafkaPublisher:
         raise TransientPublishError(f"delivery of notification {nid} failed: {error}")
 
     def _rejected(self, error: KafkaError, nid: int | None) -> EsbridgeError:
+        if error.code() == KafkaError._FATAL:
+            # The producer is dead (a relay that hung wakes to find itself fenced):
+            # never a refusal of the notification, whatever the cause says.
+            error = self._fatal_cause() or error
+            if error.code() not in FENCED_CODES and not is_authorization_failure(error):
+                return RelayFencedError(self._fenced_message(error))
         if is_authorization_failure(error):
             return self._unauthorized(error)
         if error.code() in FENCED_CODES:

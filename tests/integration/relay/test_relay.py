@@ -8,9 +8,11 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from uuid import uuid4
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
+from eventsourcing.persistence import Notification
 
 from esbridge.errors import ConfigurationError, RelayError, RelayFencedError
 from esbridge.kafka.partitioning import partition_for_key
@@ -339,6 +341,16 @@ def test_a_fenced_relay_says_fenced_when_a_call_gets_only_fatal(
         assert codes[-1] == KafkaError._FATAL, codes
         with pytest.raises(RelayFencedError, match="fenced"):
             publisher._produce_position(producer, b"{}")
+        # A relay woken from a hang meets it producing a notification: fenced, not refused.
+        woken = Notification(
+            id=publisher.working_nid + 1,
+            originator_id=uuid4(),
+            originator_version=1,
+            topic="ledger:Entry",
+            state=b"{}",
+        )
+        with pytest.raises(RelayFencedError, match="fenced"):
+            publisher.add([woken])
     check_exactly_once_in_order(read_all(kafka_config, topic, 20), db_ids(postgres_db.dsn), 1)
 
 

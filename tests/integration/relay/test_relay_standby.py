@@ -242,7 +242,9 @@ class RelayPair:
 
     def check_running(self) -> None:
         for p in self.relays:
-            assert p.poll() is None, f"a relay exited ({p.returncode})"
+            if p.poll() is not None:
+                tail = self.logs[p.pid].read_text(errors="replace")[-3000:]
+                raise AssertionError(f"a relay exited ({p.returncode}); its log ends:\n{tail}")
 
     def finish(self) -> tuple[list[Any], list[Any]]:
         """Wait for the writer, read the topic, stop both relays: (records, log rows)."""
