@@ -403,7 +403,7 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="NAME=VALUE",
-        help="also run the relay with these settings, in the same run (e.g. linger_at=1)",
+        help="also run the relay with these settings, in the same run (e.g. linger_rate=0)",
     )
     parser.add_argument("--producer-set", nargs="*", default=[], metavar="NAME=VALUE")
     parser.add_argument("--consumer-set", nargs="*", default=[], metavar="NAME=VALUE")

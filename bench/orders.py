@@ -106,6 +106,44 @@ def check_exactly_once(env: dict[str, str], ids: list[Any], name: str) -> None:
         raise SystemExit(f"{name}: EXACTLY-ONCE VIOLATED: {'; '.join(problems)}")
 
 
+def run_esbridge(
+    args: argparse.Namespace,
+    postgres: Any,
+    kafka: Any,
+    settings: dict[str, str],
+    mode: str,
+    relay_settings: list[str],
+) -> list[Timings]:
+    """The orders system in OS processes (``esbridge run``), one relay mode: its timings."""
+    esb_env = {**postgres.create_database().env, **settings}
+    with SystemProcesses(
+        esb_env,
+        kafka.config(),
+        partitions=args.partitions,
+        mode=mode,
+        workers=args.workers,
+        relay_settings=relay_settings,
+    ) as processes:
+        orders = Orders(env=processes.env)
+        try:
+            started = time.monotonic()
+            timings, ids = measure(
+                orders,
+                processes.env,
+                args.orders,
+                args.runs,
+                args.batch,
+                args.timeout,
+                processes.poll,
+            )
+            took = time.monotonic() - started
+            print(f"  (esbridge {mode} {relay_settings} runs took {took:.1f} s)", flush=True)
+        finally:
+            orders.close()
+    check_exactly_once(processes.env, ids, f"esbridge ({mode})")
+    return timings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--orders", type=int, default=2000, help="orders per esbridge run")
@@ -131,6 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         help="relay tuning of the esbridge workers (esbridge run --relay-set), e.g. linger=0.05",
     )
     parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="also run esbridge with these relay settings in the same invocation, "
+        "e.g. linger_rate=0 (always linger); prints the ratio",
+    )
+    parser.add_argument(
         "--no-cache",
         action="store_true",
         help="no aggregate cache for Orders (in both runners)",
@@ -144,36 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"  {postgres.describe()}\n  {kafka.describe()}", flush=True)
         modes = ["payloads", "prompts"] if args.mode == "both" else [args.mode]
+        variants = [("", args.relay_set)]
+        if args.compare:
+            variants.append((" " + " ".join(args.compare), args.relay_set + args.compare))
         esb: dict[str, list[Timings]] = {}
         for mode in modes:
-            esb_env = {**postgres.create_database().env, **settings}
-            with SystemProcesses(
-                esb_env,
-                kafka.config(),
-                partitions=args.partitions,
-                mode=mode,
-                workers=args.workers,
-                relay_settings=args.relay_set,
-            ) as processes:
-                orders = Orders(env=processes.env)
-                try:
-                    started = time.monotonic()
-                    esb[mode], esb_ids = measure(
-                        orders,
-                        processes.env,
-                        args.orders,
-                        args.runs,
-                        args.batch,
-                        args.timeout,
-                        processes.poll,
-                    )
-                    print(
-                        f"  (esbridge {mode} runs took {time.monotonic() - started:.1f} s)",
-                        flush=True,
-                    )
-                finally:
-                    orders.close()
-            check_exactly_once(processes.env, esb_ids, f"esbridge ({mode})")
+            for suffix, relay_settings in variants:
+                esb[mode + suffix] = run_esbridge(
+                    args, postgres, kafka, settings, mode, relay_settings
+                )
 
         lib_env = {**postgres.create_database().env, **settings}
         runner: MultiThreadedRunner[Any] = MultiThreadedRunner(system, env=lib_env)
@@ -200,10 +225,13 @@ def main(argv: list[str] | None = None) -> int:
             "paid exactly once in every run"
         )
         lib_rate, _, _ = summary("eventsourcing MultiThreadedRunner          ", lib)
+        label = "1 OS process" if args.workers == 1 else f"{args.workers} OS processes"
         for mode in modes:
-            label = "1 OS process" if args.workers == 1 else f"{args.workers} OS processes"
             rate, _, _ = summary(f"esbridge, {label} per app, {mode:9s}  ", esb[mode])
             print(f"  ratio ({mode}): {rate / lib_rate:.1f}x")
+            for suffix, _settings in variants[1:]:
+                other, _, _ = summary(f"esbridge, {mode},{suffix}", esb[mode + suffix])
+                print(f"  default / {suffix.strip()} ({mode}): {rate / other:.2f}")
         return 0
     finally:
         kafka.close()

@@ -25,12 +25,13 @@ from esbridge.errors import ConfigurationError, EsbridgeError, RelayError
 from esbridge.eventlog.notification_log import read_pages, upstream_environment
 from esbridge.kafka.topics import check_topic_access, ensure_topic, topic_setting
 from esbridge.relay.gaps import GapGuard, guarded_pages
+from esbridge.relay.pacing import Pacing
 from esbridge.relay.position import POSITION_TOPIC_CONFIG
 from esbridge.relay.publisher import KafkaPublisher, TransientPublishError
 from esbridge.relay.reader import read_pages_for_publishing
 from esbridge.relay.status import Progress
 from esbridge.relay.strategy import Retry, publish_access
-from esbridge.relay.tuning import RelayTuning, linger_after
+from esbridge.relay.tuning import RelayTuning
 from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
 from esbridge.wire.encoding import Encoder, PayloadEncoder, content_type_for
 
@@ -77,6 +78,7 @@ class PayloadPublishing:
         self.guarantee = "exactly once" if exactly_once else "at least once"
         self._stop = stop
         self._sleep = sleep
+        self._pacing = Pacing(tuning)
         self._publisher: KafkaPublisher | None = None
         self._recorder: ApplicationRecorder | None = None
         self._gap_guard: GapGuard | None = None
@@ -270,8 +272,8 @@ class PayloadPublishing:
         return count
 
     def after_step(self, count: int) -> None:
-        """Linger after a transaction that did not fill a batch (:func:`linger_after`)."""
-        wait = linger_after(count, self.tuning)
+        """Linger after a transaction while events come fast (:mod:`esbridge.relay.pacing`)."""
+        wait = self._pacing.after(count)
         if wait > 0:
             self._sleep(wait)
 

@@ -105,10 +105,10 @@ class Relay:
         except TypeError as e:
             known = ", ".join(RelayTuning.__dataclass_fields__)
             raise ConfigurationError(f"unknown relay setting: {e}; known: {known}") from None
-        if self.tuning.linger_at < 1:
+        if self.tuning.linger_rate < 0:
             raise ConfigurationError(
-                f"linger_at must be at least 1 (notifications), not {self.tuning.linger_at}; "
-                "1 waits the whole linger after every transaction"
+                f"linger_rate must be at least 0 (events a second), not "
+                f"{self.tuning.linger_rate}; 0 lingers after every transaction"
             )
         if self.tuning.standby:
             check_expiry(self.tuning.lease_check, self.tuning.lease_expiry)

@@ -21,17 +21,16 @@ class RelayTuning:
     batch_size: int = 50_000
     #: Longest time a transaction stays open while a backlog is published.
     batch_seconds: float = 2.0
-    #: Payload mode, adaptive batching: the longest wait after a transaction that did
-    #: not fill a batch, so that events written meanwhile share the next one. Fewer,
-    #: larger transactions cost the broker (commit markers, transaction log) and the
-    #: followers (one Postgres commit per batch) less. The wait grows with the
-    #: transaction just committed (see :func:`linger_after`): a lone event is followed
-    #: at once (a few milliseconds from commit to Kafka), a busy log gets large
-    #: transactions. 0: never wait.
+    #: Payload mode, adaptive batching: the wait after a transaction that did not fill
+    #: a batch while events arrive at ``linger_rate`` or more a second, so that events
+    #: written meanwhile share the next one. Fewer, larger transactions cost the broker
+    #: (commit markers, transaction log) and the followers (one Postgres commit per
+    #: batch) less; below that rate each event is published at once (a few
+    #: milliseconds from commit to Kafka). See :mod:`esbridge.relay.pacing`. 0: never wait.
     linger: float = 0.05
-    #: Notifications in a transaction from which the relay waits the whole ``linger``
-    #: after it; after a smaller one, that share of it. 1: always the whole ``linger``.
-    linger_at: int = 500
+    #: Events a second from which the relay lingers after each transaction (it stops
+    #: below half of it). 0: always linger.
+    linger_rate: float = 2000.0
     #: Fallback polling interval when no NOTIFY arrives.
     poll_interval: float = 1.0
     #: Create missing topics (``partitions`` or 1 partition for prompts).
@@ -68,20 +67,3 @@ class RelayTuning:
     #: lease up, so that a standby that can reach Kafka publishes (it then stands
     #: by itself). None: it keeps the lease, retrying, for as long as it takes.
     lease_yield: float | None = 60.0
-
-
-def linger_after(count: int, tuning: RelayTuning) -> float:
-    """Seconds a payload relay waits after a transaction of ``count`` notifications.
-
-    Adaptive batching: ``linger`` scaled by ``count / linger_at`` (at most the
-    whole ``linger``). The transactions then size themselves: when events come
-    slowly, each is published within a commit round trip; when they come fast,
-    each transaction is larger, so the relay waits longer, so the next one is
-    larger still, up to ``linger``. Measured (``bench/latency.py``, 1,000
-    events/s): a fixed 50 ms wait after every transaction put the median from
-    commit to visibility at ~45 ms; this, at ~10 ms. None after a full batch
-    (``batch_size``: a backlog) or an empty step.
-    """
-    if count <= 0 or count >= tuning.batch_size:
-        return 0.0
-    return tuning.linger * min(1.0, count / max(1, tuning.linger_at))

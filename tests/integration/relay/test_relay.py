@@ -176,17 +176,17 @@ def test_run_wakes_on_commit_and_resumes_after_stop(postgres_db, kafka_config, c
 
 
 @pytest.mark.parametrize(
-    ("linger", "linger_at", "most", "fewest"),
-    [(5.0, 1, 2, 1), (5.0, 500, 25, 4), (0.0, 500, 25, 4)],
+    ("linger", "linger_rate", "most", "fewest"),
+    [(5.0, 0, 2, 1), (5.0, 2000, 25, 4), (0.0, 2000, 25, 4)],
     ids=["whole-linger", "adaptive", "no-linger"],
 )
 def test_linger_gathers_a_trickle_into_few_transactions(
-    postgres_db, kafka_config, create_topic, linger, linger_at, most, fewest
+    postgres_db, kafka_config, create_topic, linger, linger_rate, most, fewest
 ):
     """25 commits 40 ms apart (about 1.5 s): with a 5 s linger after every transaction
-    (``linger_at=1``) the relay publishes them in at most two transactions. Adaptive (the
-    default ``linger_at``), a transaction of one event is followed by 1/500 of the linger
-    (10 ms), so the trickle is published as it comes, as with no linger at all."""
+    (``linger_rate=0``) the relay publishes them in at most two transactions. Adaptive (the
+    default ``linger_rate``, 2,000 events/s), 25 events a second is a quiet log: the
+    trickle is published as it comes, as with no linger at all."""
     from prometheus_client import CollectorRegistry
 
     app = ledger(postgres_db.env)
@@ -194,7 +194,7 @@ def test_linger_gathers_a_trickle_into_few_transactions(
     registry = CollectorRegistry()
     labels = {"app": APP_NAME, "topic": topic}
     relay = ledger_relay(
-        postgres_db, kafka_config, topic, linger=linger, linger_at=linger_at, registry=registry
+        postgres_db, kafka_config, topic, linger=linger, linger_rate=linger_rate, registry=registry
     )
     write_events(app, 1)
     thread = threading.Thread(target=relay.run)
