@@ -1,10 +1,11 @@
-"""Replays and SQL projection rebuilds that read the upstream log over HTTP only.
+"""Replays and SQL projections that read the upstream log over HTTP only.
 
 The upstream DogSchool lives in a PostgreSQL server of its own, its log served
 on 127.0.0.1; the replay and the projection get no database settings for it.
 A replayed range is message for message what the relay published (keys,
 partitions, headers, bodies: the ``esb_prev_nid`` chain rebuilt over HTTP),
-and a projection rebuilt from the remote log equals one fed from the database.
+a projection rebuilt from the remote log equals one fed from the database, and
+one fed from Kafka fills the topic's gaps from it.
 Refusals and a service that does not answer end each with what to do.
 """
 
@@ -26,6 +27,7 @@ from esbridge.errors import (
 )
 from esbridge.testing.servers import free_port
 from esbridge_connectors.sql_projection import ProjectionRunner, is_transient
+from esbridge_connectors.sql_projection_kafka import KafkaProjectionFeed
 from esbridge_connectors.upstream import application_mapper
 from tests.integration.connectors.test_replay import (
     PARTITIONS,
@@ -33,6 +35,7 @@ from tests.integration.connectors.test_replay import (
     read_all,
     relay_publish,
 )
+from tests.support.consumer_apps import ManualPublisher
 from tests.support.remote_log import (
     OTHER_TOKEN,
     SCHOOL_TOKEN,
@@ -217,3 +220,39 @@ def test_a_projection_names_a_refused_token_and_waits_out_a_service_that_is_down
     assert runner.position() == 0
     with pytest.raises(ConfigurationError, match="one way only"):
         remote_runner(target, "http://127.0.0.1:1", recorder=school.recorder)
+
+
+def test_a_kafka_fed_projection_fills_gaps_from_the_log_service(
+    school: DogSchool,
+    target: Engine,
+    kafka_config: dict[str, Any],
+    create_topic: Any,
+    tmp_path: Any,
+) -> None:
+    topic = create_topic(partitions=PARTITIONS)
+    notes = list(school.recorder.select_notifications(start=1, limit=EVENTS))
+    publisher = ManualPublisher(kafka_config, topic, "DogSchool", PARTITIONS)
+    sent = list(publisher.messages(notes))
+    last = {partition: n.id for n, (_, _, _, partition) in zip(notes, sent, strict=True)}
+    del sent[70:75]  # only the log service has these
+    del sent[30:50]
+    publisher.send(sent)
+    direct = create_engine(f"sqlite:///{tmp_path / 'direct.db'}")
+    ProjectionRunner(
+        DogProjection(), direct, upstream="DogSchool", mapper=application_mapper(DogSchool, {}),
+        recorder=school.recorder,
+    ).run_once()  # fmt: skip
+    with serving(school.recorder, max_limit=6) as server:
+        log = remote(server.url)
+        feed = KafkaProjectionFeed(
+            DogProjection(), target, upstream="DogSchool", topic=topic,
+            kafka_config=kafka_config, mapper=application_mapper(DogSchool, {}), recorder=log,
+        )  # fmt: skip
+        try:
+            assert feed.process_available(timeout=10) == EVENTS
+            assert feed.positions() == [last[p] for p in range(PARTITIONS)]
+            assert feed.adapter.status().reconciled_events == 25
+        finally:
+            feed.close()
+            log.close()
+    assert table_contents(target) == table_contents(direct)  # each event once, in order
