@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from typing import Any, TextIO, cast
 
 from confluent_kafka import KafkaError, Message, Producer
-from eventsourcing.persistence import ApplicationRecorder, Notification
+from eventsourcing.persistence import Notification
 
 from esbridge import wire
 from esbridge.errors import ConfigurationError, EsbridgeError
 from esbridge.eventlog.notification_log import (
+    NotificationReader,
     open_recorder,
     read_pages,
     release_recorder,
@@ -72,7 +73,7 @@ class ReplayResult:
 
 
 def previous_per_partition(
-    recorder: ApplicationRecorder,
+    recorder: NotificationReader,
     before: int,
     partition_of: Callable[[bytes], int],
     num_partitions: int,
@@ -105,8 +106,11 @@ class Replay:
     """Republish notifications of application ``app_name`` to ``topic``.
 
     ``env``: the application's ``POSTGRES_*`` settings (default: ``os.environ``),
-    or give its ``recorder``. ``encoder``: the same encoder hook the topic's
-    relay was given (``Relay(..., encoder=...)``), e.g. a
+    or give its ``recorder``: any reader of its log, such as a
+    :class:`~esbridge.eventlog.remote.RemoteNotificationLog` when the log is
+    read from its ``esbridge serve-log`` (the caller's: never closed here).
+    ``encoder``: the same encoder hook the topic's relay was given
+    (``Relay(..., encoder=...)``), e.g. a
     :class:`~esbridge_connectors.analytics.CloudEventsEncoder` for an analytics
     topic; ``None`` for the default format. The topic must exist; its
     partition count decides the partitions, as for the relay.
@@ -122,7 +126,7 @@ class Replay:
         kafka_config: Mapping[str, Any],
         topic: str,
         env: Mapping[str, str] | None = None,
-        recorder: ApplicationRecorder | None = None,
+        recorder: NotificationReader | None = None,
         encoder: Encoder | None = None,
         page_size: int = 1000,
         timeout: float = 60.0,
@@ -148,7 +152,7 @@ class Replay:
         self.progress = progress
 
     @property
-    def recorder(self) -> ApplicationRecorder:
+    def recorder(self) -> NotificationReader:
         if self._recorder is None:
             self._recorder = open_recorder(self.app, self.env)
         return self._recorder

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, TextIO, TypeVar
 
-from eventsourcing.persistence import ApplicationRecorder, Mapper, Notification
+from eventsourcing.persistence import Mapper, Notification
 from eventsourcing.persistence import OperationalError as EventStoreOperationalError
 from eventsourcing.utils import resolve_topic
 from sqlalchemy import Connection, Table
@@ -47,8 +47,14 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, TimeoutError
 from sqlalchemy.orm import Session
 
 from esbridge.deadletters.store import REASON_POLICY, DeadLetter
-from esbridge.errors import ConfigurationError, EsbridgeError
-from esbridge.eventlog.notification_log import open_recorder, read_pages, release_recorder
+from esbridge.errors import ConfigurationError, EsbridgeError, RemoteLogUnreachableError
+from esbridge.eventlog.notification_log import (
+    NotificationReader,
+    open_recorder,
+    read_pages,
+    release_recorder,
+)
+from esbridge.eventlog.remote import given_remote_log
 from esbridge.runtime.catch_up import CatchUpLog
 from esbridge_connectors import sql_tracking
 from esbridge_connectors.sql_tracking import Position, ProjectionConflictError
@@ -151,9 +157,11 @@ def is_transient(error: BaseException) -> bool:
     """True for failures of the infrastructure (retry later), not of a handler (park).
 
     Lost connections, a database that is down or read-only for a while, pool
-    timeouts and the upstream recorder's operational errors are transient.
+    timeouts, the upstream recorder's operational errors and a remote log
+    service that does not answer are transient.
     """
-    if isinstance(error, DisconnectionError | TimeoutError | EventStoreOperationalError):
+    transient = DisconnectionError | TimeoutError | EventStoreOperationalError
+    if isinstance(error, transient | RemoteLogUnreachableError):
         return True
     if isinstance(error, DBAPIError):
         return bool(error.connection_invalidated) or type(error).__name__ in (
@@ -235,7 +243,10 @@ class ProjectionRunner:
 
     ``engine``: the target database (any SQLAlchemy database with
     transactions). ``upstream``: the upstream application's name; its log is
-    read through ``recorder`` or, by default, ``open_recorder(upstream, env)``.
+    read through ``recorder`` (any reader of it), from its ``esbridge
+    serve-log`` at ``upstream_url`` (with ``upstream_token`` and
+    ``upstream_cafile``, as the consumer adapter: docs/remote-log.md), or by
+    default with ``open_recorder(upstream, env)``.
     ``mapper``: the upstream application's mapper (see
     :func:`esbridge_connectors.upstream.application_mapper`).
 
@@ -256,8 +267,11 @@ class ProjectionRunner:
         *,
         upstream: str,
         mapper: Mapper[Any],
-        recorder: ApplicationRecorder | None = None,
+        recorder: NotificationReader | None = None,
         env: Mapping[str, str] | None = None,
+        upstream_url: str | None = None,
+        upstream_token: str | None = None,
+        upstream_cafile: str | None = None,
         page_size: int = 500,
         max_attempts: int = 3,
         retry_delay: float = 0.1,
@@ -269,8 +283,18 @@ class ProjectionRunner:
         self.engine = engine
         self.upstream = upstream
         self.mapper = mapper
-        self._recorder = recorder
-        self._given_recorder = recorder  # the caller's: never closed here
+        remote = given_remote_log(
+            upstream,
+            upstream_url,
+            upstream_token,
+            other_ways=recorder is not None or env is not None,
+            cafile=upstream_cafile,
+        )
+        self._remote = remote
+        self._recorder: NotificationReader | None = remote or recorder
+        # The caller's (never closed here); a remote log is the runner's own but kept: it
+        # is not opened again from settings, and close() closes only its connection.
+        self._given_recorder = remote or recorder
         self._env = env
         self.page_size = page_size
         self.max_attempts = max_attempts
@@ -291,7 +315,7 @@ class ProjectionRunner:
     # -- setup and state ------------------------------------------------------------------------
 
     @property
-    def recorder(self) -> ApplicationRecorder:
+    def recorder(self) -> NotificationReader:
         """The upstream application's recorder (opened on first use, read-only)."""
         if self._recorder is None:
             if self._env is None:
@@ -399,6 +423,8 @@ class ProjectionRunner:
         A recorder given to the constructor is the caller's to close. The runner
         opens the log again if it is used after this.
         """
+        if self._remote is not None:
+            self._remote.close()  # its connection; the next read opens another
         self._recorder = release_recorder(self._recorder, self._given_recorder)
 
     def _current(self) -> Position:

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
 
-from eventsourcing.persistence import ApplicationRecorder, Mapper
+from eventsourcing.persistence import Mapper
 from sqlalchemy.engine import Engine
 
 from esbridge.consumer.adapter import ConsumerAdapter
@@ -67,7 +67,9 @@ class KafkaProjectionFeed:
 
     ``mapper``: the upstream application's mapper (see
     :func:`esbridge_connectors.upstream.application_mapper`). ``env`` /
-    ``recorder``: the upstream application's log, read only to fill gaps.
+    ``recorder``: the upstream application's log, read only to fill gaps (a
+    :class:`~esbridge.eventlog.remote.RemoteNotificationLog` reads it from its
+    ``esbridge serve-log``).
     ``group_id``: the Kafka consumer group whose committed offsets say where to
     resume reading (default ``esbridge-projection.{name}``). ``page_size``
     notifications at most per transaction; a handler that raises is tried
@@ -86,7 +88,7 @@ class KafkaProjectionFeed:
         kafka_config: Mapping[str, Any],
         mapper: Mapper[Any],
         env: Mapping[str, str] | None = None,
-        recorder: ApplicationRecorder | None = None,
+        recorder: NotificationReader | None = None,
         group_id: str | None = None,
         page_size: int = 500,
         max_attempts: int = 3,

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from esbridge.cli.common import Parser
-from esbridge.errors import EsbridgeError
+from esbridge.errors import EsbridgeError, RemoteLogUnreachableError
 
 SUBCOMMAND_MODULES = (
     "esbridge.cli.relay",
@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return interrupted.exit_code  # what the wait raised on its way out is no news
         logging.getLogger("esbridge").error("%s: %s", type(e).__name__, e)
         print(f"esbridge: error: {e}", file=sys.stderr)
-        return 2
+        # A log service that does not answer, as an unreachable Postgres below: try again.
+        return 1 if isinstance(e, RemoteLogUnreachableError) else 2
     except TRANSIENT_ERRORS as e:  # one-shot commands (status, dlq) do not wait for Postgres
         logging.getLogger("esbridge").error("%s: %s", type(e).__name__, e)
         print(

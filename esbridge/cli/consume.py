@@ -10,9 +10,10 @@ The follower application is constructed with the process environment
 from ``--kafka-config FILE`` and ``KAFKA_*`` variables. ``--upstream-log``
 lets the consumer read the upstream application's notification log (with the
 same environment; ``{UPSTREAM}_POSTGRES_*`` win) to fill gaps; prompt mode
-needs it. ``--upstream-url URL`` reads that log over HTTP from the upstream's
-``esbridge serve-log`` instead (the token in ``UPSTREAM_LOG_TOKEN``): no
-upstream database settings needed. SIGTERM/SIGINT stop it gracefully after
+needs it. ``--upstream-url URL`` (or ``UPSTREAM_LOG_URL``) reads that log over
+HTTP from the upstream's ``esbridge serve-log`` instead (the token in
+``UPSTREAM_LOG_TOKEN``, the CA in ``UPSTREAM_LOG_CA_FILE``): no upstream
+database settings needed. SIGTERM/SIGINT stop it gracefully after
 the current batch.
 """
 
@@ -30,6 +31,7 @@ from esbridge.cli.common import (
     load_application,
 )
 from esbridge.cli.dead_letter_options import add_dead_letter_options, policy_from_args
+from esbridge.cli.upstream_log_options import add_upstream_url, upstream_log_settings
 from esbridge.runtime.signals import catch_stop_signals, stop_on_signals
 
 
@@ -58,12 +60,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="read the upstream notification log (fills gaps; required for prompts)",
     )
-    parser.add_argument(
-        "--upstream-url",
-        default=os.environ.get("UPSTREAM_LOG_URL") or None,
-        help="read the upstream notification log over HTTP from its esbridge serve-log at this "
-        "address (token: UPSTREAM_LOG_TOKEN) instead of its database; default $UPSTREAM_LOG_URL",
-    )
+    add_upstream_url(parser, "the upstream notification log (gaps, prompts)")
     parser.add_argument(
         "--verify-messages",
         action="store_true",
@@ -102,7 +99,6 @@ def register(subparsers: Any) -> None:
 
 def consume(args: argparse.Namespace) -> int:
     from esbridge.consumer.adapter import ConsumerAdapter
-    from esbridge.eventlog.remote import TOKEN_VARIABLE
     from esbridge.kafka.config import load_kafka_config
     from esbridge.runtime.metrics import serve_metrics
     from esbridge.runtime.postgres_retry import connection_diagnosis, retry_unreachable
@@ -128,7 +124,8 @@ def consume(args: argparse.Namespace) -> int:
         diagnose=connection_diagnosis(name, env),
     )
     wants_log = args.upstream_log or args.mode == "prompts"
-    upstream_env = env if wants_log and args.upstream_url is None else None
+    remote = upstream_log_settings(args)
+    upstream_env = env if wants_log and remote is None else None
     group = args.group or f"esbridge.{follower.name.lower()}.{args.upstream.lower()}"
     adapter = ConsumerAdapter(
         follower,
@@ -138,8 +135,9 @@ def consume(args: argparse.Namespace) -> int:
         group_id=group,
         mode=args.mode,
         upstream_env=upstream_env,
-        upstream_url=args.upstream_url,
-        upstream_token=env.get(TOKEN_VARIABLE) or None,
+        upstream_url=remote.url if remote else None,
+        upstream_token=remote.token if remote else None,
+        upstream_cafile=remote.cafile if remote else None,
         upstream_class=upstream_cls,
         partitions=args.partitions,
         batch_size=args.batch_size,

@@ -12,6 +12,11 @@ database is read with the ``POSTGRES_*`` settings (prefixed ones such as
 Progress (count, rate, ETA) is one line redrawn on a terminal, a log line
 every few seconds otherwise.
 
+``--upstream-url URL`` (or ``UPSTREAM_LOG_URL``; token ``UPSTREAM_LOG_TOKEN``)
+reads the range from the application's ``esbridge serve-log`` at URL instead
+of its database: no ``POSTGRES_*`` settings needed. A service that does not
+answer exits 1 (run it again); one that refuses the token exits 2.
+
 For an analytics topic give ``--analytics structured|binary`` and the
 application class (as APP, or ``--app-class package.module:Class``), for its
 transcodings.
@@ -33,6 +38,7 @@ from esbridge.cli.common import (
     load_application,
     missing_extra,
 )
+from esbridge.cli.upstream_log_options import add_upstream_url, upstream_log_settings
 from esbridge.errors import ConfigurationError
 from esbridge.kafka.config import load_kafka_config
 from esbridge.wire.encoding import Encoder
@@ -67,6 +73,7 @@ def register(subparsers: Any) -> None:
         default=None,
         help="the application class, package.module:Class (needed with --analytics)",
     )
+    add_upstream_url(parser, "the range")
     add_app_dir(parser)
     parser.set_defaults(func=replay_command)
 
@@ -98,15 +105,22 @@ def replay_command(args: argparse.Namespace) -> int:
 
         app_class = load_application(app_class_path, args.app_dir)
         encoder = CloudEventsEncoder(app, application_mapper(app_class, env), mode=args.analytics)
+    remote = upstream_log_settings(args)
+    log = remote.log(app) if remote is not None else None
     # Progress: one redrawn line on a terminal, log lines otherwise (see Replay).
     replay = Replay(
         app,
         kafka_config=kafka_config,
         topic=args.topic,
         env=env,
+        recorder=log,
         encoder=encoder,
         progress=sys.stderr,
     )
-    result = replay.run(args.start, args.stop)
+    try:
+        result = replay.run(args.start, args.stop)
+    finally:
+        if log is not None:
+            log.close()
     print(json.dumps(asdict(result)))
     return 0

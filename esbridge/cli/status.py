@@ -10,6 +10,12 @@ whose relay publishes the leader's log (its lease holder), or ``none``. A
 dead-letter table that cannot be read shows ``unreadable`` (the reason on
 stderr), never 0.
 
+``--upstream-url URL`` (or ``UPSTREAM_LOG_URL``; token ``UPSTREAM_LOG_TOKEN``)
+reads every leader's log from the ``esbridge serve-log`` at URL instead of the
+leaders' databases: only the followers' databases are read, and the relay
+column shows ``-``. A service that does not answer exits 1 (try again); one
+that refuses the token exits 2.
+
 Each topic's partition count is read from Kafka (``KAFKA_*`` settings, as
 ``esbridge run``); when no broker answers within 10 s, or no Kafka is
 configured, from the followers' tracking records. ``--partitions`` is not
@@ -38,6 +44,7 @@ from typing import Any
 
 from esbridge.cli.common import add_command
 from esbridge.cli.run import add_system_arguments
+from esbridge.cli.upstream_log_options import add_upstream_url, upstream_log_settings
 
 
 def register(subparsers: Any) -> None:
@@ -72,6 +79,7 @@ def register(subparsers: Any) -> None:
         metavar="S",
         help="seconds between two samples of --watch (default 2)",
     )
+    add_upstream_url(parser, "every leader's notification log (its max nid and backlog)")
     parser.set_defaults(func=status)
 
 
@@ -110,6 +118,7 @@ def status(args: argparse.Namespace) -> int:
     from esbridge.system.topic_partitions import check_given_count, read_topic_partitions
 
     interval = check_watch_options(args)
+    remote = upstream_log_settings(args)
     system = load_from_args(args)
     modes = resolve_relay_modes(system, relay_modes(args.mode))
     names = SystemTopics(args.topic_prefix)
@@ -140,6 +149,7 @@ def status(args: argparse.Namespace) -> int:
             partitions=partitions,
             held_gaps=held,
             relay_ids=names.relay_ids(system),
+            remote=remote,
         )
 
     statuses = sample(report=True)

@@ -70,7 +70,7 @@ from esbridge.consumer.upstream import UpstreamLog
 from esbridge.consumer.waiting import PostgresWait
 from esbridge.errors import ConfigurationError
 from esbridge.eventlog.notification_log import NotificationReader
-from esbridge.eventlog.remote import RemoteNotificationLog
+from esbridge.eventlog.remote import given_remote_log
 from esbridge.kafka.partitioning import key_partitioner
 from esbridge.names import MODES, PAYLOADS, PROMPTS
 from esbridge.processing.application_sink import PrefetchFunc, ProcessApplicationSink
@@ -101,8 +101,9 @@ class ConsumerAdapter:
     ``upstream_class`` (its ``env`` supplies cipher/compressor defaults),
     ``upstream_recorder`` (an open recorder of the upstream log, used instead of
     opening one with ``upstream_env``; never closed by the adapter),
-    ``upstream_url`` and ``upstream_token`` (the upstream log read over HTTP from
-    ``esbridge serve-log``, instead of its database: docs/remote-log.md),
+    ``upstream_url``, ``upstream_token`` and ``upstream_cafile`` (the upstream log
+    read over HTTP from ``esbridge serve-log``, instead of its database; the CA
+    that signed its certificate: docs/remote-log.md),
     ``partitions`` (expected count), ``registry`` (Prometheus), ``sink``
     (another :class:`~esbridge.processing.sink.BatchSink`), ``prefetch`` (a function
     from an upstream event to the ids of the aggregates its policy gets: each
@@ -135,17 +136,18 @@ class ConsumerAdapter:
         upstream_recorder: NotificationReader | None = None,
         upstream_url: str | None = None,
         upstream_token: str | None = None,
+        upstream_cafile: str | None = None,
         **tuning: Any,
     ) -> None:
         _check_arguments(mode, follower, sink, steps, prefetch)
-        self._remote_log: RemoteNotificationLog | None = None
-        if upstream_url is not None:
-            if upstream_recorder is not None or upstream_env is not None:
-                raise ConfigurationError(
-                    "give the upstream log one way only: upstream_url (its log service), "
-                    "upstream_env (its database) or upstream_recorder"
-                )
-            self._remote_log = RemoteNotificationLog(upstream_url, upstream, upstream_token)
+        self._remote_log = given_remote_log(
+            upstream,
+            upstream_url,
+            upstream_token,
+            other_ways=upstream_recorder is not None or upstream_env is not None,
+            cafile=upstream_cafile,
+        )
+        if self._remote_log is not None:
             upstream_recorder = self._remote_log
         # Now, not in run(): with in-memory storage nothing would ever be consumed.
         if follower is not None and sink is None:

@@ -85,7 +85,8 @@ def open_recorder(name: str, env: Mapping[str, str]) -> ApplicationRecorder:
 
 
 def close_recorder(recorder: NotificationReader | None) -> None:
-    """Close the connection pool behind a recorder from :func:`open_recorder` (idempotent).
+    """Close the connection pool behind a recorder from :func:`open_recorder` (idempotent),
+    or a remote log's connection.
 
     Why explicitly: a pool left to the garbage collector may be closed by the
     datastore's ``__del__`` only at interpreter exit, which then joins the pool's
@@ -94,15 +95,16 @@ def close_recorder(recorder: NotificationReader | None) -> None:
     is ignored: there is nothing more to release.
     """
     datastore = getattr(recorder, "datastore", None)
-    close = getattr(datastore, "close", None)
+    # A remote log (no datastore) closes its kept-alive HTTP connection.
+    close = getattr(datastore if datastore is not None else recorder, "close", None)
     if close is not None:
         with contextlib.suppress(Exception):
             close()
 
 
 def release_recorder(
-    recorder: ApplicationRecorder | None, given: ApplicationRecorder | None
-) -> ApplicationRecorder | None:
+    recorder: NotificationReader | None, given: NotificationReader | None
+) -> NotificationReader | None:
     """Close ``recorder`` unless it is ``given`` (the caller's, which only the caller closes).
 
     For components that take an optional recorder and otherwise open their own:

@@ -31,6 +31,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from eventsourcing.persistence import Notification
@@ -60,6 +61,63 @@ _ADVICE = {
     400: "this client sent a parameter the service does not accept: check that both run "
     "compatible esbridge versions",
 }
+
+
+@dataclass(frozen=True)
+class RemoteLogSettings:
+    """Where an upstream's log service is and how to sign in: one service, any of its logs.
+
+    Every command that reads an upstream log (``consume``, ``status``,
+    ``replay``) resolves its ``--upstream-url`` option and the
+    ``UPSTREAM_LOG_*`` variables here, so that they mean the same everywhere.
+    The token is kept out of ``repr``: settings end up in logs.
+    """
+
+    url: str
+    token: str | None = field(default=None, repr=False)
+    cafile: str | None = None
+
+    @classmethod
+    def resolve(
+        cls, url: str | None, env: Mapping[str, str] | None = None
+    ) -> RemoteLogSettings | None:
+        """``url`` (an option's value) or ``UPSTREAM_LOG_URL``, with ``UPSTREAM_LOG_TOKEN`` and
+        ``UPSTREAM_LOG_CA_FILE``; ``None`` when neither gives a URL (read the database)."""
+        env = os.environ if env is None else env
+        url = url or env.get(URL_VARIABLE) or None
+        if url is None:
+            return None
+        return cls(url, env.get(TOKEN_VARIABLE) or None, env.get(CA_VARIABLE) or None)
+
+    def log(self, application: str, **options: Any) -> RemoteNotificationLog:
+        """The log of ``application`` served there (``options``: as for the log's class)."""
+        options.setdefault("cafile", self.cafile)
+        return RemoteNotificationLog(self.url, application, self.token, **options)
+
+
+def given_remote_log(
+    application: str,
+    url: str | None,
+    token: str | None,
+    *,
+    other_ways: bool,
+    cafile: str | None = None,
+) -> RemoteNotificationLog | None:
+    """The remote log of a component's ``upstream_url=`` keyword (``None``: not given).
+
+    Components that read an upstream log (the consumer adapter, SQL
+    projections) take it one way only: its database settings, an open
+    recorder, or the address of its log service. ``other_ways``: whether one
+    of the others was given too, a :class:`ConfigurationError`.
+    """
+    if url is None:
+        return None
+    if other_ways:
+        raise ConfigurationError(
+            "give the upstream log one way only: upstream_url (its log service), "
+            "upstream_env (its database) or upstream_recorder"
+        )
+    return RemoteNotificationLog(url, application, token, cafile=cafile)
 
 
 class RemoteNotificationLog:
@@ -118,12 +176,10 @@ class RemoteNotificationLog:
         cls, application: str, env: Mapping[str, str] | None = None, **options: Any
     ) -> RemoteNotificationLog:
         """The log of ``application`` at ``UPSTREAM_LOG_URL`` with ``UPSTREAM_LOG_TOKEN``."""
-        env = os.environ if env is None else env
-        url = env.get(URL_VARIABLE)
-        if not url:
+        settings = RemoteLogSettings.resolve(None, env)
+        if settings is None:
             raise ConfigurationError(f"set {URL_VARIABLE} to the address of esbridge serve-log")
-        options.setdefault("cafile", env.get(CA_VARIABLE) or None)
-        return cls(url, application, env.get(TOKEN_VARIABLE) or None, **options)
+        return settings.log(application, **options)
 
     def __repr__(self) -> str:  # no token: reprs end up in logs
         return f"RemoteNotificationLog({self.url!r}, {self.application!r})"

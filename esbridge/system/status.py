@@ -23,6 +23,13 @@ machine that can read the databases, whether or not the system runs:
 * **relay**: who publishes the leader's log: the process holding its relay's
   lease (:mod:`esbridge.relay.lease`), ``none`` when no relay does (nothing
   reaches the followers), ``-`` when not asked.
+
+When the leaders' logs are served by ``esbridge serve-log`` (``remote``, from
+``--upstream-url``), the leaders' databases are not read at all: the max nid
+and the backlog come over HTTP, the age of the oldest event is decoded with
+the leader's class (its transcodings, cipher and compressor settings, no
+database), and the relay column shows ``-`` (its lease is in the leader's
+database). Only the followers' databases are needed.
 """
 
 from __future__ import annotations
@@ -35,12 +42,18 @@ from typing import Any
 
 import psycopg.errors
 from eventsourcing.application import Application
-from eventsourcing.persistence import ApplicationRecorder, Notification, ProcessRecorder
+from eventsourcing.persistence import Notification, ProcessRecorder
 from eventsourcing.system import System
 
 from esbridge.deadletters.store import DeadLetterStore
 from esbridge.errors import ConfigurationError
-from esbridge.eventlog.notification_log import close_recorder, open_recorder, read_pages
+from esbridge.eventlog.notification_log import (
+    NotificationReader,
+    close_recorder,
+    open_recorder,
+    read_pages,
+)
+from esbridge.eventlog.remote import RemoteLogSettings, RemoteNotificationLog
 from esbridge.kafka.partitioning import partition_for_key
 from esbridge.names import DEAD_LETTER_TABLE, tracking_names
 from esbridge.relay.lease import lease_holder
@@ -86,7 +99,7 @@ class Backlog:
 
 
 def unprocessed(
-    upstream: ApplicationRecorder,
+    upstream: NotificationReader,
     positions: Mapping[int | None, int],
     partitions: int,
     topics: Sequence[str],
@@ -211,7 +224,10 @@ class EdgeProbe:
         follower_app: Application[Any],
         env: Mapping[str, str],
         partitions: int | None = 1,
+        upstream: NotificationReader | None = None,
     ) -> None:
+        """``upstream``: the leader's log, read through the caller's reader (closed by the
+        caller); by default its recorder, opened with ``env``."""
         self.leader = leader
         self.follower = follower
         self.follower_app = follower_app
@@ -219,14 +235,16 @@ class EdgeProbe:
         if not isinstance(recorder, ProcessRecorder):
             raise TypeError(f"{follower!r} has no tracking records: it is not a follower")
         self.recorder = recorder
-        self.upstream = open_recorder(leader, env)
+        self._own_upstream = upstream is None
+        self.upstream: NotificationReader = upstream or open_recorder(leader, env)
         # None: the count the follower consumed with, from its tracking names.
         self.partitions = partitions or tracked_partitions(recorder, leader) or 1
         self.topics = list(getattr(follower_app, "topics", ()) or ())
 
     def close(self) -> None:
-        """Close the upstream recorder's connections."""
-        close_recorder(self.upstream)
+        """Close the upstream recorder's connections (if this probe opened it)."""
+        if self._own_upstream:
+            close_recorder(self.upstream)
 
     def positions(self) -> dict[int | None, int]:
         return follower_positions(self.recorder, self.leader, self.partitions)
@@ -262,6 +280,7 @@ def edge_statuses(
     edges: Sequence[tuple[str, str]] | None = None,
     held_gaps: Mapping[tuple[str, str], int] | None = None,
     relay_ids: Mapping[str, str] | None = None,
+    remote: RemoteLogSettings | None = None,
 ) -> list[EdgeStatus]:
     """The status of every edge (or of ``edges``), read from the databases.
 
@@ -271,12 +290,18 @@ def edge_statuses(
     :func:`held_gaps_from_metrics`; edges not in it show ``None`` (unknown).
     ``relay_ids``: the relay id of each leader, to show who publishes its log.
     An application not stored in Postgres is a :class:`ConfigurationError`
-    (in memory, every lag would read 0).
+    (in memory, every lag would read 0). ``remote``: read every leader's log
+    from that log service instead of the leader's database (see above).
     """
     edges = list(edges if edges is not None else system.edges)
-    for name in sorted({name for edge in edges for name in edge}):
+    in_databases = {follower for _, follower in edges}
+    if remote is None:
+        in_databases.update(leader for leader, _ in edges)
+    for name in sorted(in_databases):
         require_postgres(name, env)
     apps: dict[str, Application[Any]] = {}
+    decoders: dict[str, Application[Any]] = {}  # a remote leader's class, for its mapper
+    logs: dict[str, RemoteNotificationLog] = {}
     holders: dict[str, str | None] = {}  # one lease lookup per leader, not per edge
 
     def app(name: str) -> Application[Any]:
@@ -288,16 +313,30 @@ def edge_statuses(
             require_tables(name, apps[name])
         return apps[name]
 
+    def leader_app(name: str) -> Application[Any]:
+        if remote is None:
+            return app(name)
+        if name not in decoders:
+            decoders[name] = decoding_app(system, name, env)
+        return decoders[name]
+
+    def leader_log(name: str) -> NotificationReader | None:
+        if remote is None:
+            return None  # the probe opens the leader's recorder
+        if name not in logs:
+            logs[name] = remote.log(name)
+        return logs[name]
+
     try:
         result = []
         for leader, follower in edges:
             n = partitions if isinstance(partitions, int) else partitions.get(leader, 1)
-            app(leader)
-            probe = EdgeProbe(leader, follower, app(follower), env, n)
+            leader_app(leader)
+            probe = EdgeProbe(leader, follower, app(follower), env, n, leader_log(leader))
             try:
                 held = None if held_gaps is None else held_gaps.get((leader, follower))
-                status = probe.status(app(leader), held)
-                if relay_ids is not None and leader in relay_ids:
+                status = probe.status(leader_app(leader), held)
+                if relay_ids is not None and leader in relay_ids and remote is None:
                     if leader not in holders:
                         holders[leader] = relay_holder(app(leader), relay_ids[leader])
                     status.relay = holders[leader]
@@ -306,8 +345,10 @@ def edge_statuses(
                 probe.close()
         return result
     finally:
-        for a in apps.values():
+        for a in (*apps.values(), *decoders.values()):
             a.close()
+        for remote_log in logs.values():
+            remote_log.close()
 
 
 HELD_METRIC = "esbridge_consumer_held_partitions"
@@ -351,6 +392,15 @@ def held_gaps_from_metrics(
                 edge = (sample.labels.get("upstream", ""), sample.labels.get("follower", ""))
                 held[edge] = held.get(edge, 0) + int(sample.value)
     return held, errors
+
+
+def decoding_app(system: System, name: str, env: Mapping[str, str]) -> Application[Any]:
+    """The application ``name`` in memory: its mapper decodes its log's events, no database
+    opened (its transcodings, cipher and compressor settings from ``env`` as usual)."""
+    values = dict(env)
+    values["PERSISTENCE_MODULE"] = "eventsourcing.popo"
+    values.pop(f"{name.upper()}_PERSISTENCE_MODULE", None)
+    return construct_or_close(system.get_app_cls(name), values)
 
 
 def read_only_app(system: System, name: str, env: Mapping[str, str]) -> Application[Any]:

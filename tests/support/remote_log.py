@@ -1,14 +1,21 @@
-"""A notification log service on 127.0.0.1 for tests: tokens, a served DogSchool, TLS files."""
+"""A notification log service on 127.0.0.1 for tests: tokens, a served DogSchool, TLS files,
+the upstream's own PostgreSQL server and ``esbridge serve-log`` as a process."""
 
 from __future__ import annotations
 
+import os
 import subprocess
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from esbridge.eventlog.remote import RemoteNotificationLog
+from esbridge.testing.backends import make_postgres
 from esbridge_connectors.log_service import AccessToken, NotificationLogService, TokenTable
 from esbridge_connectors.serving import BackgroundServer
 
@@ -25,6 +32,10 @@ TOKENS = TokenTable(
         AccessToken(ADMIN_TOKEN, None, "test:3"),
     ]
 )
+#: The ``esbridge`` console script of this environment.
+ESBRIDGE = [str(Path(sys.executable).with_name("esbridge"))]
+#: The repository's root: on ``PYTHONPATH`` (and ``--app-dir``) of the processes started.
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def log_service(recorder: Any, max_limit: int = 1000) -> NotificationLogService:
@@ -54,3 +65,41 @@ def self_signed_certificate(directory: Path) -> tuple[str, str]:
         check=True, capture_output=True,
     )  # fmt: skip
     return str(cert), str(key)
+
+
+@contextmanager
+def own_postgres_server() -> Iterator[Any]:
+    """A PostgreSQL server of the upstream's own: the follower has no settings for it."""
+    server = make_postgres()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def serve_log_process(
+    env: Mapping[str, str],
+    port: int,
+    tokens: Path,
+    app: str = "examples.dogschool.application:DogSchool",
+) -> subprocess.Popen[bytes]:
+    """A real ``esbridge serve-log`` of ``app`` (its database: ``env``) on 127.0.0.1:``port``,
+    returned once its ``/healthz`` answers."""
+    process = subprocess.Popen(
+        [*ESBRIDGE, "serve-log", app, "--bind", f"127.0.0.1:{port}",
+         "--token-file", str(tokens), "--app-dir", str(ROOT)],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("esbridge serve-log did not start")
+        time.sleep(0.2)

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from esbridge.consumer.adapter import ConsumerAdapter
@@ -26,9 +25,9 @@ from esbridge.relay.relay import Relay
 from esbridge.testing.backends import make_postgres
 from esbridge.testing.servers import free_port
 from examples.dogschool.application import DogSchool
-from tests.integration.connectors.test_serve_log_cli import ESBRIDGE
 from tests.support.consumer_apps import Mirror, populate, verify_mirror
 from tests.support.relay_support import publish_and_close
+from tests.support.remote_log import serve_log_process
 
 TOKEN = "outage-reader-0123456789abcdef"
 
@@ -44,22 +43,7 @@ def remote_school() -> Iterator[DogSchool]:
 
 
 def start_service(school: DogSchool, port: int, tokens: Path) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [*ESBRIDGE, "serve-log", "examples.dogschool.application:DogSchool",
-         "--bind", f"127.0.0.1:{port}", "--token-file", str(tokens)],
-        env={**os.environ, **school.env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, "serve-log did not start"
-        time.sleep(0.2)
+    return serve_log_process(school.env, port, tokens)
 
 
 def test_the_consumer_holds_while_the_log_service_is_killed_and_resumes(
