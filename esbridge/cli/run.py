@@ -8,6 +8,13 @@ worker processes of the application that share each topic's partitions
 through one consumer group; each runs the relay too, one publishing, the
 others standing by (see :mod:`esbridge.relay.lease`). ``--supervise``
 restarts a worker that dies (kill -9 included).
+
+Each application's settings come from the environment, with the library's
+per-application prefix winning (``ORDERS_POSTGRES_HOST`` over
+``POSTGRES_HOST``). A follower reads its leaders' logs from their databases,
+or, with ``--upstream-url LEADER=URL`` (or ``LEADER_LOG_URL``) and the token
+in ``LEADER_LOG_TOKEN``, over HTTP from the leader's ``esbridge serve-log``:
+services with their own databases (docs/remote-log.md).
 """
 
 from __future__ import annotations
@@ -89,6 +96,15 @@ def register(subparsers: Any) -> None:
         metavar="NAME=VALUE",
         help="tuning of the relays run here, as `esbridge relay --set` (linger, batch_size, ...)",
     )
+    parser.add_argument(
+        "--upstream-url",
+        action="append",
+        default=[],
+        metavar="LEADER=URL",
+        help="read LEADER's log over HTTP from its esbridge serve-log at URL, not from its "
+        "database (token: the LEADER_LOG_TOKEN variable, upper case; repeatable; same as "
+        "setting LEADER_LOG_URL; docs/remote-log.md)",
+    )
     add_dead_letter_options(parser)
     parser.set_defaults(func=run)
 
@@ -155,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
     args.relay_options = parse_tuning(args.relay_set, "--relay-set")
     args.dead_letter_policy = policy_from_args(args)
     system = load_from_args(args)
+    from esbridge.system.upstream_logs import parse_upstream_urls
+
+    args.upstream_env = parse_upstream_urls(args.upstream_url, system)
     if args.setup:
         return setup(args, system)
     if args.worker_index is None and (args.workers > 1 or args.supervise):
@@ -182,6 +201,7 @@ def run_here(args: argparse.Namespace, system: Any) -> int:
     worker_index = args.worker_index or 0
     runner = KafkaRunner(
         system,
+        args.upstream_env,
         kafka_config=kafka_config_from_args(args),
         apps=args.apps,
         topic_prefix=args.topic_prefix,
@@ -284,4 +304,6 @@ def worker_command(args: argparse.Namespace, app: str, index: int) -> list[str]:
         command += ["--metrics-port", str(args.metrics_port), "--metrics-addr", args.metrics_addr]
     for item in args.relay_set:
         command += ["--relay-set", item]
+    for item in args.upstream_url:
+        command += ["--upstream-url", item]
     return command + dead_letter_argv(args)

@@ -101,8 +101,10 @@ class ConsumerAdapter:
     ``upstream_class`` (its ``env`` supplies cipher/compressor defaults),
     ``upstream_recorder`` (an open recorder of the upstream log, used instead of
     opening one with ``upstream_env``; never closed by the adapter),
-    ``upstream_url`` and ``upstream_token`` (the upstream log read over HTTP from
-    ``esbridge serve-log``, instead of its database: docs/remote-log.md),
+    ``upstream_url``, ``upstream_token`` and ``upstream_cafile`` (the upstream log
+    read over HTTP from ``esbridge serve-log``, instead of its database; the CA
+    file for an ``https://`` service whose certificate the system does not
+    trust: docs/remote-log.md),
     ``partitions`` (expected count), ``registry`` (Prometheus), ``sink``
     (another :class:`~esbridge.processing.sink.BatchSink`), ``prefetch`` (a function
     from an upstream event to the ids of the aggregates its policy gets: each
@@ -135,6 +137,7 @@ class ConsumerAdapter:
         upstream_recorder: NotificationReader | None = None,
         upstream_url: str | None = None,
         upstream_token: str | None = None,
+        upstream_cafile: str | None = None,
         **tuning: Any,
     ) -> None:
         _check_arguments(mode, follower, sink, steps, prefetch)
@@ -145,7 +148,9 @@ class ConsumerAdapter:
                     "give the upstream log one way only: upstream_url (its log service), "
                     "upstream_env (its database) or upstream_recorder"
                 )
-            self._remote_log = RemoteNotificationLog(upstream_url, upstream, upstream_token)
+            self._remote_log = RemoteNotificationLog(
+                upstream_url, upstream, upstream_token, cafile=upstream_cafile
+            )
             upstream_recorder = self._remote_log
         # Now, not in run(): with in-memory storage nothing would ever be consumed.
         if follower is not None and sink is None:
