@@ -117,9 +117,9 @@ def check_upstream_readable(leader: str, follower: str, env: Mapping[str, str]) 
         prefix = leader.upper()
         raise ConfigurationError(
             f"application {follower!r} cannot read the notification log of its upstream "
-            f"{leader!r}: {e}. Give the address of {leader}'s log service "
-            f"(esbridge serve-log run by {leader}'s owners): esbridge run --upstream-url "
-            f"{leader}=URL (or {prefix}{URL_SUFFIX}=URL), its token in {prefix}{TOKEN_SUFFIX}; "
-            f"or {prefix}_POSTGRES_* settings that reach {leader}'s database"
+            f"{leader!r}: {e}. Give the address of the log service of {leader} (the "
+            f"esbridge serve-log its owners run): esbridge run --upstream-url {leader}=URL "
+            f"(or {prefix}{URL_SUFFIX}=URL), its token in {prefix}{TOKEN_SUFFIX}; or "
+            f"{prefix}_POSTGRES_* settings that reach the database of {leader}"
         ) from e
     close_recorder(recorder)
