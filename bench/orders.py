@@ -163,13 +163,16 @@ def compare_servers(
             print(f"  {server.describe()}", flush=True)
         shared: dict[str, list[Timings]] = {}
         separate: dict[str, list[Timings]] = {}
-        for mode in modes:
-            shared[mode] = run_esbridge(
-                args, {**postgres.create_database().env, **settings}, kafka, mode
-            )
+        for index, mode in enumerate(modes):
             databases = {"Orders": dict(postgres.create_database().env)}
             databases.update({app: dict(s.create_database().env) for app, s in own.items()})
-            separate[mode] = run_esbridge(args, dict(settings), kafka, mode, databases)
+            one_server = {**postgres.create_database().env, **settings}
+            # Which goes first alternates, so that a drift of the machine's load favours neither.
+            for variant in ("shared", "separate") if index % 2 == 0 else ("separate", "shared"):
+                if variant == "shared":
+                    shared[mode] = run_esbridge(args, one_server, kafka, mode)
+                else:
+                    separate[mode] = run_esbridge(args, dict(settings), kafka, mode, databases)
         print()
         print(
             f"orders system, created -> paid, {args.partitions} partition(s), "

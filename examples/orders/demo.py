@@ -49,6 +49,7 @@ from esbridge.system.runner import SystemRunnerError
 from esbridge.system.setup import ensure_topics, setup_system
 from esbridge.system.status import edge_statuses, format_table
 from esbridge.system.supervisor import Supervisor
+from esbridge.system.upstream_logs import TOKEN_SUFFIX, variable
 from esbridge.testing import make_kafka, make_postgres
 from esbridge.testing.servers import free_port
 from examples.orders.application import Orders, Payments, Reservations
@@ -156,9 +157,7 @@ def prefixed(app: str, env: Mapping[str, str]) -> dict[str, str]:
 
 def without_databases(env: Mapping[str, str], apps: Sequence[str]) -> dict[str, str]:
     """``env`` without any application's database settings (plain or prefixed)."""
-    prefixes = [p for p in DATABASE_SETTINGS] + [
-        f"{app.upper()}_{p}" for app in apps for p in DATABASE_SETTINGS
-    ]
+    prefixes = [*DATABASE_SETTINGS, *(f"{a.upper()}_{p}" for a in apps for p in DATABASE_SETTINGS)]
     return {k: v for k, v in env.items() if not k.startswith(tuple(prefixes))}
 
 
@@ -172,7 +171,7 @@ class LogServices:
     def __init__(self, apps: Sequence[str], directory: Path) -> None:
         self.ports = {app: free_port() for app in apps}
         self.tokens = {app: secrets.token_urlsafe(24) for app in apps}
-        self.token_files = {}
+        self.token_files: dict[str, Path] = {}
         for leader in apps:
             readers = [f for f in system.leads.get(leader, []) if f in apps]
             path = directory / f"{leader.lower()}-tokens.txt"
@@ -194,7 +193,7 @@ class LogServices:
     def reader_env(self, follower: str) -> dict[str, str]:
         """The token ``follower`` reads its leaders' logs with (``{LEADER}_LOG_TOKEN``)."""
         return {
-            f"{leader.upper()}_LOG_TOKEN": self.tokens[follower]
+            variable(leader, TOKEN_SUFFIX): self.tokens[follower]
             for leader in system.follows.get(follower, [])
         }
 
