@@ -12,9 +12,10 @@ restarts a worker that dies (kill -9 included).
 Each application's settings come from the environment, with the library's
 per-application prefix winning (``ORDERS_POSTGRES_HOST`` over
 ``POSTGRES_HOST``). A follower reads its leaders' logs from their databases,
-or, with ``--upstream-url LEADER=URL`` (or ``LEADER_LOG_URL``) and the token
-in ``LEADER_LOG_TOKEN``, over HTTP from the leader's ``esbridge serve-log``:
-services with their own databases (docs/remote-log.md).
+or, with ``--upstream-url [LEADER=]URL`` (or ``[LEADER_]UPSTREAM_LOG_URL``)
+and the token in ``[LEADER_]UPSTREAM_LOG_TOKEN``, over HTTP from the
+leader's ``esbridge serve-log``: services with their own databases
+(docs/remote-log.md).
 """
 
 from __future__ import annotations
@@ -100,10 +101,11 @@ def register(subparsers: Any) -> None:
         "--upstream-url",
         action="append",
         default=[],
-        metavar="LEADER=URL",
-        help="read LEADER's log over HTTP from its esbridge serve-log at URL, not from its "
-        "database (token: the LEADER_LOG_TOKEN variable, upper case; repeatable; same as "
-        "setting LEADER_LOG_URL; docs/remote-log.md)",
+        metavar="[LEADER=]URL",
+        help="read the leaders' logs (or LEADER's) over HTTP from the esbridge serve-log at "
+        "URL, not from their databases (token: UPSTREAM_LOG_TOKEN, or LEADER_UPSTREAM_LOG_TOKEN "
+        "in upper case; repeatable; same as setting [LEADER_]UPSTREAM_LOG_URL; "
+        "docs/remote-log.md)",
     )
     add_dead_letter_options(parser)
     parser.set_defaults(func=run)

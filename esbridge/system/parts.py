@@ -63,7 +63,8 @@ class PartSettings:
     worker_id: str | None
     relay_options: Mapping[str, Any]
     consumer_options: Mapping[str, Any]
-    #: Leaders whose logs are read over HTTP (``{LEADER}_LOG_URL``), not from their database.
+    #: Leaders whose logs are read over HTTP (``[{LEADER}_]UPSTREAM_LOG_URL``), not from
+    #: their databases.
     log_services: Mapping[str, LogService] = field(default_factory=dict)
 
     def partitions_of(self, leader: str) -> int:

@@ -214,9 +214,10 @@ class KafkaRunner(Runner[Any]):
 
     A follower run here reads each leader's log from the leader's database
     (``{LEADER}_POSTGRES_*`` settings win), or, when ``env`` (or
-    ``os.environ``) has ``{LEADER}_LOG_URL``, over HTTP from the leader's
-    ``esbridge serve-log`` with the token in ``{LEADER}_LOG_TOKEN``: then the
-    leader's database is never opened here (:mod:`esbridge.system.upstream_logs`).
+    ``os.environ``) has ``UPSTREAM_LOG_URL`` (``{LEADER}_UPSTREAM_LOG_URL``
+    wins), over HTTP from that ``esbridge serve-log`` with the token in
+    ``[{LEADER}_]UPSTREAM_LOG_TOKEN``: then the leader's database is never
+    opened here (:mod:`esbridge.system.upstream_logs`).
     A follower with neither is refused by :meth:`start`, before anything runs.
     """
 

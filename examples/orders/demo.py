@@ -44,12 +44,13 @@ from eventsourcing.utils import get_topic
 from esbridge.cli import build_parser
 from esbridge.cli.run import ESBRIDGE_COMMAND, worker_command
 from esbridge.eventlog.notification_log import close_recorder, open_recorder, read_pages
+from esbridge.eventlog.remote import TOKEN_VARIABLE
 from esbridge.names import SystemTopics
 from esbridge.system.runner import SystemRunnerError
 from esbridge.system.setup import ensure_topics, setup_system
 from esbridge.system.status import edge_statuses, format_table
 from esbridge.system.supervisor import Supervisor
-from esbridge.system.upstream_logs import TOKEN_SUFFIX, variable
+from esbridge.system.upstream_logs import variable
 from esbridge.testing import make_kafka, make_postgres
 from esbridge.testing.servers import free_port
 from examples.orders.application import Orders, Payments, Reservations
@@ -191,9 +192,9 @@ class LogServices:
         ]  # fmt: skip
 
     def reader_env(self, follower: str) -> dict[str, str]:
-        """The token ``follower`` reads its leaders' logs with (``{LEADER}_LOG_TOKEN``)."""
+        """The token ``follower`` reads its leaders' logs with (``{LEADER}_UPSTREAM_LOG_TOKEN``)."""
         return {
-            variable(leader, TOKEN_SUFFIX): self.tokens[follower]
+            variable(leader, TOKEN_VARIABLE): self.tokens[follower]
             for leader in system.follows.get(follower, [])
         }
 

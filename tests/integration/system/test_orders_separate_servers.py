@@ -75,7 +75,7 @@ def test_orders_with_a_postgres_server_per_application(
             assert worker_env["POSTGRES_PORT"] == databases[app]["POSTGRES_PORT"]
             assert not any(key.endswith("_POSTGRES_PORT") for key in worker_env)
             assert sorted(k for k in worker_env if k.endswith("_LOG_TOKEN")) == [
-                f"{leader.upper()}_LOG_TOKEN" for leader in sorted(system.follows[app])
+                f"{leader.upper()}_UPSTREAM_LOG_TOKEN" for leader in sorted(system.follows[app])
             ]
         orders = Orders(env=processes.env)
         paid = paid_counter(processes.env)
@@ -117,10 +117,10 @@ def test_a_follower_that_cannot_read_its_leader_is_refused(
     assert runner.components == [] and runner.is_stopped
     message = str(refused.value)
     assert "cannot read the notification log of its upstream 'Orders'" in message
-    assert "--upstream-url Orders=URL" in message and "ORDERS_LOG_TOKEN" in message
+    assert "--upstream-url Orders=URL" in message and "ORDERS_UPSTREAM_LOG_TOKEN" in message
     runner = KafkaRunner(
         system,
-        {**databases["Reservations"], "ORDERS_LOG_URL": "http://127.0.0.1:9"},
+        {**databases["Reservations"], "ORDERS_UPSTREAM_LOG_URL": "http://127.0.0.1:9"},
         kafka_config=kafka_config,
         apps=["Reservations"],
     )

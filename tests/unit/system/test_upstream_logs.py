@@ -1,4 +1,4 @@
-"""Which leaders' logs a follower reads over HTTP: ``{LEADER}_LOG_URL`` and ``--upstream-url``."""
+"""Which leaders' logs a follower reads over HTTP: ``[{LEADER}_]UPSTREAM_LOG_URL``."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from esbridge.system.upstream_logs import LogService, log_services, parse_upstre
 from examples.orders.system import system
 
 ENV = {
-    "ORDERS_LOG_URL": "https://orders-log:8443",
-    "ORDERS_LOG_TOKEN": "secret-token-0123456789",
-    "ORDERS_LOG_CA_FILE": "/etc/ca.pem",
-    "PAYMENTS_LOG_TOKEN": "a token without a URL: the database is read",
+    "ORDERS_UPSTREAM_LOG_URL": "https://orders-log:8443",
+    "ORDERS_UPSTREAM_LOG_TOKEN": "secret-token-0123456789",
+    "ORDERS_UPSTREAM_LOG_CA_FILE": "/etc/ca.pem",
+    "PAYMENTS_UPSTREAM_LOG_TOKEN": "a token without a URL: the database is read",
 }
 
 
@@ -26,10 +26,25 @@ def test_log_services_come_from_the_leaders_prefixed_variables() -> None:
     assert "secret" not in repr(services)  # reprs end up in logs
 
 
+def test_the_plain_variables_give_every_leader_the_prefixed_ones_win() -> None:
+    env = {
+        **ENV,
+        "UPSTREAM_LOG_URL": "https://logs:8443",
+        "UPSTREAM_LOG_TOKEN": "shared-token-0123456789",
+    }
+    assert log_services(["Orders", "Payments", "Reservations"], env) == {
+        "Orders": LogService("https://orders-log:8443", "secret-token-0123456789", "/etc/ca.pem"),
+        "Payments": LogService("https://logs:8443", ENV["PAYMENTS_UPSTREAM_LOG_TOKEN"]),
+        "Reservations": LogService("https://logs:8443", "shared-token-0123456789"),
+    }
+
+
 def test_upstream_urls_of_the_command_line_become_the_variables() -> None:
-    assert parse_upstream_urls(["Orders=http://a:1", "Payments=http://b:2/x"], system) == {
-        "ORDERS_LOG_URL": "http://a:1",
-        "PAYMENTS_LOG_URL": "http://b:2/x",
+    values = ["Orders=http://a:1", "Payments=http://b:2/x", "https://all:3/?a=b"]
+    assert parse_upstream_urls(values, system) == {
+        "ORDERS_UPSTREAM_LOG_URL": "http://a:1",
+        "PAYMENTS_UPSTREAM_LOG_URL": "http://b:2/x",
+        "UPSTREAM_LOG_URL": "https://all:3/?a=b",
     }
 
 
@@ -38,8 +53,8 @@ def test_upstream_urls_of_the_command_line_become_the_variables() -> None:
     [
         ("orders=http://a:1", r"'orders' is not a leader of the system \(its leaders are"),
         ("Shipping=http://a:1", "'Shipping' is not a leader"),
-        ("http://a:1", "give LEADER=URL"),
-        ("Orders=", "give LEADER=URL"),
+        ("Orders=", "give URL \\(every leader\\) or LEADER=URL"),
+        ("orders-log:8443", "give URL"),
     ],
 )
 def test_a_wrong_upstream_url_option_is_refused(value: str, expected: str) -> None:
