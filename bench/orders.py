@@ -11,9 +11,9 @@ median is reported, with p50/p99 of the order processing time (created -> paid).
 
     python bench/orders.py [--orders 2000] [--baseline-orders 150] [--runs 3]
                            [--mode payloads|prompts|both] [--partitions N --workers N]
-                           [--no-cache] [--relay-set NAME=VALUE ...] [--compare servers]
+                           [--no-cache] [--relay-set NAME=VALUE ...] [--separate-servers]
 
-``--compare servers`` measures esbridge twice instead, in the same run: with
+``--separate-servers`` measures esbridge twice instead, in the same run: with
 the three applications' databases in one shared Postgres server, and with each
 application in a Postgres server of its own, every follower reading its
 leaders' logs over HTTP from one ``esbridge serve-log`` per application (with
@@ -113,7 +113,7 @@ def check_exactly_once(env: dict[str, str], ids: list[Any], name: str) -> None:
         raise SystemExit(f"{name}: EXACTLY-ONCE VIOLATED: {'; '.join(problems)}")
 
 
-def run_esbridge(
+def run_processes(
     args: argparse.Namespace,
     env: dict[str, str],
     kafka: Any,
@@ -170,9 +170,9 @@ def compare_servers(
             # Which goes first alternates, so that a drift of the machine's load favours neither.
             for variant in ("shared", "separate") if index % 2 == 0 else ("separate", "shared"):
                 if variant == "shared":
-                    shared[mode] = run_esbridge(args, one_server, kafka, mode)
+                    shared[mode] = run_processes(args, one_server, kafka, mode)
                 else:
-                    separate[mode] = run_esbridge(args, dict(settings), kafka, mode, databases)
+                    separate[mode] = run_processes(args, dict(settings), kafka, mode, databases)
         print()
         print(
             f"orders system, created -> paid, {args.partitions} partition(s), "
@@ -222,11 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         help="no aggregate cache for Orders (in both runners)",
     )
     parser.add_argument(
-        "--compare",
-        choices=["library", "servers"],
-        default="library",
-        help="library: esbridge vs the library's MultiThreadedRunner (default); servers: "
-        "esbridge with one shared Postgres server vs a server per application",
+        "--separate-servers",
+        action="store_true",
+        help="measure esbridge with one shared Postgres server and with a server per "
+        "application (logs over HTTP), instead of against the library's runner",
     )
     args = parser.parse_args(argv)
     settings = {} if args.no_cache else ORDERS_CACHE
@@ -237,12 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"  {postgres.describe()}\n  {kafka.describe()}", flush=True)
         modes = ["payloads", "prompts"] if args.mode == "both" else [args.mode]
-        if args.compare == "servers":
+        if args.separate_servers:
             return compare_servers(args, postgres, kafka, modes, settings)
         esb: dict[str, list[Timings]] = {}
         for mode in modes:
             esb_env = {**postgres.create_database().env, **settings}
-            esb[mode] = run_esbridge(args, esb_env, kafka, mode)
+            esb[mode] = run_processes(args, esb_env, kafka, mode)
 
         lib_env = {**postgres.create_database().env, **settings}
         runner: MultiThreadedRunner[Any] = MultiThreadedRunner(system, env=lib_env)
