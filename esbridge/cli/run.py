@@ -80,7 +80,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--setup",
         action="store_true",
-        help="create every application's tables and the topics, then exit",
+        help="create the tables of every application (with --app: of those) and their "
+        "topics, then exit",
     )
     parser.add_argument(
         "--at-least-once",
@@ -185,14 +186,19 @@ def run(args: argparse.Namespace) -> int:
 
 def setup(args: argparse.Namespace, system: Any) -> int:
     from esbridge.names import SystemTopics
+    from esbridge.system.runner import check_local_apps, leaders_used
     from esbridge.system.setup import ensure_topics, setup_system
 
-    setup_system(system)
+    apps = args.apps or list(system.nodes)
+    check_local_apps(system, apps)
+    setup_system(system, apps=apps)
     names = SystemTopics(args.topic_prefix)
     ensure_topics(
-        kafka_config_from_args(args), {names.topic(n): args.partitions for n in system.leaders}
+        kafka_config_from_args(args),
+        {names.topic(n): args.partitions for n in leaders_used(system, apps)},
     )
-    print(f"tables and topics of {args.system} are ready", file=sys.stderr)
+    which = f"{', '.join(args.apps)} of " if args.apps else ""
+    print(f"tables and topics of {which}{args.system} are ready", file=sys.stderr)
     return 0
 
 

@@ -437,9 +437,7 @@ class KafkaRunner(Runner[Any]):
 
     def leaders_used(self) -> list[str]:
         """Leaders whose topics this process publishes to or consumes from."""
-        leaders = {leader for leader, follower in self.system.edges if follower in self.local}
-        leaders.update(name for name in self.system.leaders if name in self.local)
-        return sorted(leaders)
+        return leaders_used(self.system, self.local)
 
     def read_remotely(self) -> list[str]:
         """Leaders consumed here whose relays do not run here: those a log service may serve."""
@@ -625,6 +623,14 @@ def resolve_partitions(system: System, partitions: int | Mapping[str, int]) -> d
     if bad:
         raise ConfigurationError(f"partition counts must be positive integers, got {bad}")
     return values
+
+
+def leaders_used(system: System, apps: Iterable[str]) -> list[str]:
+    """Leaders whose topics ``apps`` publish to (their own) or consume from."""
+    local = set(apps)
+    leaders = {leader for leader, follower in system.edges if follower in local}
+    leaders.update(name for name in system.leaders if name in local)
+    return sorted(leaders)
 
 
 def check_local_apps(system: System, names: Iterable[str]) -> None:

@@ -13,17 +13,32 @@ its leader's max notification id.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
+from esbridge.cli.run import ESBRIDGE_COMMAND
 from esbridge.errors import ConfigurationError
 from esbridge.system.runner import KafkaRunner
 from esbridge.testing.backends import make_postgres
 from examples.orders.application import Orders
-from examples.orders.demo import APPS, SystemProcesses, count_effects, drive_orders, paid_counter
+from examples.orders.demo import (
+    APPS,
+    SOURCE_ROOT,
+    SYSTEM_PATH,
+    SystemProcesses,
+    count_effects,
+    drive_orders,
+    kafka_env,
+    paid_counter,
+    without_databases,
+)
 from examples.orders.system import system
 
 ORDERS = 60
@@ -128,3 +143,33 @@ def test_a_follower_that_cannot_read_its_leader_is_refused(
         assert runner.settings.log_services["Orders"].url == "http://127.0.0.1:9"
     finally:
         runner.stop()
+
+
+def test_setup_of_one_application_makes_its_tables_only(
+    databases: dict[str, dict[str, str]], kafka_broker: Any
+) -> None:
+    """``esbridge run --setup --app Reservations`` in the Reservations service: its own
+    tables in its own server, none of Orders' (another team's, in another server)."""
+    env = {**without_databases(dict(os.environ), APPS), **databases["Reservations"]}
+    env.update(kafka_env(kafka_broker.config()), PYTHONPATH=str(SOURCE_ROOT))
+    prefix = f"t.{uuid.uuid4().hex[:8]}."
+    done = subprocess.run(
+        [*ESBRIDGE_COMMAND, "run", SYSTEM_PATH, "--setup", "--app", "Reservations",
+         "--topic-prefix", prefix],
+        env=env, cwd=SOURCE_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"tables and topics of Reservations of {SYSTEM_PATH} are ready" in done.stderr
+    db = databases["Reservations"]
+    with psycopg.connect(
+        host=db["POSTGRES_HOST"], port=db["POSTGRES_PORT"], dbname=db["POSTGRES_DBNAME"],
+        user=db["POSTGRES_USER"], password=db["POSTGRES_PASSWORD"],
+    ) as connection:  # fmt: skip
+        tables = {
+            row[0]
+            for row in connection.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+            )
+        }
+    assert {"reservations_events", "reservations_tracking"} <= tables
+    assert not any(t.startswith(("orders_", "payments_")) for t in tables), tables
