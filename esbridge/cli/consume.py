@@ -102,7 +102,7 @@ def register(subparsers: Any) -> None:
 
 def consume(args: argparse.Namespace) -> int:
     from esbridge.consumer.adapter import ConsumerAdapter
-    from esbridge.eventlog.remote import CA_VARIABLE, TOKEN_VARIABLE
+    from esbridge.eventlog.remote import TOKEN_VARIABLE
     from esbridge.kafka.config import load_kafka_config
     from esbridge.runtime.metrics import serve_metrics
     from esbridge.runtime.postgres_retry import connection_diagnosis, retry_unreachable
@@ -140,7 +140,6 @@ def consume(args: argparse.Namespace) -> int:
         upstream_env=upstream_env,
         upstream_url=args.upstream_url,
         upstream_token=env.get(TOKEN_VARIABLE) or None,
-        upstream_cafile=env.get(CA_VARIABLE) or None,
         upstream_class=upstream_cls,
         partitions=args.partitions,
         batch_size=args.batch_size,
