@@ -103,8 +103,7 @@ class ConsumerAdapter:
     opening one with ``upstream_env``; never closed by the adapter),
     ``upstream_url``, ``upstream_token`` and ``upstream_cafile`` (the upstream log
     read over HTTP from ``esbridge serve-log``, instead of its database; the CA
-    file for an ``https://`` service whose certificate the system does not
-    trust: docs/remote-log.md),
+    that signed its certificate: docs/remote-log.md),
     ``partitions`` (expected count), ``registry`` (Prometheus), ``sink``
     (another :class:`~esbridge.processing.sink.BatchSink`), ``prefetch`` (a function
     from an upstream event to the ids of the aggregates its policy gets: each
