@@ -11,14 +11,7 @@ median is reported, with p50/p99 of the order processing time (created -> paid).
 
     python bench/orders.py [--orders 2000] [--baseline-orders 150] [--runs 3]
                            [--mode payloads|prompts|both] [--partitions N --workers N]
-                           [--no-cache] [--relay-set NAME=VALUE ...] [--separate-servers]
-
-``--separate-servers`` measures esbridge twice instead, in the same run: with
-the three applications' databases in one shared Postgres server, and with each
-application in a Postgres server of its own, every follower reading its
-leaders' logs over HTTP from one ``esbridge serve-log`` per application (with
-its own token; docs/remote-log.md), as services that own their databases are
-deployed. It prints both rates and their ratio (no library baseline then).
+                           [--no-cache] [--relay-set NAME=VALUE ...]
 
 Both runners get the same application settings. By default that includes the
 library's aggregate cache for Orders (``ORDERS_AGGREGATE_CACHE_MAXSIZE``, with
@@ -113,85 +106,6 @@ def check_exactly_once(env: dict[str, str], ids: list[Any], name: str) -> None:
         raise SystemExit(f"{name}: EXACTLY-ONCE VIOLATED: {'; '.join(problems)}")
 
 
-def run_processes(
-    args: argparse.Namespace,
-    env: dict[str, str],
-    kafka: Any,
-    mode: str,
-    databases: dict[str, dict[str, str]] | None = None,
-) -> list[Timings]:
-    """Measure the system run by esbridge, one OS process per application and worker."""
-    with SystemProcesses(
-        env,
-        kafka.config(),
-        partitions=args.partitions,
-        mode=mode,
-        workers=args.workers,
-        relay_settings=args.relay_set,
-        databases=databases,
-    ) as processes:
-        orders = Orders(env=processes.env)
-        try:
-            started = time.monotonic()
-            results, ids = measure(
-                orders,
-                processes.env,
-                args.orders,
-                args.runs,
-                args.batch,
-                args.timeout,
-                processes.poll,
-            )
-            where = "shared server" if databases is None else "separate servers"
-            print(
-                f"  (esbridge {mode}, {where}: runs took {time.monotonic() - started:.1f} s)",
-                flush=True,
-            )
-        finally:
-            orders.close()
-    check_exactly_once(processes.env, ids, f"esbridge ({mode})")
-    return results
-
-
-def compare_servers(
-    args: argparse.Namespace, postgres: Any, kafka: Any, modes: list[str], settings: dict[str, str]
-) -> int:
-    """Orders/s with one shared Postgres server vs one server per application (and HTTP logs)."""
-    own = {app: make_postgres(fsync=True) for app in ("Reservations", "Payments")}
-    try:
-        for server in own.values():
-            print(f"  {server.describe()}", flush=True)
-        shared: dict[str, list[Timings]] = {}
-        separate: dict[str, list[Timings]] = {}
-        for index, mode in enumerate(modes):
-            databases = {"Orders": dict(postgres.create_database().env)}
-            databases.update({app: dict(s.create_database().env) for app, s in own.items()})
-            one_server = {**postgres.create_database().env, **settings}
-            # Which goes first alternates, so that a drift of the machine's load favours neither.
-            for variant in ("shared", "separate") if index % 2 == 0 else ("separate", "shared"):
-                if variant == "shared":
-                    shared[mode] = run_processes(args, one_server, kafka, mode)
-                else:
-                    separate[mode] = run_processes(args, dict(settings), kafka, mode, databases)
-        print()
-        print(
-            f"orders system, created -> paid, {args.partitions} partition(s), "
-            f"{args.workers} worker process(es) per application, orders created {args.batch} "
-            f"per transaction; Orders aggregate cache {'off' if args.no_cache else 'on'}; "
-            "separate: a Postgres server per application, logs read over HTTP (esbridge "
-            "serve-log, one per application); every order reserved and paid exactly once "
-            "in every run"
-        )
-        for mode in modes:
-            one, _, _ = summary(f"esbridge {mode:9s}, one shared server   ", shared[mode])
-            each, _, _ = summary(f"esbridge {mode:9s}, a server per app    ", separate[mode])
-            print(f"  ratio separate/shared ({mode}): {each / one:.2f}x")
-        return 0
-    finally:
-        for server in own.values():
-            server.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--orders", type=int, default=2000, help="orders per esbridge run")
@@ -221,12 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="no aggregate cache for Orders (in both runners)",
     )
-    parser.add_argument(
-        "--separate-servers",
-        action="store_true",
-        help="measure esbridge with one shared Postgres server and with a server per "
-        "application (logs over HTTP), instead of against the library's runner",
-    )
     args = parser.parse_args(argv)
     settings = {} if args.no_cache else ORDERS_CACHE
 
@@ -236,12 +144,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"  {postgres.describe()}\n  {kafka.describe()}", flush=True)
         modes = ["payloads", "prompts"] if args.mode == "both" else [args.mode]
-        if args.separate_servers:
-            return compare_servers(args, postgres, kafka, modes, settings)
         esb: dict[str, list[Timings]] = {}
         for mode in modes:
             esb_env = {**postgres.create_database().env, **settings}
-            esb[mode] = run_processes(args, esb_env, kafka, mode)
+            with SystemProcesses(
+                esb_env,
+                kafka.config(),
+                partitions=args.partitions,
+                mode=mode,
+                workers=args.workers,
+                relay_settings=args.relay_set,
+            ) as processes:
+                orders = Orders(env=processes.env)
+                try:
+                    started = time.monotonic()
+                    esb[mode], esb_ids = measure(
+                        orders,
+                        processes.env,
+                        args.orders,
+                        args.runs,
+                        args.batch,
+                        args.timeout,
+                        processes.poll,
+                    )
+                    print(
+                        f"  (esbridge {mode} runs took {time.monotonic() - started:.1f} s)",
+                        flush=True,
+                    )
+                finally:
+                    orders.close()
+            check_exactly_once(processes.env, esb_ids, f"esbridge ({mode})")
 
         lib_env = {**postgres.create_database().env, **settings}
         runner: MultiThreadedRunner[Any] = MultiThreadedRunner(system, env=lib_env)
