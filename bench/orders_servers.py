@@ -16,8 +16,7 @@ It prints both rates and their ratio. Which layout goes first alternates per
 mode, so that a drift of the machine's load favours neither.
 
     python bench/orders_servers.py [--orders 2000] [--runs 3] [--mode payloads|prompts|both]
-                                   [--partitions N --workers N] [--no-cache]
-                                   [--relay-set NAME=VALUE ...]
+                                   [--no-cache]
 
 Servers: started here through ``esbridge.testing.make_postgres/make_kafka`` (fsync on).
 """
@@ -84,25 +83,11 @@ def run_processes(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--orders", type=int, default=2000, help="orders per run")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=10, help="orders created per transaction")
-    parser.add_argument("--partitions", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=1, help="processes per application")
-    parser.add_argument(
-        "--mode",
-        choices=["payloads", "prompts", "both"],
-        default="both",
-        help="relay mode(s) measured (default both)",
-    )
-    parser.add_argument("--timeout", type=float, default=120.0)
-    parser.add_argument(
-        "--relay-set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="relay tuning of the esbridge workers (esbridge run --relay-set)",
-    )
+    parser.add_argument("--runs", type=int, default=3, help="runs per layout and mode")
+    parser.add_argument("--mode", choices=["payloads", "prompts", "both"], default="both")
     parser.add_argument("--no-cache", action="store_true", help="no aggregate cache for Orders")
+    # As bench/orders.py's defaults: 1 partition, 1 worker, 10 orders a transaction.
+    parser.set_defaults(partitions=1, workers=1, batch=10, timeout=120.0, relay_set=[])
     args = parser.parse_args(argv)
     settings = {} if args.no_cache else dict(ORDERS_CACHE)
     modes = ["payloads", "prompts"] if args.mode == "both" else [args.mode]
