@@ -8,6 +8,14 @@ worker processes of the application that share each topic's partitions
 through one consumer group; each runs the relay too, one publishing, the
 others standing by (see :mod:`esbridge.relay.lease`). ``--supervise``
 restarts a worker that dies (kill -9 included).
+
+Each application's settings come from the environment, with the library's
+per-application prefix winning (``ORDERS_POSTGRES_HOST`` over
+``POSTGRES_HOST``). A follower reads its leaders' logs from their databases,
+or, with ``--upstream-url [LEADER=]URL`` (or ``[LEADER_]UPSTREAM_LOG_URL``)
+and the token in ``[LEADER_]UPSTREAM_LOG_TOKEN``, over HTTP from the
+leader's ``esbridge serve-log``: services with their own databases
+(docs/remote-log.md).
 """
 
 from __future__ import annotations
@@ -72,7 +80,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--setup",
         action="store_true",
-        help="create every application's tables and the topics, then exit",
+        help="create the tables of every application (with --app: of those) and their "
+        "topics, then exit",
     )
     parser.add_argument(
         "--at-least-once",
@@ -88,6 +97,16 @@ def register(subparsers: Any) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="tuning of the relays run here, as `esbridge relay --set` (linger, batch_size, ...)",
+    )
+    parser.add_argument(
+        "--upstream-url",
+        action="append",
+        default=[],
+        metavar="[LEADER=]URL",
+        help="read the leaders' logs (or LEADER's) over HTTP from the esbridge serve-log at "
+        "URL, not from their databases (token: UPSTREAM_LOG_TOKEN, or LEADER_UPSTREAM_LOG_TOKEN "
+        "in upper case; repeatable; same as setting [LEADER_]UPSTREAM_LOG_URL; "
+        "docs/remote-log.md)",
     )
     add_dead_letter_options(parser)
     parser.set_defaults(func=run)
@@ -155,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
     args.relay_options = parse_tuning(args.relay_set, "--relay-set")
     args.dead_letter_policy = policy_from_args(args)
     system = load_from_args(args)
+    from esbridge.system.upstream_logs import parse_upstream_urls
+
+    args.upstream_env = parse_upstream_urls(args.upstream_url, system)
     if args.setup:
         return setup(args, system)
     if args.worker_index is None and (args.workers > 1 or args.supervise):
@@ -164,14 +186,19 @@ def run(args: argparse.Namespace) -> int:
 
 def setup(args: argparse.Namespace, system: Any) -> int:
     from esbridge.names import SystemTopics
+    from esbridge.system.runner import check_local_apps, leaders_used
     from esbridge.system.setup import ensure_topics, setup_system
 
-    setup_system(system)
+    apps = args.apps or list(system.nodes)
+    check_local_apps(system, apps)
+    setup_system(system, apps=apps)
     names = SystemTopics(args.topic_prefix)
     ensure_topics(
-        kafka_config_from_args(args), {names.topic(n): args.partitions for n in system.leaders}
+        kafka_config_from_args(args),
+        {names.topic(n): args.partitions for n in leaders_used(system, apps)},
     )
-    print(f"tables and topics of {args.system} are ready", file=sys.stderr)
+    which = f"{', '.join(args.apps)} of " if args.apps else ""
+    print(f"tables and topics of {which}{args.system} are ready", file=sys.stderr)
     return 0
 
 
@@ -182,6 +209,7 @@ def run_here(args: argparse.Namespace, system: Any) -> int:
     worker_index = args.worker_index or 0
     runner = KafkaRunner(
         system,
+        args.upstream_env,
         kafka_config=kafka_config_from_args(args),
         apps=args.apps,
         topic_prefix=args.topic_prefix,
@@ -284,4 +312,6 @@ def worker_command(args: argparse.Namespace, app: str, index: int) -> list[str]:
         command += ["--metrics-port", str(args.metrics_port), "--metrics-addr", args.metrics_addr]
     for item in args.relay_set:
         command += ["--relay-set", item]
+    for item in args.upstream_url:
+        command += ["--upstream-url", item]
     return command + dead_letter_argv(args)

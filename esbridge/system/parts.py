@@ -24,7 +24,7 @@ broker rather than processing in parallel.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from eventsourcing.application import Application
@@ -34,6 +34,7 @@ from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.errors import ConfigurationError
 from esbridge.names import SystemTopics
 from esbridge.relay.relay import Relay
+from esbridge.system.upstream_logs import LogService
 
 #: Session timeout for consumers of supervised workers (librdkafka's default is 45 s):
 #: a worker that dies and is *not* restarted gives its partitions to the others this soon.
@@ -62,6 +63,9 @@ class PartSettings:
     worker_id: str | None
     relay_options: Mapping[str, Any]
     consumer_options: Mapping[str, Any]
+    #: Leaders whose logs are read over HTTP (``[{LEADER}_]UPSTREAM_LOG_URL``), not from
+    #: their databases.
+    log_services: Mapping[str, LogService] = field(default_factory=dict)
 
     def partitions_of(self, leader: str) -> int:
         """The partition count of ``leader``'s topic."""
@@ -94,6 +98,16 @@ def make_consumer(
             "and no tracking records to consume into"
         )
     group = settings.names.group(leader, follower)
+    service = settings.log_services.get(leader)
+    upstream_log: dict[str, Any] = (
+        {"upstream_env": settings.env}
+        if service is None
+        else {
+            "upstream_url": service.url,
+            "upstream_token": service.token,
+            "upstream_cafile": service.cafile,
+        }
+    )
     return ConsumerAdapter(
         app,
         upstream=leader,
@@ -101,7 +115,7 @@ def make_consumer(
         kafka_config=consumer_config(settings.kafka_config, group, settings.worker_id),
         group_id=group,
         mode=settings.relay_modes[leader],
-        upstream_env=settings.env,
+        **upstream_log,
         # The leader's class-level env supplies its cipher/compressor defaults for decoding.
         upstream_class=settings.system.get_app_cls(leader),
         partitions=settings.partitions_of(leader),

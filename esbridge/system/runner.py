@@ -60,6 +60,7 @@ from esbridge.system.loading import kind_of
 from esbridge.system.parts import PartSettings, make_consumer, make_relay
 from esbridge.system.setup import construct_app, ensure_topics, system_env
 from esbridge.system.status import EdgeProbe, EdgeStatus, read_only_app, relay_holder
+from esbridge.system.upstream_logs import check_upstream_readable, log_services
 
 logger = logging.getLogger("esbridge.runner")
 
@@ -210,6 +211,14 @@ class KafkaRunner(Runner[Any]):
     ``relay_modes``: ``"payloads"`` or ``"prompts"`` for every leader, or a
     mapping per leader (leaders not named get payloads). ``partitions``: how
     many partitions each topic is created with (existing topics are used as they are).
+
+    A follower run here reads each leader's log from the leader's database
+    (``{LEADER}_POSTGRES_*`` settings win), or, when ``env`` (or
+    ``os.environ``) has ``UPSTREAM_LOG_URL`` (``{LEADER}_UPSTREAM_LOG_URL``
+    wins), over HTTP from that ``esbridge serve-log`` with the token in
+    ``[{LEADER}_]UPSTREAM_LOG_TOKEN``: then the leader's database is never
+    opened here (:mod:`esbridge.system.upstream_logs`).
+    A follower with neither is refused by :meth:`start`, before anything runs.
     """
 
     def __init__(
@@ -269,13 +278,15 @@ class KafkaRunner(Runner[Any]):
             worker_id=worker_id,
             relay_options=self.relay_options,
             consumer_options=self.consumer_options,
+            log_services=log_services(self.read_remotely(), self.full_env),
         )
         self.components: list[RunningComponent] = []
         self._probes: list[EdgeProbe] | None = None
         #: True once stopped (or once a start failed): the applications are closed.
         self.is_stopped = False
+        remote = set(self.settings.log_services)
         self.apps: dict[str, Application[Any]] = construct_apps(
-            system, self.local, self.leaders_used(), self.full_env
+            system, self.local, [n for n in self.leaders_used() if n not in remote], self.full_env
         )
 
     # -- the Runner interface ------------------------------------------------
@@ -291,6 +302,9 @@ class KafkaRunner(Runner[Any]):
         self._check_can_start()
         super().start()
         try:
+            for leader, follower in self.consumed_here():
+                if leader not in self.settings.log_services and leader not in self.apps:
+                    check_upstream_readable(leader, follower, self.full_env)
             if self.create_topics:
                 ensure_topics(
                     self.kafka_config,
@@ -423,9 +437,11 @@ class KafkaRunner(Runner[Any]):
 
     def leaders_used(self) -> list[str]:
         """Leaders whose topics this process publishes to or consumes from."""
-        leaders = {leader for leader, follower in self.system.edges if follower in self.local}
-        leaders.update(name for name in self.system.leaders if name in self.local)
-        return sorted(leaders)
+        return leaders_used(self.system, self.local)
+
+    def read_remotely(self) -> list[str]:
+        """Leaders consumed here whose relays do not run here: those a log service may serve."""
+        return sorted({leader for leader, _ in self.consumed_here() if leader not in self.local})
 
     def topics_used(self) -> list[str]:
         return [self.names.topic(name) for name in self.leaders_used()]
@@ -607,6 +623,14 @@ def resolve_partitions(system: System, partitions: int | Mapping[str, int]) -> d
     if bad:
         raise ConfigurationError(f"partition counts must be positive integers, got {bad}")
     return values
+
+
+def leaders_used(system: System, apps: Iterable[str]) -> list[str]:
+    """Leaders whose topics ``apps`` publish to (their own) or consume from."""
+    local = set(apps)
+    leaders = {leader for leader, follower in system.edges if follower in local}
+    leaders.update(name for name in system.leaders if name in local)
+    return sorted(leaders)
 
 
 def check_local_apps(system: System, names: Iterable[str]) -> None:

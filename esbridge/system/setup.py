@@ -204,16 +204,21 @@ def check_tables(name: str, app: Application[Any], leaders: Sequence[str]) -> No
         ) from e
 
 
-def setup_system(system: System, env: Mapping[str, str] | None = None) -> None:
+def setup_system(
+    system: System, env: Mapping[str, str] | None = None, apps: Sequence[str] | None = None
+) -> None:
     """Create every application's tables (constructing each once), without running anything.
 
     Start-up order then does not matter: a follower that reads an upstream
     log finds its table even if the upstream process has not started yet.
+    ``apps``: only these applications' (each service with its own database
+    sets up its own).
     """
     full_env = system_env(env)
-    for name in system.nodes:
+    names = list(system.nodes) if apps is None else list(apps)
+    for name in names:
         require_postgres(name, full_env)  # in memory, nothing would be set up
-    for name in system.nodes:
+    for name in names:
         construct_app(system, name, full_env).close()
 
 

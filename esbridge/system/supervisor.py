@@ -48,6 +48,8 @@ class Worker:
     backoff: float = MIN_BACKOFF
     next_start: float = 0.0
     exit_codes: list[int] = field(default_factory=list)
+    #: Variables of this worker only, over the supervisor's environment.
+    env: Mapping[str, str] | None = None
 
 
 class Supervisor:
@@ -58,6 +60,10 @@ class Supervisor:
     A worker whose *first* start ends with status 2 (a configuration error:
     unimportable class, missing table, ...) is not restarted: it would fail the
     same way; the supervisor stops the others and returns 2.
+
+    ``env``: the environment of every worker (default: this process's);
+    ``envs``: variables of some workers only, by name, over it (an
+    application's own database settings, say).
     """
 
     def __init__(
@@ -66,9 +72,16 @@ class Supervisor:
         *,
         restart: bool = True,
         env: Mapping[str, str] | None = None,
+        envs: Mapping[str, Mapping[str, str]] | None = None,
         stop_timeout: float = 20.0,
     ) -> None:
-        self.workers = [Worker(name, list(cmd)) for name, cmd in commands.items()]
+        envs = envs or {}
+        unknown = set(envs) - set(commands)
+        if unknown:
+            raise ValueError(f"envs= names workers that have no command: {sorted(unknown)}")
+        self.workers = [
+            Worker(name, list(cmd), env=envs.get(name)) for name, cmd in commands.items()
+        ]
         self.restart = restart
         self.env = dict(env) if env is not None else None
         self.stop_timeout = stop_timeout
@@ -80,7 +93,10 @@ class Supervisor:
             self._spawn(worker)
 
     def _spawn(self, worker: Worker) -> None:
-        worker.process = subprocess.Popen(worker.command, env=self.env)
+        env = self.env
+        if worker.env is not None:
+            env = {**(os.environ if env is None else env), **worker.env}
+        worker.process = subprocess.Popen(worker.command, env=env)
         worker.started_at = time.monotonic()
         logger.info("started %s (pid %d)", worker.name, worker.process.pid)
 

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import statistics
 import sys
+import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,14 +42,17 @@ from eventsourcing.persistence import ApplicationRecorder
 from eventsourcing.utils import get_topic
 
 from esbridge.cli import build_parser
-from esbridge.cli.run import worker_command
+from esbridge.cli.run import ESBRIDGE_COMMAND, worker_command
 from esbridge.eventlog.notification_log import close_recorder, open_recorder, read_pages
+from esbridge.eventlog.remote import TOKEN_VARIABLE
 from esbridge.names import SystemTopics
 from esbridge.system.runner import SystemRunnerError
 from esbridge.system.setup import ensure_topics, setup_system
 from esbridge.system.status import edge_statuses, format_table
 from esbridge.system.supervisor import Supervisor
+from esbridge.system.upstream_logs import variable
 from esbridge.testing import make_kafka, make_postgres
+from esbridge.testing.servers import free_port
 from examples.orders.application import Orders, Payments, Reservations
 from examples.orders.domainmodel import Order, Payment, Reservation
 from examples.orders.system import system
@@ -141,6 +147,74 @@ def kafka_env(kafka_config: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
+#: Settings that say which database an application uses (plain or ``{APP}_``-prefixed).
+DATABASE_SETTINGS = ("POSTGRES_", "PERSISTENCE_MODULE")
+
+
+def prefixed(app: str, env: Mapping[str, str]) -> dict[str, str]:
+    """``env``'s settings prefixed with ``app``'s name, as the library reads them first."""
+    return {f"{app.upper()}_{key}": value for key, value in env.items()}
+
+
+def without_databases(env: Mapping[str, str], apps: Sequence[str]) -> dict[str, str]:
+    """``env`` without any application's database settings (plain or prefixed)."""
+    prefixes = [*DATABASE_SETTINGS, *(f"{a.upper()}_{p}" for a in apps for p in DATABASE_SETTINGS)]
+    return {k: v for k, v in env.items() if not k.startswith(tuple(prefixes))}
+
+
+class LogServices:
+    """One ``esbridge serve-log`` per application, on 127.0.0.1, with a token per reader.
+
+    Each follower gets its own token, listed in the token file of each leader it
+    follows and allowed to read that leader only: what one team gives another.
+    """
+
+    def __init__(self, apps: Sequence[str], directory: Path) -> None:
+        self.ports = {app: free_port() for app in apps}
+        self.tokens = {app: secrets.token_urlsafe(24) for app in apps}
+        self.token_files: dict[str, Path] = {}
+        for leader in apps:
+            readers = [f for f in system.leads.get(leader, []) if f in apps]
+            path = directory / f"{leader.lower()}-tokens.txt"
+            path.write_text("".join(f"{self.tokens[f]} {leader}  # {f}\n" for f in readers))
+            path.chmod(0o600)
+            self.token_files[leader] = path
+
+    def url(self, app: str) -> str:
+        return f"http://127.0.0.1:{self.ports[app]}"
+
+    def command(self, app: str) -> list[str]:
+        """The ``esbridge serve-log`` command serving ``app``'s log."""
+        return [
+            *ESBRIDGE_COMMAND, "--log-level", "WARNING", "serve-log",
+            f"{get_topic(system.get_app_cls(app))}", "--app-dir", str(SOURCE_ROOT),
+            "--bind", f"127.0.0.1:{self.ports[app]}", "--token-file", str(self.token_files[app]),
+        ]  # fmt: skip
+
+    def reader_env(self, follower: str) -> dict[str, str]:
+        """The token ``follower`` reads its leaders' logs with (``{LEADER}_UPSTREAM_LOG_TOKEN``)."""
+        return {
+            variable(leader, TOKEN_VARIABLE): self.tokens[follower]
+            for leader in system.follows.get(follower, [])
+        }
+
+    def wait_healthy(self, timeout: float = 60.0, poll: Callable[[], None] = lambda: None) -> None:
+        """Wait until every service answers ``/healthz``."""
+        deadline = time.monotonic() + timeout
+        for app in self.ports:
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{self.url(app)}/healthz", timeout=2) as answer:
+                        if answer.status == 200:
+                            break
+                except OSError:
+                    pass
+                poll()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the log service of {app} did not start in {timeout} s")
+                time.sleep(0.1)
+
+
 class SystemProcesses:
     """The orders system with each application in its own supervised OS process.
 
@@ -148,6 +222,15 @@ class SystemProcesses:
     --app NAME`` process per application and worker; leaving stops them
     (SIGTERM, then SIGKILL). ``kill(app)`` sends SIGKILL to one worker;
     :meth:`poll` starts it again (the supervisor's job in ``esbridge run --supervise``).
+
+    ``databases``: each application's own database settings (plain
+    ``POSTGRES_*``), for services with their own databases. Then each worker
+    gets only its application's settings (none of another's), reads its
+    leaders' logs over HTTP (``esbridge run --upstream-url``) from one
+    ``esbridge serve-log`` per application (supervised too, named
+    ``serve-log[App]``) with its own token, and :attr:`env` (for this process:
+    submitting orders, counting effects) holds every database's settings
+    prefixed by the application's name.
     """
 
     def __init__(
@@ -163,8 +246,19 @@ class SystemProcesses:
         apps: Sequence[str] = APPS,
         log_level: str = "WARNING",
         relay_settings: Sequence[str] = (),
+        databases: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.env = {**os.environ, **env, **kafka_env(kafka_config)}
+        self.services: LogServices | None = None
+        self._tokens_dir: tempfile.TemporaryDirectory[str] | None = None
+        upstream_urls: list[str] = []
+        if databases is not None:
+            worker_base = without_databases(self.env, APPS)
+            self._tokens_dir = tempfile.TemporaryDirectory(prefix="esbridge-tokens-")
+            self.services = LogServices(list(apps), Path(self._tokens_dir.name))
+            upstream_urls = [f"{app}={self.services.url(app)}" for app in apps]
+            for app in apps:
+                self.env.update(prefixed(app, databases[app]))
         self.kafka_config = dict(kafka_config)
         self.partitions = partitions
         self.mode = mode
@@ -174,14 +268,27 @@ class SystemProcesses:
             ["--log-level", log_level, "run", system_path, "--app-dir", str(SOURCE_ROOT),
              "--topic-prefix", self.prefix, "--partitions", str(partitions), "--mode", mode,
              "--workers", str(workers),
-             *(arg for item in relay_settings for arg in ("--relay-set", item))]
+             *(arg for item in relay_settings for arg in ("--relay-set", item)),
+             *(arg for item in upstream_urls for arg in ("--upstream-url", item))]
         )  # fmt: skip
         commands = {
             f"{app}[{index}]": worker_command(args, app, index)
             for app in apps
             for index in range(workers)
         }
-        self.supervisor = Supervisor(commands, restart=True, env=self.env)
+        if databases is None or self.services is None:
+            self.supervisor = Supervisor(commands, restart=True, env=self.env)
+            return
+        services = self.services
+        envs = {
+            f"{app}[{index}]": {**databases[app], **services.reader_env(app)}
+            for app in apps
+            for index in range(workers)
+        }
+        for app in apps:
+            commands[f"serve-log[{app}]"] = services.command(app)
+            envs[f"serve-log[{app}]"] = dict(databases[app])
+        self.supervisor = Supervisor(commands, restart=True, env=worker_base, envs=envs)
 
     def setup(self) -> None:
         """Create every application's tables and every leader's topic."""
@@ -192,10 +299,18 @@ class SystemProcesses:
     def __enter__(self) -> SystemProcesses:
         self.setup()
         self.supervisor.start()
+        if self.services is not None:
+            try:
+                self.services.wait_healthy(poll=self.poll)
+            except BaseException:
+                self.__exit__()
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.supervisor.stop()
+        if self._tokens_dir is not None:
+            self._tokens_dir.cleanup()
 
     def poll(self) -> None:
         """Restart workers that died (call now and then).
