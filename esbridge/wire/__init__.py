@@ -33,6 +33,12 @@ Payload messages (one per notification of an application's notification log):
   ``ce_time``                   RFC 3339 time of the event when the relay can
                                 decode it, else the time it was published
   ``ce_subject``                the aggregate id
+  ``esb_deps``                  only from a relay with causal dependencies on,
+                                and only when the message has some:
+                                ``"1;P=N,P=N"``, encoding version 1, then for
+                                other partitions ``P`` the notification id ``N``
+                                a consumer must have processed on ``P`` first
+                                (:func:`encode_deps`, docs/partitioning.md)
   ============================  ===============================================
 
 Prompt messages (prompt mode) are tiny JSON objects on a prompt topic:
@@ -64,6 +70,9 @@ CE_SOURCE = "ce_source"
 CE_TYPE = "ce_type"
 CE_TIME = "ce_time"
 CE_SUBJECT = "ce_subject"
+H_DEPS = "esb_deps"
+#: The version of the ``esb_deps`` value's encoding (its prefix, before ``;``).
+DEPS_VERSION = "1"
 
 KIND_PAYLOAD = "payload"
 KIND_PROMPT = "prompt"
@@ -214,6 +223,42 @@ def decode_payload(
     if message_kind(decoded) == KIND_PROMPT:
         return None
     return decode_payload_headers(decoded, key)
+
+
+def encode_deps(deps: Sequence[tuple[int, int]]) -> bytes:
+    """The ``esb_deps`` value of ``(partition, notification id)`` pairs: ``b"1;0=12,3=40"``.
+
+    A message on partition ``p`` with ``esb_deps`` ``1;q=n`` must not be
+    processed before notification ``n`` of partition ``q`` is. The relay names
+    only the partitions that received messages since ``p``'s previous message
+    (the others are implied: that message waited for them), so the header
+    stays short and is absent from most messages when few partitions are busy.
+    """
+    return (DEPS_VERSION + ";" + ",".join(f"{p}={n}" for p, n in deps)).encode()
+
+
+def decode_deps(value: bytes | str | None) -> list[tuple[int, int]]:
+    """The ``(partition, notification id)`` pairs of an ``esb_deps`` value.
+
+    Raises :class:`MessageFormatError` for an encoding version this esbridge
+    does not know (the consumer must not guess what it would have to wait
+    for) or a malformed value.
+    """
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else (value or "")
+    version, sep, body = text.partition(";")
+    if version != DEPS_VERSION or not sep:
+        raise MessageFormatError(
+            f"esb_deps header {text!r} has encoding version {version!r}; this esbridge "
+            f"reads version {DEPS_VERSION!r}: upgrade the consumer"
+        )
+    try:
+        pairs = []
+        for item in filter(None, body.split(",")):
+            partition, _, nid = item.partition("=")
+            pairs.append((int(partition), int(nid)))
+        return pairs
+    except ValueError:
+        raise MessageFormatError(f"malformed esb_deps header {text!r}") from None
 
 
 def decode_prompt(value: bytes | None) -> Prompt:
