@@ -45,13 +45,8 @@ log = logging.getLogger("esbridge.consumer")
 
 def step_deps(step: Step) -> list[tuple[int, int]]:
     """The ``(partition, notification id)`` pairs a step's message waits for (often none)."""
-    headers = getattr(step.source, "headers", None)
-    if not headers:
-        return []
-    for name, value in reversed(headers):  # the relay puts esb_deps after the others
-        if name == wire.H_DEPS:
-            return wire.decode_deps(value)
-    return []
+    value = getattr(step.source, "deps", "")
+    return wire.decode_deps(value) if value else []
 
 
 class CausalGate:

@@ -358,6 +358,7 @@ def _source(message: Message, payload: wire.PayloadHeaders | None) -> Source:
         nid=payload.nid if payload else None,
         event_time=payload.time if payload else None,
         kafka_timestamp=_timestamp(message),
+        deps=payload.deps if payload else "",
     )
 
 

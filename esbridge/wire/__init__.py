@@ -97,6 +97,8 @@ class PayloadHeaders:
     content_type: str
     time: str
     originator_id: str
+    #: The ``esb_deps`` value (causal dependencies, :func:`decode_deps`); "" when none.
+    deps: str = ""
 
     def encode(self) -> Headers:
         """Headers in the order they are published."""
@@ -116,6 +118,8 @@ class PayloadHeaders:
             (CE_TIME, self.time),
             (CE_SUBJECT, self.originator_id),
         ]
+        if self.deps:
+            items.append((H_DEPS, self.deps))
         return [(k, v.encode()) for k, v in items]
 
 
@@ -176,6 +180,7 @@ def decode_payload_headers(headers: dict[str, str], key: bytes | None) -> Payloa
             content_type=headers.get(H_CONTENT_TYPE, "application/octet-stream"),
             time=headers.get(CE_TIME, ""),
             originator_id=(key or b"").decode("utf-8", "replace"),
+            deps=headers.get(H_DEPS, ""),
         )
     except KeyError as e:
         raise MessageFormatError(f"payload message lacks header {e.args[0]!r}") from None
@@ -215,6 +220,7 @@ def decode_payload(
                 content_type=content_type.decode(),  # type: ignore[union-attr]
                 time=h.get(CE_TIME, b"").decode(),  # type: ignore[union-attr]
                 originator_id=(key or b"").decode(),
+                deps=h.get(H_DEPS, b"").decode(),  # type: ignore[union-attr]
             )
             return payload
     except Exception:  # the general path below gives the exact answer or error
