@@ -7,12 +7,16 @@ it keeps a card per customer, and per order whether the customer's card was
 there when the order arrived (``customer_known``): an order processed before
 its customer is recorded as such, never raised, so a test counts violations
 exactly. ``Fulfilment.gate`` (when set) is waited on before a customer is
-processed: the test slows partition 0 for as long as it likes.
+processed: the test slows partition 0 for as long as it likes; in a
+subprocess (``esbridge consume``), ``FULFILMENT_CUSTOMER_DELAY`` seconds are
+slept before each customer instead.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -106,6 +110,7 @@ class Fulfilment(ProcessApplication[UUID]):
         gate = Fulfilment.gate
         if gate is not None:
             gate.wait(60)
+        time.sleep(float(os.environ.get("FULFILMENT_CUSTOMER_DELAY", "0")))
         processing_event.collect_events(CustomerCard(domain_event.originator_id))
 
     @policy.register(Order.Placed)

@@ -14,9 +14,14 @@ opt-out (``causal_dependencies=False``) every order overtakes its customer.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +29,8 @@ from prometheus_client import CollectorRegistry
 
 from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.errors import CausalDependencyTimeoutError
+from esbridge.kafka.partitioning import partition_for_key
+from esbridge.names import tracking_names
 from esbridge.relay.relay import Relay
 from tests.support.causal_shop import (
     CUSTOMERS_PARTITION,
@@ -205,3 +212,93 @@ def test_a_dependency_never_processed_stops_the_consumer_with_a_clear_error(
     assert (error.nid, error.waiting_for_nid, error.position) == (2, 1, 0)
     assert "partition 0" in str(error) and "causal_dependencies=False" in str(error)
     assert orders.app.order_cards() == []  # nothing recorded past the waiting event
+
+
+ROOT = Path(__file__).resolve().parents[3]
+KILLED_RUN_ORDERS = 25
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_member_mid_run_keeps_the_log_order_exactly(
+    postgres_db: Any, kafka_broker: Any, create_topic: Any, kafka_config: dict[str, Any],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """Two ``esbridge consume`` processes; one is killed -9 while they take turns, a new one
+    joins: every event once, every order after its customer, the log's order exactly."""
+    topic = create_topic(partitions=PARTITIONS)
+    shop = Shop(env=postgres_db.env)
+    try:
+        for i in range(KILLED_RUN_ORDERS):
+            shop.place(shop.register(i), i)
+        relay = Relay(
+            "Shop", kafka_config=kafka_config, topic=topic, env=postgres_db.env,
+            causal_dependencies=True,
+        )  # fmt: skip
+        assert publish_and_close(relay) == 2 * KILLED_RUN_ORDERS
+        last = {  # each partition's last notification id: where its tracking must end
+            partition_for_key(str(n.originator_id).encode(), PARTITIONS): n.id
+            for n in shop.recorder.select_notifications(start=1, limit=1000)
+        }
+    finally:
+        shop.close()
+    env = {
+        **os.environ,
+        **postgres_db.env,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
+        "KAFKA_SESSION_TIMEOUT_MS": "3000",  # a killed member's partitions move on soon
+        "KAFKA_HEARTBEAT_INTERVAL_MS": "300",
+        "FULFILMENT_CUSTOMER_DELAY": "0.05",  # partition 0 is the slow one
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    view = Fulfilment(env=postgres_db.env)  # creates the follower's tables once
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(n: int) -> None:
+        log = open(tmp_path / f"member-{n}.log", "wb")  # noqa: SIM115
+        command = [
+            sys.executable, "-c", "import sys; from esbridge.cli import main; sys.exit(main())",
+            "consume", "tests.support.causal_shop:Fulfilment", "--app-dir", str(ROOT),
+            "--upstream", "Shop", "--topic", topic, "--group", f"{topic}.fulfilment",
+            "--partitions", str(PARTITIONS), "--causal-timeout", "60",
+        ]  # fmt: skip
+        procs.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=log))
+        log.close()
+
+    try:
+        start(1)
+        start(2)
+        wait_for(lambda: count_notifications(view) >= 16, 60, "the members to be mid-run")
+        os.kill(procs[0].pid, signal.SIGKILL)
+        procs[0].wait()
+        start(3)
+        wait_for(
+            lambda: (
+                count_notifications(view) == 2 * KILLED_RUN_ORDERS
+                or any(p.poll() not in (None, -signal.SIGKILL) for p in procs)
+            ),
+            90,
+            "every event to be processed",
+        )
+        assert [p.poll() for p in procs[1:]] == [None, None], [
+            (tmp_path / f"member-{n}.log").read_text()[-3000:] for n in (2, 3)
+        ]
+        time.sleep(1.0)  # nothing more comes: not a single duplicate effect
+        assert count_notifications(view) == 2 * KILLED_RUN_ORDERS
+        assert [known for _, known in view.order_cards()] == [True] * KILLED_RUN_ORDERS
+        assert view.card_topics() == ["customer", "order"] * KILLED_RUN_ORDERS
+        names = tracking_names("Shop", PARTITIONS)
+        assert [view.recorder.max_tracking_id(name) for name in names] == [
+            last[CUSTOMERS_PARTITION],
+            last[ORDERS_PARTITION],
+        ]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        view.close()
