@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from esbridge.consumer.adapter import ConsumerAdapter
@@ -135,6 +136,15 @@ def shop_published(postgres_db: Any, kafka_config: dict[str, Any], topic: str) -
         shop.close()
 
 
+def committed_offset(kafka_config: dict[str, Any], topic: str, partition: int) -> int | None:
+    probe = Consumer({**kafka_config, "group.id": f"{topic}.fulfilment"})
+    try:
+        (tp,) = probe.committed([TopicPartition(topic, partition)], timeout=10)
+        return tp.offset if tp.offset >= 0 else None
+    finally:
+        probe.close()
+
+
 def owner_of(pair: list[Member], partition: int) -> Member:
     return next(m for m in pair if partition in m.assigned())
 
@@ -155,6 +165,8 @@ def test_an_order_waits_for_its_customer_on_another_member(
     wait_for(lambda: orders.held() == ORDERS, 30, "every order to be held")
     time.sleep(1.0)  # a member ignoring the dependency would have processed them by now
     assert orders.app.order_cards() == []
+    # The group's offset stays at the first held order: a member taking over reads them.
+    assert committed_offset(kafka_config, topic, ORDERS_PARTITION) in (None, 0)
     gate.set()
     view = Fulfilment(env=postgres_db.env)
     try:
