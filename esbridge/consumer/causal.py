@@ -49,6 +49,10 @@ def step_deps(step: Step) -> list[tuple[int, int]]:
     return wire.decode_deps(value) if value else []
 
 
+def _none(step: Step) -> list[tuple[int, int]]:
+    return []
+
+
 class CausalGate:
     """Holds steps whose causal dependencies are not processed yet (module docstring)."""
 
@@ -64,7 +68,9 @@ class CausalGate:
         """
         parts = self.context.assignment.parts
         held = [step for part in parts.values() for step in part.causal_held]
-        if not held and not any(step_deps(step) for step in steps):
+        # Turned off on a running consumer: what it held goes now, in order.
+        deps_of = step_deps if self.context.tuning.causal_dependencies else _none
+        if not held and not any(deps_of(step) for step in steps):
             return steps  # the common case: nothing to wait for
         by_name = {part.tracking_name: part for part in parts.values()}
         for part in parts.values():
@@ -76,7 +82,7 @@ class CausalGate:
         waits = 0
         for owner, step in self._in_log_order((*held, *steps), by_name):
             if owner.number not in blocked:
-                missing = self._missing(step_deps(step), done, stored)
+                missing = self._missing(deps_of(step), done, stored)
                 if missing is None:
                     released.append(step)
                     if step.tracking is not None:
@@ -90,6 +96,10 @@ class CausalGate:
         metrics.causal_waits.inc(waits)
         metrics.causal_held.set(sum(len(part.causal_held) for part in parts.values()))
         return released
+
+    def holding(self) -> bool:
+        """Whether any assigned partition holds steps."""
+        return any(part.causal_held for part in self.context.assignment.parts.values())
 
     def _in_log_order(
         self, steps: Iterable[Step], by_name: dict[str, Partition]

@@ -128,7 +128,7 @@ class PayloadMode(Mode):
                     position=gap.after,
                     held_nid=gap.before,
                 )
-        if tuning.causal_dependencies:
+        if tuning.causal_dependencies or self.causal.holding():
             steps = self.causal.release(steps, now)
         if steps and not context.commit(steps):
             return len(messages)
