@@ -20,6 +20,15 @@ upstream log on the SAME Postgres server (fsync on) in this run:
 
 Also measured: 2 consumer processes in one group on a 2-partition topic.
 Runs ``--runs`` times (median). Usage: ``python bench/consume.py [--events N]``.
+
+``--causal-only``: instead, what causal dependencies cost. The log is published
+to two 2-partition topics, by a relay without and with
+``causal_dependencies`` (relay time for each), then one consumer drains each,
+alternating, ``--runs`` times: the median rate of each and their ratio. On
+this workload (tricks of dogs on both partitions, interleaved) nearly every
+message carries ``esb_deps``; one member owns both partitions, so every
+dependency is met in its own batch: the cost measured is the gate's
+bookkeeping, not waiting.
 """
 
 from __future__ import annotations
@@ -242,7 +251,12 @@ def main() -> int:
     parser.add_argument("--tricks", type=int, default=5000, help="distinct counters")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=2000, help="messages a transaction")
+    parser.add_argument(
+        "--causal-only", action="store_true", help="measure what causal dependencies cost"
+    )
     args = parser.parse_args()
+    if args.causal_only:
+        return causal_cost(args)
 
     postgres = make_postgres(fsync=True)
     kafka_broker = make_kafka()
@@ -329,6 +343,54 @@ def main() -> int:
             "after colliding with the other member's writes)"
         )
         check_counts(env, upstream)
+    finally:
+        kafka_broker.close()
+        postgres.close()
+    return 0
+
+
+def causal_cost(args: argparse.Namespace) -> int:
+    """One consumer on a 2-partition topic, without and with esb_deps (see the docstring)."""
+    postgres = make_postgres(fsync=True)
+    kafka_broker = make_kafka()
+    try:
+        upstream = dict(postgres.create_database().env)
+        total = populate(upstream, args.events, args.tricks)
+        print(f"upstream log: {total} events")
+        kafka = kafka_broker.config()
+        topics = {}
+        for causal in (False, True):
+            topic = kafka_broker.create_topic(partitions=2)
+            relay = Relay(
+                "DogSchool", kafka_config=kafka, topic=topic, env=upstream, partitions=2,
+                causal_dependencies=causal,
+            )  # fmt: skip
+            t0 = time.perf_counter()
+            assert relay.publish_available() == total
+            relay.close()
+            print(f"relay, causal_dependencies={causal}: {total} events in "
+                  f"{time.perf_counter() - t0:.2f} s")  # fmt: skip
+            topics[causal] = topic
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        cpus: dict[bool, list[float]] = {False: [], True: []}
+        for run in range(1, args.runs + 1):
+            for causal in (False, True):
+                env = fresh_env(postgres, upstream)
+                processed, rate, _whole, cpu = esbridge_run(
+                    env, topics[causal], kafka, f"causal-{causal}-{run}", total, args.batch_size
+                )
+                assert processed == total, (processed, total)
+                check_counts(env, upstream)
+                rates[causal].append(rate)
+                cpus[causal].append(cpu / processed * 1e6)
+                print(f"run {run}: causal_dependencies={causal}: {rate:,.0f} events/s, "
+                      f"CPU {cpus[causal][-1]:.1f} us/event")  # fmt: skip
+        plain, causal_rate = (statistics.median(rates[c]) for c in (False, True))
+        plain_cpu, causal_cpu = (statistics.median(cpus[c]) for c in (False, True))
+        print(f"MEDIAN one member, 2 partitions: without esb_deps {plain:,.0f} events/s "
+              f"(CPU {plain_cpu:.1f} us/event), with {causal_rate:,.0f} events/s "
+              f"(CPU {causal_cpu:.1f} us/event): {causal_rate / plain:.2f}x the rate, "
+              f"{causal_cpu / plain_cpu:.2f}x the CPU")  # fmt: skip
     finally:
         kafka_broker.close()
         postgres.close()

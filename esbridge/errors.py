@@ -304,6 +304,40 @@ class GapNotReconciledError(ConsumerError):
         self.held_nid = held_nid
 
 
+class CausalDependencyTimeoutError(ConsumerError):
+    """An event waited longer than ``causal_timeout`` for an event of another partition.
+
+    The relay published it with causal dependencies (``esb_deps``): it may be
+    processed only once ``waiting_for_nid`` of partition ``waiting_for`` is
+    processed, and the follower's tracking record of that partition (read from
+    Postgres: another member of the group may own it) stayed at ``position``.
+    Usually the member owning that partition is down, stuck, or lags far
+    behind: look at it. The event is not lost: the consumer stops without
+    recording it, and processes it when restarted once the other partition
+    has caught up. To process partitions independently instead, start the
+    follower's consumer with ``causal_dependencies=False``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        topic: str | None = None,
+        partition: int | None = None,
+        nid: int | None = None,
+        waiting_for: int | None = None,
+        waiting_for_nid: int | None = None,
+        position: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.partition = partition
+        self.nid = nid
+        self.waiting_for = waiting_for
+        self.waiting_for_nid = waiting_for_nid
+        self.position = position
+
+
 class PoisonMessageError(ConsumerError):
     """A message kept failing and the follower's dead-letter policy says ``on_exhausted="stop"``.
 

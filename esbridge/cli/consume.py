@@ -92,6 +92,20 @@ def register(subparsers: Any) -> None:
         help="attempts more for a failing policy before its message is parked (default 3; "
         "the former form of --max-attempts)",
     )
+    parser.add_argument(
+        "--no-causal-dependencies",
+        action="store_true",
+        help="process each partition on its own, ignoring the esb_deps header of a relay "
+        "with causal dependencies (default: an event waits for what it depends on in other "
+        "partitions; docs/partitioning.md)",
+    )
+    parser.add_argument(
+        "--causal-timeout",
+        type=float,
+        default=60.0,
+        help="seconds an event may wait for its causal dependencies, then the consumer "
+        "fails naming the partition it waits for (default 60)",
+    )
     add_dead_letter_options(parser)
     add_connect_timeout(parser)
     parser.set_defaults(func=consume)
@@ -144,6 +158,8 @@ def consume(args: argparse.Namespace) -> int:
         hold_timeout=args.hold_timeout,
         connect_timeout=args.connect_timeout,
         verify_messages=args.verify_messages,
+        causal_dependencies=not args.no_causal_dependencies,
+        causal_timeout=args.causal_timeout,
         **poison,
     )
     if args.metrics_port:

@@ -51,6 +51,8 @@ class _Family:
     trailing: Counter
     held: Gauge
     held_age: Gauge
+    causal_held: Gauge
+    causal_waits: Counter
     dlq: Gauge
     lag_events: Gauge
     lag_seconds: Gauge
@@ -92,6 +94,16 @@ def _build(registry: CollectorRegistry) -> _Family:
         ),
         held=make.gauge("held_partitions", "Partitions held behind a gap"),
         held_age=make.gauge("held_age_seconds", "Age of the oldest held gap"),
+        causal_held=make.gauge(
+            "causal_held_events",
+            "Events ready but waiting for their causal dependencies (esb_deps) on other "
+            "partitions to be processed",
+        ),
+        causal_waits=make.counter(
+            "causal_waits",
+            "Times a partition's next event had to wait for a causal dependency on another "
+            "partition",
+        ),
         dlq=make.gauge("dead_letters", "Parked messages of this follower"),
         lag_events=make.gauge("lag_events", "Messages on the topic not yet consumed"),
         lag_seconds=make.gauge("lag_seconds", "Age of the last processed message while behind"),
@@ -135,6 +147,8 @@ class ConsumerMetrics:
         self.trailing = family.trailing.labels(**labels)
         self.held = family.held.labels(**labels)
         self.held_age = family.held_age.labels(**labels)
+        self.causal_held = family.causal_held.labels(**labels)
+        self.causal_waits = family.causal_waits.labels(**labels)
         self.dlq = family.dlq.labels(**labels)
         self.lag_events = family.lag_events.labels(**labels)
         self.lag_seconds = family.lag_seconds.labels(**labels)

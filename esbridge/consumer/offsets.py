@@ -109,8 +109,9 @@ def commit_offsets(
 ) -> None:
     """Commit, for each partition (of ``only``), the offset up to which Postgres has it all.
 
-    A partition holding messages behind a gap commits the lowest offset held
-    (with reordering, not the lowest id's), so a restart reads them again.
+    A partition holding messages behind a gap, or steps waiting for causal
+    dependencies, commits the lowest offset held (with reordering, not the
+    lowest id's), so a restart reads them again.
     """
     offsets = []
     for part in assignment.parts.values():
@@ -123,6 +124,11 @@ def commit_offsets(
             offset = part.last_offset + 1
         else:
             continue
+        if part.causal_held:  # waiting for other partitions: a restart reads them again
+            waiting = [getattr(s.source, "kafka_offset", None) for s in part.causal_held]
+            if None in waiting:
+                continue  # events read from the log wait too: keep the offset where it is
+            offset = min(offset, *(o for o in waiting if o is not None))
         if offset > part.resume_offset:
             part.resume_offset = offset
             position = assignment.positions.get(part.tracking_name, 0)

@@ -22,6 +22,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, Message, TopicPar
 from eventsourcing.persistence import Notification, Tracking
 
 from esbridge import wire
+from esbridge.consumer.causal import CausalGate
 from esbridge.consumer.modes import Mode, ModeContext
 from esbridge.consumer.offsets import commit_offsets, lag
 from esbridge.consumer.state import Partition
@@ -45,6 +46,7 @@ class PayloadMode(Mode):
     def __init__(self, context: ModeContext) -> None:
         super().__init__(context)
         self.trailing = TrailingGaps(context)
+        self.causal = CausalGate(context)
         self.upstream_check = UpstreamCheck(context.upstream, context.assignment.topic)
 
     def tracking_names(self, partitions: int) -> list[str]:
@@ -57,6 +59,7 @@ class PayloadMode(Mode):
         self.trailing.close()
 
     def resynced(self, consumer: Consumer, part: Partition) -> None:
+        part.causal_held, part.causal_since = [], None  # read again from the offset
         consumer.seek(
             TopicPartition(self.context.assignment.topic, part.number, part.resume_offset)
         )
@@ -67,7 +70,7 @@ class PayloadMode(Mode):
     def caught_up(self, consumer: Consumer) -> bool:
         topic = self.context.assignment.topic
         for part in self.context.assignment.parts.values():
-            if part.order.held_count:
+            if part.order.held_count or part.causal_held:
                 return False
             tp = TopicPartition(topic, part.number)
             _low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
@@ -125,6 +128,8 @@ class PayloadMode(Mode):
                     position=gap.after,
                     held_nid=gap.before,
                 )
+        if tuning.causal_dependencies or self.causal.holding():
+            steps = self.causal.release(steps, now)
         if steps and not context.commit(steps):
             return len(messages)
         # Only now, with the batch in Postgres, may offsets move past its messages: an
@@ -353,6 +358,7 @@ def _source(message: Message, payload: wire.PayloadHeaders | None) -> Source:
         nid=payload.nid if payload else None,
         event_time=payload.time if payload else None,
         kafka_timestamp=_timestamp(message),
+        deps=payload.deps if payload else "",
     )
 
 

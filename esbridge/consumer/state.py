@@ -21,6 +21,7 @@ from esbridge.consumer.reconcile import PartitionOrder
 from esbridge.deadletters.policy import DeadLetterPolicy
 from esbridge.errors import ConfigurationError
 from esbridge.eventlog.notification_log import DEFAULT_PAGE_SIZE
+from esbridge.processing.steps import Step
 
 #: What a partition holds while it waits for a gap to close: the messages, decoded.
 HeldMessage = tuple[Message, wire.PayloadHeaders]
@@ -54,7 +55,14 @@ class Tuning:
     one, ``retries`` and ``retry_backoff`` make a policy that parks),
     ``lso_interval`` (5 s: how often the last stable offset of each assigned
     partition is asked, for ``esbridge_partition_lso_gap_messages``, in the
-    background, see :mod:`~esbridge.consumer.stable_offsets`).
+    background, see :mod:`~esbridge.consumer.stable_offsets`),
+    ``causal_dependencies`` (True: a message whose relay gave it causal
+    dependencies, the ``esb_deps`` header, waits until the events it names on
+    other partitions are processed, as the follower's tracking records in
+    Postgres say; False: each partition goes its own way, see
+    docs/partitioning.md and :mod:`~esbridge.consumer.causal`),
+    ``causal_timeout`` (60 s: how long an event may wait for them before the
+    consumer stops with :class:`~esbridge.errors.CausalDependencyTimeoutError`).
 
     Read at each use, never copied: changing one on a running adapter takes effect.
     """
@@ -77,6 +85,8 @@ class Tuning:
     fair_partitions: bool = True
     dead_letter_policy: DeadLetterPolicy | Mapping[str, DeadLetterPolicy] | None = None
     lso_interval: float = 5.0
+    causal_dependencies: bool = True
+    causal_timeout: float = 60.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def policy_for(self, follower: str) -> DeadLetterPolicy:
@@ -142,6 +152,10 @@ class Partition:
     last_timestamp: float = 0.0
     last_seen: float = 0.0  # monotonic time of its last message, or of its assignment
     trailing: tuple[int, float] | None = None  # (relay's last id here, since): a held end
+    #: Steps ready but waiting for causal dependencies on other partitions, in order.
+    causal_held: list[Step] = field(default_factory=list)
+    #: (first held step's id, since when) while ``causal_held`` is not empty.
+    causal_since: tuple[int | None, float] | None = None
 
 
 @dataclass

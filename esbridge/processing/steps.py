@@ -92,6 +92,8 @@ class Source:
     #: ``ce_time`` header (RFC 3339), and its Kafka timestamp (epoch seconds).
     event_time: str | None = None
     kafka_timestamp: float | None = None
+    #: The message's ``esb_deps`` header: what it waits for on other partitions ("": none).
+    deps: str = ""
 
 
 class StepFactory:

@@ -161,7 +161,13 @@ class PayloadPublishing:
 
     def _make_publisher(self, partitions: int) -> KafkaPublisher:
         content_type = content_type_for(upstream_environment(self.app, self.env))
-        encoder = PayloadEncoder(self.app, partitions, content_type, self.encoder_hook)
+        encoder = PayloadEncoder(
+            self.app,
+            partitions,
+            content_type,
+            self.encoder_hook,
+            causal=self.tuning.causal_dependencies,
+        )
         return KafkaPublisher(
             {**self.kafka_config, **self._producer_overrides},
             app=self.app,

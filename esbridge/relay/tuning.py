@@ -67,3 +67,9 @@ class RelayTuning:
     #: lease up, so that a standby that can reach Kafka publishes (it then stands
     #: by itself). None: it keeps the lease, retrying, for as long as it takes.
     lease_yield: float | None = 60.0
+    #: Payload mode: give each message an ``esb_deps`` header naming, for the other
+    #: partitions, the notification id a consumer must have processed there first
+    #: (docs/partitioning.md), so that followers apply the log's order across
+    #: partitions. Off by default: it costs the relay a little per message and
+    #: makes followers wait for their slowest partition.
+    causal_dependencies: bool = False

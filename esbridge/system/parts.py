@@ -83,7 +83,10 @@ def make_relay(settings: PartSettings, leader: str) -> Relay:
         relay_id=settings.names.relay_id(leader),
         exactly_once=settings.exactly_once,
         partitions=settings.partitions_of(leader),
-        **dict(settings.relay_options),
+        **{
+            **_causal(settings.system.get_app_cls(leader), RELAY_CAUSAL, "causal_dependencies"),
+            **dict(settings.relay_options),
+        },
     )
 
 
@@ -119,8 +122,29 @@ def make_consumer(
         # The leader's class-level env supplies its cipher/compressor defaults for decoding.
         upstream_class=settings.system.get_app_cls(leader),
         partitions=settings.partitions_of(leader),
-        **settings.consumer_options,
+        **{
+            **_causal(type(app), CONSUMER_CAUSAL, "causal_dependencies"),
+            **settings.consumer_options,
+        },
     )
+
+
+#: An upstream application class attribute: True makes its relay give each message its
+#: causal dependencies (``esb_deps``; docs/partitioning.md). Default False.
+RELAY_CAUSAL = "publish_causal_dependencies"
+#: A follower application class attribute: False makes its consumers process each
+#: partition on its own, ignoring ``esb_deps``. Default True.
+CONSUMER_CAUSAL = "wait_for_causal_dependencies"
+
+
+def _causal(cls: type, attribute: str, option: str) -> dict[str, Any]:
+    """``{option: cls.attribute}`` when the application class sets it (a bool), else ``{}``."""
+    value = getattr(cls, attribute, None)
+    if value is None:
+        return {}
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{cls.__name__}.{attribute} must be True or False, not {value!r}")
+    return {option: value}
 
 
 def consumer_config(

@@ -33,6 +33,12 @@ Payload messages (one per notification of an application's notification log):
   ``ce_time``                   RFC 3339 time of the event when the relay can
                                 decode it, else the time it was published
   ``ce_subject``                the aggregate id
+  ``esb_deps``                  only from a relay with causal dependencies on,
+                                and only when the message has some:
+                                ``"1;P=N,P=N"``, encoding version 1, then for
+                                other partitions ``P`` the notification id ``N``
+                                a consumer must have processed on ``P`` first
+                                (:func:`encode_deps`, docs/partitioning.md)
   ============================  ===============================================
 
 Prompt messages (prompt mode) are tiny JSON objects on a prompt topic:
@@ -64,6 +70,9 @@ CE_SOURCE = "ce_source"
 CE_TYPE = "ce_type"
 CE_TIME = "ce_time"
 CE_SUBJECT = "ce_subject"
+H_DEPS = "esb_deps"
+#: The version of the ``esb_deps`` value's encoding (its prefix, before ``;``).
+DEPS_VERSION = "1"
 
 KIND_PAYLOAD = "payload"
 KIND_PROMPT = "prompt"
@@ -88,6 +97,8 @@ class PayloadHeaders:
     content_type: str
     time: str
     originator_id: str
+    #: The ``esb_deps`` value (causal dependencies, :func:`decode_deps`); "" when none.
+    deps: str = ""
 
     def encode(self) -> Headers:
         """Headers in the order they are published."""
@@ -107,6 +118,8 @@ class PayloadHeaders:
             (CE_TIME, self.time),
             (CE_SUBJECT, self.originator_id),
         ]
+        if self.deps:
+            items.append((H_DEPS, self.deps))
         return [(k, v.encode()) for k, v in items]
 
 
@@ -167,6 +180,7 @@ def decode_payload_headers(headers: dict[str, str], key: bytes | None) -> Payloa
             content_type=headers.get(H_CONTENT_TYPE, "application/octet-stream"),
             time=headers.get(CE_TIME, ""),
             originator_id=(key or b"").decode("utf-8", "replace"),
+            deps=headers.get(H_DEPS, ""),
         )
     except KeyError as e:
         raise MessageFormatError(f"payload message lacks header {e.args[0]!r}") from None
@@ -206,6 +220,7 @@ def decode_payload(
                 content_type=content_type.decode(),  # type: ignore[union-attr]
                 time=h.get(CE_TIME, b"").decode(),  # type: ignore[union-attr]
                 originator_id=(key or b"").decode(),
+                deps=h.get(H_DEPS, b"").decode(),  # type: ignore[union-attr]
             )
             return payload
     except Exception:  # the general path below gives the exact answer or error
@@ -214,6 +229,42 @@ def decode_payload(
     if message_kind(decoded) == KIND_PROMPT:
         return None
     return decode_payload_headers(decoded, key)
+
+
+def encode_deps(deps: Sequence[tuple[int, int]]) -> bytes:
+    """The ``esb_deps`` value of ``(partition, notification id)`` pairs: ``b"1;0=12,3=40"``.
+
+    A message on partition ``p`` with ``esb_deps`` ``1;q=n`` must not be
+    processed before notification ``n`` of partition ``q`` is. The relay names
+    only the partitions that received messages since ``p``'s previous message
+    (the others are implied: that message waited for them), so the header
+    stays short and is absent from most messages when few partitions are busy.
+    """
+    return (DEPS_VERSION + ";" + ",".join(f"{p}={n}" for p, n in deps)).encode()
+
+
+def decode_deps(value: bytes | str | None) -> list[tuple[int, int]]:
+    """The ``(partition, notification id)`` pairs of an ``esb_deps`` value.
+
+    Raises :class:`MessageFormatError` for an encoding version this esbridge
+    does not know (the consumer must not guess what it would have to wait
+    for) or a malformed value.
+    """
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else (value or "")
+    version, sep, body = text.partition(";")
+    if version != DEPS_VERSION or not sep:
+        raise MessageFormatError(
+            f"esb_deps header {text!r} has encoding version {version!r}; this esbridge "
+            f"reads version {DEPS_VERSION!r}: upgrade the consumer"
+        )
+    try:
+        pairs = []
+        for item in filter(None, body.split(",")):
+            partition, _, nid = item.partition("=")
+            pairs.append((int(partition), int(nid)))
+        return pairs
+    except ValueError:
+        raise MessageFormatError(f"malformed esb_deps header {text!r}") from None
 
 
 def decode_prompt(value: bytes | None) -> Prompt:

@@ -92,7 +92,8 @@ class PayloadEncoder:
     """Builds (key, value, headers, partition) of payload messages for one application.
 
     Keeps the per-partition chain of ``esb_prev_nid``: :meth:`message` updates
-    ``last_per_partition`` in the list it is given.
+    ``last_per_partition`` in the list it is given. With ``causal``, each
+    message also gets the ``esb_deps`` header (:func:`causal_deps`).
     """
 
     def __init__(
@@ -101,8 +102,11 @@ class PayloadEncoder:
         num_partitions: int,
         content_type: str = CONTENT_TYPE_JSON,
         encoder: Encoder | None = None,
+        *,
+        causal: bool = False,
     ) -> None:
         self.app = app
+        self.causal = causal and num_partitions > 1
         self.content_type = content_type
         self.encoder = encoder
         self.partition_of = key_partitioner(num_partitions)
@@ -143,6 +147,7 @@ class PayloadEncoder:
         key = str(n.originator_id).encode()
         partition = self.partition_of(key)
         prev = last_per_partition[partition]
+        deps = causal_deps(last_per_partition, prev) if self.causal else None
         last_per_partition[partition] = n.id
         nid = str(n.id).encode()
         topic_h, type_h = self._topic_headers(n.topic)
@@ -163,6 +168,8 @@ class PayloadEncoder:
             (wire.CE_TIME, time),
             (wire.CE_SUBJECT, key),
         ]
+        if deps:
+            headers.append((wire.H_DEPS, wire.encode_deps(deps)))
         value = state
         if self.encoder is not None:
             value, extra = self.encoder(n)
@@ -221,6 +228,12 @@ class PayloadEncoder:
             ]
         ).copy
         decode_time, publish_time = self._decode_time, self.publish_time
+        causal, h_deps = self.causal, wire.H_DEPS
+        # esb_deps built from the bytes at hand: "P=" prefixes made once, ids as in ``last``
+        # (measured on 12 partitions: 5 us a message instead of 10 through encode_deps).
+        ints = [int(b) for b in last] if causal else []
+        prefixes = [b"%d=" % q for q in range(len(last))]
+        deps_version = wire.DEPS_VERSION.encode() + b";"
         for nid, key, version, event_topic, state in rows:
             if state is None or not event_topic:
                 raise RowError(nid, ValueError("the stored event has no state or no topic"))
@@ -236,6 +249,13 @@ class PayloadEncoder:
             headers[ce_type] = event_topic
             headers[ce_time] = time
             headers[ce_subject] = key
+            if causal:
+                prev = ints[partition]
+                deps = [prefixes[q] + last[q] for q, n in enumerate(ints) if n > prev]
+                if deps:
+                    headers[h_deps] = deps_version + b",".join(
+                        deps
+                    )  # last: after the standard ones
             while True:
                 try:
                     produce(topic, state, key, partition, headers=headers)
@@ -245,6 +265,22 @@ class PayloadEncoder:
                 except Exception as e:
                     raise RowError(nid, e) from e
             last[partition] = nid_b
+            if causal:
+                ints[partition] = nid
+
+
+def causal_deps(last: Sequence[int], prev: int) -> list[tuple[int, int]]:
+    """The dependencies of the next message of a partition whose last message was ``prev``.
+
+    For each other partition, the last notification id published there, but
+    only where it is above ``prev``: a partition that received nothing since
+    this partition's previous message is covered by that message's own
+    dependencies, which a consumer satisfied before it processed it (the
+    partition's chain is processed in order). So a message waits exactly for
+    every notification before it in the log, naming at most one id per
+    partition, and none at all while its partition alone is written.
+    """
+    return [(q, n) for q, n in enumerate(last) if n > prev]
 
 
 def merge_headers(headers: wire.Headers, extra: wire.Headers) -> wire.Headers:

@@ -112,6 +112,37 @@ def test_payload_messages_follow_the_documented_format(postgres_db, kafka_config
         assert datetime.fromisoformat(h["ce_time"]).tzinfo is not None  # RFC 3339 with offset
 
 
+def test_causal_dependencies_follow_the_documented_format(postgres_db, kafka_config, create_topic):
+    """esb_deps, last, only when some: for each other partition P, the last esb_nid published
+    on P before this message, where it is above this message's esb_prev_nid."""
+    app = ledger(postgres_db.env)
+    write_events(app, 60, accounts=6)
+    topic = create_topic(partitions=3)
+    publish_and_close(ledger_relay(postgres_db, kafka_config, topic, causal_dependencies=True))
+    messages = plain_read(kafka_config["bootstrap.servers"], topic, 60)
+    assert len(messages) == 60
+    in_log_order = sorted(messages, key=lambda m: int(dict(m.headers())["esb_nid"]))
+    last_on_partition: dict[int, int] = defaultdict(int)
+    with_deps = 0
+    for m in in_log_order:
+        names = [k for k, _ in m.headers()]
+        h = {k: v.decode("utf-8") for k, v in m.headers()}
+        prev = int(h["esb_prev_nid"])
+        expected = [
+            f"{p}={nid}"
+            for p, nid in sorted(last_on_partition.items())
+            if p != m.partition() and nid > prev
+        ]
+        if expected:
+            assert names == [*HEADER_NAMES, "esb_deps"]
+            assert h["esb_deps"] == "1;" + ",".join(expected)
+            with_deps += 1
+        else:
+            assert names == HEADER_NAMES
+        last_on_partition[m.partition()] = int(h["esb_nid"])
+    assert with_deps > 20  # six accounts on three partitions, written in turn
+
+
 def test_prompt_messages_follow_the_documented_format(postgres_db, kafka_config, create_topic):
     app = ledger(postgres_db.env)
     write_events(app, 7)

@@ -18,6 +18,7 @@ from esbridge.system.runner import KafkaRunner, load_system
 from esbridge.system.setup import new_app
 from examples.orders.application import Payments
 from examples.orders.system import system as orders_system
+from tests.support.causal_shop import Fulfilment, Shop
 
 KAFKA = {"bootstrap.servers": "127.0.0.1:1"}  # never contacted: these errors come first
 
@@ -85,6 +86,51 @@ def test_relay_settings_reach_every_worker_and_its_relays(postgres_db: Any) -> N
         assert (relay.tuning.linger, relay.tuning.batch_size) == (0.2, 500)
     finally:
         runner.stop()
+
+
+class CausalShop(Shop):
+    publish_causal_dependencies = True
+
+
+class IndependentFulfilment(Fulfilment):
+    wait_for_causal_dependencies = False
+
+
+def test_causal_dependencies_are_chosen_per_application(postgres_db: Any) -> None:
+    """The leader's class opts in (its relay), a follower's class opts out (its consumer);
+    runner-wide options win over both."""
+    from eventsourcing.system import System
+
+    from esbridge.system.parts import make_consumer, make_relay
+
+    def runner(**options: Any) -> KafkaRunner:
+        system = System(pipes=[[CausalShop, IndependentFulfilment], [CausalShop, Fulfilment]])
+        return KafkaRunner(system, env=postgres_db.env, kafka_config=KAFKA, **options)
+
+    plain = runner()
+    try:
+        assert make_relay(plain.settings, "CausalShop").tuning.causal_dependencies is True
+        waits = {
+            name: make_consumer(
+                plain.settings, plain.apps[name], "CausalShop", name
+            ).tuning.causal_dependencies
+            for name in ("IndependentFulfilment", "Fulfilment")
+        }
+        assert waits == {"IndependentFulfilment": False, "Fulfilment": True}
+    finally:
+        plain.stop()
+    forced = runner(
+        relay_options={"causal_dependencies": False},
+        consumer_options={"causal_dependencies": True},
+    )
+    try:
+        assert make_relay(forced.settings, "CausalShop").tuning.causal_dependencies is False
+        consumer = make_consumer(
+            forced.settings, forced.apps["IndependentFulfilment"], "CausalShop", "x"
+        )
+        assert consumer.tuning.causal_dependencies is True
+    finally:
+        forced.stop()
 
 
 def test_missing_tables_with_table_creation_disabled(postgres_db: Any) -> None:

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from eventsourcing.persistence import Notification
 
+from esbridge import wire
+from esbridge.errors import MessageFormatError
 from esbridge.kafka.partitioning import partition_for_key
 from esbridge.wire import PayloadHeaders
 from esbridge.wire.encoding import (
@@ -19,6 +21,7 @@ from esbridge.wire.encoding import (
     CONTENT_TYPE_JSON,
     PayloadEncoder,
     RowError,
+    causal_deps,
     content_type_for,
     event_time,
     merge_headers,
@@ -329,3 +332,53 @@ def test_content_type_for() -> None:
     assert content_type_for({"CIPHER_TOPIC": "eventsourcing.cipher:AESCipher"}) == (
         "application/octet-stream"
     )
+
+
+# -- causal dependencies (esb_deps) ------------------------------------------------------
+
+
+def test_causal_deps_name_only_partitions_written_since_the_previous_message() -> None:
+    # Partition 0 last published 5; partition 1 published 7 since, partition 2 nothing.
+    assert causal_deps([5, 7, 3], prev=5) == [(1, 7)]
+    assert causal_deps([0, 0, 0], prev=0) == []  # the first message of the log
+    assert causal_deps([0, 2, 4], prev=0) == [(1, 2), (2, 4)]  # a partition's first
+
+
+def test_deps_header_round_trips_and_refuses_unknown_versions() -> None:
+    value = wire.encode_deps([(0, 12), (3, 40)])
+    assert value == b"1;0=12,3=40"
+    assert wire.decode_deps(value) == [(0, 12), (3, 40)]
+    assert wire.decode_deps(b"1;") == []
+    with pytest.raises(MessageFormatError, match=r"version '2'.*upgrade the consumer"):
+        wire.decode_deps(b"2;0=12")
+    with pytest.raises(MessageFormatError, match="malformed esb_deps"):
+        wire.decode_deps(b"1;0=x")
+
+
+def test_causal_messages_carry_the_log_order_across_partitions() -> None:
+    """Both paths (hook and fast loop) give the same esb_deps, last, only when needed."""
+    a0, b0 = aggregate_ids(0, 2)
+    (a1,) = aggregate_ids(1, 1)
+    notifications = [
+        notification(3, a0),
+        notification(4, a1),
+        notification(8, b0, version=5),
+        notification(9, a0, version=2),
+        notification(10, a1, version=2),
+    ]
+    encoder = PayloadEncoder("DogSchool", PARTITIONS, causal=True)
+    last_ints = [0, 0, 2]
+    expected = [encoder.message(n, last_ints) for n in notifications]
+    deps = [dict(headers).get(wire.H_DEPS) for _, _, headers, _ in expected]
+    assert deps == [b"1;2=2", b"1;0=3,2=2", b"1;1=4", None, b"1;0=9"]
+    assert [headers[-1][0] for _, _, headers, _ in expected].count(wire.H_DEPS) == 4  # last
+    produced: list[tuple[Any, ...]] = []
+
+    def produce(topic: str, value: bytes, key: bytes, partition: int, *, headers: Any) -> None:
+        produced.append((key, value, list(headers.items()), partition))
+
+    last = [b"0", b"0", b"2"]
+    encoder.produce_rows(rows_of(notifications), produce, "dogschool", last, wait=lambda: None)
+    assert produced == [tuple(message) for message in expected]
+    plain = PayloadEncoder("DogSchool", PARTITIONS).message(notifications[1], [3, 0, 2])[2]
+    assert wire.H_DEPS not in dict(plain)  # off by default: format v1 as before
