@@ -35,6 +35,7 @@ the writer's schema fetched by id).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,7 +63,6 @@ from esbridge.errors import (
 from esbridge_connectors.analytics import BINARY, CloudEventsEncoder, binary_headers
 from esbridge_connectors.schemas import (
     DEFAULT_TYPES,
-    JSON_SCHEMA_DIALECT,
     JsonTypes,
     SchemaGenerationError,
     event_data_schema,
@@ -86,6 +86,7 @@ COMPATIBILITY_MODES = (
 #: ``(SerializationContext, record name) -> subject``, as confluent_kafka's strategies.
 SubjectNameStrategy = Callable[[SerializationContext, str | None], str | None]
 
+JSON_SCHEMA_DRAFT7 = "http://json-schema.org/draft-07/schema#"
 _AVRO_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _AVRO_SCALARS = {"string": "string", "integer": "long", "number": "double", "boolean": "boolean"}
 
@@ -109,9 +110,36 @@ def record_name(event_class: type) -> str:
 
 
 def registry_json_schema(event_class: type, *, types: JsonTypes = DEFAULT_TYPES) -> dict[str, Any]:
-    """The JSON Schema registered for an event type: its data schema, titled by its record name."""
-    data = event_data_schema(event_class, types=types, strict=True)
-    return {"$schema": JSON_SCHEMA_DIALECT, "title": record_name(event_class), **data}
+    """The JSON Schema registered for an event type: its data schema, titled by its record name.
+
+    Fields that may be ``None`` are optional: events recorded before such a
+    field was added to the class do not have it, and adding one must be a
+    compatible change. Written in draft-07, the dialect that Confluent-compatible
+    registries check compatibility in (Apicurio cannot in 2020-12) and that
+    Kafka Connect's JSON Schema converter reads; tuples become draft-07's
+    array form of ``items``.
+    """
+    data = _draft7(event_data_schema(event_class, types=types, strict=True))
+    data["required"] = [f for f in data["required"] if not _nullable_json(data["properties"][f])]
+    return {"$schema": JSON_SCHEMA_DRAFT7, "title": record_name(event_class), **data}
+
+
+def _draft7(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_draft7(item) for item in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    result = {key: _draft7(value) for key, value in schema.items()}
+    if "prefixItems" in result:
+        result["items"] = result.pop("prefixItems")
+        result["additionalItems"] = False
+    return result
+
+
+def _nullable_json(schema: Mapping[str, Any]) -> bool:
+    if not schema or schema.get("type") == "null":
+        return True
+    return any(_nullable_json(member) for member in schema.get("anyOf", ()))
 
 
 def avro_schema(event_class: type, *, types: JsonTypes = DEFAULT_TYPES) -> dict[str, Any]:
@@ -127,7 +155,7 @@ def avro_schema(event_class: type, *, types: JsonTypes = DEFAULT_TYPES) -> dict[
     """
     name = record_name(event_class)
     namespace, _, short = name.rpartition(".")
-    schema = event_data_schema(event_class, types=types, strict=True)
+    schema = registry_json_schema(event_class, types=types)
     return _avro_record(schema, short, namespace, name)
 
 
@@ -137,10 +165,8 @@ def _avro_record(schema: Mapping[str, Any], name: str, namespace: str, path: str
     for field, sub in schema.get("properties", {}).items():
         avro = _avro(sub, f"{path}.{field}", f"{name}_{field}", namespace)
         entry: dict[str, Any] = {"name": field, "type": avro}
-        if field not in required:
-            entry["type"] = _nullable(avro)
-            entry["default"] = None
-        elif isinstance(avro, list) and "null" in avro:
+        may_be_null = avro == "null" or (isinstance(avro, list) and "null" in avro)
+        if field not in required or may_be_null:  # null first: the default must be its type
             entry["type"] = _nullable(avro)
             entry["default"] = None
         fields.append(entry)
@@ -177,8 +203,8 @@ def _avro(schema: Mapping[str, Any], path: str, name: str, namespace: str) -> An
     if kind == "null":
         return "null"
     if kind == "array":
-        if "prefixItems" in schema:  # a tuple: an array of any of its item types
-            item = _avro({"anyOf": schema["prefixItems"]}, path, f"{name}_item", namespace)
+        if isinstance(schema.get("items"), list):  # a tuple: an array of any of its item types
+            item = _avro({"anyOf": schema["items"]}, path, f"{name}_item", namespace)
         elif "items" in schema:
             item = _avro(schema["items"], f"{path}[]", f"{name}_item", namespace)
         else:
@@ -371,8 +397,6 @@ def _has_urls(client: SchemaRegistryClient) -> bool:
 
 
 def _dumps(value: Any) -> str:
-    import json
-
     return json.dumps(value, separators=(",", ":"))
 
 
