@@ -4,8 +4,8 @@ Every ```python block of one file runs in order in one namespace (like a
 doctest session). The environment gives each file a fresh database
 (``POSTGRES_*``, ``PERSISTENCE_MODULE``) and the session's broker
 (``KAFKA_BOOTSTRAP_SERVERS``), and the session's Schema Registry
-(``SCHEMA_REGISTRY_URL``) to the files that name that variable. A block right after ``<!-- not-run -->`` is
-skipped (use it only for shell-like fragments that cannot run here).
+(``SCHEMA_REGISTRY_URL``) to the files that name that variable. A block right
+after ``<!-- not-run -->`` is skipped (use it only for shell-like fragments that cannot run here).
 
 A ```python block right after ``<!-- file: PATH -->`` shows the file PATH of
 this repository whole: it must be equal to that file, which the test suite
