@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.relay import APP, EVENT_BYTES, BenchLog, store_backlog
 from esbridge.relay.relay import Relay
-from esbridge.testing import make_kafka, make_postgres
-from esbridge.testing.schema_registry import make_schema_registry
+from esbridge.testing import make_kafka, make_postgres, make_schema_registry
 from esbridge_connectors.analytics import CloudEventsEncoder
 from esbridge_connectors.registry import SchemaRegistryEncoder
 from esbridge_connectors.schemas import discover_event_classes

@@ -226,7 +226,7 @@ class SchemaIncompatibleError(ConfigurationError):
     Raised when a :class:`~esbridge_connectors.registry.SchemaRegistryEncoder`
     registers its schemas, before anything is published. ``subject`` is the
     registry subject that refused it. Make the change compatible (new fields
-    optional, with a default) or publish the new shape to a new topic.
+    typed ``X | None``) or publish the new shape to a new topic.
     """
 
     def __init__(self, message: str, *, subject: str | None = None) -> None:

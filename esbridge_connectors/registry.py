@@ -23,7 +23,7 @@ generated from the event class.
   reads the ids it cached. A registry that is down at start fails there
   (:class:`~esbridge.errors.SchemaRegistryUnavailableError`), before anything
   is published; one that goes down later does not stop the relay.
-* **Evolution**: adding a field with a default (``Optional``) to an event class
+* **Evolution**: adding a field that may be ``None`` (``X | None``) to an event class
   registers a new, compatible version; an incompatible change is refused by
   the registry and raises :class:`~esbridge.errors.SchemaIncompatibleError`
   at start, before anything is published.
@@ -326,9 +326,8 @@ class SchemaRegistryEncoder:
                 raise SchemaIncompatibleError(
                     f"the Schema Registry refused the new schema of {event_type} under subject "
                     f"{subject!r} ({self.compatibility} compatibility): {e.error_message}. "
-                    "Nothing was published. Make the change compatible (add new fields as "
-                    "optional, with a default; never remove or retype one) or publish to a "
-                    "new topic",
+                    "Nothing was published. Make the change compatible (add new fields typed "
+                    "`X | None`; never remove or retype one) or publish to a new topic",
                     subject=subject,
                 ) from e
             if e.http_status_code >= 500 or e.http_status_code < 0:
@@ -354,9 +353,9 @@ class SchemaRegistryEncoder:
     def _unavailable(self, cause: BaseException) -> SchemaRegistryUnavailableError:
         url = self.client._rest_client.base_urls[0] if _has_urls(self.client) else "?"
         return SchemaRegistryUnavailableError(
-            f"cannot reach the Schema Registry at {url} to register the schemas of topic "
-            f"{self.topic!r} ({type(cause).__name__}: {cause}). Nothing was published: start "
-            "the registry (or fix its url) and start the relay again"
+            f"cannot register the schemas of topic {self.topic!r} with the Schema Registry at "
+            f"{url} ({type(cause).__name__}: {cause}). Nothing was published: check that the "
+            "registry runs and its url, then start the relay again"
         )
 
     def encode(self, notification: Notification) -> tuple[bytes, wire.Headers]:
