@@ -112,7 +112,8 @@ class SchemaRegistryServer:
     def describe(self) -> str:
         return f"Apicurio Registry {self.version} (local) at {self.url}"
 
-    def start(self, timeout: float = 90.0) -> None:
+    def start(self, timeout: float = 150.0) -> None:
+        """Start the JVM; ready once the API answers (about 8 s idle, over a minute when loaded)."""
         if self.process is not None and self.process.poll() is None:
             return
         t0 = time.monotonic()

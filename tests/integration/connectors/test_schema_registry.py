@@ -396,3 +396,38 @@ def test_encoder_settings_are_checked():
         "name": "amount",
         "type": "string",
     }
+
+
+def test_json_values_that_do_not_fit_their_schema_are_refused_unless_validation_is_off(
+    shop, postgres_db, create_topic, registry_client
+):
+    from decimal import Decimal
+
+    from esbridge.errors import MessageFormatError
+    from esbridge_connectors.schemas import JsonTypes
+
+    record_history(shop, 1)
+    charged = [
+        n
+        for n in shop.recorder.select_notifications(start=1, limit=10)
+        if n.topic.endswith("Customer.Charged")
+    ]
+    lying = JsonTypes()  # says "a string", writes a number
+    lying.register(Decimal, {"type": "string"}, float)
+
+    def encoder(validate: bool) -> SchemaRegistryEncoder:
+        return SchemaRegistryEncoder(
+            shop.name,
+            application_mapper(Shop, postgres_db.env),
+            registry_client,
+            topic=create_topic(partitions=1),
+            event_classes=[Customer.Charged],
+            format=JSON_SCHEMA,
+            types=lying,
+            validate=validate,
+        )
+
+    with pytest.raises(MessageFormatError, match="does not fit its registered schema"):
+        encoder(True).encode(charged[0])
+    value, _ = encoder(False).encode(charged[0])
+    assert json.loads(value[5:])["amount"] == 0.5
