@@ -431,3 +431,49 @@ def test_json_values_that_do_not_fit_their_schema_are_refused_unless_validation_
         encoder(True).encode(charged[0])
     value, _ = encoder(False).encode(charged[0])
     assert json.loads(value[5:])["amount"] == 0.5
+
+
+def test_cli_replays_a_range_in_avro_through_the_registry(
+    postgres_db, kafka_config, create_topic, registry_client, schema_registry
+):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.support.sql_projection_domain import DogSchool
+
+    school = DogSchool(env=postgres_db.env)
+    for i in range(6):
+        school.register(f"dog-{i}", tricks=1)  # Registered, TrickAdded: 12 notifications
+    topic = create_topic(partitions=2)
+    env = {
+        **os.environ,
+        **postgres_db.env,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_config["bootstrap.servers"],
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[3])]),
+    }
+    esbridge = str(Path(sys.executable).with_name("esbridge"))
+    done = subprocess.run(
+        [esbridge, "replay", "tests.support.sql_projection_domain:DogSchool", "--topic", topic,
+         "--from", "3", "--to", "10", "--analytics", "avro",
+         "--schema-registry", schema_registry.url],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["count"] == 8
+    messages = plain_consume(kafka_config, topic, 2, 8)
+    assert len(messages) == 8
+    reader = SchemaRegistryReader(registry_client)
+    events = [reader.cloudevent(topic, m.value(), m.headers()) for m in messages]
+    assert sorted(e["esbnid"] for e in events) == list(range(3, 11))
+    assert all(e["data"]["originator_id"] == e["subject"] for e in events)
+
+    unnamed = subprocess.run(
+        [esbridge, "replay", "tests.support.sql_projection_domain:DogSchool", "--topic", topic,
+         "--analytics", "json-schema"],
+        env={k: v for k, v in env.items() if k != "SCHEMA_REGISTRY_URL"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert unnamed.returncode == 2
+    assert "--schema-registry URL or SCHEMA_REGISTRY_URL" in unnamed.stderr
