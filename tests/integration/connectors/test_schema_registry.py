@@ -80,7 +80,7 @@ def schema_id_of(value: bytes) -> int:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_event_type_round_trips_through_the_registry(
-    fmt, shop, postgres_db, kafka_config, create_topic, registry_client
+    fmt, shop, postgres_db, kafka_config, create_topic, registry_client, schema_registry
 ):
     record_history(shop, 12)
     total = shop.recorder.max_notification_id()
@@ -104,7 +104,7 @@ def test_every_event_type_round_trips_through_the_registry(
 
     messages = plain_consume(kafka_config, topic, 3, total)
     assert len(messages) == total
-    reader = SchemaRegistryReader({"url": registry_client._rest_client.base_urls[0]})
+    reader = SchemaRegistryReader({"url": schema_registry.url})  # a client of its own
     reference = CloudEventsEncoder(shop.name, mapper, mode=BINARY)
     by_nid = {n.id: n for n in shop.recorder.select_notifications(start=1, limit=total)}
     nids = []
