@@ -211,6 +211,37 @@ class RelayStandbyError(EsbridgeError):
         self.relay_id = relay_id
 
 
+class SchemaRegistryUnavailableError(ServerUnavailableError):
+    """The Schema Registry could not be reached to register an analytics topic's schemas.
+
+    Raised when a :class:`~esbridge_connectors.registry.SchemaRegistryEncoder`
+    is built, before any relay publishes: nothing was published. Start the
+    registry (or fix its ``url``) and start again.
+    """
+
+
+class SchemaIncompatibleError(ConfigurationError):
+    """The Schema Registry refused an event type's schema (incompatible change, invalid schema).
+
+    Raised when a :class:`~esbridge_connectors.registry.SchemaRegistryEncoder`
+    registers its schemas, before anything is published. ``subject`` is the
+    registry subject that refused it. Make the change compatible (new fields
+    typed ``X | None``) or publish the new shape to a new topic.
+    """
+
+    def __init__(self, message: str, *, subject: str | None = None) -> None:
+        super().__init__(message)
+        self.subject = subject
+
+
+class SchemaNotRegisteredError(MessageFormatError):
+    """An event type has no registered schema: its class was not given to the registry encoder.
+
+    The relay stops before the notification (nothing of its batch is
+    committed); add the class to ``event_classes`` and start it again.
+    """
+
+
 class HarnessError(EsbridgeError):
     """The test harness could not provide a server (missing tool or server failed to start)."""
 

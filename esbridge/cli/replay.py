@@ -19,7 +19,11 @@ answer exits 1 (run it again); one that refuses the token exits 2.
 
 For an analytics topic give ``--analytics structured|binary`` and the
 application class (as APP, or ``--app-class package.module:Class``), for its
-transcodings.
+transcodings. For a Schema Registry topic, ``--analytics avro|json-schema``,
+the registry's URL (``--schema-registry URL`` or ``SCHEMA_REGISTRY_URL``) and,
+when the event classes are not in the application class's module,
+``--event-classes MODULE`` (repeatable): the schemas are registered (or found,
+unchanged) before anything is published, as the relay's encoder does.
 """
 
 from __future__ import annotations
@@ -64,9 +68,23 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--kafka-config", default=None, help="librdkafka properties file")
     parser.add_argument(
         "--analytics",
-        choices=["structured", "binary"],
+        choices=["structured", "binary", "avro", "json-schema"],
         default=None,
-        help="publish in the analytics format (CloudEvents) instead of the default one",
+        help="publish in an analytics format (CloudEvents; avro and json-schema through a "
+        "Schema Registry) instead of the default one",
+    )
+    parser.add_argument(
+        "--schema-registry",
+        default=None,
+        help="the Schema Registry URL for --analytics avro|json-schema "
+        "(default: SCHEMA_REGISTRY_URL)",
+    )
+    parser.add_argument(
+        "--event-classes",
+        action="append",
+        default=None,
+        help="module (or module:Class) of the event classes for --analytics avro|json-schema "
+        "(repeatable; default: the application class's module)",
     )
     parser.add_argument(
         "--app-class",
@@ -104,7 +122,11 @@ def replay_command(args: argparse.Namespace) -> int:
             raise missing_extra("connectors", "esbridge replay --analytics", e) from e
 
         app_class = load_application(app_class_path, args.app_dir)
-        encoder = CloudEventsEncoder(app, application_mapper(app_class, env), mode=args.analytics)
+        mapper = application_mapper(app_class, env)
+        if args.analytics in ("avro", "json-schema"):
+            encoder = registry_encoder(args, app, app_class, mapper, env)
+        else:
+            encoder = CloudEventsEncoder(app, mapper, mode=args.analytics)
     remote = upstream_log_settings(args)
     log = remote.log(app) if remote is not None else None
     # Progress: one redrawn line on a terminal, log lines otherwise (see Replay).
@@ -124,3 +146,37 @@ def replay_command(args: argparse.Namespace) -> int:
             log.close()
     print(json.dumps(asdict(result)))
     return 0
+
+
+def registry_encoder(
+    args: argparse.Namespace, app: str, app_class: type, mapper: Any, env: dict[str, str]
+) -> Encoder:
+    """The Schema Registry encoder of ``--analytics avro|json-schema`` (registers the schemas)."""
+    url = args.schema_registry or env.get("SCHEMA_REGISTRY_URL")
+    if not url:
+        raise ConfigurationError(
+            f"--analytics {args.analytics} needs the Schema Registry: --schema-registry URL "
+            "or SCHEMA_REGISTRY_URL"
+        )
+    try:
+        from esbridge_connectors.registry import SchemaRegistryEncoder
+    except ModuleNotFoundError as e:
+        raise missing_extra(
+            "schema-registry", f"esbridge replay --analytics {args.analytics}", e
+        ) from e
+    from esbridge_connectors.schemas import discover_event_classes
+
+    classes = discover_event_classes(args.event_classes or [app_class.__module__])
+    if not classes:
+        raise ConfigurationError(
+            f"no event classes found in {args.event_classes or [app_class.__module__]}: "
+            "name their modules with --event-classes"
+        )
+    return SchemaRegistryEncoder(
+        app,
+        mapper,
+        {"url": url},
+        topic=args.topic,
+        event_classes=classes,
+        format="avro" if args.analytics == "avro" else "json",
+    )

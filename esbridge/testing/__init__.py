@@ -5,6 +5,14 @@ See :mod:`esbridge.testing.plugin` for the fixtures and
 """
 
 from esbridge.testing.backends import make_kafka, make_postgres
+from esbridge.testing.schema_registry import make_schema_registry
 from esbridge.testing.servers import KafkaBroker, PostgresDatabase, PostgresServer
 
-__all__ = ["KafkaBroker", "PostgresDatabase", "PostgresServer", "make_kafka", "make_postgres"]
+__all__ = [
+    "KafkaBroker",
+    "PostgresDatabase",
+    "PostgresServer",
+    "make_kafka",
+    "make_postgres",
+    "make_schema_registry",
+]

@@ -27,6 +27,11 @@ import pytest
 
 from esbridge.errors import HarnessError
 from esbridge.testing.backends import chosen_backend, make_kafka, make_postgres
+from esbridge.testing.schema_registry import (
+    ExternalSchemaRegistry,
+    SchemaRegistryServer,
+    make_schema_registry,
+)
 from esbridge.testing.secure_kafka import SecureKafkaBroker
 from esbridge.testing.servers import KafkaBroker, PostgresDatabase, PostgresServer, unique_name
 
@@ -135,6 +140,19 @@ def secure_kafka_broker() -> Iterator[SecureKafkaBroker]:
     _started.pop("secure_kafka", None)
     gc.collect()
     broker.close()
+
+
+@pytest.fixture(scope="session")
+def schema_registry() -> Iterator[SchemaRegistryServer | ExternalSchemaRegistry]:
+    """A real Schema Registry (Apicurio Registry, Confluent API at ``.url``), session-wide.
+
+    Started on first use (see :mod:`esbridge.testing.schema_registry`); a test
+    that stops it (``stop()``, then ``start()``) gets an empty registry back.
+    """
+    registry = _start("schema_registry", make_schema_registry)
+    yield registry
+    _started.pop("schema_registry", None)
+    registry.close()
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 Installs missing system packages when it may (running as root with apt-get:
 Java 17, Maven, the PostgreSQL server, tmux for the test of ``esbridge status
---watch`` in a real terminal), then fetches the Apache Kafka jars into
-the cache. Prints what it found; exits non-zero with one clear message when
+--watch`` in a real terminal), then fetches the Apache Kafka jars and Apicurio Registry (a
+Schema Registry) into the cache. Prints what it found; exits non-zero with one clear message when
 something cannot be provided.
 """
 
@@ -17,6 +17,7 @@ import sys
 from esbridge.errors import HarnessError
 from esbridge.testing.kafka_dist import cache_dir, java_executable, kafka_libs
 from esbridge.testing.local_postgres import find_pg_bin
+from esbridge.testing.schema_registry import APICURIO_VERSION, apicurio_home
 
 _apt_updated = False
 
@@ -62,6 +63,12 @@ def ensure_kafka() -> None:
     print(f"provision: Apache Kafka {version} jars: {libs}", flush=True)
 
 
+def ensure_schema_registry() -> None:
+    """Apicurio Registry (Maven Central), for the analytics serializers' tests."""
+    home = apicurio_home(APICURIO_VERSION)
+    print(f"provision: Apicurio Registry {APICURIO_VERSION}: {home}", flush=True)
+
+
 def ensure_podman() -> None:
     """podman + runc, for the testcontainers pass of ``make test`` where no Docker engine runs."""
     missing = [p for p in ("podman", "runc") if shutil.which(p) is None]
@@ -83,6 +90,8 @@ def main() -> int:
             ensure_postgres()
         if not os.environ.get("ESBRIDGE_KAFKA_BOOTSTRAP"):
             ensure_kafka()
+        if not os.environ.get("ESBRIDGE_SCHEMA_REGISTRY_URL"):
+            ensure_schema_registry()
         ensure_podman()
         ensure_tmux()
     except HarnessError as e:

@@ -3,8 +3,9 @@
 Every ```python block of one file runs in order in one namespace (like a
 doctest session). The environment gives each file a fresh database
 (``POSTGRES_*``, ``PERSISTENCE_MODULE``) and the session's broker
-(``KAFKA_BOOTSTRAP_SERVERS``). A block right after ``<!-- not-run -->`` is
-skipped (use it only for shell-like fragments that cannot run here).
+(``KAFKA_BOOTSTRAP_SERVERS``), and the session's Schema Registry
+(``SCHEMA_REGISTRY_URL``) to the files that name that variable. A block right
+after ``<!-- not-run -->`` is skipped (use it only for shell-like fragments that cannot run here).
 
 A ```python block right after ``<!-- file: PATH -->`` shows the file PATH of
 this repository whole: it must be equal to that file, which the test suite
@@ -96,10 +97,15 @@ DOCS_WITH_SHELL = [p for p in DOCS if p.exists() and shell_blocks(p)]
 
 
 @pytest.mark.parametrize("path", DOCS_WITH_CODE, ids=[p.name for p in DOCS_WITH_CODE])
-def test_doc_examples_run(path, postgres_db, kafka_broker, monkeypatch, tmp_path):
+def test_doc_examples_run(path, postgres_db, kafka_broker, monkeypatch, tmp_path, request):
     for key, value in postgres_db.env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_broker.bootstrap_servers)
+    if "SCHEMA_REGISTRY_URL" in path.read_text():  # only those docs start the registry
+        registry = request.getfixturevalue("schema_registry")
+        if registry.can_control:
+            registry.start()  # a fault test may have left it stopped
+        monkeypatch.setenv("SCHEMA_REGISTRY_URL", registry.url)
     monkeypatch.chdir(tmp_path)
     # A real module, so that eventsourcing can resolve the topics of classes defined here.
     module = types.ModuleType(f"esbridge_doc_{path.stem.lower().replace('-', '_')}")
