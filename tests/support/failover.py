@@ -69,16 +69,37 @@ class Fault:
     node_id: int
     how: str  # "kill -9" or "clean stop"
     watch: int | None = None  # the position it stops (Progress.watch); None: any
+    roles: str = ""  # everything the broker led when it was crashed
     recovery: float = 0.0  # seconds from the crash until the position moved on
     restart: float = 0.0  # seconds until the broker ran again (JVM start, registered)
     in_sync: float = 0.0  # seconds more until every replica was in sync again
 
     def line(self) -> str:
         return (
-            f"{self.how:10} broker {self.node_id} ({self.kind}): progress resumed after "
+            f"{self.how:10} broker {self.node_id} ({self.kind}; it led {self.roles}): "
+            f"progress resumed after "
             f"{self.recovery:5.2f} s; broker back after {self.restart:4.1f} s, "
             f"replicas in sync {self.in_sync:4.1f} s later"
         )
+
+
+def roles(
+    cluster: LocalKafkaCluster,
+    node_id: int,
+    topic: str,
+    partitions: int,
+    *,
+    group: str | None = None,
+    transactional_id: str | None = None,
+) -> str:
+    """What ``node_id`` leads now: partitions of ``topic``, the group's or the transaction's
+    coordinator (a broker often leads several, and its crash stops all of them)."""
+    led = [f"partition {p}" for p in range(partitions) if cluster.leader(topic, p) == node_id]
+    if group is not None and cluster.group_coordinator(group) == node_id:
+        led.append("the group coordinator")
+    if transactional_id is not None and cluster.coordinator(transactional_id) == node_id:
+        led.append("the transaction coordinator")
+    return ", ".join(led) or "nothing of this test"
 
 
 def crash_and_restart(

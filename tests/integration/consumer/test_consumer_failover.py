@@ -34,7 +34,7 @@ from tests.support.consumer_apps import (
     partition_targets,
     verify_logs,
 )
-from tests.support.failover import Fault, Progress, crash_and_restart
+from tests.support.failover import Fault, Progress, crash_and_restart, roles
 from tests.support.relay_support import publish_and_close
 
 PARTITIONS = 3
@@ -115,7 +115,9 @@ def test_consumer_exactly_once_while_leaders_and_group_coordinator_are_killed(
         for kind, node, watch in plan:
             left = [target - at for target, at in zip(targets, tracked(), strict=True)]
             assert all(left), f"partitions consumed before the {kind} was killed: {left}"
-            fault = Fault(kind, node(), "kill -9", watch=watch)
+            node_id = node()
+            led = roles(cluster, node_id, topic, PARTITIONS, group=group)
+            fault = Fault(kind, node_id, "kill -9", watch=watch, roles=led)
             faults.append(crash_and_restart(cluster, fault, progress))
             assert thread.is_alive(), consumer.status()
         SlowMirror.delay = 0.0

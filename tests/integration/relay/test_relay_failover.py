@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from esbridge.testing.kafka_cluster import LocalKafkaCluster
-from tests.support.failover import Fault, Progress, crash_and_restart
+from tests.support.failover import Fault, Progress, crash_and_restart, roles
 from tests.support.relay_support import (
     ROOT,
     check_exactly_once_in_order,
@@ -86,7 +86,8 @@ def test_relay_exactly_once_while_leaders_and_coordinator_are_killed(
                 node_id = cluster.coordinator(relay.relay_id)
             else:
                 node_id = cluster.leader(topic, int(kind.rsplit(" ", 1)[1]))
-            fault = crash_and_restart(cluster, Fault(kind, node_id, how), progress)
+            led = roles(cluster, node_id, topic, PARTITIONS, transactional_id=relay.relay_id)
+            fault = crash_and_restart(cluster, Fault(kind, node_id, how, roles=led), progress)
             faults.append(fault)
             assert thread.is_alive(), relay.status().error
         writer.send_signal(signal.SIGTERM)
