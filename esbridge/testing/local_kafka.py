@@ -74,6 +74,9 @@ class LocalKafkaBroker(KafkaBroker):
     ``storage_args``: more arguments of ``kafka-storage format`` (for example
     ``--add-scram``, the only way to give a KRaft broker its first SASL user).
     ``ports``: the client and controller ports, when ``properties`` name them.
+    ``cluster_id``: the id of a cluster this node is one of (its storage is
+    formatted for the static quorum ``controller.quorum.voters`` of
+    ``properties`` names); ``None``: a cluster of its own (a standalone quorum).
     """
 
     backend = "local"
@@ -85,6 +88,7 @@ class LocalKafkaBroker(KafkaBroker):
         properties: Mapping[str, str] | None = None,
         storage_args: Sequence[str] = (),
         ports: tuple[int, int] | None = None,
+        cluster_id: str | None = None,
     ) -> None:
         self.java = java_executable()
         self.libs, self.version = kafka_libs()
@@ -107,7 +111,7 @@ class LocalKafkaBroker(KafkaBroker):
                 + "".join(f"{name}={value}\n" for name, value in (properties or {}).items())
             )
             shutil.copy(Path(__file__).with_name("log4j2.xml"), self.base / "log4j2.xml")
-            self._format_storage(storage_args)
+            self._format_storage(storage_args, cluster_id)
         except BaseException:  # failed or interrupted (Ctrl-C): leave no directory behind
             shutil.rmtree(self.base, ignore_errors=True)
             raise
@@ -128,7 +132,17 @@ class LocalKafkaBroker(KafkaBroker):
             *args,
         ]
 
-    def _format_storage(self, extra: Sequence[str]) -> None:
+    def _format_storage(self, extra: Sequence[str], cluster_id: str | None) -> None:
+        if cluster_id is not None:  # one node of a static quorum: no --standalone
+            result = run_tool(
+                self._java(
+                    "kafka.tools.StorageTool", "format",
+                    "-t", cluster_id, "-c", str(self.config_file), *extra,
+                ),
+                timeout=120,
+            )  # fmt: skip
+            self._check_format(result)
+            return
         result = run_tool(
             self._java(
                 "kafka.tools.StorageTool", "format",
@@ -147,15 +161,31 @@ class LocalKafkaBroker(KafkaBroker):
                 ),
                 timeout=120,
             )  # fmt: skip
+        self._check_format(result)
+
+    @staticmethod
+    def _check_format(result: subprocess.CompletedProcess[str]) -> None:
         if result.returncode != 0:
             raise HarnessError(
                 f"formatting Kafka storage failed:\n{result.stdout}\n{result.stderr[-3000:]}"
             )
 
     def start(self, timeout: float = 60.0) -> None:
-        if self.process is not None and self.process.poll() is None:
+        if self.running:
             return
         t0 = time.monotonic()
+        self.spawn()
+        self.wait_started(t0 + timeout)
+        self.startup_seconds = time.monotonic() - t0
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def spawn(self) -> None:
+        """Start the JVM without waiting for it (the nodes of a cluster start together)."""
+        if self.running:
+            return
         with self.logfile.open("ab") as log, spawning():
             self.process = subprocess.Popen(
                 self._java("kafka.Kafka", str(self.config_file)),
@@ -165,14 +195,21 @@ class LocalKafkaBroker(KafkaBroker):
                 preexec_fn=die_with_parent,
                 cwd=self.base,
             )
-        deadline = time.monotonic() + timeout
+
+    def wait_started(self, deadline: float) -> None:
+        """Wait until the spawned JVM serves metadata (by ``deadline``, monotonic), or fail.
+
+        A KRaft broker opens its client listener only once it caught up with
+        the metadata log, so a node of a cluster answers only once a quorum
+        of its controllers runs.
+        """
+        timeout = max(1.0, deadline - time.monotonic())
         if not wait_for_port("127.0.0.1", self.port, timeout):
             self._fail(f"did not listen on 127.0.0.1:{self.port} within {timeout:.0f} s")
         try:
             self.wait_ready(max(1.0, deadline - time.monotonic()))
         except HarnessError as e:
             self._fail(str(e))
-        self.startup_seconds = time.monotonic() - t0
 
     def _fail(self, why: str) -> None:
         exited = self.process.poll() if self.process else None

@@ -27,6 +27,7 @@ import pytest
 
 from esbridge.errors import HarnessError
 from esbridge.testing.backends import chosen_backend, make_kafka, make_postgres
+from esbridge.testing.kafka_cluster import LocalKafkaCluster
 from esbridge.testing.schema_registry import (
     ExternalSchemaRegistry,
     SchemaRegistryServer,
@@ -113,13 +114,31 @@ def kafka_broker() -> Iterator[KafkaBroker]:
     broker.close()
 
 
-def _start_secure_kafka() -> SecureKafkaBroker:
-    broker = SecureKafkaBroker()
+def _session_server(key: str, factory: Callable[[], Any]) -> Iterator[Any]:
+    """A session fixture's server: started on first use, closed at the end of the session.
+
+    Kafka clients that only a reference cycle keeps alive are freed first, while
+    the server still answers (see :func:`kafka_broker`).
+    """
+    server = _start(key, factory)
+    yield server
+    _started.pop(key, None)
+    gc.collect()
+    server.close()
+
+
+def _started_or_closed(server: Any, **start: Any) -> Any:
+    """``server`` started (``start`` its arguments), or closed when starting failed."""
     try:
-        broker.start(timeout=90)
+        server.start(**start)
     except BaseException:
-        broker.close()
+        server.close()
         raise
+    return server
+
+
+def _start_secure_kafka() -> SecureKafkaBroker:
+    broker: SecureKafkaBroker = _started_or_closed(SecureKafkaBroker(), timeout=90)
     return broker
 
 
@@ -135,11 +154,42 @@ def secure_kafka_broker() -> Iterator[SecureKafkaBroker]:
     ``user_env(user)`` (``KAFKA_*`` variables), ``create_topic()`` (as the
     super user), ``ca_file``.
     """
-    broker = _start("secure_kafka", _start_secure_kafka)
-    yield broker
-    _started.pop("secure_kafka", None)
-    gc.collect()
-    broker.close()
+    yield from _session_server("secure_kafka", _start_secure_kafka)
+
+
+def _start_kafka_cluster() -> LocalKafkaCluster:
+    cluster: LocalKafkaCluster = _started_or_closed(LocalKafkaCluster())
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster_session() -> Iterator[LocalKafkaCluster]:
+    """The 3-broker cluster of :func:`kafka_cluster`, started once per session."""
+    yield from _session_server("kafka_cluster", _start_kafka_cluster)
+
+
+@pytest.fixture
+def kafka_cluster(kafka_cluster_session: LocalKafkaCluster) -> LocalKafkaCluster:
+    """A Kafka cluster of 3 brokers (KRaft), replicated as in production, for failover tests.
+
+    Replication factor 3 for created and internal topics,
+    ``min.insync.replicas=2``; local processes on 127.0.0.1 (whatever the
+    backend of ``kafka_broker``: it needs the harness's Kafka jars and Java),
+    started on first use and stopped at the end of the session. A
+    :class:`~esbridge.testing.kafka_cluster.LocalKafkaCluster`:
+    ``create_topic()``, ``config()``, ``leader(topic, partition)``,
+    ``coordinator(transactional_id)``, ``group_coordinator(group_id)``,
+    ``kill(node_id)``, ``stop_broker(node_id)``, ``start_broker(node_id)``,
+    ``wait_in_sync()``. Each test gets it with every broker running and
+    every replica in sync, whatever the test before it left stopped.
+    """
+    cluster = kafka_cluster_session
+    try:
+        cluster.start()
+        cluster.wait_in_sync()
+    except HarnessError as e:
+        pytest.fail(str(e), pytrace=False)
+    return cluster
 
 
 @pytest.fixture(scope="session")
@@ -149,10 +199,7 @@ def schema_registry() -> Iterator[SchemaRegistryServer | ExternalSchemaRegistry]
     Started on first use (see :mod:`esbridge.testing.schema_registry`); a test
     that stops it (``stop()``, then ``start()``) gets an empty registry back.
     """
-    registry = _start("schema_registry", make_schema_registry)
-    yield registry
-    _started.pop("schema_registry", None)
-    registry.close()
+    yield from _session_server("schema_registry", make_schema_registry)
 
 
 @pytest.fixture

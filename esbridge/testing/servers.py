@@ -148,6 +148,8 @@ class KafkaBroker(abc.ABC):
     bootstrap_servers: str = ""
     version: str = "unknown"
     can_control = True
+    #: Replicas of each partition :meth:`create_topic` makes (3 on a cluster).
+    replication_factor: int = 1
 
     @abc.abstractmethod
     def start(self) -> None:
@@ -180,7 +182,14 @@ class KafkaBroker(abc.ABC):
         name = name or unique_name("t")
         admin = AdminClient(self.config())
         futures = admin.create_topics(
-            [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})]
+            [
+                NewTopic(
+                    name,
+                    num_partitions=partitions,
+                    replication_factor=self.replication_factor,
+                    config=config or {},
+                )
+            ]
         )
         futures[name].result(30)
         if wait_for_leaders(admin, name, 30, partitions):

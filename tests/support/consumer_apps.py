@@ -22,6 +22,7 @@ from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import Notification
 from eventsourcing.system import ProcessApplication
 
+from esbridge.kafka.partitioning import partition_for_key
 from esbridge.wire.encoding import PayloadEncoder
 from examples.dogschool.application import DogSchool
 from examples.dogschool.domainmodel import Dog
@@ -128,6 +129,14 @@ def verify_logs(school: DogSchool, mirror: Mirror) -> int:
         created, copied = by_dog[dog_id]
         assert (created.name, copied) == (registered.name, tricks), dog_id
     return len(dogs)
+
+
+def partition_targets(school: DogSchool, partitions: int) -> list[int]:
+    """The last notification id of each partition (where each tracking position must end)."""
+    last = [0] * partitions
+    for n in school.recorder.select_notifications(start=1, limit=10**7):
+        last[partition_for_key(str(n.originator_id).encode(), partitions)] = n.id
+    return last
 
 
 def count_notifications(app: Any) -> int:

@@ -14,6 +14,7 @@ import random
 import sys
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ import psycopg
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
+
+from esbridge.kafka.partitioning import partition_for_key
 
 if TYPE_CHECKING:
     from esbridge.relay.relay import Relay
@@ -197,6 +200,31 @@ def read_all(
     finally:
         consumer.close()
     return records
+
+
+def check_exactly_once_in_order(
+    records: list[Record], expected: list[tuple[int, str, int]], partitions: int
+) -> None:
+    """Each stored event once, on its key's partition, in id order, with an unbroken chain."""
+    nids = [int(r.headers["esb_nid"]) for r in records]
+    assert len(nids) == len(set(nids)), "duplicates"
+    assert sorted(nids) == [e[0] for e in expected], "missing or extra notifications"
+    by_nid = {e[0]: e for e in expected}
+    per_partition: dict[int, list[Record]] = defaultdict(list)
+    for r in records:
+        per_partition[r.partition].append(r)
+    for partition, recs in per_partition.items():
+        recs.sort(key=lambda r: r.offset)
+        prev = 0
+        for r in recs:
+            nid = int(r.headers["esb_nid"])
+            assert nid > prev, f"partition {partition}: {nid} after {prev}"
+            assert int(r.headers["esb_prev_nid"]) == prev, "broken esb_prev_nid chain"
+            _, originator, version = by_nid[nid]
+            assert r.key == originator.encode()
+            assert partition_for_key(r.key, partitions) == partition
+            assert int(r.headers["esb_version"]) == version
+            prev = nid
 
 
 def lease_holder(dsn: str, relay_id: str) -> str | None:

@@ -38,7 +38,6 @@ from uuid import UUID
 import pytest
 from eventsourcing.application import AggregateNotFoundError
 
-from esbridge.kafka.partitioning import partition_for_key
 from esbridge.names import tracking_names
 from esbridge.relay.relay import Relay
 from examples.dogschool.application import DogSchool
@@ -46,6 +45,7 @@ from examples.dogschool.domainmodel import Dog
 from tests.support.consumer_apps import (
     Mirror,
     count_notifications,
+    partition_targets,
     verify_logs,
     verify_mirror,
 )
@@ -370,7 +370,7 @@ def test_kill_consumers_restart_broker_and_postgres(
         relay.relay.stop()
         relay.join(60)
         relay.check()
-        targets = partition_targets(school)
+        targets = partition_targets(school, PARTITIONS)
         while True:
             members.check_alive()
             positions = [mirror.recorder.max_tracking_id(n) or 0 for n in names]
@@ -403,11 +403,3 @@ def test_kill_consumers_restart_broker_and_postgres(
     )
     school.close()
     mirror.close()
-
-
-def partition_targets(school: DogSchool) -> list[int]:
-    """The last notification id of each partition (where each tracking position must end)."""
-    last = [0] * PARTITIONS
-    for n in school.recorder.select_notifications(start=1, limit=10**7):
-        last[partition_for_key(str(n.originator_id).encode(), PARTITIONS)] = n.id
-    return last

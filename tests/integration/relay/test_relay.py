@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,12 +14,11 @@ from confluent_kafka import KafkaError, KafkaException
 from eventsourcing.persistence import Notification
 
 from esbridge.errors import ConfigurationError, RelayError, RelayFencedError
-from esbridge.kafka.partitioning import partition_for_key
 from esbridge.relay.relay import Relay
 from tests.support.relay_support import (
     APP_NAME,
     Account,
-    Record,
+    check_exactly_once_in_order,
     db_ids,
     ledger,
     ledger_relay,
@@ -29,31 +27,6 @@ from tests.support.relay_support import (
     rolled_back_insert,
     write_events,
 )
-
-
-def check_exactly_once_in_order(
-    records: list[Record], expected: list[tuple[int, str, int]], partitions: int
-) -> None:
-    """Each stored event once, on its key's partition, in id order, with an unbroken chain."""
-    nids = [int(r.headers["esb_nid"]) for r in records]
-    assert len(nids) == len(set(nids)), "duplicates"
-    assert sorted(nids) == [e[0] for e in expected], "missing or extra notifications"
-    by_nid = {e[0]: e for e in expected}
-    per_partition: dict[int, list[Record]] = defaultdict(list)
-    for r in records:
-        per_partition[r.partition].append(r)
-    for partition, recs in per_partition.items():
-        recs.sort(key=lambda r: r.offset)
-        prev = 0
-        for r in recs:
-            nid = int(r.headers["esb_nid"])
-            assert nid > prev, f"partition {partition}: {nid} after {prev}"
-            assert int(r.headers["esb_prev_nid"]) == prev, "broken esb_prev_nid chain"
-            _, originator, version = by_nid[nid]
-            assert r.key == originator.encode()
-            assert partition_for_key(r.key, partitions) == partition
-            assert int(r.headers["esb_version"]) == version
-            prev = nid
 
 
 @pytest.mark.parametrize("partitions", [1, 3])
