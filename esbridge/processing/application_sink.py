@@ -37,10 +37,17 @@ from eventsourcing.system import Follower
 from esbridge.deadletters.store import DeadLetterStore
 from esbridge.processing.batch_repository import BatchRepository
 from esbridge.processing.concurrent_batches import follower_batches
-from esbridge.processing.recorder_hook import WRITE_KWARG, EsbridgeWrite, install_recorder_hook
+from esbridge.processing.recorder_hook import (
+    TRACE_KWARG,
+    WRITE_KWARG,
+    EsbridgeWrite,
+    captures_traces,
+    install_recorder_hook,
+)
 from esbridge.processing.sink import StepFailed
 from esbridge.processing.steps import Step
 from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
+from esbridge.runtime.tracing import TraceContext, current_trace_context, end_step_spans, processing
 
 log = logging.getLogger("esbridge.processing")
 
@@ -128,9 +135,14 @@ class ProcessApplicationSink:
 
     def apply(self, steps: Sequence[Step], expected: Mapping[str, int]) -> None:
         attempt = 1
-        while not self._attempt(steps, expected, attempt):
-            self.reruns += 1
-            attempt += 1
+        try:
+            while not self._attempt(steps, expected, attempt):
+                self.reruns += 1
+                attempt += 1
+        except BaseException as e:
+            end_step_spans(steps, e)
+            raise
+        end_step_spans(steps)
 
     def _attempt(self, steps: Sequence[Step], expected: Mapping[str, int], attempt: int) -> bool:
         """Run and record the batch once; False when it recorded nothing and must run again."""
@@ -168,13 +180,20 @@ class ProcessApplicationSink:
             # Bound once: the library's singledispatchmethod builds a new function per access.
             policy = follower.policy
             learn = self.prefetch is None
+            # Each new event's trace context: that of the event whose policy made it.
+            traces: list[TraceContext | None] | None = (
+                [] if captures_traces(follower.recorder) else None
+            )
             for index, step in enumerate(steps):
                 event = step.event
                 if event is None:
                     continue
                 processing_event = _BatchProcessingEvent(tracking=step.tracking)
                 try:
-                    policy(event, processing_event)
+                    with processing(step):
+                        policy(event, processing_event)
+                        if traces is not None:
+                            traces.extend([current_trace_context()] * len(processing_event.events))
                 except TRANSIENT_ERRORS:
                     raise
                 except Exception as e:
@@ -190,6 +209,8 @@ class ProcessApplicationSink:
                 combined.events.extend(processing_event.events)
                 combined.aggregates.update(processing_event.aggregates)
                 combined.saved_kwargs.update(processing_event.saved_kwargs)
+        if traces is not None:
+            combined.saved_kwargs[TRACE_KWARG] = traces
         combined.reads = overlay.reads
         return combined
 

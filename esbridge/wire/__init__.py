@@ -64,6 +64,9 @@ CE_SOURCE = "ce_source"
 CE_TYPE = "ce_type"
 CE_TIME = "ce_time"
 CE_SUBJECT = "ce_subject"
+#: W3C trace context, after the headers above, on messages of traced events only.
+H_TRACEPARENT = "traceparent"
+H_TRACESTATE = "tracestate"
 
 KIND_PAYLOAD = "payload"
 KIND_PROMPT = "prompt"

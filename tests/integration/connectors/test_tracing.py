@@ -1,0 +1,191 @@
+"""Trace context from a command, through Postgres, the relay and Kafka, to consumers and APIs.
+
+Against the harness's real Postgres and Kafka. The relay and the consumer run
+in this process, but after the command's span has ended and in no span of
+their own: a parent/child relation found below can only have come through the
+side table in Postgres and the Kafka message headers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from esbridge import record_trace_context
+from esbridge.consumer.adapter import ConsumerAdapter
+from esbridge.relay.relay import Relay
+from esbridge_connectors.outbound import OutboundCall, OutboundSink
+from esbridge_connectors.serving import BackgroundServer
+from tests.integration.connectors.test_outbound import ChargeCards, Order, Shop
+from tests.support.relay_support import read_all
+
+_EXPORTER = InMemorySpanExporter()
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    """The SDK's in-memory exporter behind the global tracer provider (set once a process)."""
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        trace.set_tracer_provider(provider)
+    _EXPORTER.clear()
+    return _EXPORTER
+
+
+class TracedAPI:
+    """An HTTP API that notes the ``traceparent`` each idempotency key's call carried."""
+
+    def __init__(self) -> None:
+        self.traceparents: dict[str, str | None] = {}
+        self.asgi = Starlette(routes=[Route("/charges", self.charge, methods=["POST"])])
+
+    async def charge(self, request: Request) -> Response:
+        self.traceparents[request.headers["idempotency-key"]] = request.headers.get("traceparent")
+        return JSONResponse({"charge": "ch"}, status_code=201)
+
+
+def w3c(span: ReadableSpan) -> str:
+    ctx = span.get_span_context()
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+
+
+def side_table(dsn: str, table: str) -> dict[int, str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(f"SELECT notification_id, traceparent FROM {table}").fetchall()
+    return dict(rows)
+
+
+def test_trace_goes_from_command_through_relay_and_kafka_to_consumer_and_api(
+    postgres_db, create_topic, kafka_config, spans
+):
+    env = postgres_db.env
+    shop = Shop(env=env)
+    record_trace_context(shop)
+    tracer = trace.get_tracer("test")
+    with tracer.start_as_current_span("place orders") as command:
+        traced = [Order(amount=100 + i, mode="ok") for i in range(3)]
+        for order in traced:
+            order.note("gift wrap")
+        shop.save(*traced)  # 6 events: 3 Placed, 3 Noted
+    untraced = Order(amount=7, mode="ok")  # saved in no span: no context stored
+    shop.save(untraced)
+    assert side_table(postgres_db.dsn, "shop_events_trace") == {
+        nid: w3c(command) for nid in range(1, 7)
+    }
+
+    topic = create_topic(partitions=2)
+    relay = Relay("Shop", kafka_config=kafka_config, topic=topic, env=shop.env, partitions=2)
+    try:
+        assert relay.publish_available() == 7
+    finally:
+        relay.close()
+    records = read_all(kafka_config, topic, 7)
+    by_nid = {int(r.headers["esb_nid"]): r.headers for r in records}
+    assert sorted(by_nid) == list(range(1, 8))
+    assert {nid: h.get("traceparent") for nid, h in by_nid.items()} == {
+        **{nid: w3c(command) for nid in range(1, 7)},
+        7: None,
+    }
+    assert all("tracestate" not in h for h in by_nid.values())
+
+    api = TracedAPI()
+    with BackgroundServer(api.asgi) as server:
+        follower = ChargeCards(env=env | {"OUTBOUND_BASE_URL": server.url})
+        record_trace_context(follower)
+        consumer = ConsumerAdapter(
+            follower,
+            upstream="Shop",
+            topic=topic,
+            kafka_config={**kafka_config, "session.timeout.ms": 6000},
+            group_id=f"{topic}.outbound",
+            upstream_env=env,
+            sink=OutboundSink(follower),
+        )
+        try:
+            assert consumer.process_available(timeout=60) == 7
+        finally:
+            consumer.close()
+
+    finished = spans.get_finished_spans()
+    process = {
+        s.attributes["esbridge.notification_id"]: s for s in finished if s.kind == SpanKind.CONSUMER
+    }
+    clients = [s for s in finished if s.kind == SpanKind.CLIENT]
+    # One processing span per traced event (none for the untraced one), a child of the
+    # command's span and linked to it.
+    assert sorted(process) == list(range(1, 7))
+    for nid, span in process.items():
+        assert span.name == f"process {topic}"
+        assert span.parent is not None
+        assert span.parent.span_id == command.get_span_context().span_id
+        assert span.context.trace_id == command.get_span_context().trace_id
+        assert [link.context.span_id for link in span.links] == [command.get_span_context().span_id]
+        assert span.attributes["messaging.destination.name"] == topic
+        assert span.attributes["esbridge.event_topic"].endswith(
+            "Order.Placed" if nid % 2 else "Order.Noted"
+        )
+    # One call per Placed event; each CLIENT span is the child of its event's processing
+    # span, and the API received that CLIENT span as the call's traceparent.
+    placed = [nid for nid in range(1, 7) if nid % 2]
+    assert len(clients) == 3
+    by_parent = {c.parent.span_id: c for c in clients if c.parent is not None}
+    assert sorted(by_parent) == sorted(process[nid].context.span_id for nid in placed)
+    for nid in placed:
+        client = by_parent[process[nid].context.span_id]
+        assert client.name == "POST"
+        assert client.attributes["http.response.status_code"] == 201
+        assert api.traceparents[f"Shop:{nid}"] == w3c(client)
+    assert api.traceparents["Shop:7"] is None  # the untraced event's call carries none
+
+    # The follower's own events (the calls' outcomes) were saved under the processing
+    # spans: their context is in the follower's side table, for its relay to publish.
+    recorded = side_table(postgres_db.dsn, "chargecards_events_trace")
+    expected: dict[int, str] = {}
+    calls: dict[uuid.UUID, int] = {}
+    for n in follower.recorder.select_notifications(1, 100):
+        e: Any = follower.mapper.to_domain_event(n)
+        if isinstance(e, OutboundCall.Created):
+            calls[e.originator_id] = e.notification_id
+        upstream_nid = calls[e.originator_id]
+        if upstream_nid in process:
+            expected[n.id] = w3c(process[upstream_nid])
+    assert len(expected) == 6  # Created + Succeeded of each traced call
+    assert recorded == expected
+    follower.close()
+    shop.close()
+
+
+def test_without_trace_context_recording_nothing_changes(
+    postgres_db, create_topic, kafka_config, spans
+):
+    """An application not set up for tracing: no side table, no headers, even inside a span."""
+    shop = Shop(env=postgres_db.env)
+    with trace.get_tracer("test").start_as_current_span("place"):
+        shop.save(Order(amount=1, mode="ok"))
+    topic = create_topic()
+    relay = Relay("Shop", kafka_config=kafka_config, topic=topic, env=shop.env)
+    try:
+        assert relay.publish_available() == 1
+    finally:
+        relay.close()
+    [record] = read_all(kafka_config, topic, 1)
+    assert "traceparent" not in record.headers
+    with psycopg.connect(postgres_db.dsn) as conn:
+        tables = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        ).fetchall()
+    assert sorted(t for (t,) in tables) == ["shop_events"]
+    shop.close()
