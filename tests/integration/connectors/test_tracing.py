@@ -8,6 +8,7 @@ side table in Postgres and the Kafka message headers.
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -26,9 +27,12 @@ from starlette.routing import Route
 from esbridge import record_trace_context
 from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.relay.relay import Relay
+from esbridge_connectors.analytics import BINARY, CloudEventsEncoder
 from esbridge_connectors.outbound import OutboundCall, OutboundSink
 from esbridge_connectors.serving import BackgroundServer
+from esbridge_connectors.upstream import application_mapper
 from tests.integration.connectors.test_outbound import ChargeCards, Order, Shop
+from tests.integration.connectors.test_webhooks import make_intake, payment_body, push
 from tests.support.relay_support import read_all
 
 _EXPORTER = InMemorySpanExporter()
@@ -189,3 +193,65 @@ def test_without_trace_context_recording_nothing_changes(
         ).fetchall()
     assert sorted(t for (t,) in tables) == ["shop_events"]
     shop.close()
+
+
+def test_analytics_cloudevents_carry_the_distributed_tracing_extension(
+    postgres_db, create_topic, kafka_config, spans
+):
+    """Structured mode: ``traceparent`` attribute in the JSON; binary mode: ``ce_traceparent``."""
+    shop = Shop(env=postgres_db.env)
+    record_trace_context(shop)
+    with trace.get_tracer("test").start_as_current_span("place") as command:
+        shop.save(Order(amount=1, mode="ok"))
+    shop.save(Order(amount=2, mode="ok"))
+    mapper = application_mapper(Shop, postgres_db.env)
+    topic = create_topic()
+    relay = Relay(
+        "Shop",
+        kafka_config=kafka_config,
+        topic=topic,
+        env=shop.env,
+        encoder=CloudEventsEncoder("Shop", mapper),
+    )
+    try:
+        assert relay.publish_available() == 2
+    finally:
+        relay.close()
+    records = sorted(read_all(kafka_config, topic, 2), key=lambda r: int(r.headers["esb_nid"]))
+    events = [json.loads(r.value) for r in records]
+    assert [e.get("traceparent") for e in events] == [w3c(command), None]
+    assert [r.headers.get("traceparent") for r in records] == [w3c(command), None]
+
+    first = shop.recorder.select_notifications(1, 1)[0]
+    _, headers = CloudEventsEncoder("Shop", mapper, mode=BINARY).encode(
+        first, trace=(w3c(command).encode(), b"k=v")
+    )
+    found = dict(headers)
+    assert (found["ce_traceparent"], found["ce_tracestate"]) == (w3c(command).encode(), b"k=v")
+    shop.close()
+
+
+def test_webhook_intake_continues_an_incoming_traceparent(postgres_db, spans):
+    """The push's span is the parent of the intake's SERVER span, whose context is saved."""
+    intake = make_intake(postgres_db.env)
+    record_trace_context(intake.app)
+    sender = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with BackgroundServer(intake) as server:
+        answer = push(server.url, payment_body("r1"), "d1", {"traceparent": sender})
+        assert answer.status_code == 200, answer.text
+        assert push(server.url, payment_body("r2"), "d2").status_code == 200
+    servers = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert [s.name for s in servers] == ["webhook payment.received"] * 2
+    continued, fresh = servers
+    assert continued.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert continued.parent is not None and continued.parent.span_id == 0xB7AD6B7169203331
+    assert continued.parent.is_remote
+    assert fresh.parent is None  # no traceparent: the intake starts the trace
+    # Both pushes' events (receipt + payment, one transaction each) carry their span's context.
+    assert side_table(postgres_db.dsn, "payments_events_trace") == {
+        1: w3c(continued),
+        2: w3c(continued),
+        3: w3c(fresh),
+        4: w3c(fresh),
+    }
+    intake.app.close()
