@@ -1,6 +1,7 @@
 """Relay throughput, memory and latency, against a bare confluent-kafka producer.
 
     python bench/relay.py [--events 200000] [--runs 3] [--rss-events 1000000] [--partitions 3]
+    python bench/relay.py --tracing [--events 200000] [--runs 5]
 
 Starts its own PostgreSQL and Kafka (esbridge.testing; or external servers named
 by ESBRIDGE_POSTGRES_DSN / ESBRIDGE_KAFKA_BOOTSTRAP), stores a backlog of
@@ -15,6 +16,13 @@ otherwise fell on the relay's first run only), then, in the same run:
 2. the relay's peak RSS (a subprocess) publishing a backlog of ``--rss-events``;
 3. latency from commit in Postgres to visibility in a read_committed consumer
    at 1,000 events/s offered load (p50, p99).
+
+With ``--tracing``, instead: relay events/s over two equal backlogs in the
+same run, one of an application that does not record trace context (tracing
+off: no side table) and one where every event has a stored W3C trace context
+(tracing on: the relay reads the side table per page and adds a
+``traceparent`` header to every message); runs alternate; medians and the
+ratio on/off (docs/tracing.md).
 """
 
 from __future__ import annotations
@@ -87,6 +95,50 @@ def store_backlog(env: dict[str, str], dsn: str, events: int) -> None:
             conn.commit()
             done += n
     app.close()
+
+
+def trace_every_event(env: dict[str, str], dsn: str) -> None:
+    """Give every stored event a distinct trace context, as if each was saved in a span."""
+    from esbridge import record_trace_context
+
+    app = BenchLog(env=env)
+    record_trace_context(app)  # creates benchlog_events_trace
+    app.close()
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO benchlog_events_trace (notification_id, traceparent) "
+            "SELECT notification_id, '00-' || md5(random()::text) || '-' "
+            "|| substr(md5(random()::text), 1, 16) || '-01' FROM benchlog_events"
+        )
+        conn.commit()
+
+
+def tracing_runs(postgres: Any, broker: Any, args: argparse.Namespace) -> None:
+    """Relay throughput, tracing off against tracing on, alternating runs (see module doc)."""
+    kafka = broker.config()
+    envs = {}
+    for label in ("off", "on"):
+        db = postgres.create_database()
+        store_backlog(db.env, db.dsn, args.events)
+        if label == "on":
+            trace_every_event(db.env, db.dsn)
+        envs[label] = db.env
+    print(f"backlogs: 2 x {args.events} events of {EVENT_BYTES} B (on: every event traced)")
+    relay_run(envs["off"], kafka, create_topic(broker, args.partitions), args.partitions)
+    print("warm-up run (untimed) done")
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    for run in range(args.runs):
+        for label in ("off", "on") if run % 2 == 0 else ("on", "off"):
+            topic = create_topic(broker, args.partitions)
+            rates[label].append(relay_run(envs[label], kafka, topic, args.partitions))
+        print(
+            f"run {run + 1}: tracing off {rates['off'][-1]:,.0f} events/s, "
+            f"on {rates['on'][-1]:,.0f} events/s"
+        )
+    off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+    print(f"relay, tracing off: {off:,.0f} events/s (median of {args.runs})")
+    print(f"relay, tracing on (traceparent on every message): {on:,.0f} events/s")
+    print(f"ratio on/off: {on / off:.2f}")
 
 
 def relay_run(env: dict[str, str], kafka: dict[str, Any], topic: str, partitions: int) -> float:
@@ -259,6 +311,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rss-events", type=int, default=1_000_000)
     parser.add_argument("--partitions", type=int, default=3)
+    parser.add_argument(
+        "--tracing", action="store_true", help="relay throughput with tracing on vs off"
+    )
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -269,6 +324,9 @@ def main() -> None:
 
     postgres, broker = make_postgres(), make_kafka()
     try:
+        if args.tracing:
+            tracing_runs(postgres, broker, args)
+            return
         db = postgres.create_database()
         env = db.env
         kafka = broker.config()

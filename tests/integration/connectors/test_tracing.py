@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -19,6 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from opentelemetry.util._once import Once
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -35,18 +37,27 @@ from tests.integration.connectors.test_outbound import ChargeCards, Order, Shop
 from tests.integration.connectors.test_webhooks import make_intake, payment_body, push
 from tests.support.relay_support import read_all
 
-_EXPORTER = InMemorySpanExporter()
+
+def _reset_global_tracer_provider() -> None:
+    """Let the next ``set_tracer_provider`` take effect (as OpenTelemetry's own test utils do).
+
+    The API accepts one global provider per process; the docs' example sets its own.
+    """
+    trace._TRACER_PROVIDER_SET_ONCE = Once()  # type: ignore[attr-defined]
+    trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]
 
 
 @pytest.fixture
-def spans() -> InMemorySpanExporter:
-    """The SDK's in-memory exporter behind the global tracer provider (set once a process)."""
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        trace.set_tracer_provider(provider)
-    _EXPORTER.clear()
-    return _EXPORTER
+def spans() -> Iterator[InMemorySpanExporter]:
+    """The SDK's in-memory exporter behind the global tracer provider, for one test."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _reset_global_tracer_provider()
+    trace.set_tracer_provider(provider)
+    yield exporter
+    provider.shutdown()
+    _reset_global_tracer_provider()
 
 
 class TracedAPI:
