@@ -28,7 +28,7 @@ from esbridge.relay.gaps import GapGuard, guarded_pages
 from esbridge.relay.pacing import Pacing
 from esbridge.relay.position import POSITION_TOPIC_CONFIG
 from esbridge.relay.publisher import KafkaPublisher, TransientPublishError
-from esbridge.relay.reader import TraceReader, read_pages_for_publishing
+from esbridge.relay.reader import TraceReader, read_pages_for_publishing, split_traces
 from esbridge.relay.status import Progress
 from esbridge.relay.strategy import Retry, publish_access
 from esbridge.relay.tuning import RelayTuning
@@ -260,15 +260,22 @@ class PayloadPublishing:
                 publisher.add(notifications, found)
                 yield notifications[-1].id
             return
+        traced = traces is not None
         pages = guarded_pages(
-            lambda start: read_pages_for_publishing(recorder, start, page_size=page_size),
+            lambda start: read_pages_for_publishing(
+                recorder, start, page_size=page_size, traced=traced
+            ),
             after,
             guard,
             _row_id,
         )
         try:
             for rows in pages:
-                publisher.add_rows(rows, traces.read(rows[0][0], rows[-1][0]) if traces else None)
+                if traced:
+                    plain, found = split_traces(rows)
+                    publisher.add_rows(plain, found)
+                else:
+                    publisher.add_rows(rows)
                 yield rows[-1][0]
         finally:
             pages.close()  # now, not when garbage-collected: it holds a pooled connection
