@@ -47,7 +47,14 @@ from esbridge.processing.recorder_hook import (
 from esbridge.processing.sink import StepFailed
 from esbridge.processing.steps import Step
 from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
-from esbridge.runtime.tracing import TraceContext, current_trace_context, end_step_spans, processing
+from esbridge.runtime.tracing import AVAILABLE as TRACING
+from esbridge.runtime.tracing import (
+    TraceContext,
+    call_in_span,
+    end_step_spans,
+    span_trace_context,
+    step_span,
+)
 
 log = logging.getLogger("esbridge.processing")
 
@@ -189,11 +196,13 @@ class ProcessApplicationSink:
                 if event is None:
                     continue
                 processing_event = _BatchProcessingEvent(tracking=step.tracking)
+                # Untraced steps (all of them without OpenTelemetry) call the policy directly.
+                span = step_span(step) if TRACING else None
                 try:
-                    with processing(step):
+                    if span is None:
                         policy(event, processing_event)
-                        if traces is not None:
-                            traces.extend([current_trace_context()] * len(processing_event.events))
+                    else:
+                        call_in_span(span, policy, event, processing_event)
                 except TRANSIENT_ERRORS:
                     raise
                 except Exception as e:
@@ -202,6 +211,9 @@ class ProcessApplicationSink:
                             if self.batches.log.conflict(ticket, overlay.reads) is not None:
                                 return None  # it may have failed on a stale read: run again
                     raise StepFailed(index, e) from e
+                if traces is not None and processing_event.events:
+                    found = span_trace_context(span) if span is not None else None
+                    traces.extend([found] * len(processing_event.events))
                 requested = overlay.take_requested()
                 if learn:  # a given hint makes learning one useless work
                     hints.learn(event, requested)

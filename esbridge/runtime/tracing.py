@@ -27,9 +27,9 @@ W3C; HTTP calls use the application's configured propagator.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from esbridge.errors import ConfigurationError
 
@@ -53,6 +53,8 @@ AVAILABLE = trace is not None
 
 _W3C: Any = TraceContextTextMapPropagator() if AVAILABLE else None
 _NO_SPAN = object()  # Step.span of a step whose message carried no trace context
+
+T = TypeVar("T")
 
 #: (traceparent, tracestate or None) as stored and published.
 TraceContext = tuple[str, str | None]
@@ -80,11 +82,15 @@ def current_trace_context() -> TraceContext | None:
     """The current span's W3C context, or None when there is no valid span (or no OpenTelemetry)."""
     if trace is None:
         return None
-    span_context = trace.get_current_span().get_span_context()
-    if not span_context.is_valid:
+    return span_trace_context(trace.get_current_span())
+
+
+def span_trace_context(span: Any) -> TraceContext | None:
+    """``span``'s W3C context (traceparent, tracestate), or None when it is not valid."""
+    if not span.get_span_context().is_valid:
         return None
     carrier: dict[str, str] = {}
-    _W3C.inject(carrier)
+    _W3C.inject(carrier, context=trace.set_span_in_context(span))
     traceparent = carrier.get(TRACEPARENT)
     if traceparent is None:
         return None
@@ -153,6 +159,12 @@ def processing(step: Step) -> Iterator[None]:
         return
     with trace.use_span(span, end_on_exit=False, record_exception=False):
         yield
+
+
+def call_in_span(span: Any, func: Callable[..., T], *args: Any) -> T:
+    """``func(*args)`` with ``span`` current (not ended after: see :func:`step_span`)."""
+    with trace.use_span(span, end_on_exit=False, record_exception=False):
+        return func(*args)
 
 
 def end_step_spans(steps: Sequence[Step], error: BaseException | None = None) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from eventsourcing.persistence import IntegrityError
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -266,3 +267,27 @@ def test_webhook_intake_continues_an_incoming_traceparent(postgres_db, spans):
         4: w3c(fresh),
     }
     intake.app.close()
+
+
+def test_trace_rows_commit_and_roll_back_with_their_events(postgres_db, spans):
+    """A save that fails writes no trace row; the next one gets the ids it really took."""
+    shop = Shop(env=postgres_db.env)
+    record_trace_context(shop)
+    tracer = trace.get_tracer("test")
+    order = Order(amount=1, mode="ok")
+    with tracer.start_as_current_span("first") as first:
+        shop.save(order)
+    stale = shop.repository.get(order.id)
+    order.note("a")
+    stale.note("b")  # the same version: its save collides and rolls back
+    with tracer.start_as_current_span("second") as second:
+        shop.save(order)
+    with tracer.start_as_current_span("third"), pytest.raises(IntegrityError):
+        shop.save(stale)
+    with tracer.start_as_current_span("fourth") as fourth:
+        shop.save(Order(amount=2, mode="ok"), Order(amount=3, mode="ok"))
+    ids = [n.id for n in shop.recorder.select_notifications(1, 10)]
+    assert side_table(postgres_db.dsn, "shop_events_trace") == dict(
+        zip(ids, [w3c(first), w3c(second), w3c(fourth), w3c(fourth)], strict=True)
+    )
+    shop.close()
