@@ -57,7 +57,7 @@ from esbridge.processing.sink import StepFailed
 from esbridge.processing.steps import Step, StepFactory
 from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
 from esbridge.runtime.signals import stop_on_signals
-from esbridge.runtime.tracing import end_step_spans, processing
+from esbridge.runtime.tracing import processing
 from esbridge.wire import H_APP
 from esbridge_connectors.calling import (
     SUCCEEDED,
@@ -386,9 +386,6 @@ class OutboundSink:
                     step.dead_letter = self._letter(step, outcome)
             self.inner.apply(steps, expected)
             recorded = True
-        except BaseException as e:
-            end_step_spans(steps, e)  # the calls' spans, when the batch failed before recording
-            raise
         finally:
             self.follower.forget(steps, recorded=recorded)
 

@@ -52,6 +52,7 @@ from esbridge.runtime.tracing import (
     TraceContext,
     call_in_span,
     end_step_spans,
+    note_step_failure,
     span_trace_context,
     step_span,
 )
@@ -146,8 +147,9 @@ class ProcessApplicationSink:
             while not self._attempt(steps, expected, attempt):
                 self.reruns += 1
                 attempt += 1
-        except BaseException as e:
-            end_step_spans(steps, e)
+        except StepFailed as e:
+            # The batch runs again (smaller, or the step parked): the spans end when it is recorded.
+            note_step_failure(steps[e.index], e.cause)
             raise
         end_step_spans(steps)
 

@@ -118,8 +118,9 @@ def step_span(step: Step) -> Any | None:
 
     A child of the span that saved the event (its message's ``traceparent``),
     linked to it too. Ended by :func:`end_step_spans` once its batch is
-    recorded, so one span covers an outbound call made before the batch's
-    transaction and the policy that records its outcome.
+    recorded (a batch that failed runs again with the same steps and spans),
+    so one span covers an outbound call made before the batch's transaction
+    and the policy that records its outcome.
     """
     span = step.span
     if span is None:
@@ -167,18 +168,22 @@ def call_in_span(span: Any, func: Callable[..., T], *args: Any) -> T:
         return func(*args)
 
 
-def end_step_spans(steps: Sequence[Step], error: BaseException | None = None) -> None:
-    """End the processing spans of ``steps`` (marked failed with ``error``, if given)."""
+def note_step_failure(step: Step, error: BaseException) -> None:
+    """Record on ``step``'s span that its policy raised ``error`` (the span goes on)."""
+    span = step.span
+    if span is not None and span is not _NO_SPAN and span.is_recording():
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+
+
+def end_step_spans(steps: Sequence[Step]) -> None:
+    """End the processing spans of ``steps``: their batch is recorded (or given up)."""
     if not AVAILABLE:
         return
     for step in steps:
         span = step.span
-        if span is None or span is _NO_SPAN or not span.is_recording():
-            continue
-        if error is not None:
-            span.record_exception(error)
-            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-        span.end()
+        if span is not None and span is not _NO_SPAN and span.is_recording():
+            span.end()
 
 
 @contextmanager

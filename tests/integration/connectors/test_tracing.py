@@ -15,19 +15,21 @@ from typing import Any
 
 import psycopg
 import pytest
+from eventsourcing.dispatch import singledispatchmethod
 from eventsourcing.persistence import IntegrityError
+from eventsourcing.system import ProcessApplication
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.util._once import Once
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from esbridge import record_trace_context
+from esbridge import DeadLetterPolicy, record_trace_context
 from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.relay.relay import Relay
 from esbridge_connectors.analytics import BINARY, CloudEventsEncoder
@@ -290,4 +292,64 @@ def test_trace_rows_commit_and_roll_back_with_their_events(postgres_db, spans):
     assert side_table(postgres_db.dsn, "shop_events_trace") == dict(
         zip(ids, [w3c(first), w3c(second), w3c(fourth), w3c(fourth)], strict=True)
     )
+    shop.close()
+
+
+class Picky(ProcessApplication[uuid.UUID]):
+    """Records a note per order, except that its policy raises for amount 13."""
+
+    @singledispatchmethod
+    def policy(self, domain_event: Any, processing_event: Any) -> None:
+        pass
+
+    @policy.register
+    def _(self, domain_event: Order.Placed, processing_event: Any) -> None:
+        if domain_event.amount == 13:
+            raise ValueError("unlucky amount")
+        processing_event.collect_events(Order(amount=domain_event.amount, mode="copy"))
+
+
+def test_a_failing_policy_marks_its_span_and_every_span_ends_once(
+    postgres_db, create_topic, kafka_config, spans
+):
+    """The batch runs again after the failure: its events keep their spans, each ends once."""
+    shop = Shop(env=postgres_db.env)
+    record_trace_context(shop)
+    with trace.get_tracer("test").start_as_current_span("place"):
+        shop.save(*[Order(amount=a, mode="ok") for a in (12, 13, 14)])
+    topic = create_topic()
+    relay = Relay("Shop", kafka_config=kafka_config, topic=topic, env=shop.env)
+    try:
+        assert relay.publish_available() == 3
+    finally:
+        relay.close()
+    picky = Picky(env=postgres_db.env)
+    consumer = ConsumerAdapter(
+        picky,
+        upstream="Shop",
+        topic=topic,
+        kafka_config={**kafka_config, "session.timeout.ms": 6000},
+        group_id=f"{topic}.picky",
+        upstream_env=postgres_db.env,
+        dead_letter_policy=DeadLetterPolicy(max_attempts=2, backoff=0.01, on_exhausted="skip"),
+    )
+    try:
+        assert consumer.process_available(timeout=60) == 3
+    finally:
+        consumer.close()
+    process = sorted(
+        (s for s in spans.get_finished_spans() if s.kind == SpanKind.CONSUMER),
+        key=lambda s: s.attributes["esbridge.notification_id"],
+    )
+    assert [s.attributes["esbridge.notification_id"] for s in process] == [1, 2, 3]
+    assert [s.status.status_code for s in process] == [
+        StatusCode.UNSET,
+        StatusCode.ERROR,
+        StatusCode.UNSET,
+    ]
+    # One exception event per attempt of the failing policy (2 attempts), none elsewhere.
+    assert [[e.name for e in s.events] for s in process] == [[], ["exception"] * 2, []]
+    assert process[1].events[0].attributes["exception.message"] == "unlucky amount"
+    assert picky.recorder.max_tracking_id("Shop") == 3
+    picky.close()
     shop.close()
