@@ -127,17 +127,26 @@ def tracing_runs(postgres: Any, broker: Any, args: argparse.Namespace) -> None:
     relay_run(envs["off"], kafka, create_topic(broker, args.partitions), args.partitions)
     print("warm-up run (untimed) done")
     rates: dict[str, list[float]] = {"off": [], "on": []}
+    cpu: dict[str, list[float]] = {"off": [], "on": []}  # this process's CPU us an event
     for run in range(args.runs):
         for label in ("off", "on") if run % 2 == 0 else ("on", "off"):
             topic = create_topic(broker, args.partitions)
             rates[label].append(relay_run(envs[label], kafka, topic, args.partitions))
+            cpu[label].append(CPU["relay"][-1] * 1e6)
         print(
-            f"run {run + 1}: tracing off {rates['off'][-1]:,.0f} events/s, "
-            f"on {rates['on'][-1]:,.0f} events/s"
+            f"run {run + 1}: tracing off {rates['off'][-1]:,.0f} events/s "
+            f"({cpu['off'][-1]:.1f} us CPU/event), on {rates['on'][-1]:,.0f} events/s "
+            f"({cpu['on'][-1]:.1f} us CPU/event)"
         )
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
-    print(f"relay, tracing off: {off:,.0f} events/s (median of {args.runs})")
-    print(f"relay, tracing on (traceparent on every message): {on:,.0f} events/s")
+    print(
+        f"relay, tracing off: {off:,.0f} events/s, "
+        f"{statistics.median(cpu['off']):.1f} us CPU/event (median of {args.runs})"
+    )
+    print(
+        f"relay, tracing on (traceparent on every message): {on:,.0f} events/s, "
+        f"{statistics.median(cpu['on']):.1f} us CPU/event"
+    )
     print(f"ratio on/off: {on / off:.2f}")
 
 
