@@ -1,7 +1,7 @@
 """Relay throughput, memory and latency, against a bare confluent-kafka producer.
 
     python bench/relay.py [--events 200000] [--runs 3] [--rss-events 1000000] [--partitions 3]
-    python bench/relay.py --tracing [--events 200000] [--runs 5]
+    python bench/relay.py --tracing [--events 200000] [--runs 5] [--events-per-trace 1]
 
 Starts its own PostgreSQL and Kafka (esbridge.testing; or external servers named
 by ESBRIDGE_POSTGRES_DSN / ESBRIDGE_KAFKA_BOOTSTRAP), stores a backlog of
@@ -97,8 +97,12 @@ def store_backlog(env: dict[str, str], dsn: str, events: int) -> None:
     app.close()
 
 
-def trace_every_event(env: dict[str, str], dsn: str) -> None:
-    """Give every stored event a distinct trace context, as if each was saved in a span."""
+def trace_every_event(env: dict[str, str], dsn: str, per_trace: int = 1) -> None:
+    """Give every stored event a trace context, as if saved in a span, ``per_trace`` a span.
+
+    1 (the default, the worst case): every event its own random context, which
+    also makes the messages compress worse than the backlog's copies of one event.
+    """
     from esbridge import record_trace_context
 
     app = BenchLog(env=env)
@@ -107,8 +111,12 @@ def trace_every_event(env: dict[str, str], dsn: str) -> None:
     with psycopg.connect(dsn) as conn:
         conn.execute(
             "INSERT INTO benchlog_events_trace (notification_id, traceparent) "
-            "SELECT notification_id, '00-' || md5(random()::text) || '-' "
-            "|| substr(md5(random()::text), 1, 16) || '-01' FROM benchlog_events"
+            "SELECT e.notification_id, s.traceparent FROM benchlog_events e JOIN ("
+            "  SELECT n, '00-' || md5(random()::text) || '-' "
+            "  || substr(md5(random()::text), 1, 16) || '-01' AS traceparent "
+            "  FROM generate_series(0, (SELECT max(notification_id) FROM benchlog_events) / %s) n"
+            ") s ON s.n = e.notification_id / %s",
+            (per_trace, per_trace),
         )
         conn.commit()
 
@@ -121,9 +129,12 @@ def tracing_runs(postgres: Any, broker: Any, args: argparse.Namespace) -> None:
         db = postgres.create_database()
         store_backlog(db.env, db.dsn, args.events)
         if label == "on":
-            trace_every_event(db.env, db.dsn)
+            trace_every_event(db.env, db.dsn, args.events_per_trace)
         envs[label] = db.env
-    print(f"backlogs: 2 x {args.events} events of {EVENT_BYTES} B (on: every event traced)")
+    print(
+        f"backlogs: 2 x {args.events} events of {EVENT_BYTES} B (on: every event traced, "
+        f"{args.events_per_trace} event(s) a trace context)"
+    )
     relay_run(envs["off"], kafka, create_topic(broker, args.partitions), args.partitions)
     print("warm-up run (untimed) done")
     rates: dict[str, list[float]] = {"off": [], "on": []}
@@ -327,6 +338,12 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument(
         "--tracing", action="store_true", help="relay throughput with tracing on vs off"
+    )
+    parser.add_argument(
+        "--events-per-trace",
+        type=int,
+        default=1,
+        help="with --tracing: events saved in one span (1: each its own context)",
     )
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
