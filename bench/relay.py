@@ -1,6 +1,7 @@
 """Relay throughput, memory and latency, against a bare confluent-kafka producer.
 
     python bench/relay.py [--events 200000] [--runs 3] [--rss-events 1000000] [--partitions 3]
+    python bench/relay.py --tracing [--events 200000] [--runs 5] [--events-per-trace 1]
 
 Starts its own PostgreSQL and Kafka (esbridge.testing; or external servers named
 by ESBRIDGE_POSTGRES_DSN / ESBRIDGE_KAFKA_BOOTSTRAP), stores a backlog of
@@ -15,6 +16,13 @@ otherwise fell on the relay's first run only), then, in the same run:
 2. the relay's peak RSS (a subprocess) publishing a backlog of ``--rss-events``;
 3. latency from commit in Postgres to visibility in a read_committed consumer
    at 1,000 events/s offered load (p50, p99).
+
+With ``--tracing``, instead: relay events/s over two equal backlogs in the
+same run, one of an application that does not record trace context (tracing
+off: no side table) and one where every event has a stored W3C trace context
+(tracing on: the relay reads the side table per page and adds a
+``traceparent`` header to every message); runs alternate; medians and the
+ratio on/off (docs/tracing.md).
 """
 
 from __future__ import annotations
@@ -89,12 +97,81 @@ def store_backlog(env: dict[str, str], dsn: str, events: int) -> None:
     app.close()
 
 
-def relay_run(env: dict[str, str], kafka: dict[str, Any], topic: str, partitions: int) -> float:
+def trace_every_event(env: dict[str, str], dsn: str, per_trace: int = 1) -> None:
+    """Give every stored event a trace context, as if saved in a span, ``per_trace`` a span.
+
+    1 (the default, the worst case): every event its own random context, which
+    also makes the messages compress worse than the backlog's copies of one event.
+    """
+    from esbridge import record_trace_context
+
+    app = BenchLog(env=env)
+    record_trace_context(app)  # creates benchlog_events_trace
+    app.close()
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO benchlog_events_trace (notification_id, traceparent) "
+            "SELECT e.notification_id, s.traceparent FROM benchlog_events e JOIN ("
+            "  SELECT n, '00-' || md5(random()::text) || '-' "
+            "  || substr(md5(random()::text), 1, 16) || '-01' AS traceparent "
+            "  FROM generate_series(0, (SELECT max(notification_id) FROM benchlog_events) / %s) n"
+            ") s ON s.n = e.notification_id / %s",
+            (per_trace, per_trace),
+        )
+        conn.commit()
+
+
+def tracing_runs(postgres: Any, broker: Any, args: argparse.Namespace) -> None:
+    """Relay throughput, tracing off against tracing on, alternating runs (see module doc)."""
+    kafka = broker.config()
+    envs = {}
+    for label in ("off", "on"):
+        db = postgres.create_database()
+        store_backlog(db.env, db.dsn, args.events)
+        if label == "on":
+            trace_every_event(db.env, db.dsn, args.events_per_trace)
+        envs[label] = db.env
+    print(
+        f"backlogs: 2 x {args.events} events of {EVENT_BYTES} B (on: every event traced, "
+        f"{args.events_per_trace} event(s) a trace context)"
+    )
+    relay_run(envs["off"], kafka, create_topic(broker, args.partitions), args.partitions)
+    print("warm-up run (untimed) done")
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    cpu: dict[str, list[float]] = {"off": [], "on": []}  # this process's CPU us an event
+    for run in range(args.runs):
+        for label in ("off", "on") if run % 2 == 0 else ("on", "off"):
+            topic = create_topic(broker, args.partitions)
+            rates[label].append(relay_run(envs[label], kafka, topic, args.partitions, args.events))
+            cpu[label].append(CPU["relay"][-1] * 1e6)
+        print(
+            f"run {run + 1}: tracing off {rates['off'][-1]:,.0f} events/s "
+            f"({cpu['off'][-1]:.1f} us CPU/event), on {rates['on'][-1]:,.0f} events/s "
+            f"({cpu['on'][-1]:.1f} us CPU/event)"
+        )
+    off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+    print(
+        f"relay, tracing off: {off:,.0f} events/s, "
+        f"{statistics.median(cpu['off']):.1f} us CPU/event (median of {args.runs})"
+    )
+    print(
+        f"relay, tracing on (traceparent on every message): {on:,.0f} events/s, "
+        f"{statistics.median(cpu['on']):.1f} us CPU/event"
+    )
+    print(f"ratio on/off: {on / off:.2f}")
+
+
+def relay_run(
+    env: dict[str, str], kafka: dict[str, Any], topic: str, partitions: int, expected: int = 1
+) -> float:
     relay = Relay(APP, kafka_config=kafka, topic=topic, env=env, partitions=partitions)
     try:
         relay.prepare()
         start, cpu = time.perf_counter(), time.process_time()
         count = relay.publish_available()
+        while count < expected:  # it returned at a gap it saw a writer for: go on (timed)
+            time.sleep(0.05)
+            count += relay.publish_available()
         CPU["relay"].append((time.process_time() - cpu) / count)
         return count / (time.perf_counter() - start)
     finally:
@@ -259,6 +336,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rss-events", type=int, default=1_000_000)
     parser.add_argument("--partitions", type=int, default=3)
+    parser.add_argument(
+        "--tracing", action="store_true", help="relay throughput with tracing on vs off"
+    )
+    parser.add_argument(
+        "--events-per-trace",
+        type=int,
+        default=1,
+        help="with --tracing: events saved in one span (1: each its own context)",
+    )
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -269,6 +355,9 @@ def main() -> None:
 
     postgres, broker = make_postgres(), make_kafka()
     try:
+        if args.tracing:
+            tracing_runs(postgres, broker, args)
+            return
         db = postgres.create_database()
         env = db.env
         kafka = broker.config()

@@ -39,6 +39,7 @@ from esbridge.errors import (
     UpstreamMismatchError,
 )
 from esbridge.names import tracking_names
+from esbridge.processing.recorder_hook import record_trace_context
 from esbridge.relay.relay import Relay, RelayStatus
 from esbridge.system.runner import KafkaRunner
 
@@ -76,6 +77,7 @@ __all__ = [
     "SystemConfigurationError",
     "SystemRunnerError",
     "UpstreamMismatchError",
+    "record_trace_context",
     "tracking_names",
 ]
 __version__ = "0.1.0"

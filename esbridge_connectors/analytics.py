@@ -11,6 +11,8 @@ a published schema instead, so this module re-encodes each notification as a
   ``subject`` = the aggregate id, ``time`` = the event's timestamp;
 * extension attributes ``esbapp``, ``esbnid`` (notification id: an analytics
   consumer deduplicates on it) and ``esbversion`` (aggregate version);
+* for a traced event (docs/tracing.md), the CloudEvents distributed-tracing
+  extension: ``traceparent`` (and ``tracestate``) of the span that saved it;
 * ``data`` = every attribute of the event as plain JSON (UUIDs, datetimes and
   decimals as strings; see :class:`~esbridge_connectors.schemas.JsonTypes`),
   described by the schema of :func:`~esbridge_connectors.schemas.event_data_schema`.
@@ -89,8 +91,17 @@ class CloudEventsEncoder:
         self.types = types
         self.dataschema_base = dataschema_base.rstrip("/") if dataschema_base else None
 
-    def cloudevent(self, notification: Notification) -> dict[str, Any]:
-        """The CloudEvent of one notification, as a JSON-ready dict (structured form)."""
+    #: The relay gives :meth:`encode` the event's trace context (``trace=``).
+    accepts_trace = True
+
+    def cloudevent(
+        self, notification: Notification, trace: tuple[bytes, bytes | None] | None = None
+    ) -> dict[str, Any]:
+        """The CloudEvent of one notification, as a JSON-ready dict (structured form).
+
+        ``trace``: (traceparent, tracestate) header values of a traced event,
+        added as the distributed-tracing extension's attributes.
+        """
         event = self.mapper.to_domain_event(notification)
         state = vars(event)
         first = {name: state[name] for name in ENVELOPE_FIELDS if name in state}
@@ -116,12 +127,18 @@ class CloudEventsEncoder:
         if self.dataschema_base:
             stem = schema_file_stem(get_topic(type(event)))
             attributes["dataschema"] = f"{self.dataschema_base}/{stem}.data.json"
+        if trace is not None:
+            attributes["traceparent"] = trace[0].decode()
+            if trace[1]:
+                attributes["tracestate"] = trace[1].decode()
         attributes["data"] = data
         return attributes
 
-    def encode(self, notification: Notification) -> tuple[bytes, wire.Headers]:
+    def encode(
+        self, notification: Notification, trace: tuple[bytes, bytes | None] | None = None
+    ) -> tuple[bytes, wire.Headers]:
         """Value bytes and CloudEvents headers of one notification, in this encoder's mode."""
-        event = self.cloudevent(notification)
+        event = self.cloudevent(notification, trace)
         if self.mode == STRUCTURED:
             return _dumps(event), [(wire.H_CONTENT_TYPE, CLOUDEVENTS_JSON.encode())]
         return _dumps(event.pop("data")), binary_headers(event)

@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 
 from esbridge.errors import ConfigurationError, EsbridgeError
+from esbridge.runtime.tracing import client_span
 from esbridge_connectors.circuit import CircuitBreaker
 
 SUCCEEDED = "succeeded"
@@ -172,14 +173,18 @@ class Caller:
             retry_after: float | None = None
             counts = True  # does this attempt use up the event's retry budget?
             try:
-                response = self.client.request(
-                    request.method,
-                    request.url,
-                    json=request.json,
-                    content=request.content,
-                    headers=headers,
-                    timeout=timeout,
-                )
+                # The trace context (if any) goes with the call: a CLIENT span per attempt.
+                with client_span(request.method, request.url, headers) as span:
+                    response = self.client.request(
+                        request.method,
+                        request.url,
+                        json=request.json,
+                        content=request.content,
+                        headers=headers,
+                        timeout=timeout,
+                    )
+                    if span is not None:
+                        span.set_attribute("http.response.status_code", response.status_code)
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 # The API cannot be reached at all: its fault, never the event's.
                 self.breaker.failure()

@@ -57,6 +57,7 @@ from esbridge.processing.sink import StepFailed
 from esbridge.processing.steps import Step, StepFactory
 from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
 from esbridge.runtime.signals import stop_on_signals
+from esbridge.runtime.tracing import processing
 from esbridge.wire import H_APP
 from esbridge_connectors.calling import (
     SUCCEEDED,
@@ -277,7 +278,7 @@ class OutboundFollower(ProcessApplication[uuid.UUID]):
         """
         if len(self._prepared) > MAX_PREPARED:
             self._prepared.clear()
-        groups: dict[str, list[tuple[CallIdentity, OutboundRequest]]] = {}
+        groups: dict[str, list[tuple[CallIdentity, OutboundRequest, Step]]] = {}
         for step in steps:
             if step.event is None:
                 continue
@@ -290,13 +291,14 @@ class OutboundFollower(ProcessApplication[uuid.UUID]):
             identity = self.identity(*step_identity(step))
             self._batch[id(step.event)] = (step.event, identity.key)
             if identity.key not in self._prepared:
-                groups.setdefault(step.key, []).append((identity, request))
+                groups.setdefault(step.key, []).append((identity, request, step))
         if not groups:
             return
 
-        def run(calls: list[tuple[CallIdentity, OutboundRequest]]) -> None:
-            for identity, request in calls:
-                outcome = self.caller.call(request, identity.key)
+        def run(calls: list[tuple[CallIdentity, OutboundRequest, Step]]) -> None:
+            for identity, request, step in calls:
+                with processing(step):  # the call is part of the event's processing span
+                    outcome = self.caller.call(request, identity.key)
                 self._prepared[identity.key] = _Prepared(identity, request, outcome)
 
         with ThreadPoolExecutor(max(1, min(self.concurrency, len(groups)))) as pool:

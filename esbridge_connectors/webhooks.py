@@ -57,6 +57,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from esbridge.errors import ConfigurationError, EsbridgeError
+from esbridge.runtime.tracing import server_span
 from esbridge_connectors.http_limits import OPS_LISTENER, HttpLimits
 from esbridge_connectors.signatures import HmacSignature, SignatureError
 
@@ -298,7 +299,9 @@ class WebhookIntake(Generic[TApp]):
                     f"unknown event kind {kind!r}; accepted: {sorted(self.handlers)}",
                 )
             digest = hashlib.sha256(body).hexdigest()
-            accepted = await self._in_thread(self._record, kind, payload, delivery_id, digest)
+            accepted = await self._in_thread(
+                self._record_traced, request.headers, kind, payload, delivery_id, digest
+            )
         except _Refused as e:
             return self._answer(
                 started, e.status, e.outcome, delivery_id, headers=e.headers, reason=e.reason
@@ -396,6 +399,17 @@ class WebhookIntake(Generic[TApp]):
         if _nesting_exceeds(payload, self.max_json_depth):
             raise too_deep
         return payload
+
+    def _record_traced(
+        self, headers: Mapping[str, str], kind: str, payload: Any, delivery_id: str, digest: str
+    ) -> _Accepted:
+        """:meth:`_record` in a SERVER span that continues the push's ``traceparent``.
+
+        The events saved are then traced from the sender's span onwards
+        (when the application records trace context: docs/tracing.md).
+        """
+        with server_span(f"webhook {kind}", headers):
+            return self._record(kind, payload, delivery_id, digest)
 
     def _record(self, kind: str, payload: Any, delivery_id: str, digest: str) -> _Accepted:
         """Run the handler and save its aggregates with the receipt, in one transaction.

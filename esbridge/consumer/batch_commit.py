@@ -245,7 +245,10 @@ class BatchCommitter:
         name = step.tracking.application_name if step.tracking else None
         letter = self._steps.dead_letter(source, name, reason, error)
         letter.attempts = attempts
-        return Step(tracking=step.tracking, key=step.key, dead_letter=letter, source=source)
+        # The event's processing span goes with it: it ends when the letter is recorded.
+        return Step(
+            tracking=step.tracking, key=step.key, dead_letter=letter, source=source, span=step.span
+        )
 
     def _hold_behind(self, steps: list[Step]) -> list[Step]:
         """Park steps whose key already has a parked message (per-aggregate order)."""

@@ -37,10 +37,25 @@ from eventsourcing.system import Follower
 from esbridge.deadletters.store import DeadLetterStore
 from esbridge.processing.batch_repository import BatchRepository
 from esbridge.processing.concurrent_batches import follower_batches
-from esbridge.processing.recorder_hook import WRITE_KWARG, EsbridgeWrite, install_recorder_hook
+from esbridge.processing.recorder_hook import (
+    TRACE_KWARG,
+    WRITE_KWARG,
+    EsbridgeWrite,
+    captures_traces,
+    install_recorder_hook,
+)
 from esbridge.processing.sink import StepFailed
 from esbridge.processing.steps import Step
 from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
+from esbridge.runtime.tracing import AVAILABLE as TRACING
+from esbridge.runtime.tracing import (
+    TraceContext,
+    call_in_span,
+    end_step_spans,
+    note_step_failure,
+    span_trace_context,
+    step_span,
+)
 
 log = logging.getLogger("esbridge.processing")
 
@@ -128,9 +143,15 @@ class ProcessApplicationSink:
 
     def apply(self, steps: Sequence[Step], expected: Mapping[str, int]) -> None:
         attempt = 1
-        while not self._attempt(steps, expected, attempt):
-            self.reruns += 1
-            attempt += 1
+        try:
+            while not self._attempt(steps, expected, attempt):
+                self.reruns += 1
+                attempt += 1
+        except StepFailed as e:
+            # The batch runs again (smaller, or the step parked): the spans end when it is recorded.
+            note_step_failure(steps[e.index], e.cause)
+            raise
+        end_step_spans(steps)
 
     def _attempt(self, steps: Sequence[Step], expected: Mapping[str, int], attempt: int) -> bool:
         """Run and record the batch once; False when it recorded nothing and must run again."""
@@ -168,13 +189,22 @@ class ProcessApplicationSink:
             # Bound once: the library's singledispatchmethod builds a new function per access.
             policy = follower.policy
             learn = self.prefetch is None
+            # Each new event's trace context: that of the event whose policy made it.
+            traces: list[TraceContext | None] | None = (
+                [] if captures_traces(follower.recorder) else None
+            )
             for index, step in enumerate(steps):
                 event = step.event
                 if event is None:
                     continue
                 processing_event = _BatchProcessingEvent(tracking=step.tracking)
+                # Untraced steps (all of them without OpenTelemetry) call the policy directly.
+                span = step_span(step) if TRACING else None
                 try:
-                    policy(event, processing_event)
+                    if span is None:
+                        policy(event, processing_event)
+                    else:
+                        call_in_span(span, policy, event, processing_event)
                 except TRANSIENT_ERRORS:
                     raise
                 except Exception as e:
@@ -183,6 +213,9 @@ class ProcessApplicationSink:
                             if self.batches.log.conflict(ticket, overlay.reads) is not None:
                                 return None  # it may have failed on a stale read: run again
                     raise StepFailed(index, e) from e
+                if traces is not None and processing_event.events:
+                    found = span_trace_context(span) if span is not None else None
+                    traces.extend([found] * len(processing_event.events))
                 requested = overlay.take_requested()
                 if learn:  # a given hint makes learning one useless work
                     hints.learn(event, requested)
@@ -190,6 +223,8 @@ class ProcessApplicationSink:
                 combined.events.extend(processing_event.events)
                 combined.aggregates.update(processing_event.aggregates)
                 combined.saved_kwargs.update(processing_event.saved_kwargs)
+        if traces is not None:
+            combined.saved_kwargs[TRACE_KWARG] = traces
         combined.reads = overlay.reads
         return combined
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from eventsourcing.persistence import IntegrityError, Tracking
-from eventsourcing.postgres import PostgresProcessRecorder
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresProcessRecorder
 from eventsourcing.system import Follower
 from psycopg.sql import SQL, Identifier
 
@@ -24,9 +24,18 @@ from esbridge.deadletters.store import DeadLetter, DeadLetterStore
 from esbridge.errors import ConfigurationError
 from esbridge.processing.pg_binary import use_binary_stored_events
 from esbridge.runtime.persistence import require_postgres_app
+from esbridge.runtime.tracing import (
+    TraceContext,
+    current_trace_context,
+    require_tracing,
+    trace_table_name,
+)
 
 WRITE_KWARG = "esbridge_write"
 """The keyword that carries esbridge's extra writes through ``EventStore.put``."""
+
+TRACE_KWARG = "esbridge_traces"
+"""The keyword that carries each new event's trace context (a list parallel to the events)."""
 
 
 @dataclass
@@ -82,7 +91,94 @@ class _RecorderHook:
         super()._insert_stored_events(curs, stored_events, **kwargs)  # type: ignore[misc]
 
 
-_hooked_classes: dict[type, type] = {}
+class _TraceCapture:
+    """Mixed into the recorder class of an application that records trace context."""
+
+    _esbridge_trace_insert: Any
+
+    def _fetch_ids_after_insert_events(self, curs: Any, stored_events: Any, **kwargs: Any) -> Any:
+        ids = super()._fetch_ids_after_insert_events(curs, stored_events, **kwargs)  # type: ignore[misc]
+        if not ids:
+            return ids
+        traces: list[TraceContext | None] | None = kwargs.get(TRACE_KWARG)
+        if traces is None or len(traces) != len(ids):
+            current = current_trace_context()
+            if current is None:
+                return ids
+            traces = [current] * len(ids)
+        nids, parents, states = [], [], []
+        for nid, found in zip(ids, traces, strict=True):
+            if found is not None:
+                nids.append(nid)
+                parents.append(found[0])
+                states.append(found[1])
+        if nids:
+            curs.execute(self._esbridge_trace_insert, (nids, parents, states), prepare=True)
+        return ids
+
+
+def record_trace_context(app: Any) -> None:
+    """Record the current trace context with every event ``app`` saves from now on.
+
+    Why: the relay that publishes the events runs later, in another process;
+    the context must be in Postgres for it to put on the Kafka messages
+    (docs/tracing.md). Call it once after constructing the application, in
+    every process that saves its events (command handlers, webhook intake,
+    and the consumers of a follower whose own events should stay traced).
+
+    Creates the side table if needed. Idempotent. Refuses applications that
+    do not record in Postgres, and ``POSTGRES_ENABLE_DB_FUNCTIONS=y`` (the
+    library's insert function returns no ids to attach the context to).
+    """
+    require_tracing()
+    recorder = app.recorder
+    if isinstance(recorder, _TraceCapture):
+        return
+    require_postgres_app(app)
+    if not isinstance(recorder, PostgresApplicationRecorder):
+        raise ConfigurationError(
+            f"application {app.name!r} has no Postgres application recorder "
+            f"({type(recorder).__name__}): it has no notification log to trace"
+        )
+    datastore = recorder.datastore
+    if datastore.enable_db_functions:
+        raise ConfigurationError(
+            f"application {app.name!r} has POSTGRES_ENABLE_DB_FUNCTIONS=y: trace context "
+            "cannot be recorded with it; unset it (or set it to 'n')"
+        )
+    table = SQL("{0}.{1}").format(
+        Identifier(datastore.schema or "public"),
+        Identifier(trace_table_name(recorder.events_table_name)),
+    )
+    with datastore.get_connection() as conn, conn.cursor() as curs:
+        curs.execute(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {0} (notification_id bigint PRIMARY KEY, "
+                "traceparent text NOT NULL, tracestate text)"
+            ).format(table)
+        )
+    recorder._esbridge_trace_insert = SQL(  # type: ignore[attr-defined]
+        "INSERT INTO {0} (notification_id, traceparent, tracestate) "
+        "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[])"
+    ).format(table)
+    recorder.__class__ = _hooked(type(recorder), _TraceCapture, "Traced")
+
+
+def captures_traces(recorder: Any) -> bool:
+    """True when ``recorder`` records trace context (:func:`record_trace_context`)."""
+    return isinstance(recorder, _TraceCapture)
+
+
+_hooked_classes: dict[tuple[type, type], type] = {}
+
+
+def _hooked(cls: type, mixin: type, prefix: str) -> type:
+    """``cls`` with ``mixin`` in front (one class per pair, so instances share it)."""
+    hooked = _hooked_classes.get((cls, mixin))
+    if hooked is None:
+        hooked = type(f"{prefix}{cls.__name__}", (mixin, cls), {})
+        _hooked_classes[(cls, mixin)] = hooked
+    return hooked
 
 
 def install_recorder_hook(follower: Follower[Any]) -> None:
@@ -112,9 +208,4 @@ def install_recorder_hook(follower: Follower[Any]) -> None:
             f"follower {follower.name!r} uses legacy multi-row tracking "
             "(SINGLE_ROW_TRACKING=n): esbridge needs the default single-row tracking table"
         )
-    cls = type(recorder)
-    hooked = _hooked_classes.get(cls)
-    if hooked is None:
-        hooked = type(f"Esbridge{cls.__name__}", (_RecorderHook, cls), {})
-        _hooked_classes[cls] = hooked
-    recorder.__class__ = hooked
+    recorder.__class__ = _hooked(type(recorder), _RecorderHook, "Esbridge")

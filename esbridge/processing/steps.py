@@ -39,6 +39,8 @@ class Step:
     dead_letter: DeadLetter | None = None
     replay_of: int | None = None
     source: Any = None  # the Kafka message or notification, for the caller's bookkeeping
+    #: The OpenTelemetry ``process`` span, once started (:mod:`esbridge.runtime.tracing`).
+    span: Any = field(default=None, compare=False, repr=False)
 
 
 class UpstreamDecoder:

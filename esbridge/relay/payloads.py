@@ -28,7 +28,7 @@ from esbridge.relay.gaps import GapGuard, guarded_pages
 from esbridge.relay.pacing import Pacing
 from esbridge.relay.position import POSITION_TOPIC_CONFIG
 from esbridge.relay.publisher import KafkaPublisher, TransientPublishError
-from esbridge.relay.reader import read_pages_for_publishing
+from esbridge.relay.reader import TraceReader, read_pages_for_publishing, split_traces
 from esbridge.relay.status import Progress
 from esbridge.relay.strategy import Retry, publish_access
 from esbridge.relay.tuning import RelayTuning
@@ -82,6 +82,7 @@ class PayloadPublishing:
         self._publisher: KafkaPublisher | None = None
         self._recorder: ApplicationRecorder | None = None
         self._gap_guard: GapGuard | None = None
+        self._traces: TraceReader | None = None
         self._producer_overrides: dict[str, Any] = {}
 
     @property
@@ -150,6 +151,12 @@ class PayloadPublishing:
         timeout: float | None,
     ) -> None:
         self._recorder, self._gap_guard = recorder, gap_guard
+        # Trace context is published only for an application that records it (side table).
+        self._traces = retry(
+            "look for the trace context table",
+            lambda: TraceReader.for_recorder(recorder),
+            timeout,
+        )
         self._publisher = self._make_publisher(partitions)
         # After standing by, the relay before this one used the broker's transactions:
         # a timeout now is an outage, not a broker unfit for them.
@@ -247,6 +254,7 @@ class PayloadPublishing:
         assert publisher is not None
         page_size = self.tuning.page_size
         guard = self._gap_guard
+        traces = self._traces
         if self.encoder_hook is not None:
             for notifications in guarded_pages(
                 lambda start: read_pages(recorder, start, page_size=page_size),
@@ -254,18 +262,26 @@ class PayloadPublishing:
                 guard,
                 _notification_id,
             ):
-                publisher.add(notifications)
+                found = traces.read(notifications[0].id, notifications[-1].id) if traces else None
+                publisher.add(notifications, found)
                 yield notifications[-1].id
             return
+        traced = traces is not None
         pages = guarded_pages(
-            lambda start: read_pages_for_publishing(recorder, start, page_size=page_size),
+            lambda start: read_pages_for_publishing(
+                recorder, start, page_size=page_size, traced=traced
+            ),
             after,
             guard,
             _row_id,
         )
         try:
             for rows in pages:
-                publisher.add_rows(rows)
+                if traced:
+                    plain, found = split_traces(rows)
+                    publisher.add_rows(plain, found)
+                else:
+                    publisher.add_rows(rows)
                 yield rows[-1][0]
         finally:
             pages.close()  # now, not when garbage-collected: it holds a pooled connection

@@ -39,7 +39,7 @@ from esbridge.errors import (
 from esbridge.kafka.access import authorization_error, is_authorization_failure
 from esbridge.relay.position import RelayPosition, read_position
 from esbridge.runtime.logs import kafka_client_config
-from esbridge.wire.encoding import PayloadEncoder, Row, RowError
+from esbridge.wire.encoding import PayloadEncoder, Row, RowError, Traces
 
 log = logging.getLogger("esbridge.relay_publisher")
 
@@ -216,8 +216,11 @@ class KafkaPublisher:
         """The last notification id added to the current batch (committed or not)."""
         return self._working.nid
 
-    def add(self, notifications: Sequence[Notification]) -> None:
-        """Add notifications (in id order, after the working position) to the current batch."""
+    def add(self, notifications: Sequence[Notification], traces: Traces | None = None) -> None:
+        """Add notifications (in id order, after the working position) to the current batch.
+
+        ``traces``: trace context headers of traced notifications (see :class:`Traces`).
+        """
         producer = self.producer
         if self.exactly_once and not self._in_transaction:
             self._begin(producer)
@@ -228,7 +231,8 @@ class KafkaPublisher:
         try:
             for n in notifications:
                 try:
-                    key, value, headers, partition = message(n, last)
+                    trace = traces.get(n.id) if traces else None
+                    key, value, headers, partition = message(n, last, trace)
                 except Exception as e:
                     raise RelayError(
                         f"cannot read notification {n.id} of application {self.app!r} "
@@ -247,7 +251,7 @@ class KafkaPublisher:
         finally:
             self._last_bytes = self._working.last_bytes()
 
-    def add_rows(self, rows: Sequence[Row]) -> None:
+    def add_rows(self, rows: Sequence[Row], traces: Traces | None = None) -> None:
         """Like :meth:`add`, for rows from :func:`~esbridge.relay.reader.read_pages_for_publishing`.
 
         The fast path (no encoder hook): the encoder produces the whole page
@@ -261,7 +265,9 @@ class KafkaPublisher:
             self._begin(producer)
         last = self._last_bytes
         try:
-            self.encoder.produce_rows(rows, producer.produce, self.topic, last, self._wait_for_room)
+            self.encoder.produce_rows(
+                rows, producer.produce, self.topic, last, self._wait_for_room, traces
+            )
         except RowError as e:
             produced = [row[0] for row in rows if row[0] < e.nid]
             self._account(produced[-1] if produced else None, len(produced), last)

@@ -73,6 +73,9 @@ CE_SUBJECT = "ce_subject"
 H_DEPS = "esb_deps"
 #: The version of the ``esb_deps`` value's encoding (its prefix, before ``;``).
 DEPS_VERSION = "1"
+#: W3C trace context, after the headers above, on messages of traced events only.
+H_TRACEPARENT = "traceparent"
+H_TRACESTATE = "tracestate"
 
 KIND_PAYLOAD = "payload"
 KIND_PROMPT = "prompt"

@@ -39,6 +39,10 @@ _TIMESTAMP = re.compile(rb'"timestamp":\{"_type_":"datetime_iso","_data_":"([^"]
 _TIME_MARK = b'"timestamp":{"_type_":"datetime_iso","_data_":"'
 _TIME_MARK_LEN = len(_TIME_MARK)
 
+#: Trace context per notification id, as header values: (traceparent, tracestate or None),
+#: for the notifications whose events were saved under a span (:mod:`esbridge.runtime.tracing`).
+Traces = Mapping[int, tuple[bytes, bytes | None]]
+
 #: One row of the notification log as the relay publishes it (see
 #: :mod:`esbridge.relay.reader`): notification id, aggregate id as text
 #: (UTF-8 bytes: the Kafka key), originator version, event topic (UTF-8 bytes),
@@ -135,10 +139,15 @@ class PayloadEncoder:
         return pair
 
     def message(
-        self, n: Notification, last_per_partition: list[int]
+        self,
+        n: Notification,
+        last_per_partition: list[int],
+        trace: tuple[bytes, bytes | None] | None = None,
     ) -> tuple[bytes, bytes, wire.Headers, int]:
         """Key, value, headers and partition of notification ``n``.
 
+        ``trace``: the event's trace context, published as ``traceparent`` /
+        ``tracestate`` headers (and given to an encoder hook that takes it).
         Raises :class:`ValueError` when the stored event cannot be read.
         """
         state = n.state
@@ -170,9 +179,17 @@ class PayloadEncoder:
         ]
         if deps:
             headers.append((wire.H_DEPS, wire.encode_deps(deps)))
+        if trace is not None:
+            headers.append((wire.H_TRACEPARENT, trace[0]))
+            if trace[1]:
+                headers.append((wire.H_TRACESTATE, trace[1]))
         value = state
-        if self.encoder is not None:
-            value, extra = self.encoder(n)
+        encoder = self.encoder
+        if encoder is not None:
+            if trace is not None and getattr(encoder, "accepts_trace", False):
+                value, extra = encoder(n, trace=trace)  # type: ignore[call-arg]
+            else:
+                value, extra = encoder(n)
             headers = merge_headers(headers, extra)
         return key, value, headers, partition
 
@@ -183,6 +200,7 @@ class PayloadEncoder:
         topic: str,
         last: list[bytes],
         wait: Callable[[], object],
+        traces: Traces | None = None,
     ) -> None:
         """Produce a message for each row: :meth:`message`'s bytes, without its per-call costs.
 
@@ -198,7 +216,8 @@ class PayloadEncoder:
         ``last`` holds, per partition, the last notification id produced
         there (ASCII digits: the ``esb_prev_nid`` of the next message there);
         it is updated after each successful ``produce``. ``wait`` is called
-        when the producer's queue is full. Any failure raises
+        when the producer's queue is full. ``traces`` adds the W3C headers to
+        the messages of traced events (None or empty: nothing is looked up). Any failure raises
         :class:`RowError` naming the notification; the rows before it were
         produced.
         """
@@ -207,6 +226,7 @@ class PayloadEncoder:
         h_nid, h_prev, h_topic = wire.H_NID, wire.H_PREV_NID, wire.H_TOPIC
         h_version, ce_id, ce_type = wire.H_VERSION, wire.CE_ID, wire.CE_TYPE
         ce_time, ce_subject = wire.CE_TIME, wire.CE_SUBJECT
+        h_traceparent, h_tracestate = wire.H_TRACEPARENT, wire.H_TRACESTATE
         # Copying a template and setting 8 values is ~1/3 cheaper than building
         # the 14-entry dict; setting an existing key keeps its place (order).
         new_headers = dict(
@@ -256,6 +276,12 @@ class PayloadEncoder:
                     headers[h_deps] = deps_version + b",".join(
                         deps
                     )  # last: after the standard ones
+            if traces:
+                trace = traces.get(nid)
+                if trace is not None:
+                    headers[h_traceparent] = trace[0]
+                    if trace[1]:
+                        headers[h_tracestate] = trace[1]
             while True:
                 try:
                     produce(topic, state, key, partition, headers=headers)

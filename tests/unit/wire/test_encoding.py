@@ -261,6 +261,40 @@ def test_produce_rows_produces_what_message_builds() -> None:
     assert last == [str(i).encode() for i in last_ints] == [b"9", b"4", b"2"]
 
 
+TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_traced_notifications_get_w3c_headers_last_in_both_paths() -> None:
+    (a0,) = aggregate_ids(0, 1)
+    notifications = [
+        notification(3, a0),
+        notification(4, a0, version=2),
+        notification(5, a0, version=3),
+    ]
+    traces = {3: (TRACEPARENT, None), 5: (TRACEPARENT, b"vendor=x")}
+    encoder = PayloadEncoder("DogSchool", PARTITIONS)
+    last_ints = [0, 0, 0]
+    expected = [encoder.message(n, last_ints, traces.get(n.id)) for n in notifications]
+    assert [
+        [h for h in m[2] if not h[0].startswith(("esb_", "ce_", "content"))] for m in expected
+    ] == [
+        [("traceparent", TRACEPARENT)],
+        [],
+        [("traceparent", TRACEPARENT), ("tracestate", b"vendor=x")],
+    ]
+    assert [len(m[2]) for m in expected] == [15, 14, 16]  # the standard 14 first, untouched
+
+    produced: list[tuple[Any, ...]] = []
+
+    def produce(topic: str, value: bytes, key: bytes, partition: int, *, headers: Any) -> None:
+        produced.append((topic, key, value, list(headers.items()), partition))
+
+    encoder.produce_rows(
+        rows_of(notifications), produce, "t", [b"0"] * 3, wait=lambda: None, traces=traces
+    )
+    assert produced == [("t", *message) for message in expected]
+
+
 def test_produce_rows_waits_while_the_queue_is_full() -> None:
     encoder = PayloadEncoder("DogSchool", 1)
     attempts: list[int] = []
