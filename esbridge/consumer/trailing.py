@@ -171,6 +171,10 @@ class TrailingGaps:
             position = consumer.position([tp])[0].offset
         except KafkaException:
             return False
+        if high < 0:
+            # Not known yet (no fetch answered since the assignment, or since a leader
+            # change): no conclusion, or a partition still being read looks trailing.
+            return False
         if position < 0:  # nothing consumed yet: where reading starts
             position = max(part.resume_offset, low, 0)
-        return high < 0 or position >= high - 1
+        return position >= high - 1
