@@ -118,7 +118,9 @@ def status(args: argparse.Namespace) -> int:
     from esbridge.system.topic_partitions import check_given_count, read_topic_partitions
 
     interval = check_watch_options(args)
-    remote = upstream_log_settings(args)
+    # The option: every leader's log there; without it, each leader's own variables
+    # ({LEADER}_UPSTREAM_LOG_URL, then UPSTREAM_LOG_URL; see esbridge.system.upstream_logs).
+    remote = upstream_log_settings(args) if args.upstream_url else None
     system = load_from_args(args)
     modes = resolve_relay_modes(system, relay_modes(args.mode))
     names = SystemTopics(args.topic_prefix)

@@ -32,9 +32,9 @@ from eventsourcing.system import ProcessApplication, System
 
 from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.errors import ConfigurationError
+from esbridge.eventlog.remote import RemoteLogSettings
 from esbridge.names import SystemTopics
 from esbridge.relay.relay import Relay
-from esbridge.system.upstream_logs import LogService
 
 #: Session timeout for consumers of supervised workers (librdkafka's default is 45 s):
 #: a worker that dies and is *not* restarted gives its partitions to the others this soon.
@@ -65,7 +65,7 @@ class PartSettings:
     consumer_options: Mapping[str, Any]
     #: Leaders whose logs are read over HTTP (``[{LEADER}_]UPSTREAM_LOG_URL``), not from
     #: their databases.
-    log_services: Mapping[str, LogService] = field(default_factory=dict)
+    log_services: Mapping[str, RemoteLogSettings] = field(default_factory=dict)
 
     def partitions_of(self, leader: str) -> int:
         """The partition count of ``leader``'s topic."""

@@ -53,13 +53,21 @@ from esbridge.errors import (
     SystemConfigurationError,
     SystemRunnerError,
 )
+from esbridge.eventlog.notification_log import close_recorder
+from esbridge.eventlog.remote import RemoteNotificationLog
 from esbridge.kafka.config import kafka_config_from_env
 from esbridge.names import DEFAULT_PREFIX, MODES, PAYLOADS, PROMPTS, SystemTopics
 from esbridge.runtime.persistence import require_postgres, require_postgres_app
 from esbridge.system.loading import kind_of
 from esbridge.system.parts import PartSettings, make_consumer, make_relay
 from esbridge.system.setup import construct_app, ensure_topics, system_env
-from esbridge.system.status import EdgeProbe, EdgeStatus, read_only_app, relay_holder
+from esbridge.system.status import (
+    EdgeProbe,
+    EdgeStatus,
+    decoding_app,
+    read_only_app,
+    relay_holder,
+)
 from esbridge.system.upstream_logs import check_upstream_readable, log_services
 
 logger = logging.getLogger("esbridge.runner")
@@ -394,6 +402,8 @@ class KafkaRunner(Runner[Any]):
         self.components.clear()
         for probe in self._probes or []:
             probe.close()
+            if probe.leader in self.settings.log_services:
+                close_recorder(probe.upstream)  # a remote log: its HTTP connections
         self._probes = None
         for app in self.apps.values():
             app.close()
@@ -502,24 +512,34 @@ class KafkaRunner(Runner[Any]):
                     self.apps[follower],
                     self.full_env,
                     self.tracking_partitions(leader),
+                    self._remote_log(leader),
                 )
                 for leader, follower in self.consumed_here()
             ]
         return self._probes
+
+    def _remote_log(self, leader: str) -> RemoteNotificationLog | None:
+        """``leader``'s log through its log service, when it has one (None: its database)."""
+        service = self.settings.log_services.get(leader)
+        return None if service is None else service.log(leader)
 
     def statuses(self) -> list[EdgeStatus]:
         """The status of every edge consumed here (see :mod:`esbridge.system.status`)."""
         result = []
         holders: dict[str, str | None] = {}  # one lease lookup per leader, not per edge
         for probe in self.probes():
-            leader_app = self.apps.get(probe.leader) or read_only_app(
+            remote = probe.leader in self.settings.log_services
+            opened = decoding_app if remote else read_only_app  # a remote leader: no database
+            leader_app = self.apps.get(probe.leader) or opened(
                 self.system, probe.leader, self.full_env
             )
             try:
                 status = probe.status(leader_app, self._held_gaps(probe.leader, probe.follower))
-                if probe.leader not in holders:
-                    holders[probe.leader] = relay_holder(
-                        leader_app, self.names.relay_id(probe.leader)
+                if probe.leader not in holders:  # the lease is in the leader's database
+                    holders[probe.leader] = (
+                        None
+                        if remote
+                        else relay_holder(leader_app, self.names.relay_id(probe.leader))
                     )
                 status.relay = holders[probe.leader]
                 result.append(status)

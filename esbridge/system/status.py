@@ -62,6 +62,7 @@ from esbridge.runtime.postgres_privileges import current_role, with_advice
 from esbridge.runtime.postgres_retry import connection_diagnosis
 from esbridge.system.applications import construct_or_close
 from esbridge.system.topic_partitions import tracked_partitions
+from esbridge.system.upstream_logs import log_services
 
 MAX_LAG_SCAN = 200_000  # notifications read to count a lag; beyond, the count is a lower bound
 
@@ -291,12 +292,16 @@ def edge_statuses(
     ``relay_ids``: the relay id of each leader, to show who publishes its log.
     An application not stored in Postgres is a :class:`ConfigurationError`
     (in memory, every lag would read 0). ``remote``: read every leader's log
-    from that log service instead of the leader's database (see above).
+    from that log service instead of the leader's database (see above);
+    without it, a leader that ``env`` gives a log service
+    (``{LEADER}_UPSTREAM_LOG_URL`` or ``UPSTREAM_LOG_URL``, see
+    :mod:`esbridge.system.upstream_logs`) is read from that service.
     """
     edges = list(edges if edges is not None else system.edges)
+    leaders = {leader for leader, _ in edges}
+    services = dict.fromkeys(leaders, remote) if remote is not None else log_services(leaders, env)
     in_databases = {follower for _, follower in edges}
-    if remote is None:
-        in_databases.update(leader for leader, _ in edges)
+    in_databases.update(leader for leader in leaders if leader not in services)
     for name in sorted(in_databases):
         require_postgres(name, env)
     apps: dict[str, Application[Any]] = {}
@@ -314,17 +319,17 @@ def edge_statuses(
         return apps[name]
 
     def leader_app(name: str) -> Application[Any]:
-        if remote is None:
+        if name not in services:
             return app(name)
         if name not in decoders:
             decoders[name] = decoding_app(system, name, env)
         return decoders[name]
 
     def leader_log(name: str) -> NotificationReader | None:
-        if remote is None:
+        if name not in services:
             return None  # the probe opens the leader's recorder
         if name not in logs:
-            logs[name] = remote.log(name)
+            logs[name] = services[name].log(name)
         return logs[name]
 
     try:
@@ -336,7 +341,7 @@ def edge_statuses(
             try:
                 held = None if held_gaps is None else held_gaps.get((leader, follower))
                 status = probe.status(leader_app(leader), held)
-                if relay_ids is not None and leader in relay_ids and remote is None:
+                if relay_ids is not None and leader in relay_ids and leader not in services:
                     if leader not in holders:
                         holders[leader] = relay_holder(app(leader), relay_ids[leader])
                     status.relay = holders[leader]

@@ -27,24 +27,19 @@ start with both remedies named (:func:`check_upstream_readable`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 
 from eventsourcing.system import System
 from eventsourcing.utils import Environment
 
 from esbridge.errors import ConfigurationError
 from esbridge.eventlog.notification_log import close_recorder, open_recorder
-from esbridge.eventlog.remote import CA_VARIABLE, TOKEN_VARIABLE, URL_VARIABLE
+from esbridge.eventlog.remote import (
+    CA_VARIABLE,
+    TOKEN_VARIABLE,
+    URL_VARIABLE,
+    RemoteLogSettings,
+)
 from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
-
-
-@dataclass(frozen=True)
-class LogService:
-    """Where a leader's log is served, and how to authenticate (the token is not in repr)."""
-
-    url: str
-    token: str | None = field(default=None, repr=False)
-    cafile: str | None = None
 
 
 def variable(leader: str, name: str) -> str:
@@ -52,16 +47,17 @@ def variable(leader: str, name: str) -> str:
     return f"{leader.upper()}_{name}"
 
 
-def log_service(leader: str, env: Mapping[str, str]) -> LogService | None:
+def log_service(leader: str, env: Mapping[str, str]) -> RemoteLogSettings | None:
     """The log service ``env`` gives for ``leader`` (None: read its database)."""
     settings = Environment(leader, dict(env))
     url = settings.get(URL_VARIABLE)
     if not url:
         return None
-    return LogService(url, settings.get(TOKEN_VARIABLE) or None, settings.get(CA_VARIABLE) or None)
+    token, cafile = settings.get(TOKEN_VARIABLE), settings.get(CA_VARIABLE)
+    return RemoteLogSettings(url, token or None, cafile or None)
 
 
-def log_services(leaders: Iterable[str], env: Mapping[str, str]) -> dict[str, LogService]:
+def log_services(leaders: Iterable[str], env: Mapping[str, str]) -> dict[str, RemoteLogSettings]:
     """The log services of those of ``leaders`` read over HTTP, by leader name."""
     found = {}
     for leader in leaders:

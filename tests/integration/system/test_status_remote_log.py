@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 from esbridge.cli import main
-from esbridge.testing.servers import free_port
+from esbridge.system.runner import KafkaRunner
+from esbridge.testing.servers import free_port, unique_name
 from examples.dogschool.application import DogSchool
-from tests.integration.runtime.test_postgres_privileges import SYSTEM_PATH
+from tests.integration.runtime.test_postgres_privileges import SYSTEM, SYSTEM_PATH
 from tests.support.consumer_apps import Mirror, populate
 from tests.support.remote_log import OTHER_TOKEN, SCHOOL_TOKEN, own_postgres_server, serving
 
@@ -93,6 +94,47 @@ def test_status_reads_the_leader_s_log_through_its_service(
     assert [json.loads(line) for line in out_from_env.splitlines()] == [
         {**row, "lag_seconds": json.loads(out_from_env)["lag_seconds"]}
     ]
+
+
+def test_each_leader_s_own_variables_win_over_the_plain_ones(
+    school: DogSchool, follower_env: dict[str, str], capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``DOGSCHOOL_UPSTREAM_LOG_*`` (as ``esbridge run --upstream-url DogSchool=URL`` sets
+    them) name that leader's service; the plain ones, here wrong, are for the others."""
+    monkeypatch.setenv("UPSTREAM_LOG_URL", f"http://127.0.0.1:{free_port()}")  # nobody
+    monkeypatch.setenv("UPSTREAM_LOG_TOKEN", OTHER_TOKEN)
+    with serving(school.recorder) as server:
+        monkeypatch.setenv("DOGSCHOOL_UPSTREAM_LOG_URL", server.url)
+        monkeypatch.setenv("DOGSCHOOL_UPSTREAM_LOG_TOKEN", SCHOOL_TOKEN)
+        code, out, err = status(capsys, "--json")
+    assert code == 0, err
+    row = json.loads(out)
+    assert (row["upstream_max_nid"], row["lag_events"]) == (12, 12 - PROCESSED)
+
+
+def test_a_runner_of_the_follower_alone_waits_and_reports_through_the_service(
+    school: DogSchool, follower_env: dict[str, str], kafka_broker: Any
+) -> None:
+    """``KafkaRunner.wait_idle()`` and ``statuses()`` in a process that runs the follower
+    only, with no settings for the leader's database: its log is read from the service."""
+    prefix = unique_name("rl") + "."
+    kafka = {"kafka_config": kafka_broker.config(), "topic_prefix": prefix}
+    env = {
+        **follower_env,
+        "DOGSCHOOL_UPSTREAM_LOG_URL": "",  # set below, once served
+        "DOGSCHOOL_UPSTREAM_LOG_TOKEN": SCHOOL_TOKEN,
+    }
+    with serving(school.recorder) as server:
+        env["DOGSCHOOL_UPSTREAM_LOG_URL"] = server.url
+        with (
+            KafkaRunner(SYSTEM, env=dict(school.env), apps=["DogSchool"], **kafka),
+            KafkaRunner(SYSTEM, env=env, apps=["Mirror"], **kafka) as runner,
+        ):
+            runner.wait_idle(timeout=90)
+            [edge] = runner.statuses()
+            mirror = runner.get(Mirror)
+            assert mirror.recorder.max_tracking_id("DogSchool") == DOGS * (1 + TRICKS)
+    assert (edge.upstream_max_nid, edge.lag_events, edge.relay) == (12, 0, None)
 
 
 def test_status_says_what_to_do_when_the_service_refuses_or_is_down(

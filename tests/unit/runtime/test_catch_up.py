@@ -60,6 +60,21 @@ def test_work_done_before_the_backlog_was_seen_counts(caplog: pytest.LogCaptureF
     assert lines(caplog) == ["consumer B catching up: 1000 / 3000 messages (500/s, ETA 4 s)"]
 
 
+def read_all(master: int) -> str:
+    """All a closed pseudo-terminal holds: one read may return only part of it."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other end is closed and everything was read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return b"".join(chunks).decode()
+
+
 def test_on_a_terminal_one_line_is_redrawn_and_nothing_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -82,8 +97,7 @@ def test_on_a_terminal_one_line_is_redrawn_and_nothing_logged(
         for done in (1000, 2000, 3000):
             clock.now += 1
             progress.update(done, 3000 - done)
-    shown = os.read(master, 65536).decode()
-    os.close(master)
+    shown = read_all(master)
     assert lines(caplog) == []
     assert shown.count(CLEAR_LINE) == 3
     assert (
@@ -128,7 +142,6 @@ def test_work_stopped_by_an_error_ends_the_terminal_line() -> None:
         progress.update(1000, 1000)
         progress.close()
         progress.close()  # once
-    shown = os.read(master, 65536).decode()
-    os.close(master)
+    shown = read_all(master)
     assert shown.startswith(CLEAR_LINE + "x catching up: 1000 / 2000 items")
     assert shown.endswith("%\r\n") and shown.count("\n") == 1

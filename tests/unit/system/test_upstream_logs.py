@@ -7,7 +7,8 @@ import pytest
 from esbridge.cli import build_parser
 from esbridge.cli.run import worker_command
 from esbridge.errors import ConfigurationError
-from esbridge.system.upstream_logs import LogService, log_services, parse_upstream_urls
+from esbridge.eventlog.remote import RemoteLogSettings
+from esbridge.system.upstream_logs import log_services, parse_upstream_urls
 from examples.orders.system import system
 
 ENV = {
@@ -21,7 +22,9 @@ ENV = {
 def test_log_services_come_from_the_leaders_prefixed_variables() -> None:
     services = log_services(["Orders", "Payments", "Reservations"], ENV)
     assert services == {
-        "Orders": LogService("https://orders-log:8443", "secret-token-0123456789", "/etc/ca.pem")
+        "Orders": RemoteLogSettings(
+            "https://orders-log:8443", "secret-token-0123456789", "/etc/ca.pem"
+        )
     }
     assert "secret" not in repr(services)  # reprs end up in logs
 
@@ -33,9 +36,11 @@ def test_the_plain_variables_give_every_leader_the_prefixed_ones_win() -> None:
         "UPSTREAM_LOG_TOKEN": "shared-token-0123456789",
     }
     assert log_services(["Orders", "Payments", "Reservations"], env) == {
-        "Orders": LogService("https://orders-log:8443", "secret-token-0123456789", "/etc/ca.pem"),
-        "Payments": LogService("https://logs:8443", ENV["PAYMENTS_UPSTREAM_LOG_TOKEN"]),
-        "Reservations": LogService("https://logs:8443", "shared-token-0123456789"),
+        "Orders": RemoteLogSettings(
+            "https://orders-log:8443", "secret-token-0123456789", "/etc/ca.pem"
+        ),
+        "Payments": RemoteLogSettings("https://logs:8443", ENV["PAYMENTS_UPSTREAM_LOG_TOKEN"]),
+        "Reservations": RemoteLogSettings("https://logs:8443", "shared-token-0123456789"),
     }
 
 
