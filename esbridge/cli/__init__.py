@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES = (
     "esbridge.cli.serve_log",
     "esbridge.cli.dev_servers",
     "esbridge.cli.dashboard",
+    "esbridge.cli.acls",
 )
 
 

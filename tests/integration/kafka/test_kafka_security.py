@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from esbridge.kafka.acls import AclGrant, consumer_acls, relay_acls
 from esbridge.names import default_position_topic, default_relay_id
 from esbridge.relay.position import POSITION_TOPIC_CONFIG
 from esbridge.testing.secure_kafka import KafkaUser, SecureKafkaBroker
@@ -81,27 +82,32 @@ def topics(broker: SecureKafkaBroker, partitions: int = 2) -> str:
     return topic
 
 
+RELAY_GRANTS = {"topic": 0, "position": 1, "transactional_id": 2, "group": 3}
+
+
+def grant(broker: SecureKafkaBroker, user: KafkaUser, grants: list[AclGrant]) -> None:
+    """Add ``grants`` (from :mod:`esbridge.kafka.acls`, what ``esbridge acls`` prints)."""
+    for g in grants:
+        broker.allow(user, g.resource_type, g.name, *g.operations, prefixed=g.prefixed)
+
+
 def grant_relay(broker: SecureKafkaBroker, user: KafkaUser, topic: str, *, skip: str = "") -> None:
-    """The relay's minimal ACLs (docs/security.md), but the one named by ``skip``."""
-    grants = {
-        "topic": ("topic", topic, ("WRITE",), False),
-        "position": ("topic", default_position_topic(topic), ("READ", "WRITE"), False),
-        "transactional_id": ("transactional_id", relay_id(topic), ("WRITE",), False),
-        "group": ("group", "esbridge-position-", ("DESCRIBE",), True),
-    }
-    for name, (kind, resource, operations, prefixed) in grants.items():
-        if name != skip:
-            broker.allow(user, kind, resource, *operations, prefixed=prefixed)
+    """The relay's minimal ACLs (esbridge.kafka.acls), but the one named by ``skip``."""
+    grants = relay_acls(user.principal, topic, relay_id(topic))
+    assert len(grants) == len(RELAY_GRANTS)
+    grant(broker, user, [g for i, g in enumerate(grants) if RELAY_GRANTS.get(skip) != i])
 
 
 def grant_consumer(
     broker: SecureKafkaBroker, user: KafkaUser, topic: str, group: str, *, skip: str = ""
 ) -> None:
-    """The consumer's minimal ACLs (docs/security.md), but the one named by ``skip``."""
-    if skip != "topic":
-        broker.allow(user, "topic", topic, "READ")
-    if skip != "group":
-        broker.allow(user, "group", group, "READ")
+    """The consumer's minimal ACLs (esbridge.kafka.acls), but the one named by ``skip``;
+    the optional one (its relay's position topic) only when nothing is skipped."""
+    grants = consumer_acls(user.principal, topic, group)
+    kinds = {"topic": grants[0], "group": grants[1]}
+    grant(
+        broker, user, [g for g in grants if g is not kinds.get(skip) and not (skip and g.optional)]
+    )
 
 
 @pytest.fixture
@@ -127,8 +133,8 @@ def test_relay_and_consumer_with_the_minimal_acls_deliver_exactly_once(
     if mode == "payloads":
         grant_relay(broker, relay_user, topic)
     else:  # prompts: no transactions, no position
-        broker.allow(relay_user, "topic", topic, "WRITE")
-    grant_consumer(broker, consumer_user, topic, group)
+        grant(broker, relay_user, relay_acls(relay_user.principal, topic, "-", mode=mode))
+    grant(broker, consumer_user, consumer_acls(consumer_user.principal, topic, group, mode=mode))
     logs = tmp_path / "relay.log", tmp_path / "consumer.log"
     processes = []
     for command, user, log in (
