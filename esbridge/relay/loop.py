@@ -217,9 +217,9 @@ class PublishingLoop:
             try:
                 return action()
             except (TransientPublishError, KafkaException, *TRANSIENT_ERRORS) as e:
-                if self.stop.is_set() or (
-                    timeout is not None and time.monotonic() - start >= timeout
-                ):
+                if self.stop.is_set():
+                    raise RelayError(f"relay {self.app!r} stopped before it could {what}") from e
+                if timeout is not None and time.monotonic() - start >= timeout:
                     raise RelayError(
                         f"relay {self.app!r} could not {what} within {timeout} s: {e}"
                     ) from e

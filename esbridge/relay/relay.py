@@ -37,7 +37,7 @@ from typing import Any
 from eventsourcing.persistence import ApplicationRecorder
 from prometheus_client import CollectorRegistry
 
-from esbridge.errors import BrokerUnavailable, ConfigurationError
+from esbridge.errors import BrokerUnavailable, ConfigurationError, RelayError
 from esbridge.eventlog.follower import LogWaker, connection_kwargs
 from esbridge.eventlog.notification_log import close_recorder, open_recorder
 from esbridge.kafka.topics import kafka_admin, wait_for_broker
@@ -193,7 +193,9 @@ class Relay:
         try:
             try:
                 self._setup(self.tuning.connect_timeout)
-            except BrokerUnavailable:
+            except (BrokerUnavailable, RelayError):
+                # Stopped while it waited or retried (a standby handed the lease as it was
+                # asked to stop, a pooled connection Postgres closed): no failure.
                 if not self._stop.is_set():
                     raise
             if self._stop.is_set():
