@@ -11,10 +11,17 @@ a partition made no progress for 10 s (plain confluent-kafka consumer, 3 x
 Smaller fetches per partition interleave the partitions in the prefetch
 queue: a partition then waits for about one record batch of each other
 partition (the broker always returns a partition's first batch whole, so the
-producer's batches are the unit), whatever the backlog. The prefetch queue's
-size (``queued.min.messages``, ``queued.max.messages.kbytes``) hardly mattered
-once fetches were small, and smaller queues were slightly slower: they are left
-alone.
+producer's batches are the unit), whatever the backlog.
+
+That holds while every partition is fetched from the start. A partition whose
+first fetch comes late (its leader changed, it was just assigned, its events
+were only now published) joins the back of the prefetch queue, which the
+consumer's partitions share: behind up to ``queued.min.messages`` (100,000 by
+default) messages of the others. A slow follower then left one partition
+standing for 20 to 55 s after a broker failover (the cluster failover test).
+The queue is bounded to 1,000 messages, and a partition that found it full
+asks again after 20 ms rather than 1 s (``fetch.queue.backoff.ms``), so the
+queue is refilled in turns as it drains.
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ from typing import Any
 FAIR_FETCH: dict[str, int] = {
     # Bytes of (compressed) records one fetch takes from one partition (default 1 MB).
     "max.partition.fetch.bytes": 131_072,
+    # Messages kept prefetched, for all the consumer's partitions together (default 100,000).
+    "queued.min.messages": 1_000,
+    # How soon a partition asks again when it found the queue full (default 1 s).
+    "fetch.queue.backoff.ms": 20,
 }
 
 #: Other names librdkafka accepts for the same settings.

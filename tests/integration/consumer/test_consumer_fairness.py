@@ -100,3 +100,99 @@ def test_every_partition_s_backlog_shrinks_steadily(
     finally:
         mirror.close()
         school.close()
+
+
+#: Dogs (with one trick each) written on partition 0 before the consumer starts.
+LATE_DOGS = 8_000
+LATE_BACKLOG = 2 * LATE_DOGS  # events ahead of partition 1
+#: Partition-0 events the consumer may process between partition 1's publication and
+#: its first event: the bounded prefetch (1,000 messages), the relay batch fetched with
+#: partition 1's (about 1,800 here), the batch in hand (1,000) and the granularity of
+#: tracking positions (a batch): about 5,000 measured. librdkafka's default prefetch
+#: (100,000) queues partition 1 behind the whole rest of the backlog: about 13,000.
+LATE_BOUND = 8_000
+
+
+class SlowMirror(Mirror):
+    """A mirror that takes a millisecond per trick: the backlog lasts several seconds."""
+
+    def check(self, domain_event: Any) -> None:
+        time.sleep(0.001)
+
+
+def dogs_on(partition: int, count: int, prefix: str) -> list[Dog]:
+    """``count`` new dogs whose keys go to ``partition`` of a 2-partition topic."""
+    dogs: list[Dog] = []
+    i = 0
+    while len(dogs) < count:
+        dog = Dog(f"{prefix}-{i}")
+        i += 1
+        if partition_for_key(str(dog.id).encode(), 2) == partition:
+            dogs.append(dog)
+    return dogs
+
+
+def test_a_partition_that_starts_late_waits_behind_a_bounded_prefetch(
+    postgres_db: Any, kafka_broker: Any, create_topic: Any
+) -> None:
+    """A partition whose first fetch comes late (a leader change, a late publish, a
+    new assignment) joins the back of the consumer's prefetch queue: the bound on
+    that queue is what bounds its wait. Partition 0 has a backlog; partition 1
+    gets events only once the consumer is busy with it."""
+    school = DogSchool(env=postgres_db.env)
+    mirror = SlowMirror(env=postgres_db.env)
+    try:
+        backlog_dogs = dogs_on(0, LATE_DOGS, "early")
+        for dog in backlog_dogs:
+            dog.add_trick(trick="sit")
+        for start in range(0, LATE_DOGS, 500):
+            school.save(*backlog_dogs[start : start + 500])
+        topic = create_topic(partitions=2)
+
+        def publish() -> int:
+            relay = Relay(
+                "DogSchool", kafka_config=kafka_broker.config(), topic=topic, env=school.env,
+                partitions=2,
+            )  # fmt: skip
+            return publish_and_close(relay)
+
+        assert publish() == LATE_BACKLOG
+        consumer = ConsumerAdapter(
+            mirror, upstream="DogSchool", topic=topic, kafka_config=kafka_broker.config(),
+            group_id=f"{topic}.late",
+        )  # fmt: skip
+        names = tracking_names("DogSchool", 2)
+        runner = threading.Thread(target=consumer.run, daemon=True)
+        runner.start()
+        try:
+            deadline = time.monotonic() + 30
+            while consumer.status().positions.get(names[0], 0) == 0:
+                assert time.monotonic() < deadline, "the consumer never started"
+                time.sleep(0.05)
+            late = dogs_on(1, 10, "late")
+            school.save(*late)
+            assert publish() == 10
+            at_publish = consumer.status().positions.get(names[0], 0)
+            while (status := consumer.status()).positions.get(names[1], 0) == 0:
+                assert time.monotonic() < deadline + 60, "partition 1 was never consumed"
+                time.sleep(0.01)
+            waited = status.positions.get(names[0], 0) - at_publish
+            last_id = school.recorder.max_notification_id()
+            while consumer.status().processed < LATE_BACKLOG + 10:
+                assert time.monotonic() < deadline + 90, "the backlog was not drained"
+                time.sleep(0.1)
+        finally:
+            consumer.stop()
+            runner.join(30)
+        assert not runner.is_alive()
+        assert consumer.status().error is None
+        # Partition 0's ids are the backlog's 1..LATE_BACKLOG (nothing else is on it).
+        assert waited <= LATE_BOUND, (
+            f"partition 1 waited while {waited} events of partition 0 were processed"
+        )
+        assert mirror.recorder.max_tracking_id(names[1]) == last_id
+        assert verify_logs(school, mirror) == LATE_DOGS + 10
+        assert count_notifications(mirror) == LATE_BACKLOG + 10
+    finally:
+        mirror.close()
+        school.close()

@@ -12,12 +12,18 @@ def test_adds_the_fair_fetch_settings_to_a_config_without_them() -> None:
         "bootstrap.servers": "b:9092",
         "group.id": "g",
         "max.partition.fetch.bytes": 131_072,
+        "queued.min.messages": 1_000,
+        "fetch.queue.backoff.ms": 20,
     }
     assert config == {"bootstrap.servers": "b:9092", "group.id": "g"}  # not changed in place
 
 
 def test_the_users_values_win() -> None:
-    config = {"queued.min.messages": 500, "max.partition.fetch.bytes": 1_048_576}
+    config = {
+        "queued.min.messages": 500,
+        "max.partition.fetch.bytes": 1_048_576,
+        "fetch.queue.backoff.ms": 1000,
+    }
     assert fair_fetch_config(config) == config
     assert FAIR_FETCH["max.partition.fetch.bytes"] != 1_048_576
 
