@@ -19,13 +19,13 @@ order's events are Created, Reserved, Paid in versions 1, 2, 3 in log order,
 pointing at the one reservation and the one payment made for it, every
 follower's tracking position on every partition equals the last notification
 id of that partition of its leader's log, nothing was parked as a dead
-letter, and no worker exited but by this test's kills (and by SIGTERM at the
-end, cleanly).
+letter, and no worker exited but by this test's kills (or with status 1, to
+be restarted, when Kafka fenced its static membership) and by SIGTERM at the
+end, cleanly.
 
-It prints (``-s``) how long processing stopped after each fault: from the
-kill until the position that fault stops moved again (the follower's tracking
-position of the partition a killed leader led; the Orders relay's output as
-its followers track it; the killed worker's own tracking positions).
+It prints (``-s``) the random seed and how long processing stopped after each
+fault: from the kill until an event written after it had its effect
+downstream (see :class:`Positions`).
 """
 
 from __future__ import annotations
