@@ -23,13 +23,15 @@ letter, and no worker exited but by this test's kills (or with status 1, to
 be restarted, when Kafka fenced its static membership) and by SIGTERM at the
 end, cleanly.
 
-It prints (``-s``) the random seed and how long processing stopped after each
+``ESBRIDGE_FAILOVER_SEED`` replays the random choices of a run (the seed is
+printed). It prints (``-s``) the random seed and how long processing stopped after each
 fault: from the kill until an event written after it had its effect
 downstream (see :class:`Positions`).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -273,8 +275,9 @@ def test_orders_system_exactly_once_while_brokers_and_workers_are_killed(
     postgres_db: Any, kafka_cluster: LocalKafkaCluster, capsys: Any
 ) -> None:
     cluster = kafka_cluster
-    seed = random.randrange(1 << 30)
+    seed = int(os.environ.get("ESBRIDGE_FAILOVER_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
+    print(f"ESBRIDGE_FAILOVER_SEED={seed}")  # shown with a failure
     faults: list[Fault | WorkerKill] = []
     t0 = time.monotonic()
     with SystemProcesses(postgres_db.env, cluster.config(), partitions=PARTITIONS) as processes:
