@@ -347,7 +347,9 @@ def test_orders_system_exactly_once_while_brokers_and_workers_are_killed(
                 writer.stopping.set()
             progress.stop()
             positions.close()
-        supervising.stop()
+            supervising.stopping.set()  # before the supervisor stops its workers
+            supervising.join(10)
+        supervising.stop()  # raises what a poll() raised
         # Each exit so far was one of this test's kills, or a worker that stopped on a
         # runtime failure (exit 1) for its supervisor to restart it: a consumer fenced
         # when its rejoin raced the group coordinator's failover. None stopped on a
