@@ -128,6 +128,19 @@ class TopicClient:
                 self.kafka_config, "group", self.group_id, "READ", needed_for="consume", cause=error
             )
         raise_if_unauthorized(self.kafka_config, error, self.topic, "READ", needed_for="consume it")
-        if error.fatal():
-            raise ConsumerError(f"Kafka consumer failed: {error}")
+        # A fatal error reaches poll() as an event of code _FATAL whose fatal() is False:
+        # the consumer is dead all the same, and logging it would leave it silent for good.
+        if error.fatal() or error.code() == KafkaError._FATAL:
+            raise ConsumerError(
+                f"Kafka consumer failed and cannot go on: {error}. "
+                + (
+                    "Its group.instance.id was taken by another member of group "
+                    f"{self.group_id!r} (two workers with the same index, or a rejoin "
+                    "racing a group coordinator's failover): restart this consumer, as "
+                    "`esbridge run --supervise` (or systemd, Kubernetes) does; it "
+                    "resumes from its tracking records"
+                    if "group.instance.id" in str(error)
+                    else "Restart it; it resumes from its tracking records"
+                )
+            )
         log.warning("Kafka: %s", error)

@@ -109,20 +109,27 @@ def crash_and_restart(
     *,
     timeout: float = 60.0,
     down: float = 0.0,
+    while_down: Callable[[], object] | None = None,
+    since: Callable[[], int] | None = None,
 ) -> Fault:
     """Crash ``fault.node_id`` while ``progress`` moves, start it again, time both.
 
     The broker is started again ``down`` seconds after the crash (0: at once,
-    as a supervisor would); then this waits until the position moved past
-    where it stood at the crash and until every replica is in sync again, so
-    the next fault meets a whole cluster.
+    as a supervisor would), after ``while_down()`` (another fault while the
+    broker is gone: a worker killed, say) if given; then this waits until the
+    position moved past where it stood at the crash (or past ``since()``, read
+    at the crash: say, the head of the upstream log, so that only an event
+    written after the crash counts) and until every replica is in sync again,
+    so the next fault meets a whole cluster.
     """
     progress.watch = fault.watch
-    before = progress.now()
+    before = progress.now() if since is None else since()
     t0 = time.monotonic()
     cluster.stop_broker(fault.node_id, kill=fault.how == "kill -9")
     if down:
         time.sleep(down)
+    if while_down is not None:
+        while_down()
     cluster.start_broker(fault.node_id)
     fault.restart = time.monotonic() - t0
     fault.recovery = progress.wait_past(before, timeout, fault.line()) - t0
