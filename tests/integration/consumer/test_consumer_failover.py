@@ -89,7 +89,7 @@ def test_consumer_exactly_once_while_leaders_and_group_coordinator_are_killed(
         mirror,
         upstream="DogSchool",
         topic=topic,
-        kafka_config={**cluster.config(), "session.timeout.ms": 6000},
+        kafka_config=cluster.config(),
         group_id=group,
     )
     names = tracking_names("DogSchool", PARTITIONS)
