@@ -29,8 +29,8 @@ or recorded; started again, it resumes from its tracking records.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Hashable, Iterable, Mapping
+from typing import Any, cast
 
 from confluent_kafka import Message
 from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
@@ -76,7 +76,8 @@ def event_from_data(
             missing = field.name not in state and field.name not in _ENVELOPE
             if missing and field.default is not dataclasses.MISSING:
                 state[field.name] = field.default
-    state["originator_id"] = find_id_convertor(event_class, type(aggregate_id))(aggregate_id)
+    convert = find_id_convertor(event_class, cast(Hashable, type(aggregate_id)))
+    state["originator_id"] = convert(aggregate_id)
     state["originator_version"] = version
     event: DomainEventProtocol[Any] = object.__new__(event_class)
     object.__setattr__(event, "__dict__", state)
@@ -145,7 +146,8 @@ class RegistryStepFactory(StepFactory):
     ) -> bool:
         """The log's event and the message's: same aggregate, version, type and data."""
         value = message.value() or b""
-        content_type = _registry_content_type(message.headers(), value)
+        headers: Any = message.headers()  # consumed header values are bytes
+        content_type = _registry_content_type(headers, value)
         if content_type is None:
             return super().same_event(notification, message, payload)
         if (
