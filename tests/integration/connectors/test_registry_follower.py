@@ -14,6 +14,10 @@ losses and restarts the topic shows.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -44,6 +48,7 @@ from tests.integration.connectors.test_analytics import (
     record_history,
 )
 from tests.support.consumer_apps import ManualPublisher
+from tests.support.remote_log import ESBRIDGE, ROOT
 
 FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 
@@ -251,6 +256,54 @@ def test_parked_messages_of_a_registry_topic_are_retried_with_its_steps(
     assert len(ledger.entries()) == total
     upgrades = [e for e in ledger.entries() if e.event_type.endswith("Customer.Upgraded")]
     assert len(upgrades) == 2
+
+
+def test_esbridge_consume_with_schema_registry_follows_a_registry_topic(
+    postgres_db, kafka_config, create_topic, schema_registry, tmp_path
+):
+    """``esbridge consume --schema-registry URL`` as a process: every event applied once."""
+    if schema_registry.can_control:
+        schema_registry.start()
+    shop = Shop(env=postgres_db.env)
+    record_history(shop, 5)
+    total = shop.recorder.max_notification_id()
+    topic = registry_topic(shop, postgres_db.env, kafka_config, create_topic, schema_registry.url)
+    ledger = Ledger(env=postgres_db.env)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "KAFKA_"))}
+    env.update(postgres_db.env)
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=kafka_config["bootstrap.servers"],
+        KAFKA_SESSION_TIMEOUT_MS="6000",
+        KAFKA_HEARTBEAT_INTERVAL_MS="500",
+    )
+    log_file = tmp_path / "consume.log"
+    with log_file.open("wb") as output:
+        consumer = subprocess.Popen(
+            [*ESBRIDGE, "consume", f"{__name__}:Ledger", "--upstream", "Shop", "--topic", topic,
+             "--group", f"{topic}.cli", "--schema-registry", schema_registry.url,
+             "--upstream-log", "--verify-messages", "--app-dir", str(ROOT)],
+            env=env, stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(ledger.entries()) < total:
+            assert consumer.poll() is None, log_file.read_text()
+            assert time.monotonic() < deadline, log_file.read_text()
+            time.sleep(0.2)
+        consumer.send_signal(signal.SIGTERM)  # graceful: after the current batch
+        assert consumer.wait(30) == 0, log_file.read_text()
+    finally:
+        if consumer.poll() is None:
+            consumer.kill()
+            consumer.wait()
+    expected = {
+        (str(n.originator_id), n.originator_version): attributes(shop.mapper.to_domain_event(n))
+        for n in shop.recorder.select_notifications(start=1, limit=999)
+    }
+    entries = ledger.entries()
+    assert len(entries) == total
+    assert {(e.upstream_id, e.version): e.seen for e in entries} == expected
+    assert ledger.recorder.max_tracking_id("Shop") == total
 
 
 def test_event_from_data_rebuilds_the_mappers_event():
