@@ -32,6 +32,7 @@ from eventsourcing.utils import get_topic
 from esbridge.consumer.adapter import ConsumerAdapter
 from esbridge.deadletters.retry import retry_dead_letters
 from esbridge.errors import SchemaRegistryUnavailableError
+from esbridge.kafka.partitioning import partition_for_key
 from esbridge.names import tracking_names
 from esbridge.wire.encoding import PayloadEncoder
 from esbridge_connectors.analytics import CloudEventsEncoder
@@ -157,8 +158,13 @@ def test_a_follower_consumes_a_registry_topic_exactly_once(
     shop = Shop(env=postgres_db.env)
     record_history(shop, 8)
     notes = list(shop.recorder.select_notifications(start=1, limit=1000))
+    # Random aggregate ids: rarely, all on one partition. Then add customers, for an empty
+    # partition makes process_available() wait out its whole timeout.
+    while len({partition_for_key(str(n.originator_id).encode(), 2) for n in notes}) < 2:
+        record_history(shop, 1)
+        notes = list(shop.recorder.select_notifications(start=1, limit=1000))
     total = len(notes)
-    assert total == 8 * 3 + 3
+    assert total >= 8 * 3 + 3
     topic = create_topic(partitions=2)
     encoder = SchemaRegistryEncoder(
         "Shop",
@@ -197,7 +203,7 @@ def test_a_follower_consumes_a_registry_topic_exactly_once(
     for _key, _value, headers, partition in messages:
         last_in[partition] = int(dict(headers)["esb_nid"])
     for partition, name in enumerate(tracking_names("Shop", 2)):
-        assert ledger.recorder.max_tracking_id(name) == last_in.get(partition)  # None: empty
+        assert ledger.recorder.max_tracking_id(name) == last_in[partition]
 
     # Restarted, with the whole topic sent again: nothing is applied twice.
     publisher.send(messages)
