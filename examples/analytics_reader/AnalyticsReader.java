@@ -1,7 +1,7 @@
 // An analytics topic in the Schema Registry wire format, read by a program that knows nothing
 // of esbridge or Python: Apache Kafka's Java client, Apache Avro, and the registry's REST API.
 //
-// Run it as a single source file (Java 11+ compiles it in memory), with kafka-clients and avro
+// Run it as a single source file (Java 17+ compiles it in memory), with kafka-clients and avro
 // (and their dependencies: jackson, slf4j, lz4, snappy, zstd, commons-compress) on the classpath:
 //
 //   java -cp "avro-libs/*:kafka-libs/*" AnalyticsReader.java BOOTSTRAP TOPIC REGISTRY_URL
