@@ -20,15 +20,14 @@ gap) are decoded with the upstream application's mapper as usual.
 Rebuilding from data is exact for the types the analytics format writes
 (UUIDs, datetimes, dates, decimals, enums, dataclasses, collections, and
 registered types that give a ``decode``); a field added to the class since a
-message was written takes its default. A registry that cannot be reached is
-not the message's fault: the consumer stops with
+message was written is absent from the event, as from a stored event of then.
+A registry that cannot be reached is not the message's fault: the consumer stops with
 :class:`~esbridge.errors.SchemaRegistryUnavailableError` and nothing is parked
 or recorded; started again, it resumes from its tracking records.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any, cast
 
@@ -63,19 +62,17 @@ def event_from_data(
     As the library's mapper builds an event (no ``__init__``), with the
     values converted by the class's annotations; the aggregate id (converted
     as the mapper converts it) and version come from the message's key and
-    ``esb_version`` header. Fields missing from ``data`` (added to the class
-    after the message was written) take their defaults.
+    ``esb_version`` header. A field missing from ``data`` (added to the class
+    after the message was written) is missing from the event too, as it is
+    from an event the library's mapper reads from before the field existed:
+    the class's default applies (a class attribute, or the default of the
+    ``@event`` method's argument when the event is applied).
     """
     hints = field_annotations(event_class)
     state: dict[str, Any] = {}
     for name, value in data.items():
         if name not in _ENVELOPE:
             state[name] = types.from_json(value, hints.get(name, Any))
-    if dataclasses.is_dataclass(event_class):
-        for field in dataclasses.fields(event_class):
-            missing = field.name not in state and field.name not in _ENVELOPE
-            if missing and field.default is not dataclasses.MISSING:
-                state[field.name] = field.default
     convert = find_id_convertor(event_class, cast(Hashable, type(aggregate_id)))
     state["originator_id"] = convert(aggregate_id)
     state["originator_version"] = version
