@@ -31,6 +31,8 @@ generated from the event class.
 :class:`SchemaRegistryReader` is the consumer side: it turns such a message
 back into the CloudEvent (attributes from the headers, data deserialized with
 the writer's schema fetched by id).
+:mod:`esbridge_connectors.registry_follower` is the consumer side for esbridge
+followers: the domain events back, exactly once.
 """
 
 from __future__ import annotations

@@ -68,6 +68,8 @@ class JsonType:
 
     schema: Mapping[str, Any]
     encode: Callable[[Any], Any]
+    #: The inverse of ``encode``, for consumers that rebuild events from plain JSON.
+    decode: Callable[[Any], Any] | None = None
 
 
 def _iso(value: date | time) -> str:
@@ -78,8 +80,12 @@ def _base64(value: bytes) -> str:
     return base64.b64encode(value).decode("ascii")
 
 
+def _from_base64(value: str) -> bytes:
+    return base64.b64decode(value, validate=True)
+
+
 DEFAULT_JSON_TYPES: dict[type, JsonType] = {
-    UUID: JsonType({"type": "string", "format": "uuid"}, str),
+    UUID: JsonType({"type": "string", "format": "uuid"}, str, UUID),
     datetime: JsonType(
         {
             "type": "string",
@@ -87,13 +93,16 @@ DEFAULT_JSON_TYPES: dict[type, JsonType] = {
             "description": "ISO 8601 date-time (RFC 3339 when it has an offset)",
         },
         _iso,
+        datetime.fromisoformat,
     ),
-    date: JsonType({"type": "string", "format": "date"}, _iso),
+    date: JsonType({"type": "string", "format": "date"}, _iso, date.fromisoformat),
     time: JsonType(
-        {"type": "string", "pattern": TIME_PATTERN, "description": "ISO 8601 time"}, _iso
+        {"type": "string", "pattern": TIME_PATTERN, "description": "ISO 8601 time"},
+        _iso,
+        time.fromisoformat,
     ),
-    Decimal: JsonType({"type": "string", "pattern": DECIMAL_PATTERN}, str),
-    bytes: JsonType({"type": "string", "contentEncoding": "base64"}, _base64),
+    Decimal: JsonType({"type": "string", "pattern": DECIMAL_PATTERN}, str, Decimal),
+    bytes: JsonType({"type": "string", "contentEncoding": "base64"}, _base64, _from_base64),
 }
 _SCALARS: dict[type, str] = {bool: "boolean", int: "integer", float: "number", str: "string"}
 _SEQUENCES = {list, tuple, set, frozenset}
@@ -127,9 +136,19 @@ class JsonTypes:
     def __init__(self) -> None:
         self._types: dict[type, JsonType] = dict(DEFAULT_JSON_TYPES)
 
-    def register(self, cls: type, schema: Mapping[str, Any], encode: Callable[[Any], Any]) -> None:
-        """Write ``cls`` values (and subclasses) as ``encode(value)``, described by ``schema``."""
-        self._types[cls] = JsonType(dict(schema), encode)
+    def register(
+        self,
+        cls: type,
+        schema: Mapping[str, Any],
+        encode: Callable[[Any], Any],
+        decode: Callable[[Any], Any] | None = None,
+    ) -> None:
+        """Write ``cls`` values (and subclasses) as ``encode(value)``, described by ``schema``.
+
+        ``decode`` (plain JSON -> a ``cls`` value) lets an esbridge follower
+        rebuild events of a Schema Registry topic (:meth:`from_json`).
+        """
+        self._types[cls] = JsonType(dict(schema), encode, decode)
 
     def _lookup(self, cls: type) -> JsonType | None:
         for base in cls.__mro__:
@@ -164,6 +183,107 @@ class JsonTypes:
             f"cannot write a value of type {type(value).__module__}.{type(value).__qualname__} "
             "as plain JSON: register it with JsonTypes.register(cls, schema, encode)"
         )
+
+    def from_json(self, value: Any, annotation: Any) -> Any:
+        """The Python value annotated ``annotation`` that :meth:`to_json` wrote as ``value``.
+
+        The inverse of :meth:`to_json`, directed by the annotation (plain JSON
+        does not say that a string is a UUID): for a follower that rebuilds
+        events from an analytics topic. Raises :class:`PlainJsonError` when
+        ``value`` does not fit ``annotation``, or a registered type has no
+        ``decode``.
+        """
+        return self._value(value, annotation, "value")
+
+    def _value(self, value: Any, tp: Any, path: str) -> Any:
+        if tp is Any or tp is object or isinstance(tp, str | typing.ForwardRef | typing.TypeVar):
+            return value
+        if tp is None or tp is type(None):
+            return self._fits(value, value is None, "null", path)
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is typing.Annotated or origin is typing.ClassVar:
+            return self._value(value, args[0], path) if args else value
+        if origin is typing.Union or origin is types.UnionType:
+            if value is None and type(None) in args:
+                return None
+            for member in args:
+                try:
+                    return self._value(value, member, path)
+                except (PlainJsonError, ValueError, TypeError):
+                    continue
+            raise PlainJsonError(f"{path}: {value!r} fits none of {tp}")
+        if origin is typing.Literal:
+            return self._fits(value, value in [self.to_json(a) for a in args], str(tp), path)
+        if origin in _ORIGINS_ARRAY or tp in _SEQUENCES:
+            return self._sequence(value, origin or tp, args, path)
+        if origin in _ORIGINS_OBJECT or tp is dict:
+            self._fits(value, isinstance(value, dict), "an object", path)
+            key_tp, value_tp = args if len(args) == 2 else (str, Any)
+            return {
+                self._value(k, key_tp, path): self._value(v, value_tp, f"{path}.{k}")
+                for k, v in value.items()
+            }
+        if origin is not None:
+            return self._value(value, origin, path)
+        return self._instance(value, tp, path)
+
+    def _sequence(self, value: Any, origin: Any, args: tuple[Any, ...], path: str) -> Any:
+        self._fits(value, isinstance(value, list), "an array", path)
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            self._fits(value, len(value) == len(args), f"{len(args)} items", path)
+            return tuple(
+                self._value(v, a, f"{path}[{i}]")
+                for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
+        items = [self._value(v, args[0] if args else Any, f"{path}[]") for v in value]
+        if origin in (set, typing.AbstractSet, typing.MutableSet):
+            return set(items)
+        if origin is frozenset:
+            return frozenset(items)
+        return tuple(items) if origin is tuple else items
+
+    def _instance(self, value: Any, cls: Any, path: str) -> Any:
+        if cls is bool or cls is str:
+            return self._fits(value, isinstance(value, cls), cls.__name__, path)
+        if cls is int:
+            return self._fits(
+                value, isinstance(value, int) and not isinstance(value, bool), "int", path
+            )
+        if cls is float:
+            is_number = isinstance(value, int | float) and not isinstance(value, bool)
+            return float(self._fits(value, is_number, "a number", path))
+        registered = self._lookup(cls) if isinstance(cls, type) else None
+        if registered is not None:
+            if registered.decode is None:
+                raise PlainJsonError(
+                    f"{path}: type {cls.__module__}.{cls.__qualname__} is registered without a "
+                    "decode: register it with JsonTypes.register(cls, schema, encode, decode)"
+                )
+            return registered.decode(value)
+        if isinstance(cls, type) and issubclass(cls, enum.Enum):
+            return cls(value)
+        if dataclasses.is_dataclass(cls) and isinstance(cls, type):
+            self._fits(value, isinstance(value, dict), "an object", path)
+            hints = field_annotations(cls)
+            fields = {
+                name: self._value(v, hints.get(name, Any), f"{path}.{name}")
+                for name, v in value.items()
+            }
+            return cls(**fields)
+        if _is_typeddict(cls):
+            self._fits(value, isinstance(value, dict), "an object", path)
+            hints = field_annotations(cls)
+            return {k: self._value(v, hints.get(k, Any), f"{path}.{k}") for k, v in value.items()}
+        raise PlainJsonError(
+            f"{path}: cannot rebuild a value of type {cls!r} from plain JSON: register it with "
+            "JsonTypes.register(cls, schema, encode, decode)"
+        )
+
+    @staticmethod
+    def _fits(value: Any, fits: bool, what: str, path: str) -> Any:
+        if not fits:
+            raise PlainJsonError(f"{path}: expected {what}, got {value!r}")
+        return value
 
     def _key(self, key: Any) -> str:
         encoded = self.to_json(key)

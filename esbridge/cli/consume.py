@@ -13,8 +13,9 @@ same environment; ``{UPSTREAM}_POSTGRES_*`` win) to fill gaps; prompt mode
 needs it. ``--upstream-url URL`` (or ``UPSTREAM_LOG_URL``) reads that log over
 HTTP from the upstream's ``esbridge serve-log`` instead (the token in
 ``UPSTREAM_LOG_TOKEN``, the CA in ``UPSTREAM_LOG_CA_FILE``): no upstream
-database settings needed. SIGTERM/SIGINT stop it gracefully after
-the current batch.
+database settings needed. ``--schema-registry URL`` consumes a topic in the
+Schema Registry wire format (docs/analytics-pipelines.md). SIGTERM/SIGINT stop
+it gracefully after the current batch.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from esbridge.cli.common import (
     add_connect_timeout,
     add_metrics_options,
     load_application,
+    missing_extra,
 )
 from esbridge.cli.dead_letter_options import add_dead_letter_options, policy_from_args
 from esbridge.cli.upstream_log_options import add_upstream_url, upstream_log_settings
@@ -106,9 +108,27 @@ def register(subparsers: Any) -> None:
         help="seconds an event may wait for its causal dependencies, then the consumer "
         "fails naming the partition it waits for (default 60)",
     )
+    parser.add_argument(
+        "--schema-registry",
+        metavar="URL",
+        help="the topic is in the Schema Registry wire format (a relay with a "
+        "SchemaRegistryEncoder: Avro or JSON Schema): decode its values with their writers' "
+        "schemas from this registry (docs/analytics-pipelines.md)",
+    )
     add_dead_letter_options(parser)
     add_connect_timeout(parser)
     parser.set_defaults(func=consume)
+
+
+def registry_steps(url: str, follower: Any, upstream: str, upstream_cls: type | None) -> Any:
+    """The ``steps`` of ``--schema-registry``: values decoded with the registry's schemas."""
+    try:
+        from esbridge_connectors.registry_follower import RegistryStepFactory
+    except ModuleNotFoundError as e:
+        raise missing_extra("schema-registry", "esbridge consume --schema-registry", e) from e
+    return RegistryStepFactory.of_follower(
+        follower, upstream, {"url": url}, upstream_class=upstream_cls
+    )
 
 
 def consume(args: argparse.Namespace) -> int:
@@ -141,6 +161,11 @@ def consume(args: argparse.Namespace) -> int:
     remote = upstream_log_settings(args)
     upstream_env = env if wants_log and remote is None else None
     group = args.group or f"esbridge.{follower.name.lower()}.{args.upstream.lower()}"
+    steps = (
+        registry_steps(args.schema_registry, follower, args.upstream, upstream_cls)
+        if args.schema_registry
+        else None
+    )
     adapter = ConsumerAdapter(
         follower,
         upstream=args.upstream,
@@ -153,6 +178,7 @@ def consume(args: argparse.Namespace) -> int:
         upstream_token=remote.token if remote else None,
         upstream_cafile=remote.cafile if remote else None,
         upstream_class=upstream_cls,
+        steps=steps,
         partitions=args.partitions,
         batch_size=args.batch_size,
         hold_timeout=args.hold_timeout,

@@ -27,7 +27,7 @@ from esbridge.consumer.modes import Mode, ModeContext
 from esbridge.consumer.offsets import commit_offsets, lag
 from esbridge.consumer.state import Partition
 from esbridge.consumer.trailing import TrailingGaps
-from esbridge.consumer.upstream import not_in_log, same_event
+from esbridge.consumer.upstream import not_in_log
 from esbridge.consumer.upstream_check import UpstreamCheck
 from esbridge.deadletters.store import REASON_FOREIGN, REASON_MALFORMED
 from esbridge.errors import GapNotReconciledError
@@ -250,7 +250,7 @@ class PayloadMode(Mode):
         """Why ``message`` is not the log's event under its id (None when it is)."""
         upstream_log = self.context.upstream_log
         assert upstream_log is not None
-        if genuine is None or not same_event(genuine, message, payload):
+        if genuine is None or not self.context.steps.same_event(genuine, message, payload):
             return not_in_log(payload, genuine, upstream_log.known_max)
         if not self.context.assignment.owns(part, message.key() or b""):
             return f"its key belongs to another partition than {part.number}"
@@ -291,7 +291,7 @@ class PayloadMode(Mode):
                     steps.append(step_from(notification, part.tracking_name))
                     found += 1
             message, payload = part.order.take(gap.before)
-            if genuine is not None and same_event(genuine, message, payload):
+            if genuine is not None and context.steps.same_event(genuine, message, payload):
                 steps.append(self._message_step(part, message, payload))
             else:
                 self._park_foreign(steps, message, payload, not_in_log(payload, genuine, upto))

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from confluent_kafka import Message
 from eventsourcing.persistence import Notification
 
 from esbridge import wire
@@ -97,16 +96,6 @@ class UpstreamLog:
             )
         )
         return page
-
-
-def same_event(notification: Notification, message: Message, payload: wire.PayloadHeaders) -> bool:
-    """Whether ``message`` carries exactly the log's ``notification`` (not a forgery)."""
-    return (
-        str(notification.originator_id) == payload.originator_id
-        and notification.originator_version == payload.originator_version
-        and notification.topic == payload.topic
-        and bytes(notification.state) == (message.value() or b"")
-    )
 
 
 def not_in_log(payload: wire.PayloadHeaders, genuine: Notification | None, log_max: int) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -66,15 +66,19 @@ def retry_dead_letters(
     max_passes: int = 10,
     keys: Sequence[str] | None = None,
     since: int | datetime | None = None,
+    steps: Mapping[str, StepFactory] | None = None,
 ) -> RetryResult:
     """Retry parked rows of ``follower`` (all, or those chosen); see the module docstring.
 
     ``keys``: only rows of these keys; ``since``: only rows from this id on
-    (an int) or parked at or after this time (a datetime).
+    (an int) or parked at or after this time (a datetime). ``steps``: the
+    step factory of an upstream whose messages the default one cannot decode
+    (a Schema Registry topic: ``esbridge_connectors.registry_follower``), by
+    upstream name.
     """
     sink = ProcessApplicationSink(follower)
     store: DeadLetterStore = sink.dead_letters
-    factories: dict[str, StepFactory] = {}
+    factories: dict[str, StepFactory] = dict(steps or {})
     result = RetryResult()
     blocked: set[tuple[str, str]] = set()
     chosen = ids is not None or keys is not None or since is not None

@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
+from confluent_kafka import Message
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Mapper, Notification, StoredEvent, Tracking
 from eventsourcing.system import Follower
 from eventsourcing.utils import TopicError
 
 from esbridge.deadletters.store import REASON_UNDECODABLE, REASON_UNKNOWN_TYPE, DeadLetter
+from esbridge.errors import ServerUnavailableError
+from esbridge.wire import PayloadHeaders
 
 
 @dataclass
@@ -147,14 +150,10 @@ class StepFactory:
         name = tracking.application_name if tracking else None
         if self.topics and source.event_topic not in self.topics:
             return Step(tracking=tracking, key=source.key, source=source)
-        stored = StoredEvent(
-            originator_id=originator_id(source.key),
-            originator_version=source.originator_version,
-            topic=source.event_topic,
-            state=source.value or b"",
-        )
         try:
-            event = self.decoder.decode(stored)
+            event = self.decode(source)
+        except ServerUnavailableError:
+            raise  # a server the decoder needs is down: not the message's fault, never parked
         except TopicError as e:
             letter = self.dead_letter(
                 source,
@@ -168,6 +167,37 @@ class StepFactory:
             letter = self.dead_letter(source, name, REASON_UNDECODABLE, f"{type(e).__name__}: {e}")
             return Step(tracking=tracking, key=source.key, dead_letter=letter, source=source)
         return Step(tracking=tracking, key=source.key, event=event, source=source)
+
+    def decode(self, source: Source) -> DomainEventProtocol[Any]:
+        """The domain event ``source`` carries: its value is the upstream's stored state.
+
+        A factory for another message format overrides this (and
+        :meth:`same_event`); notifications read from the upstream log come
+        here too, with no headers.
+        """
+        assert source.event_topic is not None and source.originator_version is not None
+        stored = StoredEvent(
+            originator_id=originator_id(source.key),
+            originator_version=source.originator_version,
+            topic=source.event_topic,
+            state=source.value or b"",
+        )
+        return self.decoder.decode(stored)
+
+    def same_event(
+        self, notification: Notification, message: Message, payload: PayloadHeaders
+    ) -> bool:
+        """Whether ``message`` carries exactly the upstream log's ``notification`` (not a forgery).
+
+        The consumer asks when it checks messages against the log
+        (``verify_messages``) and when it fills a gap before a held message.
+        """
+        return (
+            str(notification.originator_id) == payload.originator_id
+            and notification.originator_version == payload.originator_version
+            and notification.topic == payload.topic
+            and bytes(notification.state) == (message.value() or b"")
+        )
 
     def step_from_notification(self, notification: Notification, tracking_name: str) -> Step:
         source = Source(

@@ -2,9 +2,9 @@
 
 Installs missing system packages when it may (running as root with apt-get:
 Java 17, Maven, the PostgreSQL server, tmux for the test of ``esbridge status
---watch`` in a real terminal), then fetches the Apache Kafka jars and Apicurio Registry (a
-Schema Registry) into the cache. Prints what it found; exits non-zero with one clear message when
-something cannot be provided.
+--watch`` in a real terminal), then fetches the Apache Kafka jars, Apache Avro's Java
+jars and Apicurio Registry (a Schema Registry) into the cache. Prints what it found; exits
+non-zero with one clear message when something cannot be provided.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 from esbridge.errors import HarnessError
+from esbridge.testing.avro_jars import AVRO_VERSION, avro_libs
 from esbridge.testing.kafka_dist import cache_dir, java_executable, kafka_libs
 from esbridge.testing.local_postgres import find_pg_bin
 from esbridge.testing.schema_registry import APICURIO_VERSION, apicurio_home
@@ -69,6 +70,11 @@ def ensure_schema_registry() -> None:
     print(f"provision: Apicurio Registry {APICURIO_VERSION}: {home}", flush=True)
 
 
+def ensure_avro() -> None:
+    """Apache Avro's Java jars, for the Java reader of docs/analytics-pipelines.md."""
+    print(f"provision: Apache Avro {AVRO_VERSION} jars: {avro_libs()}", flush=True)
+
+
 def ensure_podman() -> None:
     """podman + runc, for the testcontainers pass of ``make test`` where no Docker engine runs."""
     missing = [p for p in ("podman", "runc") if shutil.which(p) is None]
@@ -90,6 +96,7 @@ def main() -> int:
             ensure_postgres()
         if not os.environ.get("ESBRIDGE_KAFKA_BOOTSTRAP"):
             ensure_kafka()
+            ensure_avro()
         if not os.environ.get("ESBRIDGE_SCHEMA_REGISTRY_URL"):
             ensure_schema_registry()
         ensure_podman()

@@ -7,9 +7,10 @@ doctest session). The environment gives each file a fresh database
 (``SCHEMA_REGISTRY_URL``) to the files that name that variable. A block right
 after ``<!-- not-run -->`` is skipped (use it only for shell-like fragments that cannot run here).
 
-A ```python block right after ``<!-- file: PATH -->`` shows the file PATH of
-this repository whole: it must be equal to that file, which the test suite
-runs on its own (a module, a pytest test), so it is not run here.
+A ```python (or ```java) block right after ``<!-- file: PATH -->`` shows the
+file PATH of this repository whole: it must be equal to that file, which the
+test suite runs on its own (a module, a pytest test, a Java program), so it is
+not run here.
 
 The ```sh blocks right after ``<!-- shell -->`` of one file run in order as one
 bash script (``set -euo pipefail``), with esbridge's ``esbridge`` and ``python``
@@ -41,7 +42,7 @@ from esbridge.testing.dev_servers import write_env_file
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"(<!-- (?:not-run|file: \S+) -->\s*)?```python\n(.*?)```", re.S)
-FILE_BLOCK = re.compile(r"<!-- file: (\S+) -->\s*```python\n(.*?)```", re.S)
+FILE_BLOCK = re.compile(r"<!-- file: (\S+) -->\s*```(?:python|java)\n(.*?)```", re.S)
 SHELL_BLOCK = re.compile(
     r"<!-- shell -->\s*```sh\n(.*?)```(?:\s*<!-- output -->\s*```text\n(.*?)```)?", re.S
 )
