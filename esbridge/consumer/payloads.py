@@ -73,10 +73,10 @@ class PayloadMode(Mode):
             if part.order.held_count or part.causal_held:
                 return False
             tp = TopicPartition(topic, part.number)
-            _low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
             position = consumer.position([tp])[0].offset
-            if position < 0:
-                position = part.resume_offset
+            if position < 0:  # nothing fetched yet: where reading starts (a logical
+                position = max(part.resume_offset, low)  # "beginning" is the low mark)
             if position < high and not _only_markers_left(part, position, high):
                 return False
         return True

@@ -126,6 +126,26 @@ def test_exactly_once_single_partition(
     assert mirror.recorder.max_notification_id() == 40 + 200  # 40 created + 200 copied
 
 
+def test_process_available_returns_once_read_to_the_end_with_an_empty_partition(
+    school: DogSchool, mirror: Mirror, create_topic: Any, kafka_config: dict[str, Any]
+) -> None:
+    """A partition that never got a message is read to its end from the start: it used to
+    keep ``process_available`` waiting out its whole timeout (its start is a logical
+    offset, "the beginning", which compared below the partition's high mark of 0)."""
+    topic = create_topic(partitions=2)
+    dogs = populate(school, 1, 3)  # one aggregate: one of the two partitions stays empty
+    assert relay_all(school, topic, kafka_config, partitions=2) == 4
+    consumer = adapter(mirror, topic, kafka_config)
+    try:
+        started = time.monotonic()
+        assert consumer.process_available(timeout=30) == 4
+        took = time.monotonic() - started
+    finally:
+        consumer.close()
+    assert took < 15, f"process_available took {took:.1f} s of its 30 s timeout"
+    verify_mirror(school, mirror, dogs)
+
+
 def test_a_follower_s_topics_skip_other_events_without_decoding_them(
     school: DogSchool, postgres_db: Any, create_topic: Any, kafka_config: dict[str, Any]
 ) -> None:
