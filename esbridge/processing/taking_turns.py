@@ -23,16 +23,24 @@ version constraint and the compare-and-set of the tracking positions (a member
 that does not take the lock is refused as before). The lock is session-level,
 on a connection of the follower's own pool, always taken before the
 follower's in-process ``processing_lock`` and never while holding it, and a
-process that dies releases it with its connection.
+process that dies releases it with its connection. A member that is alive
+but stuck (frozen, or a policy waiting on a slow call) keeps it: the others
+wait at most ``wait`` seconds for their turn, then run the batch
+optimistically, as without turns, so one stuck member never stops the group.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from psycopg.errors import LockNotAvailable
+
+log = logging.getLogger("esbridge.processing")
 
 
 def turn_key(follower: str) -> int:
@@ -46,6 +54,8 @@ class TakingTurns:
 
     #: Seconds after the last collision during which batches take turns.
     QUIET = 5.0
+    #: Longest wait for a turn (seconds); then the batch runs without one.
+    WAIT = 10.0
 
     def __init__(
         self,
@@ -55,12 +65,16 @@ class TakingTurns:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.datastore = datastore
+        self.follower = follower
         self.key = turn_key(follower)
         self.quiet = self.QUIET if quiet is None else quiet
+        self.wait = self.WAIT
         self._clock = clock
         self._until = 0.0
         #: Batches (runs of a batch) that held the lock, for tests and diagnostics.
         self.turns = 0
+        #: Batches that waited ``wait`` seconds for a turn in vain and ran without one.
+        self.missed = 0
 
     def collided(self) -> None:
         """A write collided with another process's: take turns for the next ``quiet`` seconds."""
@@ -77,10 +91,31 @@ class TakingTurns:
         if self.datastore is None or not self.contended:
             yield
             return
-        with self.datastore.get_connection() as conn:  # autocommit: the lock is the session's
-            conn.execute("SELECT pg_advisory_lock(%s)", (self.key,))
-            try:
-                self.turns += 1
-                yield
-            finally:
-                conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+        with self.datastore.get_connection() as conn:
+            if self._take(conn):
+                try:
+                    self.turns += 1
+                    yield
+                finally:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+                return
+        yield  # no turn within ``wait``: as without turns
+
+    def _take(self, conn: Any) -> bool:
+        """Take the lock on ``conn``'s session, waiting up to ``wait`` s; False if not had."""
+        try:
+            # Session-level: held after this transaction, which only bounds the wait.
+            with conn.transaction():
+                timeout = f"{int(self.wait * 1000)}ms"
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (timeout,))
+                conn.execute("SELECT pg_advisory_lock(%s)", (self.key,))
+        except LockNotAvailable:
+            self.missed += 1
+            log.warning(
+                "%s: another member held the turn for more than %.0f s (stuck?); "
+                "running this batch without waiting for it",
+                self.follower,
+                self.wait,
+            )
+            return False
+        return True

@@ -485,3 +485,32 @@ def test_members_taking_turns_never_run_batches_at_the_same_time(env: dict[str, 
     finally:
         first.close()
         second.close()
+
+
+def test_a_member_stuck_in_its_turn_does_not_stop_the_others(env: dict[str, str]) -> None:
+    """Another session holds the turn and does not let go (a frozen member): a contended
+    sink waits ``wait`` seconds for it, then records its batch without a turn, exactly."""
+    app, stuck = Tallies(env=env), Tallies(env=env)
+    try:
+        sink = ProcessApplicationSink(app)
+        feed(sink, "Setup", [["s"]])
+        sink.turns.collided()
+        sink.turns.wait = 0.3
+        with stuck.recorder.datastore.get_connection() as conn:  # type: ignore[attr-defined]
+            conn.execute("SELECT pg_advisory_lock(%s)", (sink.turns.key,))
+            try:
+                assert advisory_locks_held(env, sink.turns.key) == 1
+                started = time.monotonic()
+                sink.apply(pings("Late", 1, ["s", "s"]), {"Late": 0})
+                waited = time.monotonic() - started
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (sink.turns.key,))
+        assert (sink.turns.missed, sink.turns.turns) == (1, 0)
+        assert 0.3 <= waited < 5
+        assert_counts(app, Count({"s": 3}))
+        feed(sink, "After", [["s"]])  # the lock is free again: the next batch takes its turn
+        assert (sink.turns.missed, sink.turns.turns) == (1, 1)
+        assert_counts(app, Count({"s": 4}))
+    finally:
+        app.close()
+        stuck.close()
