@@ -27,10 +27,12 @@ Usage: ``python bench/scale.py [--events N] [--runs 3] [--batch-size 2000]``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,12 @@ def summary(results: list[MemberResult], total: int, servers: dict[str, float]) 
     }
 
 
+def median_known(values: Iterable[float]) -> float:
+    """The median of the values that are numbers (a run where a member got nothing has none)."""
+    known = [v for v in values if not math.isnan(v)]
+    return statistics.median(known) if known else math.nan
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=30_000)
@@ -216,8 +224,8 @@ def main() -> int:
         for name in args.workloads.split(","):
             one = statistics.median(f["rate"] for f in figures[(name, 1)])
             two = statistics.median(f["rate"] for f in figures[(name, 2)])
-            steady1 = statistics.median(f["steady"] for f in figures[(name, 1)])
-            steady2 = statistics.median(f["steady"] for f in figures[(name, 2)])
+            steady1 = median_known(f["steady"] for f in figures[(name, 1)])
+            steady2 = median_known(f["steady"] for f in figures[(name, 2)])
             reruns = statistics.median(f["reruns"] for f in figures[(name, 2)])
             batches = statistics.median(f["batches"] for f in figures[(name, 2)])
             print(
