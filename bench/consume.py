@@ -41,11 +41,13 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eventsourcing.persistence import IntegrityError
 from eventsourcing.system import SingleThreadedRunner, System
 
 from esbridge.consumer.adapter import ConsumerAdapter
@@ -105,18 +107,29 @@ class TimedSink:
 
     Only a timer around :meth:`apply`: the same sink, the same prefetch hint,
     the same transactions. A batch that runs again after a collision is
-    noted once, when it finally commits.
+    noted once, when it finally commits. Also noted: the seconds spent in
+    ``apply`` (the rest of a member's time is Kafka, decoding and waiting) and
+    the collisions the sink gave up on (the consumer then re-reads its positions).
     """
 
-    def __init__(self, follower: Any) -> None:
-        self.inner = ProcessApplicationSink(follower, prefetch=counters_prefetch)
+    def __init__(self, follower: Any, prefetch: Any = counters_prefetch) -> None:
+        self.inner = ProcessApplicationSink(follower, prefetch=prefetch)
         self.commits: list[tuple[float, int]] = []  # (perf_counter after commit, events)
+        self.apply_seconds = 0.0
+        self.collisions = 0
 
     def position(self, tracking_name: str) -> int:
         return self.inner.position(tracking_name)
 
     def apply(self, steps: Any, expected: Any) -> None:
-        self.inner.apply(steps, expected)
+        started = time.perf_counter()
+        try:
+            self.inner.apply(steps, expected)
+        except IntegrityError:
+            self.collisions += 1
+            raise
+        finally:
+            self.apply_seconds += time.perf_counter() - started
         self.commits.append((time.perf_counter(), len(steps)))
 
     def __getattr__(self, name: str) -> Any:  # dead_letters, reruns, ...
@@ -178,6 +191,20 @@ def drain(adapter: ConsumerAdapter, expected: int, timeout: float = 120) -> int:
     return processed
 
 
+@dataclass
+class MemberResult:
+    """What one member of a group did (sent back from its process)."""
+
+    processed: int
+    commits: list[tuple[float, int]]
+    reruns: int  # batches the sink ran again after a collision
+    collisions: int  # collisions the sink gave up on: the consumer re-read its positions
+    batches: int
+    apply_seconds: float  # in the sink (policies + Postgres); the rest: Kafka, decoding, waiting
+    seconds: float  # from the member's first poll to its end
+    cpu: float  # CPU seconds of the member's process over those seconds
+
+
 def _member(
     env: dict[str, str],
     topic: str,
@@ -186,33 +213,87 @@ def _member(
     q: Any,
     batch_size: int,
     targets: dict[str, int],
+    app: Any = Counters,
+    prefetch: Any = counters_prefetch,
+    go: Any = None,
 ) -> None:
-    """One member of the group; it stops when the group has processed every partition
+    """One member of the group, polling once ``go`` is set (every member constructed);
+    it stops when the group has processed every partition
     (``targets``: each partition's tracking name and last notification id), not when it
     idles: a rebalance on a busy machine can idle a member for many seconds."""
     # Both members start at once: new_app retries a construction that collided with the
     # other's in Postgres's catalog (the library's CREATE OR REPLACE FUNCTION, for one).
-    counters = new_app(Counters, "Counters", env)
-    sink = TimedSink(counters)
+    follower = new_app(app, app.__name__, env)
+    sink = TimedSink(follower, prefetch)
     adapter = ConsumerAdapter(
-        counters, upstream="DogSchool", topic=topic, kafka_config=kafka, group_id=group,
+        follower, upstream="DogSchool", topic=topic, kafka_config=kafka, group_id=group,
         batch_size=batch_size, sink=sink,
     )  # fmt: skip
-    q.put(("ready", 0, 0.0))
+    q.put(("ready", None))
+    if go is not None:
+        go.wait(300)
     processed = 0
+    started, cpu_started = time.perf_counter(), time.process_time()
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         got = adapter.process_available(timeout=1.0)
         if got:
             processed += got
         elif all(
-            (counters.recorder.max_tracking_id(name) or 0) >= nid for name, nid in targets.items()
+            (follower.recorder.max_tracking_id(name) or 0) >= nid for name, nid in targets.items()
         ):
             break
-    reruns, batches = sink.inner.reruns, adapter.status().batches
+    seconds = time.perf_counter() - started
+    result = MemberResult(
+        processed, sink.commits, sink.inner.reruns, sink.collisions, adapter.status().batches,
+        sink.apply_seconds, seconds, time.process_time() - cpu_started,
+    )  # fmt: skip
     adapter.close()
-    counters.close()
-    q.put(("done", processed, sink.commits, reruns, batches))
+    follower.close()
+    q.put(("done", result))
+
+
+def run_group(
+    members: int,
+    env: dict[str, str],
+    topic: str,
+    kafka: dict[str, Any],
+    group: str,
+    batch_size: int,
+    targets: dict[str, int],
+    app: Any = Counters,
+    prefetch: Any = counters_prefetch,
+) -> list[MemberResult]:
+    """``members`` consumer processes in one group, as a user runs them; each one's result.
+
+    They start polling together, once all are constructed (a process takes seconds to
+    start: without this, the first member could drain a small topic alone).
+    """
+    spawn = multiprocessing.get_context("spawn")
+    queue: Any = spawn.Queue()
+    go = spawn.Event()
+    procs = [
+        spawn.Process(
+            target=_member,
+            args=(env, topic, kafka, group, queue, batch_size, targets, app, prefetch, go),
+        )
+        for _ in range(members)
+    ]
+    for p in procs:
+        p.start()
+    results: list[MemberResult] = []
+    ready = 0
+    while len(results) < members:
+        kind, item = queue.get(timeout=300)
+        if kind == "done":
+            results.append(item)
+        else:
+            ready += 1
+            if ready == members:
+                go.set()
+    for p in procs:
+        p.join(30)
+    return results
 
 
 def partition_ends(upstream: dict[str, str], partitions: int) -> dict[str, int]:
@@ -317,30 +398,14 @@ def main() -> int:
         env = fresh_env(postgres, upstream)
         env["COUNTERS_AGGREGATE_CACHE_FASTFORWARD"] = "y"  # two processes write counters
         Counters(env=env).close()
-        queue: Any = multiprocessing.get_context("spawn").Queue()
-        procs = [
-            multiprocessing.get_context("spawn").Process(
-                target=_member,
-                args=(env, topics[2], kafka, "bench-pair", queue, args.batch_size, targets),
-            )
-            for _ in range(2)
-        ]
-        for p in procs:
-            p.start()
-        results: list[Any] = []
-        while len(results) < 2:
-            item = queue.get(timeout=300)
-            if item[0] == "done":
-                results.append(item)
-        for p in procs:
-            p.join(30)
-        processed = sum(r[1] for r in results)
+        results = run_group(2, env, topics[2], kafka, "bench-pair", args.batch_size, targets)
+        processed = sum(r.processed for r in results)
         assert processed == total, f"the two members processed {processed} of {total} events"
-        events, span = processing_rate([c for r in results for c in r[2]])
+        events, span = processing_rate([c for r in results for c in r.commits])
         print(
             f"2 processes, 2 partitions: {processed} events, {events / span:,.0f} events/s "
-            f"({sum(r[3] for r in results)} of {sum(r[4] for r in results)} batches ran again "
-            "after colliding with the other member's writes)"
+            f"({sum(r.reruns for r in results)} of {sum(r.batches for r in results)} batches "
+            "ran again after colliding with the other member's writes)"
         )
         check_counts(env, upstream)
     finally:

@@ -46,6 +46,7 @@ from esbridge.processing.recorder_hook import (
 )
 from esbridge.processing.sink import StepFailed
 from esbridge.processing.steps import Step
+from esbridge.processing.taking_turns import TakingTurns
 from esbridge.runtime.postgres_retry import TRANSIENT_ERRORS
 from esbridge.runtime.tracing import AVAILABLE as TRACING
 from esbridge.runtime.tracing import (
@@ -116,6 +117,8 @@ class ProcessApplicationSink:
     another writer's version of an aggregate, records nothing and runs again
     (see :mod:`esbridge.processing.concurrent_batches`); after ``OPTIMISTIC_ATTEMPTS`` it
     runs with the lock held throughout, like the library's ``process_event``.
+    A write that collided with another process's makes the sink take turns with
+    the other processes for a while (:mod:`esbridge.processing.taking_turns`).
     """
 
     #: Runs of a batch with only its write under the lock, before it holds the lock throughout.
@@ -137,6 +140,7 @@ class ProcessApplicationSink:
         self.dead_letters.create_table()
         self.batches = follower_batches(follower)
         self.reruns = 0  # batches run again after a conflict (for tests and diagnostics)
+        self.turns = TakingTurns(getattr(follower.recorder, "datastore", None), follower.name)
 
     def position(self, tracking_name: str) -> int:
         return self.follower.recorder.max_tracking_id(tracking_name) or 0
@@ -155,6 +159,12 @@ class ProcessApplicationSink:
 
     def _attempt(self, steps: Sequence[Step], expected: Mapping[str, int], attempt: int) -> bool:
         """Run and record the batch once; False when it recorded nothing and must run again."""
+        with self.turns.turn():  # after a collision with another process: one at a time
+            return self._attempt_in_turn(steps, expected, attempt)
+
+    def _attempt_in_turn(
+        self, steps: Sequence[Step], expected: Mapping[str, int], attempt: int
+    ) -> bool:
         lock = self.follower.processing_lock
         commits = self.batches.log
         ticket = commits.begin()
@@ -244,6 +254,7 @@ class ProcessApplicationSink:
             self._evict(combined)
             if attempt >= self.MAX_ATTEMPTS or self._positions_moved(expected):
                 raise
+            self.turns.collided()
             log.info("batch of %s collided with another writer (%s): running it again",
                      follower.name, e)  # fmt: skip
             return False

@@ -14,6 +14,7 @@ recorder's unique ``(originator_id, version)`` constraint does. Real Postgres.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter as Count
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -392,3 +393,124 @@ class _Event:
         self.originator_id = originator_id
         self.originator_version = originator_version
         self.tags = ["not", "an", "id"]
+
+
+def advisory_locks_held(env: dict[str, str], key: int) -> int:
+    """Sessions holding the advisory lock ``key`` now (read from another connection)."""
+    probe = Tallies(env={k: v for k, v in env.items() if k not in CACHED})
+    try:
+        with probe.recorder.datastore.get_connection() as conn:  # type: ignore[attr-defined]
+            row = conn.execute(
+                "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND classid = ((%(k)s::bigint >> 32) & 4294967295)::oid "
+                "AND objid = (%(k)s::bigint & 4294967295)::oid",
+                {"k": key},
+            ).fetchone()
+            assert row is not None
+            return int(row["n"])
+    finally:
+        probe.close()
+
+
+def test_a_collision_between_processes_makes_the_loser_take_turns(env: dict[str, str]) -> None:
+    """The loser of a collision with another process runs its re-run and its next batches
+    holding the follower's advisory lock (other members wait for it); the winner, which
+    did not collide, does not; once ``quiet`` passes, the loser is optimistic again."""
+    first, second = Tallies(env=env), Tallies(env=env)
+    try:
+        feed(ProcessApplicationSink(first), "Setup", [["x", "y"]])
+        second.repository.get(Tally.create_id("x"))  # cached (when caching) at the old version
+        gate, _ = barrier_gate(2)
+        first.gate = second.gate = gate
+        left, right = ProcessApplicationSink(first), ProcessApplicationSink(second)
+        run_threads(lambda: feed(left, "Left", [["x", "y"]]), lambda: feed(right, "Right", [["x"]]))
+        loser, winner = (right, left) if right.reruns else (left, right)
+        assert (loser.reruns, winner.reruns) == (1, 0)
+        assert (loser.turns.turns, winner.turns.turns) == (1, 0)  # the re-run took its turn
+        assert loser.turns.contended and not winner.turns.contended
+        held: list[tuple[str, int]] = []
+        key = loser.turns.key
+
+        def note(name: str) -> None:
+            held.append((name, advisory_locks_held(env, key)))
+
+        first.gate = second.gate = note
+        feed(loser, "LoserMore", [["x"]])  # contended: holds the lock while it runs the policy
+        feed(winner, "WinnerMore", [["y"]])  # never collided: optimistic, no lock
+        assert held == [("x", 1), ("y", 0)]
+        assert advisory_locks_held(env, key) == 0  # released after the batch
+        assert loser.turns.turns == 2
+        loser.turns.quiet = 0.0
+        loser.turns.collided()  # quiet passed: optimistic again
+        feed(loser, "LoserLater", [["x"]])
+        assert held[-1] == ("x", 0) and loser.turns.turns == 2
+        first.gate = second.gate = None
+        assert_counts(first, Count({"x": 5, "y": 3}))
+    finally:
+        first.close()
+        second.close()
+
+
+def test_members_taking_turns_never_run_batches_at_the_same_time(env: dict[str, str]) -> None:
+    """Two follower objects (two members) taking turns on the same tallies: their policies
+    never run at the same time (a sleep in the policy makes an overlap near-certain
+    otherwise), every ping counted once, and no batch collides unless a stale cache
+    (``AGGREGATE_CACHE_FASTFORWARD=n``, wrong when processes share aggregates) made it."""
+    first, second = Tallies(env=env), Tallies(env=env)
+    active, overlaps = [0], [0]
+    guard = threading.Lock()
+
+    def gate(name: str) -> None:
+        with guard:
+            active[0] += 1
+            overlaps[0] += active[0] > 1
+        time.sleep(0.02)
+        with guard:
+            active[0] -= 1
+
+    try:
+        feed(ProcessApplicationSink(first), "Setup", [["a", "b"]])
+        left, right = ProcessApplicationSink(first), ProcessApplicationSink(second)
+        for sink in (left, right):
+            sink.turns.collided()  # as after a collision: take turns
+        first.gate = second.gate = gate
+        batches = [["a", "b", "a"]] * 4
+        run_threads(lambda: feed(left, "Left", batches), lambda: feed(right, "Right", batches))
+        first.gate = second.gate = None
+        assert overlaps == [0]
+        assert left.turns.turns + right.turns.turns == 8 + left.reruns + right.reruns
+        if env.get("AGGREGATE_CACHE_FASTFORWARD") != "n":
+            assert left.reruns + right.reruns == 0
+        assert_counts(first, Count({"a": 1 + 16, "b": 1 + 8}))
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_member_stuck_in_its_turn_does_not_stop_the_others(env: dict[str, str]) -> None:
+    """Another session holds the turn and does not let go (a frozen member): a contended
+    sink waits ``wait`` seconds for it, then records its batch without a turn, exactly."""
+    app, stuck = Tallies(env=env), Tallies(env=env)
+    try:
+        sink = ProcessApplicationSink(app)
+        feed(sink, "Setup", [["s"]])
+        sink.turns.collided()
+        sink.turns.wait = 0.3
+        with stuck.recorder.datastore.get_connection() as conn:  # type: ignore[attr-defined]
+            conn.execute("SELECT pg_advisory_lock(%s)", (sink.turns.key,))
+            try:
+                assert advisory_locks_held(env, sink.turns.key) == 1
+                started = time.monotonic()
+                sink.apply(pings("Late", 1, ["s", "s"]), {"Late": 0})
+                waited = time.monotonic() - started
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (sink.turns.key,))
+        assert (sink.turns.missed, sink.turns.turns) == (1, 0)
+        assert 0.3 <= waited < 5
+        assert_counts(app, Count({"s": 3}))
+        feed(sink, "After", [["s"]])  # the lock is free again: the next batch takes its turn
+        assert (sink.turns.missed, sink.turns.turns) == (1, 1)
+        assert_counts(app, Count({"s": 4}))
+    finally:
+        app.close()
+        stuck.close()
