@@ -85,10 +85,21 @@ class TakingTurns:
         """True while batches take turns (a collision less than ``quiet`` seconds ago)."""
         return self._clock() < self._until
 
+    @property
+    def possible(self) -> bool:
+        """Whether the follower's pool can hold a turn's connection besides the batch's own.
+
+        With a pool of one connection (``POSTGRES_POOL_SIZE=1``,
+        ``POSTGRES_MAX_OVERFLOW=0``) the turn would take the connection the batch
+        then waits for: such a sink never takes turns.
+        """
+        pool = getattr(self.datastore, "pool", None)
+        return self.datastore is not None and getattr(pool, "max_size", 2) >= 2
+
     @contextmanager
     def turn(self) -> Iterator[None]:
         """Hold the follower's lock inside, when contended (else nothing)."""
-        if self.datastore is None or not self.contended:
+        if not self.contended or not self.possible:
             yield
             return
         with self.datastore.get_connection() as conn:
