@@ -34,7 +34,7 @@ provision: install
 
 lint: install
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check esbridge esbridge_connectors
+	$(PY) -m ruff format --check esbridge esbridge_connectors tests bench examples
 	$(PY) -m mypy
 
 # Second pass: the testcontainers backend (podman's Docker API here, images built from local files).

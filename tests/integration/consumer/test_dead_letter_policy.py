@@ -67,9 +67,7 @@ def test_park_retries_with_backoff_then_holds_the_key(
     # 4 tries of "poison", waiting 0.2, 0.3, 0.3 s less up to half of each (jitter).
     attempts = Fragile.poison_attempts
     assert len(attempts) == 4
-    for (before, after), nominal in zip(
-        itertools.pairwise(attempts), [0.2, 0.3, 0.3], strict=True
-    ):
+    for (before, after), nominal in zip(itertools.pairwise(attempts), [0.2, 0.3, 0.3], strict=True):
         assert 0.5 * nominal - 0.01 <= after - before <= nominal + 1.0
     # Effects: 3 dogs, 3 tricks, "fine"; dog 0's "poison" and "later" wait.
     assert count_notifications(fragile) == 7
@@ -141,7 +139,11 @@ def test_stop_raises_at_the_message_and_a_restart_tries_it_again(
             consume_all(consumer)
         error = raised.value
         assert (error.key, error.nid, error.topic, error.partition, error.offset) == (
-            str(dogs[0]), POISON_NID, topic, 0, 6
+            str(dogs[0]),
+            POISON_NID,
+            topic,
+            0,
+            6,
         )
         assert (error.follower, error.upstream) == ("Fragile", "DogSchool")
         assert isinstance(error.__cause__, ValueError)

@@ -30,10 +30,14 @@ def test_wrong_configuration_exits_2_with_a_clear_message(postgres_db, kafka_bro
         (["Ledger", "--topic", topic, "--partitions", "4"], "has 3 partitions"),
         (["Ledger", "--topic", topic, "--set", "pagesize=3"], "expected NAME=VALUE"),
         # A missing topic is created only when allowed, however that is said.
-        (["Ledger", "--topic", f"{topic}-x", "--partitions", "3", "--no-create-topics"],
-         "does not exist"),
-        (["Ledger", "--topic", f"{topic}-x", "--partitions", "3", "--set", "create_topics=no"],
-         "does not exist"),
+        (
+            ["Ledger", "--topic", f"{topic}-x", "--partitions", "3", "--no-create-topics"],
+            "does not exist",
+        ),
+        (
+            ["Ledger", "--topic", f"{topic}-x", "--partitions", "3", "--set", "create_topics=no"],
+            "does not exist",
+        ),
     ]
     for args, message in cases:
         done = subprocess.run(

@@ -112,9 +112,7 @@ def test_a_second_relay_stands_by_and_takes_over_when_the_first_stops(
     check_exactly_once_in_order(read_all(kafka_config, topic, 300), db_ids(postgres_db.dsn), 3)
 
 
-def test_a_relay_that_takes_no_lease_reports_itself_active(
-    postgres_db, kafka_config, create_topic
-):
+def test_a_relay_that_takes_no_lease_reports_itself_active(postgres_db, kafka_config, create_topic):
     topic = create_topic(partitions=1)
     app = ledger(postgres_db.env)
     registry = CollectorRegistry()

@@ -64,9 +64,9 @@ def test_a_lingering_relay_stops_only_below_half_the_rate_and_never_after_a_back
 
 def test_linger_rate_zero_always_lingers_and_linger_zero_never():
     clock = Clock()
-    assert steps(Pacing(RelayTuning(linger=0.2, linger_rate=0), clock), clock, 1, 1.0, 3) == [
-        0.2
-    ] * 3
+    assert (
+        steps(Pacing(RelayTuning(linger=0.2, linger_rate=0), clock), clock, 1, 1.0, 3) == [0.2] * 3
+    )
     assert steps(Pacing(RelayTuning(linger=0.0), clock), clock, 500, 0.01, 10)[-1] == 0.0
 
 
